@@ -1,0 +1,423 @@
+"""The one typed config: a recipe YAML is a serialized `Config`; `key=value` overrides patch it.
+
+Field docstrings are what `finetune --help` prints, so they are written for users.
+Parsing and type checking are jsonargparse's; this module adds recipe lookup and the
+one-line, did-you-mean errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from finetune.errors import UsageError, did_you_mean
+
+Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Hub id (e.g. meta-llama/Llama-2-7b-hf), a local directory, or an alias: 'tiny' (random
+    tiny Llama for tests) or 'smollm2-135m' (the embedded demo default)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust its author."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, eager or flash_attention_2."""
+
+
+@dataclass
+class QuantConfig:
+    mode: Literal["none", "nf4", "int8"] = "none"
+    """Base-weight quantization with bitsandbytes: none (LoRA), nf4 (QLoRA) or int8."""
+    double_quant: bool = True
+    """NF4 only: quantize the quantization constants too (saves ~0.4 bit/param)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the 4-bit layers compute in; auto = bfloat16 on GPU, float32 on CPU."""
+    storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype the packed 4-bit weights are stored in; auto = the compute dtype under FSDP
+    (so they can be sharded), else uint8."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input. 0 makes runs on different device counts comparable exactly."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt, e.g. [q_proj,v_proj], or [all-linear] for every linear layer but the head."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling (peft)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (peft DoRA)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Extra modules trained in full and saved with the adapter (e.g. [lm_head])."""
+
+
+@dataclass
+class DataConfig:
+    card: Optional[str] = None
+    """Dataset card: a name from datasets/ (e.g. alpaca-cleaned) or a path to a card YAML."""
+    path: Optional[str] = None
+    """Data source overriding the card's: a hub id, or a local json/jsonl/parquet/csv file or folder."""
+    format: Optional[Format] = None
+    """Row format: alpaca, sharegpt, messages, text or prompt_completion (default: the card's)."""
+    split: str = "train"
+    """Split to read from a hub dataset or folder."""
+    subset: Optional[str] = None
+    """Hub dataset configuration (subset) name."""
+    revision: Optional[str] = None
+    """Hub dataset revision."""
+    val_path: Optional[str] = None
+    """Separate validation file; otherwise `val_fraction` of the rows are held out."""
+    val_fraction: float = 0.05
+    """Fraction of rows held out for validation loss when no `val_path` is given."""
+    max_rows: Optional[int] = None
+    """Use at most this many rows (after shuffling)."""
+    seq_len: int = 512
+    """Maximum tokens per training sequence (and per pack)."""
+    packing: bool = True
+    """Best-fit pack examples into seq_len blocks; attention never crosses examples."""
+    train_on_prompt: bool = False
+    """Train on every token, not only the assistant turns."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What to do with an example longer than seq_len (always counted)."""
+    strict: bool = False
+    """Stop at the first malformed row (naming file, row and field) instead of dropping it."""
+    prompt_style: str = "auto"
+    """Fallback prompt style for tokenizers without a chat template: auto (use the template,
+    else alpaca), chatml, alpaca, or a litgpt prompt style name."""
+    system_prompt: Optional[str] = None
+    """System prompt added to every conversation that has none."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column renames, e.g. {instruction: question, output: answer}."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Extra role-name mappings for sharegpt, e.g. {bot: assistant}."""
+    cache: bool = True
+    """Cache the tokenized dataset (keyed by data, tokenizer and these settings)."""
+    num_proc: Optional[int] = None
+    """Processes for tokenization (default: all cores)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    micro_batch_size: Union[int, Literal["auto"]] = 1
+    """Sequences per forward pass per device; auto = the largest the planner fits in memory."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all devices; gradient accumulation fills the gap."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw"] = "paged_adamw_8bit"
+    """Optimizer: bitsandbytes paged/8-bit AdamW variants, or torch AdamW."""
+    seed: int = 42
+    """Seed for everything: init, data order, dropout."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (non-reentrant) to save memory."""
+    loss_chunk_size: int = 1024
+    """Compute lm_head + cross-entropy this many tokens at a time, so full fp32 logits never
+    exist at once (0 = plain loss)."""
+    offload_activations: bool = False
+    """Keep saved activations in CPU RAM during the forward pass (GPU only)."""
+    liger: bool = False
+    """Use Liger kernels when installed (GPU only)."""
+    save_every: int = 0
+    """Save a resumable checkpoint every N steps (0 = only the final adapter)."""
+    keep_last: Optional[int] = None
+    """Keep only the N most recent step checkpoints."""
+    eval_every: int = 0
+    """Validation loss every N steps (0 = only at the end)."""
+    eval_batches: int = 20
+    """Validation micro-batches per evaluation."""
+    log_every: int = 1
+    """Log metrics every N steps."""
+
+
+@dataclass
+class EvalConfig:
+    suite: Optional[str] = None
+    """Eval suite (name from eval/ or a path) scored on the final adapter after training."""
+    max_new_tokens: int = 64
+    """Generation length for the suite's generation tasks."""
+
+
+@dataclass
+class OutputConfig:
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    """Fabric loggers: csv, tensorboard, wandb."""
+    plot: bool = True
+    """Write loss.png (the loss curve) to out_dir at the end."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Config:
+    description: str = ""
+    """One line saying what this recipe trains (shown by `finetune recipes`)."""
+    out_dir: str = "out/run"
+    """Where checkpoints, logs and the final adapter go."""
+    resume: str = "no"
+    """no, auto (latest complete checkpoint in out_dir), or a checkpoint directory."""
+    overwrite: bool = False
+    """Allow training into a non-empty out_dir that is not being resumed (nothing is deleted)."""
+    accelerator: str = "auto"
+    """Fabric accelerator: auto, cpu, cuda."""
+    devices: int = 1
+    """Devices (processes) per node."""
+    num_nodes: int = 1
+    """Number of nodes."""
+    strategy: str = "auto"
+    """Fabric strategy: auto, ddp, fsdp."""
+    precision: Optional[str] = None
+    """Fabric precision; default 32-true on CPU, bf16-mixed on GPU."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def resource_dir(kind: str) -> Path:
+    """A top-level project folder (recipes, datasets, eval): the checkout's, else the installed copy."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / kind
+    if checkout.is_dir():
+        return checkout
+    packaged = Path(str(importlib.resources.files("finetune") / "_resources" / kind))
+    return packaged
+
+
+def find_resource(kind: str, name: str, suffix: str = ".yaml") -> Path:
+    """Look up `name` as a path, then ./KIND/, then the packaged KIND/; raise with close matches."""
+    p = Path(os.path.expanduser(name))
+    if p.is_file():
+        return p
+    if p.suffix in (".yaml", ".yml") or os.sep in name:
+        raise UsageError(f"{kind[:-1] if kind.endswith('s') else kind} file not found: {name}")
+    for folder in (Path.cwd() / kind, resource_dir(kind)):
+        cand = folder / f"{name}{suffix}"
+        if cand.is_file():
+            return cand
+    names = list_resources(kind)
+    raise UsageError(f"unknown {kind.rstrip('s')} '{name}'{did_you_mean(name, names)}; see `finetune {kind}`"
+                     if kind == "recipes" else
+                     f"unknown {kind.rstrip('s')} '{name}'{did_you_mean(name, names)}")
+
+
+def list_resources(kind: str) -> list[str]:
+    names = set()
+    for folder in (Path.cwd() / kind, resource_dir(kind)):
+        if folder.is_dir():
+            names.update(p.stem for p in folder.glob("*.yaml"))
+    return sorted(names)
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """Read a YAML file that must hold a mapping; one-line errors for every way it can fail."""
+    try:
+        text = Path(path).read_text()
+    except PermissionError:
+        raise UsageError(f"cannot read {what} {path}: permission denied") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{what} {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path} must be a YAML mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- key=value parsing
+
+
+def field_paths(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key of a dataclass -> its dataclasses.Field."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            out.update(field_paths(f.default_factory, key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.endswith(("columns", "roles")):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_keys(cls: type, keys: list[str], where: str) -> None:
+    valid = field_paths(cls)
+    sections = {k.split(".")[0] for k in valid if "." in k}
+    for key in keys:
+        if key not in valid:
+            if key in sections:
+                raise UsageError(f"{where}: '{key}' is a section; set its keys, e.g. {key}.{next(k.split('.', 1)[1] for k in valid if k.startswith(key + '.'))}=...")
+            raise UsageError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}")
+
+
+def split_overrides(args: list[str]) -> dict[str, str]:
+    """['a.b=1', 'c=[x,y]'] -> {'a.b': '1', 'c': '[x,y]'} with a one-line error for anything else."""
+    out = {}
+    for a in args:
+        key, sep, value = a.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise UsageError(f"expected key=value, got '{a}'")
+        out[key] = value
+    return out
+
+
+def parse_value(raw: str) -> Any:
+    """Command-line values are YAML scalars/lists: 3, 0.1, true, null, [a,b], {k: v}."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def build(cls: type, values: dict[str, Any], where: str = "command line"):
+    """Instantiate dataclass `cls` from flat dotted values, type-checked by jsonargparse."""
+    from jsonargparse import ArgumentParser
+
+    check_keys(cls, list(values), where)
+    parser = ArgumentParser(exit_on_error=False, default_env=False)
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
+    nested: dict[str, Any] = {}
+    for key, v in values.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    try:
+        ns = parser.parse_object(nested)
+    except Exception as e:  # jsonargparse.ArgumentError; its text names the field and the type
+        raise UsageError(f"{where}: {_type_error_line(str(e), values)}") from None
+    init = parser.instantiate_classes(ns)
+    return _to_dataclass(cls, init.as_dict() if hasattr(init, "as_dict") else dict(init))
+
+
+def _type_error_line(msg: str, values: dict[str, Any]) -> str:
+    first = msg.strip().splitlines()[0]
+    for key, f in field_paths_cached().items():
+        if f"'{key}'" in msg or f'"{key}"' in msg or f"{key} " in first:
+            tp = getattr(f.type, "__name__", None) or str(f.type)
+            return f"invalid value {values.get(key)!r} for {key} (expected {tp})"
+    return first
+
+
+_FIELD_PATHS: dict[str, Any] | None = None
+
+
+def field_paths_cached() -> dict[str, Any]:
+    global _FIELD_PATHS
+    if _FIELD_PATHS is None:
+        _FIELD_PATHS = field_paths(Config)
+    return _FIELD_PATHS
+
+
+def _to_dataclass(cls: type, d: dict):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            sub = f.default_factory
+            v = v if dataclasses.is_dataclass(v) else _to_dataclass(sub, dict(v or {}))
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def load_config(recipe: Optional[str], overrides: dict[str, str]) -> Config:
+    """Recipe YAML (if any) + command-line overrides -> validated Config."""
+    values: dict[str, Any] = {}
+    if recipe:
+        path = find_resource("recipes", recipe)
+        data = read_yaml_mapping(path, "recipe")
+        flat = _flatten(data)
+        check_keys(Config, list(flat), f"recipe {path}")
+        values.update(flat)
+    values.update({k: parse_value(v) for k, v in overrides.items()})
+    cfg = build(Config, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks jsonargparse cannot express."""
+    t = cfg.train
+    if t.max_steps < 1:
+        raise UsageError(f"train.max_steps must be >= 1, got {t.max_steps}")
+    if isinstance(t.micro_batch_size, int) and t.micro_batch_size < 1:
+        raise UsageError(f"train.micro_batch_size must be >= 1 or auto, got {t.micro_batch_size}")
+    if t.global_batch_size < 1:
+        raise UsageError(f"train.global_batch_size must be >= 1, got {t.global_batch_size}")
+    if cfg.data.seq_len < 8:
+        raise UsageError(f"data.seq_len must be >= 8, got {cfg.data.seq_len}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise UsageError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.lora.r < 1:
+        raise UsageError(f"lora.r must be >= 1, got {cfg.lora.r}")
+    if cfg.devices < 1 or cfg.num_nodes < 1:
+        raise UsageError("devices and num_nodes must be >= 1")
+    if cfg.resume not in ("no", "auto") and not Path(cfg.resume).is_dir():
+        raise UsageError(f"resume: expected no, auto or a checkpoint directory, got '{cfg.resume}'")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def gradient_accumulation(cfg: Config, world_size: int, micro_batch_size: int) -> int:
+    """Per-device accumulation steps that keep the recipe's global batch on `world_size` devices."""
+    per_step = micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise UsageError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"micro_batch_size {micro_batch_size} x {world_size} device(s)")
+    return cfg.train.global_batch_size // per_step
