@@ -1,0 +1,27 @@
+"""finetune: QLoRA/LoRA fine-tuning of 3B-7B LLMs on one 12 GB GPU, on Lightning Fabric.
+
+The Python API mirrors the CLI:
+
+    import finetune
+    cfg = finetune.load_config("tiny-lora", {"train.max_steps": "4", "out_dir": "/tmp/run"})
+    adapter_dir = finetune.train(cfg)
+
+Heavy libraries (torch, transformers) load only when a function needs them.
+"""
+
+from __future__ import annotations
+
+from finetune.config import Config, load_config
+from finetune.errors import FinetuneError, UsageError
+
+__all__ = ["Config", "load_config", "train", "FinetuneError", "UsageError"]
+__version__ = "0.1.0"
+
+
+def train(config: "Config | str", **overrides):
+    """Train from a Config (or a recipe name/path plus dotted overrides); return the final adapter dir."""
+    from finetune.train import train as _train
+
+    if isinstance(config, str):
+        config = load_config(config, {k: str(v) for k, v in overrides.items()})
+    return _train(config)

@@ -1,0 +1,511 @@
+"""Crash-safe checkpoints: PEFT adapter + tokenizer + resolved config + resumable training state.
+
+A checkpoint directory (`out_dir/step-NNNNNN/` or `out_dir/final/`) is only ever seen complete:
+everything is written into a hidden temp dir beside it (same filesystem, so rename is atomic),
+checksummed into `manifest.json`, fsynced, marked `COMPLETE` last, then renamed into place. A kill
+-9 at any point leaves either the old complete copy or the new one, never a half-written dir that
+`latest_checkpoint` would pick up. Loading verifies the checksums first, so a flipped byte or a
+truncated file is reported instead of silently resuming from garbage.
+
+Training state is a plain dict of tensors / numbers / strings / lists / dicts saved with
+`torch.save` and loaded with `weights_only=True`: nothing in a checkpoint is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from finetune.errors import FinetuneError, UsageError
+
+MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.yaml"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+
+STEP_RE = re.compile(r"^step-(\d{6,})$")
+# Hidden names so globbing for step-* / final never sees work in progress.
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+
+_CHUNK = 1 << 20
+_LIVE_TOKENS: set[str] = set()  # side-dir tokens created by this process
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
+def _say(msg: str) -> None:
+    """Notes and warnings go to stderr as one line, like the CLI's errors."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def step_dir(out_dir: Path | str, step: int) -> Path:
+    return Path(out_dir) / f"step-{step:06d}"
+
+
+# --------------------------------------------------------------------------- low-level IO
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write + fsync through our own file object, so a full disk surfaces as OSError(ENOSPC)
+    (torch.save straight to a path reports it as an anonymous RuntimeError)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MARKER, MANIFEST))
+
+
+def _build_manifest(root: Path, step: Optional[int]) -> bytes:
+    files = {}
+    for p in _files(root):
+        rel = p.relative_to(root).as_posix()
+        files[rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    doc = {"format": FORMAT_VERSION, "step": step, "files": files}
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def _problem(path: Path) -> Optional[str]:
+    """Why `path` is not a usable complete checkpoint, or None when it is."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    marker, manifest = path / MARKER, path / MANIFEST
+    if not marker.is_file():
+        return f"{path} is incomplete (no {MARKER} marker; the save was interrupted)"
+    if not manifest.is_file():
+        return f"{path} is corrupt: {MANIFEST} is missing"
+    try:
+        raw = manifest.read_bytes()
+        expected = marker.read_text().split()
+    except OSError as e:
+        return f"{path} is unreadable: {e.strerror}"
+    # The marker holds the manifest's hash, so a damaged manifest is caught too.
+    if not expected or hashlib.sha256(raw).hexdigest() != expected[0]:
+        return f"{path} is corrupt: {MANIFEST} does not match its {MARKER} marker"
+    try:
+        files = json.loads(raw)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{path} is corrupt: {MANIFEST} is not valid"
+    for rel, meta in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{path} is corrupt: {rel} is missing"
+        try:
+            if f.stat().st_size != meta["size"]:
+                return f"{path} is corrupt: {rel} has {f.stat().st_size} bytes, expected {meta['size']} (truncated?)"
+            if _sha256(f) != meta["sha256"]:
+                return f"{path} is corrupt: {rel} fails its sha256 checksum"
+        except OSError as e:
+            return f"{path} is unreadable: {rel}: {e.strerror}"
+    return None
+
+
+def is_complete(path: Path | str) -> bool:
+    """Marker present, manifest intact, every file's size and sha256 as recorded."""
+    return _problem(Path(path)) is None
+
+
+def verify(path: Path | str) -> None:
+    """Raise FinetuneError naming the bad file when `path` is not a complete, intact checkpoint."""
+    problem = _problem(Path(path))
+    if problem:
+        raise FinetuneError(f"checkpoint {problem}")
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def _owner_alive(name: str) -> bool:
+    """Temp names end in .HOST.PID.TOKEN; a dir whose writer on this host is gone is garbage."""
+    parts = name.rsplit(".", 3)
+    if len(parts) != 4:
+        return True
+    _, host, pid, token = parts
+    if host != _host() or not pid.isdigit():
+        return True  # another node's writer on a shared filesystem: not ours to judge
+    if int(pid) == os.getpid():
+        # In a container a restarted job often gets the killed one's pid: only our own tokens live.
+        return token in _LIVE_TOKENS
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def recover(out_dir: Path | str) -> None:
+    """Finish what a killed save left behind in out_dir.
+
+    A kill between "rename old aside" and "rename new in" leaves `.old-NAME.*` and no NAME: put the
+    old complete copy back. Temp dirs of dead writers are only partial work of ours: remove them.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    for p in sorted(out_dir.iterdir()):
+        if not p.is_dir() or _owner_alive(p.name):
+            continue
+        if p.name.startswith(OLD_PREFIX):
+            name = p.name[len(OLD_PREFIX):].rsplit(".", 3)[0]
+            target = out_dir / name
+            if not target.exists() and is_complete(p):
+                os.rename(p, target)
+                _fsync_path(out_dir)
+                _say(f"note: restored {target} from an interrupted save")
+            elif is_complete(target):
+                shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(TMP_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _side_name(prefix: str, name: str) -> str:
+    token = uuid.uuid4().hex[:8]
+    _LIVE_TOKENS.add(token)
+    return f"{prefix}{name}.{_host()}.{os.getpid()}.{token}"
+
+
+def _describe(exc: BaseException) -> str:
+    """One phrase for why a write failed; a full disk is named as such whatever layer raised it."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return f"disk full ({os.strerror(seen.errno)})"
+        text = str(seen)
+        if "No space left" in text or "os error 28" in text:
+            return "disk full (No space left on device)"
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def save_checkpoint(
+    path: Path | str,
+    *,
+    model,
+    tokenizer=None,
+    config_yaml: str,
+    state: Optional[dict] = None,
+    adapter_state_dict: Optional[dict] = None,
+    step: Optional[int] = None,
+) -> Path:
+    """Atomically write a checkpoint dir at `path` (replacing a previous one there) and return it.
+
+    `model` is a peft PeftModel (saved with save_pretrained: adapter_config.json +
+    adapter_model.safetensors); `adapter_state_dict` overrides what it saves (e.g. a state dict
+    gathered under FSDP). `state` is the resumable training state (see `load_state`). On any
+    failure the temp dir is removed, existing checkpoints are untouched, and FinetuneError says
+    which complete checkpoint is still there.
+    """
+    path = Path(path)
+    parent = path.parent
+    if step is None:
+        m = STEP_RE.match(path.name)
+        step = int(m.group(1)) if m else (state or {}).get("step")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FinetuneError(f"could not save checkpoint {path}: cannot create {parent}: {_describe(e)}") from e
+    recover(parent)
+    if path.exists() and not (path / MARKER).is_file():
+        # overwrite=true promises nothing is deleted: only our own (marked) checkpoints are replaced.
+        raise FinetuneError(f"could not save checkpoint {path}: it exists and is not a checkpoint written by "
+                            f"finetune (no {MARKER} marker); move it away and resume, nothing was changed")
+    tmp = parent / _side_name(TMP_PREFIX, path.name)
+    try:
+        tmp.mkdir()
+        save_kwargs = {"safe_serialization": True}
+        if adapter_state_dict is not None:
+            save_kwargs["state_dict"] = adapter_state_dict
+        model.save_pretrained(str(tmp), **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _write_bytes(tmp / CONFIG_FILE, config_yaml.encode())
+        if state is not None:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            _check_weights_only(buf, path)
+            _write_bytes(tmp / STATE_FILE, buf.getbuffer())
+            del buf
+        for f in _files(tmp):  # files written by peft / transformers are not fsynced by them
+            _fsync_path(f)
+        manifest = _build_manifest(tmp, step)
+        _write_bytes(tmp / MANIFEST, manifest)
+        _write_bytes(tmp / MARKER, (hashlib.sha256(manifest).hexdigest() + "\n").encode())
+        _fsync_path(tmp)
+        _publish(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise  # Ctrl-C / SystemExit: cleaned up, let the caller's handler run
+        why = str(e) if type(e) is FinetuneError else _describe(e)
+        raise FinetuneError(f"could not save checkpoint {path}: {why}; {_intact(path)}") from e
+    return path
+
+
+def _weights_only_refusal(e: Exception) -> str:
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if m:
+        return f"it holds a pickled {m.group(1)}"
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def _check_weights_only(buf: io.BytesIO, path: Path) -> None:
+    """Refuse at save time what resume would refuse later, so a run never learns at step 0 of
+    its resume that its checkpoints were unloadable."""
+    buf.seek(0)
+    try:
+        torch.load(buf, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FinetuneError(
+            f"training state is not loadable with weights_only=True ({_weights_only_refusal(e)}); "
+            "keep it to tensors, numbers, strings, lists and dicts") from None
+    buf.seek(0, io.SEEK_END)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename tmp into place. Replacing: old aside, new in, old deleted, so at every instant a
+    complete copy exists under `path` or (after a crash, restored by `recover`) beside it."""
+    parent = path.parent
+    old = None
+    if path.exists():
+        old = parent / _side_name(OLD_PREFIX, path.name)
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    _fsync_path(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _intact(path: Path) -> str:
+    if is_complete(path):
+        return f"the previous checkpoint {path} is intact"
+    prev = latest_checkpoint(path.parent, quiet=True)
+    if prev is not None:
+        return f"the previous checkpoint {prev} is intact"
+    return "no earlier checkpoint was touched"
+
+
+# --------------------------------------------------------------------------- find / prune
+
+
+def _step_dirs(out_dir: Path) -> list[tuple[int, Path]]:
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for p in out_dir.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: Path | str, quiet: bool = False) -> Optional[Path]:
+    """The highest complete `step-NNNNNN` in out_dir, or None. Temp dirs are never candidates;
+    a dir that has its marker but fails verification is skipped with a warning."""
+    for _, p in reversed(_step_dirs(Path(out_dir))):
+        problem = _problem(p)
+        if problem is None:
+            return p
+        if not quiet and (p / MARKER).exists():
+            _say(f"warning: skipping checkpoint {problem}")
+    return None
+
+
+def prune(out_dir: Path | str, keep_last: Optional[int]) -> list[Path]:
+    """Delete all but the newest `keep_last` complete step-* dirs (call it after a save);
+    returns what was removed.
+
+    The kept ones are verified, so a corrupt newest dir never costs the last good one. Older
+    complete step dirs go; final/, incomplete or corrupt dirs newer than the kept ones, and
+    anything else in out_dir are never touched.
+    """
+    if keep_last is None:
+        return []
+    if keep_last < 1:
+        raise UsageError(f"train.keep_last must be >= 1, got {keep_last}")
+    kept, doomed = 0, []
+    for _, p in reversed(_step_dirs(Path(out_dir))):
+        if kept < keep_last:
+            kept += is_complete(p)
+        elif (p / MARKER).is_file():
+            doomed.append(p)
+    for p in reversed(doomed):
+        # Rename first so a crash mid-delete leaves a hidden leftover, not a half-deleted step dir.
+        trash = p.parent / _side_name(TMP_PREFIX, p.name)
+        os.rename(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed[::-1]
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_state(path: Path | str) -> dict:
+    """Verify checksums, then torch.load(weights_only=True) the training state onto the CPU."""
+    path = Path(path)
+    verify(path)
+    f = path / STATE_FILE
+    if not f.is_file():
+        raise FinetuneError(f"checkpoint {path} has no {STATE_FILE} (an adapter-only save cannot be resumed)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything but plain tensors / containers
+        raise FinetuneError(f"cannot load {f} with weights_only=True: {_weights_only_refusal(e)}") from e
+
+
+def load_adapter_weights(model, path: Path | str, adapter_name: str = "default") -> None:
+    """Load the checkpoint's adapter_model.safetensors into a PeftModel's adapter in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    verify(path)
+    f = path / ADAPTER_WEIGHTS
+    if not f.is_file():
+        raise FinetuneError(f"checkpoint {path} has no {ADAPTER_WEIGHTS}")
+    weights = load_file(str(f), device="cpu")
+    result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise FinetuneError(
+            f"adapter {f} does not fit this model: {len(unexpected)} tensor(s) match no module, "
+            f"e.g. {unexpected[0]}")
+    lora_missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k and f".{adapter_name}" in k]
+    if lora_missing:
+        raise FinetuneError(
+            f"adapter {f} does not fit this model: {len(lora_missing)} LoRA tensor(s) missing, e.g. {lora_missing[0]}")
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict:
+    """Every RNG that shapes a run (python, numpy, torch CPU, CUDA), as weights_only-safe values."""
+    version, internal, gauss = random.getstate()
+    out: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        out["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict) -> None:
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        saved = list(state["cuda"])
+        count = torch.cuda.device_count()
+        if len(saved) != count:
+            _say(f"warning: checkpoint has CUDA RNG states for {len(saved)} device(s), this run sees {count}; "
+                 "restoring the first min() of them")
+        for i in range(min(len(saved), count)):
+            torch.cuda.set_rng_state(saved[i], i)
+
+
+# --------------------------------------------------------------------------- out_dir policy
+
+
+def check_out_dir(out_dir: Path | str, resume: str, overwrite: bool) -> Optional[Path]:
+    """Decide what a run does with out_dir; returns the checkpoint to resume from, or None.
+
+    Refuses to train into a non-empty out_dir unless resuming or overwrite=true. Never deletes.
+    """
+    out_dir = Path(out_dir)
+    nonempty = out_dir.is_dir() and any(out_dir.iterdir())
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"out_dir {out_dir} exists and is not a directory")
+    if resume == "no":
+        if nonempty and not overwrite:
+            raise UsageError(
+                f"out_dir {out_dir} is not empty; pass resume=auto to continue or overwrite=true to "
+                "train into it (nothing is deleted)")
+        return None
+    if resume == "auto":
+        if not nonempty:
+            _say(f"note: resume=auto: {out_dir} has no checkpoint yet; starting from step 0")
+            return None
+        recover(out_dir)
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            _say(f"note: resume=auto: no complete checkpoint in {out_dir}; starting from step 0")
+            return None
+        _say(f"note: resuming from {ckpt}")
+        return ckpt
+    ckpt = Path(resume)
+    problem = _problem(ckpt)
+    if problem:
+        raise UsageError(f"resume: checkpoint {problem}")
+    if not (ckpt / STATE_FILE).is_file():
+        raise UsageError(f"resume: {ckpt} has no {STATE_FILE} (an adapter-only save cannot be resumed)")
+    if nonempty and not overwrite and ckpt.resolve().parent != out_dir.resolve():
+        raise UsageError(
+            f"out_dir {out_dir} is not empty and {ckpt} is not one of its checkpoints; pick an empty "
+            "out_dir or pass overwrite=true (nothing is deleted)")
+    _say(f"note: resuming from {ckpt}")
+    return ckpt

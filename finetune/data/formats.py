@@ -1,0 +1,233 @@
+"""Format adapters: one raw row (alpaca, sharegpt, messages, text, prompt/completion) -> `Conversation`.
+
+Every adapter either returns a Conversation or raises `BadRow(reason, field, detail)`; the caller
+counts the reason (or, with strict=True, turns it into a one-line UsageError naming the row).
+Messy-data policy (ShareGPT dumps in the wild):
+  - a leading system turn becomes `Conversation.system`;
+  - leading assistant turns (a conversation that starts with gpt) are dropped and counted as a fix
+    ("fixed: leading assistant turn dropped"): the rest of the dialogue is still good data;
+  - trailing user/tool turns are trimmed and counted ("fixed: trailing user turn trimmed"):
+    they have no answer to train on;
+  - anything else malformed drops the row with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+ROLES = ("system", "user", "assistant", "tool")
+
+# ShareGPT speaker names seen in real dumps -> normalized role. `function_call` is an assistant
+# turn whose content is the call itself (the model must learn to emit it).
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
+    "bard": "assistant", "model": "assistant", "function_call": "assistant",
+    "system": "system",
+    "observation": "tool", "tool": "tool", "function_response": "tool",
+}
+
+# Default column names per format; DataConfig.columns / the card's `columns` rename them.
+DEFAULT_COLUMNS = {
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output",
+               "system": "system", "history": "history"},
+    "sharegpt": {"conversations": "conversations", "tools": "tools", "system": "system",
+                 "from": "from", "value": "value"},
+    "messages": {"messages": "messages", "tools": "tools", "role": "role", "content": "content"},
+    "text": {"text": "text"},
+    "prompt_completion": {"prompt": "prompt", "completion": "completion", "system": "system"},
+}
+
+
+@dataclass
+class Conversation:
+    """A normalized training example.
+
+    `messages` holds {role, content} dicts with roles user/assistant/tool (and system only where a
+    dataset puts one mid-dialogue); the leading system prompt lives in `system`. `text` is set
+    instead for plain continued pre-training rows (every token is trained)."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    system: Optional[str] = None
+    tools: Optional[list] = None
+    text: Optional[str] = None
+
+    def chat(self) -> list[dict[str, str]]:
+        """Messages with the system prompt as a leading system message (what templates expect)."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + list(self.messages)
+
+
+class BadRow(Exception):
+    """A row that cannot become a training example: `reason` is the counted bucket."""
+
+    def __init__(self, reason: str, field: str = "", detail: str = ""):
+        super().__init__(f"{reason}: {field} {detail}".strip())
+        self.reason, self.field, self.detail = reason, field, detail
+
+
+def _get(row: dict, col: str, required: bool = True) -> Any:
+    if col not in row or row[col] is None:
+        if required:
+            raise BadRow("missing field", col)
+        return None
+    return row[col]
+
+
+def _text(row: dict, col: str, required: bool = True, allow_empty: bool = False) -> Optional[str]:
+    v = _get(row, col, required)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise BadRow("wrong type", col, f"expected a string, got {type(v).__name__}")
+    if required and not allow_empty and not v.strip():
+        raise BadRow("empty turn", col)
+    return v
+
+
+def _tools(row: dict, col: str) -> Optional[list]:
+    v = row.get(col)
+    if v is None or v == "" or v == []:
+        return None
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise BadRow("wrong type", col, f"tools is not valid JSON ({e.msg})") from None
+    if isinstance(v, dict):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+        raise BadRow("wrong type", col, "expected a list of tool schemas")
+    return v or None
+
+
+def _finish(messages: list[dict], system: Optional[str], tools: Optional[list], fixes: list[str]) -> Conversation:
+    """Apply the messy-dialogue policy and check there is something to train on."""
+    if messages and messages[0]["role"] == "system":
+        if system:
+            raise BadRow("wrong type", "system", "two system prompts")
+        system = messages.pop(0)["content"]
+    dropped_lead = 0
+    while messages and messages[0]["role"] == "assistant":
+        messages.pop(0)
+        dropped_lead += 1
+    if dropped_lead:
+        fixes.append("fixed: leading assistant turn dropped")
+    trimmed = 0
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+        trimmed += 1
+    if trimmed:
+        fixes.append("fixed: trailing user turn trimmed")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRow("no assistant turn", "")
+    return Conversation(messages=messages, system=system or None, tools=tools)
+
+
+def _check_turns(turns: Any, col: str) -> list:
+    if not isinstance(turns, list):
+        raise BadRow("conversation not a list", col, f"got {type(turns).__name__}")
+    if not turns:
+        raise BadRow("empty conversation", col)
+    return turns
+
+
+def from_alpaca(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+    instruction = _text(row, cols["instruction"])
+    inp = _text(row, cols["input"], required=False) or ""
+    output = _text(row, cols["output"])
+    system = _text(row, cols["system"], required=False)
+    messages = []
+    history = row.get(cols["history"]) or []
+    if not isinstance(history, list):
+        raise BadRow("wrong type", cols["history"], "expected a list of [instruction, output] pairs")
+    for pair in history:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise BadRow("wrong type", cols["history"], "expected [instruction, output] string pairs")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = f"{instruction}\n\n{inp}" if inp.strip() else instruction
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return Conversation(messages=messages, system=system or None)
+
+
+def _turns_to_messages(turns: list, col: str, role_key: str, content_key: str, role_map: dict) -> list[dict]:
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{col}[{i}]"
+        if not isinstance(turn, dict):
+            raise BadRow("wrong type", where, f"expected an object, got {type(turn).__name__}")
+        raw_role = turn.get(role_key)
+        if not isinstance(raw_role, str):
+            raise BadRow("missing field" if raw_role is None else "wrong type", f"{where}.{role_key}")
+        role = role_map.get(raw_role.lower())
+        if role is None:
+            raise BadRow("unknown role", f"{where}.{role_key}", repr(raw_role))
+        content = turn.get(content_key)
+        if content is None:
+            raise BadRow("missing field", f"{where}.{content_key}")
+        if not isinstance(content, str):
+            if isinstance(content, (dict, list)) and raw_role.lower() in ("function_call", "observation", "tool"):
+                content = json.dumps(content, ensure_ascii=False)
+            else:
+                raise BadRow("wrong type", f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
+        if not content.strip():
+            raise BadRow("empty turn", f"{where}.{content_key}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def from_sharegpt(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+    turns = _check_turns(_get(row, cols["conversations"]), cols["conversations"])
+    role_map = {**SHAREGPT_ROLES, **{k.lower(): v for k, v in roles.items()}}
+    messages = _turns_to_messages(turns, cols["conversations"], cols["from"], cols["value"], role_map)
+    return _finish(messages, _text(row, cols["system"], required=False), _tools(row, cols["tools"]), fixes)
+
+
+def from_messages(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+    turns = _check_turns(_get(row, cols["messages"]), cols["messages"])
+    role_map = {r: r for r in ROLES}
+    role_map.update({k.lower(): v for k, v in roles.items()})
+    messages = _turns_to_messages(turns, cols["messages"], cols["role"], cols["content"], role_map)
+    return _finish(messages, None, _tools(row, cols["tools"]), fixes)
+
+
+def from_text(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+    return Conversation(text=_text(row, cols["text"]))
+
+
+def from_prompt_completion(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+    prompt = _text(row, cols["prompt"])
+    completion = _text(row, cols["completion"])
+    return Conversation(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                        system=_text(row, cols["system"], required=False) or None)
+
+
+ADAPTERS: dict[str, Callable[..., Conversation]] = {
+    "alpaca": from_alpaca, "sharegpt": from_sharegpt, "messages": from_messages,
+    "text": from_text, "prompt_completion": from_prompt_completion,
+}
+
+
+def columns_for(fmt: str, overrides: Optional[dict] = None) -> dict[str, str]:
+    from finetune.errors import UsageError
+
+    if fmt not in ADAPTERS:
+        raise UsageError(f"unknown data format '{fmt}' (expected one of {', '.join(ADAPTERS)})")
+    cols = dict(DEFAULT_COLUMNS[fmt])
+    for k, v in (overrides or {}).items():
+        if k not in cols:
+            raise UsageError(f"data.columns: '{k}' is not a {fmt} column (expected one of {', '.join(cols)})")
+        cols[k] = str(v)
+    return cols
+
+
+def to_conversation(row: Any, fmt: str, cols: dict, roles: Optional[dict] = None,
+                    system_prompt: Optional[str] = None, fixes: Optional[list] = None) -> Conversation:
+    """One raw row -> Conversation, or BadRow. `fixes` collects counted repairs (see module doc)."""
+    if not isinstance(row, dict):
+        raise BadRow("wrong type", "row", f"expected an object, got {type(row).__name__}")
+    conv = ADAPTERS[fmt](row, cols, roles or {}, fixes if fixes is not None else [])
+    if system_prompt and not conv.system and conv.text is None:
+        conv.system = system_prompt
+    return conv

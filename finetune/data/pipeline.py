@@ -1,0 +1,399 @@
+"""rows -> conversations -> (input_ids, labels) -> packed units, with counts and a cache.
+
+`prepare` is what training calls. Order of operations, all deterministic given the seed:
+load rows; shuffle row indices (numpy, seeded); keep `max_rows`; hold out the validation rows
+(or read `val_path`); convert rows with the format adapter (bad rows counted by reason);
+render + tokenize + mask (in a process pool when large); apply the length policy; pack.
+The result is cached under cache_root()/data/ keyed by the data's content hash (or hub id +
+revision), the tokenizer (vocab + template) and every setting that changes the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from finetune.data.formats import BadRow, Conversation, columns_for, to_conversation
+from finetune.data.pack import PackedUnits, packing_efficiency
+from finetune.data.sources import Rows, Source, load_rows, resolve
+from finetune.data.tokenize import IGNORE, Renderer
+from finetune.errors import UsageError
+
+CACHE_VERSION = "1"
+CHUNK = 2000            # conversations per tokenization task
+PARALLEL_MIN = 4000     # below this many conversations a process pool costs more than it saves
+
+
+@dataclass
+class DataStats:
+    rows_loaded: int = 0
+    dropped: dict = field(default_factory=dict)      # reason -> count (rows and examples)
+    first_where: dict = field(default_factory=dict)  # reason -> where it first happened
+    fixed: dict = field(default_factory=dict)        # repair -> count (rows kept)
+    examples: int = 0
+    val_examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    units: int = 0
+    seq_len: int = 0
+    packing_efficiency: float = 0.0
+    source: str = ""
+    cached: bool = False
+    seconds: float = 0.0
+
+    @property
+    def trained_fraction(self) -> float:
+        return self.trained_tokens / self.tokens if self.tokens else 0.0
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def drop(self, reason: str, where: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+        self.first_where.setdefault(reason, where)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs: the statistics table."""
+        out = [("source", self.source), ("rows loaded", f"{self.rows_loaded:,}"),
+               ("rows dropped", f"{self.dropped_total:,}")]
+        for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
+            where = self.first_where.get(reason)
+            out.append((f"  {reason}", f"{n:,}" + (f"  (first: {where})" if where else "")))
+        for fix, n in sorted(self.fixed.items()):
+            out.append((f"  {fix}", f"{n:,} (kept)"))
+        out += [("train examples", f"{self.examples:,}"), ("val examples", f"{self.val_examples:,}"),
+                ("tokens", f"{self.tokens:,}"),
+                ("trained tokens", f"{self.trained_tokens:,} ({self.trained_fraction:.1%})"),
+                ("truncated", f"{self.truncated:,} (seq_len {self.seq_len})"),
+                ("units", f"{self.units:,}"), ("packing efficiency", f"{self.packing_efficiency:.1%}")]
+        return out
+
+    def lines(self) -> list[str]:
+        width = max(len(k) for k, _ in self.rows())
+        return [f"{k:<{width}}  {v}" for k, v in self.rows()]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+@dataclass
+class DataBundle:
+    train: PackedUnits  # a sequence of unit dicts (see finetune.data.pack)
+    val: PackedUnits
+    stats: DataStats
+
+
+# ------------------------------------------------------------------------------ conversations
+
+
+def _raise_strict(where: str, e: BadRow) -> None:
+    field_part = f" field '{e.field}'" if e.field else ""
+    raise UsageError(f"{where}:{field_part} {e.reason}{': ' + e.detail if e.detail else ''} (data.strict=true)")
+
+
+def _convert(rows: Rows, idx: Sequence[int], src: Source, data_cfg, stats: DataStats) -> tuple[list, list]:
+    cols = columns_for(src.format, src.columns)
+    convs, wheres = [], []
+    for i in idx:
+        fixes: list[str] = []
+        try:
+            conv = to_conversation(rows.rows[i], src.format, cols, src.roles, data_cfg.system_prompt, fixes)
+        except BadRow as e:
+            if data_cfg.strict:
+                _raise_strict(rows.where[i], e)
+            stats.drop(e.reason, rows.where[i])
+            continue
+        for f in fixes:
+            stats.fixed[f] = stats.fixed.get(f, 0) + 1
+        convs.append(conv)
+        wheres.append(rows.where[i])
+    return convs, wheres
+
+
+def _split_indices(n: int, data_cfg, seed: int, has_val_file: bool) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    if data_cfg.max_rows is not None:
+        order = order[:max(0, int(data_cfg.max_rows))]
+    if has_val_file or data_cfg.val_fraction <= 0 or len(order) < 2:
+        return order, order[:0]
+    n_val = min(len(order) - 1, max(1, int(round(len(order) * data_cfg.val_fraction))))
+    return order[n_val:], order[:n_val]
+
+
+def _load(data_cfg, seed: int, stats: DataStats):
+    src = resolve(data_cfg)
+    stats.source = src.name
+    rows = load_rows(src, strict=data_cfg.strict)
+    stats.rows_loaded = len(rows.rows) + len(rows.broken)
+    for where, _ in rows.broken:
+        stats.drop("invalid JSON line", where)
+    if not rows.rows:
+        raise UsageError(f"{src.name}: the dataset is empty (no rows{', only broken lines' if rows.broken else ''})")
+    train_idx, val_idx = _split_indices(len(rows.rows), data_cfg, seed, bool(data_cfg.val_path))
+    train, train_where = _convert(rows, train_idx, src, data_cfg, stats)
+    if data_cfg.val_path:
+        vsrc = resolve(data_cfg, val=True)
+        vrows = load_rows(vsrc, strict=data_cfg.strict)
+        for where, _ in vrows.broken:
+            stats.drop("invalid JSON line", where)
+        val, val_where = _convert(vrows, range(len(vrows.rows)), vsrc, data_cfg, stats)
+    else:
+        val, val_where = _convert(rows, val_idx, src, data_cfg, stats)
+    return src, train, train_where, val, val_where
+
+
+def load_conversations(data_cfg, seed: int = 0, split: str = "train") -> tuple[list[Conversation], DataStats]:
+    """Conversations of the train (or 'val', or 'all') split, with load/drop statistics."""
+    stats = DataStats(seq_len=data_cfg.seq_len)
+    _, train, _, val, _ = _load(data_cfg, seed, stats)
+    convs = {"train": train, "val": val, "all": train + val}[split]
+    if not convs:
+        raise UsageError(f"{stats.source}: no usable rows after filtering ({_drop_summary(stats)})")
+    return convs, stats
+
+
+def _drop_summary(stats: DataStats) -> str:
+    return ", ".join(f"{r}: {n}" for r, n in stats.dropped.items()) or "nothing dropped"
+
+
+# ------------------------------------------------------------------------------ tokenization
+
+_RENDERERS: dict = {}
+_WORKER: dict = {}
+
+
+def get_renderer(tokenizer, data_cfg) -> Renderer:
+    key = (id(tokenizer), data_cfg.prompt_style, data_cfg.train_on_prompt)
+    hit = _RENDERERS.get(key)
+    if hit is None or hit.tokenizer is not tokenizer:
+        hit = _RENDERERS[key] = Renderer(tokenizer, data_cfg.prompt_style, data_cfg.train_on_prompt)
+    return hit
+
+
+def tokenize_conversation(conv: Conversation, tokenizer, data_cfg) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation, before the length policy."""
+    return get_renderer(tokenizer, data_cfg).tokenize(conv)
+
+
+def render_prompt(conv_or_messages, tokenizer, data_cfg) -> list[int]:
+    """Token ids of the prompt up to and including the assistant generation header."""
+    r = get_renderer(tokenizer, data_cfg)
+    text = r.prompt_text(conv_or_messages)
+    if r.backend is not None:
+        return r.backend.encode(text, add_special_tokens=False).ids
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _tokenize_chunk(task):
+    """Worker: conversations -> flat ids/labels arrays + lengths, and (index, BadRow) failures."""
+    convs, seq_len, truncation = task
+    r: Renderer = _WORKER["renderer"]
+    texts, spans, ok_idx, failed = [], [], [], []
+    for i, conv in enumerate(convs):
+        try:
+            t, s = r.render(conv)
+        except BadRow as e:
+            failed.append((i, e))
+            continue
+        texts.append(t)
+        spans.append(s)
+        ok_idx.append(i)
+    ids_parts, lab_parts, lens, kept, truncated = [], [], [], [], 0
+    for i, (ids, labels) in zip(ok_idx, r.encode(texts, spans, as_numpy=True)):
+        cut = len(ids) > seq_len
+        if cut:
+            if truncation == "drop":
+                failed.append((i, BadRow("too long", "", f"{len(ids)} tokens > seq_len {seq_len}")))
+                continue
+            ids, labels = ids[:seq_len], labels[:seq_len]
+        if not (labels != IGNORE).any():
+            failed.append((i, BadRow("no trained tokens after truncation" if cut else "no trained tokens")))
+            continue
+        truncated += cut
+        ids_parts.append(ids)
+        lab_parts.append(labels)
+        lens.append(len(ids))
+        kept.append(i)
+    cat = (lambda parts: np.concatenate(parts).astype(np.int32)) if ids_parts else (lambda parts: np.zeros(0, np.int32))
+    return cat(ids_parts), cat(lab_parts), np.asarray(lens, np.int64), kept, failed, truncated
+
+
+def _tokenize_all(convs: list, wheres: list, renderer: Renderer, data_cfg, stats: DataStats,
+                  progress: bool, what: str):
+    """-> flat (ids, labels) int32 arrays of the kept examples, and their lengths."""
+    _WORKER["renderer"] = renderer
+    tasks = [(convs[i:i + CHUNK], data_cfg.seq_len, data_cfg.truncation) for i in range(0, len(convs), CHUNK)]
+    nproc = min(data_cfg.num_proc or os.cpu_count() or 1, len(tasks))
+    results = []
+    bar = _bar(progress and len(convs) >= PARALLEL_MIN, f"tokenize {what}", len(convs))
+    with bar as (prog, task_id):
+        def done(res, n):
+            results.append(res)
+            if prog is not None:
+                prog.advance(task_id, n)
+
+        import multiprocessing as mp
+
+        if nproc > 1 and len(convs) >= PARALLEL_MIN and "fork" in mp.get_all_start_methods():
+            old = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; avoid fork warnings
+            try:
+                with mp.get_context("fork").Pool(nproc) as pool:
+                    for res, t in zip(pool.imap(_tokenize_chunk, tasks), tasks):
+                        done(res, len(t[0]))
+            finally:
+                if old is None:
+                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = old
+        else:
+            for t in tasks:
+                done(_tokenize_chunk(t), len(t[0]))
+    for c, (_, _, _, _, failed, truncated) in enumerate(results):
+        for i, e in sorted(failed, key=lambda f: f[0]):
+            if data_cfg.strict:
+                _raise_strict(wheres[c * CHUNK + i], e)
+            stats.drop(e.reason, wheres[c * CHUNK + i])
+        stats.truncated += truncated
+    if not results:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64)
+    return (np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]),
+            np.concatenate([r[2] for r in results]))
+
+
+class _bar:
+    """A rich progress bar when enabled, else a no-op context yielding (None, None)."""
+
+    def __init__(self, enabled: bool, desc: str, total: int):
+        self.enabled, self.desc, self.total, self.p = enabled, desc, total, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None, None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn(f"[bold]{self.desc}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          transient=True)
+        self.p.__enter__()
+        return self.p, self.p.add_task(self.desc, total=self.total)
+
+    def __exit__(self, *exc):
+        if self.p is not None:
+            self.p.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None
+             else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([type(tokenizer).__name__, getattr(tokenizer, "chat_template", None),
+                         tokenizer.special_tokens_map, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                         tokenizer.bos_token_id], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(data_cfg, tokenizer, seed: int) -> str:
+    src = resolve(data_cfg)
+    card = None
+    if data_cfg.card:
+        from finetune.data.sources import read_card
+
+        card = read_card(data_cfg.card)[0]
+    relevant = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("cache", "num_proc")}
+    parts = [CACHE_VERSION, src.fingerprint(), tokenizer_fingerprint(tokenizer),
+             json.dumps([relevant, card, seed, dataclasses.asdict(src) | {"files": [str(f) for f in src.files]}],
+                        sort_keys=True, default=str)]
+    if data_cfg.val_path:
+        parts.append(resolve(data_cfg, val=True).fingerprint())
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _cache_dir() -> Path:
+    from finetune.tiny import cache_root
+
+    return cache_root() / "data"
+
+
+def _save_cache(path: Path, bundle: DataBundle) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for name, units in (("train", bundle.train), ("val", bundle.val)):
+        for k in ("ids", "labels", "ex_lens", "per_unit"):
+            arrays[f"{name}_{k}"] = getattr(units, k)
+    stats = dataclasses.asdict(bundle.stats)
+    arrays["stats"] = np.frombuffer(json.dumps(stats).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_cache(path: Path) -> Optional[DataBundle]:
+    try:
+        with np.load(path) as z:
+            stats = DataStats(**json.loads(bytes(z["stats"]).decode()))
+            split = {name: PackedUnits(*(z[f"{name}_{k}"] for k in ("ids", "labels", "ex_lens", "per_unit")))
+                     for name in ("train", "val")}
+    except Exception:  # a truncated or foreign file is just a cache miss
+        return None
+    stats.cached = True
+    return DataBundle(split["train"], split["val"], stats)
+
+
+# ------------------------------------------------------------------------------ prepare
+
+
+def prepare(data_cfg, tokenizer, seed: int, progress: bool = True) -> DataBundle:
+    """Load, convert, tokenize, mask and pack the data of `data_cfg` (cached)."""
+    t0 = time.perf_counter()
+    renderer = get_renderer(tokenizer, data_cfg)  # checks pad != eos and the prompt style first
+    path = None
+    if data_cfg.cache:
+        path = _cache_dir() / f"{cache_key(data_cfg, tokenizer, seed)}.npz"
+        if path.is_file():
+            hit = _load_cache(path)
+            if hit is not None:
+                hit.stats.seconds = time.perf_counter() - t0
+                return hit
+    stats = DataStats(seq_len=data_cfg.seq_len)
+    src, train_c, train_w, val_c, val_w = _load(data_cfg, seed, stats)
+    if not train_c:
+        raise UsageError(f"{src.name}: no usable rows after filtering ({_drop_summary(stats)})")
+    ids, labels, lens = _tokenize_all(train_c, train_w, renderer, data_cfg, stats, progress, "train")
+    v_ids, v_labels, v_lens = _tokenize_all(val_c, val_w, renderer, data_cfg, stats, progress, "val")
+    if not len(lens):
+        raise UsageError(f"{src.name}: no usable examples after tokenization ({_drop_summary(stats)})")
+    train = PackedUnits.build(ids, labels, lens, data_cfg.seq_len, data_cfg.packing)
+    val = PackedUnits.build(v_ids, v_labels, v_lens, data_cfg.seq_len, data_cfg.packing)
+    stats.examples, stats.val_examples, stats.units = len(lens), len(v_lens), len(train)
+    stats.tokens = int(lens.sum())
+    stats.trained_tokens = int((labels != IGNORE).sum())
+    stats.packing_efficiency = packing_efficiency(train, data_cfg.seq_len)
+    bundle = DataBundle(train, val, stats)
+    if path is not None:
+        try:
+            _save_cache(path, bundle)
+        except OSError:  # a read-only cache must not stop training
+            pass
+    stats.seconds = time.perf_counter() - t0
+    return bundle

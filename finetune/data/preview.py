@@ -1,0 +1,87 @@
+"""`finetune data recipe=... [n=3]`: look at the training data before spending GPU hours.
+
+Shows n rendered examples with the trained tokens highlighted, then the statistics: rows
+loaded, rows dropped per reason, tokens, trained-token fraction, truncation, packing efficiency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from finetune.errors import UsageError
+
+
+@dataclass
+class Args:
+    recipe: Optional[str] = None
+    """Recipe whose data section to preview (name from recipes/ or a path); data.* keys override it."""
+    n: int = 3
+    """How many rendered training examples to show."""
+
+
+def load_tokenizer(cfg):
+    """The recipe's tokenizer via finetune.model (pad token fixed there); tiny fallback otherwise."""
+    try:
+        from finetune.model import load_tokenizer as model_load_tokenizer
+    except ImportError:
+        model_load_tokenizer = None
+    if model_load_tokenizer is not None:
+        return model_load_tokenizer(cfg.model)
+    if cfg.model.name == "tiny":
+        from transformers import AutoTokenizer
+
+        from finetune.tiny import tiny_model_dir
+
+        return AutoTokenizer.from_pretrained(tiny_model_dir())
+    raise UsageError(f"cannot load the tokenizer of '{cfg.model.name}': finetune.model is not available")
+
+
+def _show_example(console, tokenizer, ids: list[int], labels: list[int], title: str) -> None:
+    from rich.panel import Panel
+    from rich.text import Text
+
+    text = Text()
+    # Decode runs of equal trainedness together so multi-byte characters stay whole.
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] != -100) != (labels[start] != -100):
+            piece = tokenizer.decode(ids[start:i], skip_special_tokens=False)
+            text.append(piece, style="bold green" if labels[start] != -100 else "dim")
+            start = i
+    console.print(Panel(text, title=title, title_align="left", subtitle="[bold green]trained[/] / [dim]context[/]"))
+
+
+def run(args: Args, cfg) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from finetune.data.pipeline import prepare
+
+    if args.n < 0:
+        raise UsageError(f"n must be >= 0, got {args.n}")
+    console = Console()
+    tokenizer = load_tokenizer(cfg)
+    bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=cfg.output.progress)
+    shown = 0
+    for unit in bundle.train:
+        pos = unit["position_ids"]
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in zip(starts, starts[1:]):
+            if shown >= args.n:
+                break
+            trained = sum(1 for x in unit["labels"][a:b] if x != -100)
+            _show_example(console, tokenizer, unit["input_ids"][a:b], unit["labels"][a:b],
+                          f"example {shown + 1}: {b - a} tokens, {trained} trained")
+            shown += 1
+        if shown >= args.n:
+            break
+    table = Table(title="data statistics", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for k, v in bundle.stats.rows():
+        table.add_row(k, v)
+    console.print(table)
+    if bundle.stats.cached:
+        console.print("[dim](tokenized data read from cache; data.cache=false recomputes it)[/]")
+    return 0

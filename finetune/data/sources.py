@@ -1,0 +1,214 @@
+"""Where rows come from: a dataset card, a hub id, or local json/jsonl/parquet/csv files or a folder.
+
+Local JSON and JSON Lines are parsed with the json module rather than `datasets`: Arrow needs one
+schema per column, so a single malformed row (a conversation that is a string, a number where
+text belongs) makes `datasets` fail the whole file with an error that names neither file nor
+line. Here each row stays a Python object, bad ones are counted by the format adapters, and a
+broken JSONL line is reported with its line number. Parquet, CSV and the hub go through `datasets`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from finetune.errors import FinetuneError, UsageError
+
+EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Source:
+    """A resolved data source: either local files or a hub dataset, plus how to read its rows."""
+
+    format: str
+    files: list[Path] = field(default_factory=list)
+    hub_id: Optional[str] = None
+    split: str = "train"
+    subset: Optional[str] = None
+    revision: Optional[str] = None
+    data_files: Any = None
+    columns: dict = field(default_factory=dict)
+    roles: dict = field(default_factory=dict)
+    name: str = ""
+
+    def fingerprint(self) -> str:
+        """Content hash of local files, or hub id + revision: the data part of the cache key."""
+        h = hashlib.sha256()
+        if self.hub_id:
+            h.update(json.dumps([self.hub_id, self.revision, self.split, self.subset, self.data_files],
+                                sort_keys=True, default=str).encode())
+        for f in self.files:
+            h.update(str(f.name).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+
+@dataclass
+class Rows:
+    """Raw rows with where each came from ('file.jsonl line 7'), and rows lost before parsing."""
+
+    rows: list = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    broken: list[tuple[str, str]] = field(default_factory=list)  # (where, message): unparseable JSONL lines
+
+
+def read_card(name: str) -> tuple[dict, Path]:
+    from finetune.config import find_resource, read_yaml_mapping
+
+    path = find_resource("datasets", name)
+    card = read_yaml_mapping(path, "dataset card")
+    known = {"name", "description", "source", "format", "split", "subset", "revision", "data_files", "columns",
+             "roles", "license", "val_source", "homepage", "citation", "notes", "system_prompt"}
+    unknown = sorted(set(card) - known)
+    if unknown:
+        raise UsageError(f"dataset card {path}: unknown key '{unknown[0]}' (expected one of {', '.join(sorted(known))})")
+    if "source" not in card:
+        raise UsageError(f"dataset card {path}: missing 'source' (a hub id or a path relative to the card)")
+    return card, path
+
+
+def _local_or_hub(spec: str, base: Optional[Path], split: str = "train") -> tuple[list[Path], Optional[str]]:
+    p = Path(os.path.expanduser(spec))
+    if not p.is_absolute() and base is not None and (base / p).exists():
+        p = base / p
+    if p.exists():
+        return _files_of(p, split), None
+    if HUB_ID.match(spec) and Path(spec).suffix.lower() not in EXTENSIONS and not spec.startswith("."):
+        return [], spec
+    raise UsageError(f"data path not found: {spec}")
+
+
+def _files_of(p: Path, split: str = "train") -> list[Path]:
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"cannot read data {p}: permission denied")
+    if p.is_file():
+        if p.suffix.lower() not in EXTENSIONS:
+            raise UsageError(f"data file {p}: unsupported type '{p.suffix}' (expected {', '.join(EXTENSIONS)})")
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
+    split_files = [f for f in files if f.stem.startswith(split) or f.parent.name == split]
+    files = split_files or files
+    if not files:
+        raise UsageError(f"data folder {p} has no {'/'.join(EXTENSIONS)} files")
+    return files
+
+
+def resolve(data_cfg, val: bool = False) -> Source:
+    """DataConfig (+ its card) -> Source. With val=True, the source for data.val_path."""
+    card, card_path = ({}, None)
+    if data_cfg.card:
+        card, card_path = read_card(data_cfg.card)
+    spec = data_cfg.val_path if val else (data_cfg.path or card.get("source"))
+    if not spec:
+        raise UsageError("no data given: set data.card (a dataset card) or data.path (a file, folder or hub id)")
+    base = card_path.parent if card_path is not None and not (val or data_cfg.path) else Path.cwd()
+    split = card.get("split", data_cfg.split) if data_cfg.split == "train" else data_cfg.split
+    files, hub_id = _local_or_hub(str(spec), base, split)
+    fmt = data_cfg.format or card.get("format")
+    if not fmt:
+        raise UsageError(f"data.format is not set and {'card ' + str(card_path) if card_path else 'there is no card'} "
+                         "names none (alpaca, sharegpt, messages, text, prompt_completion)")
+    return Source(format=fmt, files=files, hub_id=hub_id, split=split,
+                  subset=data_cfg.subset or card.get("subset"), revision=data_cfg.revision or card.get("revision"),
+                  data_files=card.get("data_files") if not data_cfg.path else None,
+                  columns={**(card.get("columns") or {}), **(data_cfg.columns or {})},
+                  roles={**(card.get("roles") or {}), **(data_cfg.roles or {})},
+                  name=hub_id or (str(files[0]) if len(files) == 1 else str(spec)))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise UsageError(f"cannot read data {path}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"data file {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read data {path}: {e.strerror}") from None
+
+
+def _read_jsonl(path: Path, text: str, out: Rows, strict: bool) -> None:
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if strict:
+                raise UsageError(f"{path} line {n} col {e.colno}: invalid JSON ({e.msg})") from None
+            out.broken.append((f"{path} line {n}", e.msg))
+            continue
+        out.rows.append(row)
+        out.where.append(f"{path} line {n}")
+
+
+def _read_json(path: Path, out: Rows, strict: bool) -> None:
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _read_jsonl(path, text, out, strict)  # JSON Lines saved as .json
+        raise UsageError(f"{path} line {e.lineno} col {e.colno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UsageError(f"{path}: expected a JSON list of rows (or an object holding one list), got an object")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UsageError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    out.rows.extend(data)
+    out.where.extend(f"{path} row {i + 1}" for i in range(len(data)))
+
+
+def _read_with_datasets(path: Path, kind: str, out: Rows) -> None:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:
+        raise UsageError(f"cannot read {kind} file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    rows = ds.to_list()
+    out.rows.extend(rows)
+    out.where.extend(f"{path} row {i + 1}" for i in range(len(rows)))
+
+
+def _read_hub(src: Source, out: Rows) -> None:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.hub_id, name=src.subset, split=src.split, revision=src.revision,
+                                   data_files=src.data_files)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"cannot load dataset '{src.hub_id}' (split {src.split}) from the hub: {msg[:200]}") from None
+    rows = ds.to_list()
+    out.rows.extend(rows)
+    out.where.extend(f"{src.hub_id} row {i + 1}" for i in range(len(rows)))
+
+
+def load_rows(src: Source, strict: bool = False) -> Rows:
+    out = Rows()
+    if src.hub_id:
+        _read_hub(src, out)
+        return out
+    for f in src.files:
+        kind = EXTENSIONS[f.suffix.lower()]
+        if not os.access(f, os.R_OK):
+            raise UsageError(f"cannot read data {f}: permission denied")
+        if kind == "json":
+            _read_json(f, out, strict)
+        elif kind == "jsonl":
+            _read_jsonl(f, _read_text(f), out, strict)
+        else:
+            _read_with_datasets(f, kind, out)
+    return out

@@ -1,0 +1,167 @@
+"""What `models=[base, out/a/final, merged/, ...]` means, and loading each one for inference.
+
+`base` is the base model of the adapters given (they must share one); an adapter loads on its own
+base; anything else with a config.json (merged model, assembled MoE) or a hub id/alias loads as a
+plain transformers model. Column names are short and unique: "base", then parent/name of each dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from finetune.errors import UsageError
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    """Column name in the scorecard."""
+    path: str
+    """Directory or hub id that is loaded (for an adapter: the adapter dir)."""
+    kind: str
+    """base, adapter or model (merged / MoE / any full checkpoint)."""
+    base: Optional[str] = None
+    """For an adapter: the base it was trained on (adapter_config.json)."""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "kind": self.kind, "base": self.base}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _resolve_name(name: str) -> str:
+    """An alias/hub id/dir -> what loads it; local dirs become absolute so bases compare equal."""
+    p = Path(os.path.expanduser(name))
+    if p.is_dir():
+        return str(p.resolve())
+    from finetune.model import resolve_model_path
+
+    resolved = str(resolve_model_path(name))
+    rp = Path(resolved)
+    return str(rp.resolve()) if rp.is_dir() else resolved
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    cfg_path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read adapter config {cfg_path}: {e}") from None
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{cfg_path} does not name its base model (base_model_name_or_path); "
+                         f"pass base_model=NAME")
+    return str(base)
+
+
+def resolve_checkpoints(models: list[str], base_model: Optional[str] = None) -> list[Checkpoint]:
+    if not models:
+        raise UsageError("models is empty: give e.g. models=[base,out/run/final]")
+    ckpts: list[Checkpoint] = []
+    for entry in models:
+        entry = str(entry)
+        if entry == "base":
+            ckpts.append(Checkpoint("base", "", "base"))
+            continue
+        p = Path(os.path.expanduser(entry))
+        if p.is_dir():
+            if (p / "adapter_config.json").is_file():
+                ckpts.append(Checkpoint("", str(p.resolve()), "adapter", _resolve_name(adapter_base(p))))
+            elif (p / "config.json").is_file():
+                ckpts.append(Checkpoint("", str(p.resolve()), "model"))
+            else:
+                raise UsageError(f"checkpoint {entry} has neither adapter_config.json (an adapter) nor "
+                                 f"config.json (a model)")
+        elif p.exists():
+            raise UsageError(f"checkpoint {entry} is a file; give the checkpoint directory")
+        elif entry.startswith(("/", ".", "~")) or entry.count("/") > 1 or not (_HUB_ID.match(entry) or "/" not in entry):
+            raise UsageError(f"checkpoint not found: {entry} (no such directory)")
+        else:
+            ckpts.append(Checkpoint(entry, _resolve_name(entry), "model"))
+
+    adapters = [c for c in ckpts if c.kind == "adapter"]
+    bases = {c.base for c in adapters}
+    if base_model is not None:
+        want = _resolve_name(base_model)
+        for c in adapters:
+            if c.base != want:
+                raise UsageError(f"adapter {c.path} was trained on {c.base}, not base_model={base_model}")
+        base = want
+    elif len(bases) > 1:
+        a, b = adapters[0], next(c for c in adapters if c.base != adapters[0].base)
+        raise UsageError(f"the adapters have different base models ({a.path} -> {a.base}; {b.path} -> {b.base}); "
+                         f"evaluate them in separate runs")
+    else:
+        base = next(iter(bases), None)
+    for c in ckpts:
+        if c.kind == "base":
+            if base is None:
+                raise UsageError("'base' means the base model of the adapters given, but models= has no adapter; "
+                                 "add one or name the model itself (e.g. models=[tiny,...]) or set base_model=")
+            c.path = base
+    _name_columns(ckpts)
+    return ckpts
+
+
+def _name_columns(ckpts: list[Checkpoint]) -> None:
+    """'base', then parent/name of each dir (more parents only where needed to be unique)."""
+    def label(c: Checkpoint, depth: int) -> str:
+        if c.kind == "base":
+            return "base"
+        if c.name:  # a hub id or alias: as the user wrote it
+            return c.name
+        parts = Path(c.path).parts
+        return "/".join(parts[-depth:]) if Path(c.path).is_absolute() else c.path
+
+    depth = {id(c): 2 for c in ckpts}
+    for _ in range(8):
+        names = [label(c, depth[id(c)]) for c in ckpts]
+        dup = {n for n in names if names.count(n) > 1}
+        if not dup:
+            break
+        for c, n in zip(ckpts, names):
+            if n in dup and c.kind != "base":
+                depth[id(c)] += 1
+    seen: dict[str, int] = {}
+    for c in ckpts:
+        n = label(c, depth[id(c)])
+        seen[n] = seen.get(n, 0) + 1
+        c.name = n if seen[n] == 1 else f"{n}#{seen[n]}"
+
+
+def check_adapters_fit(ckpts: list[Checkpoint]) -> None:
+    """Fail before any scoring when an adapter's tensors do not fit its base (shapes checked on a
+    weightless meta-device copy of the base, so this costs no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finetune.model import check_adapter_fits
+
+    skeletons: dict[str, torch.nn.Module] = {}
+    for c in ckpts:
+        if c.kind != "adapter":
+            continue
+        if c.base not in skeletons:
+            try:
+                config = AutoConfig.from_pretrained(c.base)
+                with torch.device("meta"):
+                    skeletons[c.base] = AutoModelForCausalLM.from_config(config)
+            except Exception:  # noqa: BLE001 - unusual architectures: the full load checks it later
+                continue
+        check_adapter_fits(c.path, skeletons[c.base], c.base)
+
+
+def load(ckpt: Checkpoint, device: str, dtype):
+    """(model in eval mode, tokenizer) for one checkpoint: finetune.model.load_for_inference, which
+    puts an adapter on its base after the same fit check."""
+    from finetune.model import load_for_inference
+
+    model, tok = load_for_inference(ckpt.path, dtype=dtype, device=device)
+    model.eval()
+    return model, tok

@@ -1,0 +1,242 @@
+"""`finetune eval`: score base models, adapters, merged and MoE checkpoints on one suite.
+
+    finetune eval suite=tiny models=[base,out/tiny-lora/final] out_dir=out/eval
+
+Models are evaluated one at a time (only one is in memory); each runs every task of the suite.
+Writes out_dir/scores.json, scores.md, scores.png and generations/<model>.jsonl.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from finetune.config import Config, DataConfig
+from finetune.errors import FinetuneError, UsageError
+
+
+@dataclass
+class Args:
+    suite: Optional[str] = None
+    """Eval suite: a name from eval/ (tiny, demo, alpaca-heldout, ...) or a path to a suite YAML."""
+    models: list[str] = field(default_factory=lambda: ["base"])
+    """Checkpoints to compare, as columns: base (the adapters' base model), adapter dirs, merged or
+    MoE model dirs, hub ids or aliases. E.g. [base,out/run/final,out/merged]."""
+    out_dir: str = "out/eval"
+    """Where scores.json, scores.md, scores.png and generations/ go."""
+    recipe: Optional[str] = None
+    """Training recipe whose data settings (system_prompt, prompt_style) render the prompts, so
+    they match training; data.* keys can be overridden too."""
+    base_model: Optional[str] = None
+    """The base model, when it cannot be read from an adapter (or to check adapters against it)."""
+    data: Optional[str] = None
+    """Replace every task's data: a local file (e.g. ../shared/data/alpaca/alpaca_cleaned_1000.json)
+    or a dataset card; the task's format applies."""
+    n: Optional[int] = None
+    """Use at most this many rows per task."""
+    max_new_tokens: Optional[int] = None
+    """Override the suite's generation length."""
+    batch_size: Optional[int] = None
+    """Override the batch size of loss, choice and generation batches."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda, cuda:1, ..."""
+    dtype: str = "auto"
+    """auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
+    overwrite: bool = False
+    """Allow writing into an out_dir that already holds a scorecard."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def run(args: Args, cfg: Optional[Config] = None) -> int:
+    if not args.suite:
+        from finetune.config import list_resources
+        raise UsageError(f"no suite given: finetune eval suite=NAME models=[...]; suites: "
+                         f"{', '.join(list_resources('eval'))}")
+    evaluate(args.suite, args.models, args.out_dir, data_cfg=cfg.data if cfg is not None else None,
+             base_model=args.base_model, data=args.data, n=args.n, max_new_tokens=args.max_new_tokens,
+             batch_size=args.batch_size, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+             show=args.progress, seed=cfg.train.seed if cfg is not None else 42)
+    return 0
+
+
+def run_suite_after_training(suite: str, adapter_dir, out_dir, cfg: Optional[Config] = None) -> dict:
+    """Score base vs the freshly trained adapter (the recipe's eval.suite) into out_dir.
+
+    Prompts are rendered with the recipe's data settings; eval.max_new_tokens sets the length.
+    """
+    return evaluate(suite, ["base", str(adapter_dir)], out_dir,
+                    data_cfg=cfg.data if cfg is not None else None,
+                    max_new_tokens=cfg.eval.max_new_tokens if cfg is not None else None,
+                    device="cpu" if cfg is not None and cfg.accelerator == "cpu" else "auto",
+                    seed=cfg.train.seed if cfg is not None else 42)
+
+
+def _device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={device} but no CUDA device is available; use device=cpu")
+    if dtype == "auto":
+        # bf16 matmuls on CPU are very slow; fp32 there.
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else (
+            "float16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    return device, getattr(torch, dtype)
+
+
+def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[DataConfig] = None,
+             base_model: Optional[str] = None, data: Optional[str] = None, n: Optional[int] = None,
+             max_new_tokens: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
+             dtype: str = "auto", overwrite: bool = False, show: bool = True, seed: int = 42) -> dict:
+    """Run a suite on several checkpoints and write the scorecard; returns scores.json's content."""
+    from finetune.eval.checkpoints import check_adapters_fit, resolve_checkpoints
+    from finetune.eval.scorecard import build_scorecard, write_scorecard
+    from finetune.eval.suites import load_suite
+
+    suite = load_suite(suite_name, data=data, n=n, max_new_tokens=max_new_tokens)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        for t in suite.tasks:
+            t.batch_size = t.generation.batch_size = batch_size
+    ckpts = resolve_checkpoints(list(models), base_model)
+    check_adapters_fit(ckpts)
+    out = Path(out_dir)
+    if (out / "scores.json").exists() and not overwrite:
+        raise UsageError(f"{out} already holds a scorecard; pick another out_dir or pass overwrite=true")
+    device, torch_dtype = _device_dtype(device, dtype)
+    if any(t.lm_eval for t in suite.tasks):
+        from finetune.eval.lm_eval_bridge import require_lm_eval
+        require_lm_eval()
+
+    from finetune.eval.prompting import load_examples, task_data_config
+
+    # Data is read once, before any model loads: a bad file fails fast.
+    task_cfgs = {t.name: task_data_config(t, data_cfg) for t in suite.tasks if not t.lm_eval}
+    examples = {t.name: load_examples(t, task_cfgs[t.name], seed) for t in suite.tasks if not t.lm_eval}
+    tasks_info = {t.name: {"n": len(examples[t.name]) if t.name in examples else t.n,
+                           "data": t.lm_eval or str(t.data_path or t.data), "metrics": t.metrics}
+                  for t in suite.tasks}
+
+    gen_dir = out / "generations"
+    scores: dict[str, dict[str, float]] = {}
+    timings: dict[str, float] = {}
+    for ck in ckpts:
+        t0 = time.perf_counter()
+        if show:
+            print(f"[eval] {ck.name}: loading {ck.kind} {ck.path}", flush=True)
+        model, tok = _load(ck, device, torch_dtype)
+        scores[ck.name] = {}
+        records: list[dict] = []
+        for task in suite.tasks:
+            if task.lm_eval:
+                from finetune.eval.lm_eval_bridge import run_lm_eval_task
+                res = run_lm_eval_task(model, tok, task, device=device, show=show)
+                scores[ck.name].update({f"{task.name}/{k}": v for k, v in res.items()})
+                continue
+            s, recs = score_task(model, tok, task, examples[task.name], task_cfgs[task.name], show=show)
+            scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
+            records += recs
+        if records:
+            gen_dir.mkdir(parents=True, exist_ok=True)
+            with open(gen_dir / f"{_file_name(ck.name)}.jsonl", "w") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        timings[ck.name] = round(time.perf_counter() - t0, 2)
+        del model
+        _free(device)
+
+    card = build_scorecard(suite, [c.to_dict() for c in ckpts], scores, tasks_info)
+    card["seconds"] = timings
+    card["device"], card["dtype"] = device, str(torch_dtype).replace("torch.", "")
+    paths = write_scorecard(card, out, show=show)
+    if show:
+        print(f"[eval] wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}"
+              + (f" and {gen_dir}/" if gen_dir.exists() else ""), flush=True)
+    return card
+
+
+def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple[dict, list[dict]]:
+    """One task on one loaded model: aggregate scores and per-example records."""
+    import math
+
+    from finetune.eval import generate as G
+    from finetune.eval.metrics import GENERATION_METRICS, perplexity, score_generations
+    from finetune.eval.prompting import loss_ids, prompt_ids
+
+    scores: dict[str, float] = {}
+    records = [{"task": task.name, "index": i, "id": ex.id, "prompt": ex.messages[-1]["content"] if ex.messages else "",
+                "answer": ex.answer} for i, ex in enumerate(examples)]
+    records = [{k: v for k, v in r.items() if v is not None} for r in records]
+    if any(m in task.metrics for m in ("loss", "perplexity")):
+        seqs = [loss_ids(ex, tok, data_cfg) for ex in examples]
+        nll = G.sequence_nll(model, seqs, G.pad_id_of(tok), task.batch_size, desc=f"{task.name} loss", show=show)
+        total, count = sum(s for s, _ in nll), sum(c for _, c in nll)
+        if count == 0:
+            raise FinetuneError(f"task '{task.name}': no answer tokens to measure loss on (all truncated?)")
+        mean = total / count  # token-weighted, as in training
+        if "loss" in task.metrics:
+            scores["loss"] = mean
+        if "perplexity" in task.metrics:
+            scores["perplexity"] = perplexity(mean)
+        for r, (s, c) in zip(records, nll):
+            r["loss"] = round(s / c, 5) if c else None
+    prompts = None
+    gen_metrics = [m for m in task.metrics if m in GENERATION_METRICS]
+    if gen_metrics:
+        prompts = [prompt_ids(ex, tok, data_cfg) for ex in examples]
+        outs = G.generate(model, tok, prompts, task.generation, desc=f"{task.name} generate", show=show)
+        agg, per = score_generations(gen_metrics, outs, examples)
+        scores.update(agg)
+        for r, o, p in zip(records, outs, per):
+            r["output"] = o
+            r.update(p)
+    if "choice" in task.metrics:
+        mc = [(i, ex) for i, ex in enumerate(examples) if ex.choices]
+        if not mc:
+            raise UsageError(f"task '{task.name}': metric 'choice' needs rows with 'choices'")
+        prompts_mc = [prompt_ids(ex, tok, data_cfg) for _, ex in mc]
+        lps = G.choice_logprobs(model, tok, prompts_mc, [ex.choices for _, ex in mc], task.batch_size, show=show)
+        right = 0
+        for (i, ex), lp in zip(mc, lps):
+            pred = max(range(len(lp)), key=lambda k: lp[k])
+            right += pred == ex.answer_index
+            records[i].update(choice_logprobs=[round(x, 4) for x in lp], choice_pred=pred,
+                              choice_correct=pred == ex.answer_index)
+        scores["choice"] = 100.0 * right / len(mc)
+    for k, v in scores.items():
+        if isinstance(v, float) and math.isnan(v):
+            raise FinetuneError(f"task '{task.name}': {k} is NaN (the model produced NaN logits)")
+    return scores, records
+
+
+def _load(ck, device, dtype):
+    from finetune.eval.checkpoints import load
+
+    try:
+        return load(ck, device, dtype)
+    except FinetuneError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load checkpoint {ck.name} ({ck.path}): {first}") from None
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "_", name).strip("_") or "model"
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.empty_cache()

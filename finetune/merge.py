@@ -1,0 +1,368 @@
+"""`finetune merge`: fold one LoRA adapter into its base, or combine several adapters into one.
+
+    finetune merge adapter=DIR out_dir=OUT [dtype=auto|bf16|fp16|fp32]
+    finetune merge adapters=[A,B] weights=[0.5,0.5] method=ties density=0.5 out_dir=OUT
+
+Merging into the base always loads the base unquantized and merges in fp32: a QLoRA adapter was
+trained against NF4 weights, but folding its delta into 4-bit storage would re-quantize (and lose)
+it, so the delta goes into the full-precision base and only the result is cast to `dtype`.
+The output is a plain transformers checkpoint (sharded safetensors + config + tokenizer +
+generation config) that `AutoModelForCausalLM.from_pretrained` loads with no project code.
+
+Combining uses peft's `add_weighted_adapter` unchanged; this module only checks up front what peft
+would otherwise report late or vaguely (ranks, bases, target modules) and writes a PEFT adapter dir.
+
+Outputs are written to a temporary sibling directory and renamed into place, so an interrupted
+merge never leaves a half-written checkpoint under `out_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from finetune.errors import FinetuneError, UsageError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+METHODS = ["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+           "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
+# peft requires one common rank for these (it sums lora_A/lora_B factors directly).
+EQUAL_RANK_METHODS = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
+DENSITY_METHODS = {m for m in METHODS if m.startswith(("ties", "dare", "magnitude"))}
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+
+
+@dataclass
+class Args:
+    adapter: Optional[str] = None
+    """Adapter directory to merge into its base (writes a full model)."""
+    adapters: Optional[list[str]] = None
+    """Several adapter directories to combine into one new adapter (writes a PEFT adapter)."""
+    weights: Optional[list[float]] = None
+    """Weight per adapter when combining (default 1.0 each; negative subtracts)."""
+    method: str = "linear"
+    """Combination method (peft add_weighted_adapter): linear, cat, svd, ties, ties_svd, dare_linear,
+    dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd."""
+    density: Optional[float] = None
+    """Fraction of delta entries kept, in (0, 1]; needed by ties*, dare* and magnitude_prune*."""
+    svd_rank: Optional[int] = None
+    """Rank of the combined adapter for *svd methods (default: the largest input rank)."""
+    majority_sign_method: str = "total"
+    """ties/dare_ties sign election: total or frequency."""
+    seed: int = 0
+    """Seed for the random pruning of dare* methods."""
+    dtype: str = "auto"
+    """Dtype of the merged model: auto (the base's), bf16, fp16 or fp32. Merging itself runs in fp32."""
+    max_shard_size: str = "2GB"
+    """Largest safetensors shard of the merged model."""
+    out_dir: str = "out/merged"
+    """Where the merged model or combined adapter is written."""
+    overwrite: bool = False
+    """Write into an existing non-empty out_dir (files with the same names are replaced, others kept)."""
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def resolve_model_path(name: str) -> str:
+    """A base model reference -> something from_pretrained accepts (local dir or hub id).
+
+    Stand-in until finetune.model.resolve_model_path exists; keep the two in step.
+    """
+    try:
+        from finetune.model import resolve_model_path as shared  # helper B's loader, when present
+    except ImportError:
+        shared = None
+    if shared is not None:
+        return str(shared(name))
+    if name == "tiny":
+        from finetune.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    p = Path(os.path.expanduser(name))
+    if p.is_dir():
+        return str(p.resolve())
+    if p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise UsageError(f"base model directory not found: {name}")
+    return name  # a hub id; transformers resolves it (or fails with its own message)
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """adapter_config.json of a PEFT adapter dir, with one-line errors for each way it is wrong."""
+    d = Path(os.path.expanduser(adapter_dir))
+    if not d.is_dir():
+        raise UsageError(f"adapter directory not found: {adapter_dir}")
+    f = d / "adapter_config.json"
+    if not f.is_file():
+        raise UsageError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+    if not any((d / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UsageError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read {f}: {e}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UsageError(f"{adapter_dir}: only LoRA adapters can be merged, got peft_type {cfg.get('peft_type')}")
+    if not cfg.get("base_model_name_or_path"):
+        raise UsageError(f"{f} has no base_model_name_or_path")
+    return cfg
+
+
+def adapter_base_path(adapter_dir: str) -> str:
+    return resolve_model_path(read_adapter_config(adapter_dir)["base_model_name_or_path"])
+
+
+def torch_dtype(name: str, base_config=None):
+    import torch
+
+    if name == "auto":
+        d = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None) or "float32"
+        return d if isinstance(d, torch.dtype) else getattr(torch, str(d).replace("torch.", ""))
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype '{name}'{did_you_mean(name, ['auto', 'bf16', 'fp16', 'fp32'])}")
+    return getattr(torch, DTYPES[name])
+
+
+def load_base_full_precision(path: str):
+    """The base in fp32 on CPU, never quantized: merges must not round through 4-bit storage."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise UsageError(f"base {path} is stored quantized; merging needs its full-precision weights")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=None)
+
+
+def copy_tokenizer(dest: Path, *sources: str) -> str:
+    """Save the first loadable tokenizer among `sources` (an adapter dir first, then the base)."""
+    from transformers import AutoTokenizer
+
+    for src in sources:
+        if not src or (Path(src).is_dir() and not (Path(src) / "tokenizer_config.json").is_file()):
+            continue
+        try:
+            AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+            return src
+        except (OSError, ValueError) as e:
+            log.warning("tokenizer in %s not usable (%s); trying the next source", src, e)
+    raise FinetuneError(f"no tokenizer found in {', '.join(map(str, sources))}")
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> Path:
+    out = Path(os.path.expanduser(out_dir))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out_dir {out_dir} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"out_dir {out_dir} is not empty; pass overwrite=true or choose another out_dir")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_out_dir(out_dir: str, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp dir next to out_dir; on success it becomes out_dir (rename), else it is removed.
+
+    With overwrite into an existing dir, files are moved in one by one (same names replaced, any
+    other user files left alone) since a directory cannot be atomically swapped over a non-empty one.
+    """
+    out = check_out_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if not out.exists() or not any(out.iterdir()):
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+            return
+        stale = sorted(p.name for p in out.iterdir() if not (tmp / p.name).exists())
+        for item in tmp.iterdir():
+            target = out / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        tmp.rmdir()
+        if stale:
+            log.warning("out_dir %s keeps files not written by this merge: %s", out, ", ".join(stale))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- merge into base
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
+                  max_shard_size: str = "2GB") -> Path:
+    """Merge one LoRA adapter into its full-precision base and save a standalone checkpoint."""
+    from peft import PeftModel
+
+    check_out_dir(out_dir, overwrite)
+    base_path = adapter_base_path(adapter_dir)
+    base = load_base_full_precision(base_path)
+    out_dtype = torch_dtype(dtype, base.config)
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    merged = model.merge_and_unload(safe_merge=True)
+    merged.to(out_dtype)
+    merged.config.dtype = out_dtype
+    with atomic_out_dir(out_dir, overwrite) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        copy_tokenizer(tmp, adapter_dir, base_path)
+    log.info("merged %s into %s -> %s", adapter_dir, base_path, out_dir)
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- combine adapters
+
+
+def _lora_shapes(adapter_dir: str) -> dict[str, tuple[int, int, int]]:
+    """module path -> (rank, in_features, out_features), read from the adapter's tensors."""
+    d = Path(adapter_dir)
+    if (d / "adapter_model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(d / "adapter_model.safetensors", "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        import torch
+
+        shapes = {k: tuple(v.shape) for k, v in torch.load(d / "adapter_model.bin", map_location="cpu").items()}
+    out: dict[str, list] = {}
+    for key, shape in shapes.items():
+        for part, idx in ((".lora_A.", 0), (".lora_B.", 1)):
+            if part in key:
+                mod = key.split(part)[0]
+                out.setdefault(mod, [None, None])[idx] = shape
+    res = {}
+    for mod, (a, b) in out.items():
+        if a is not None and b is not None:
+            res[mod] = (a[0], a[1], b[0])  # lora_A: (r, in), lora_B: (out, r)
+    return res
+
+
+def check_combinable(adapters: list[str], method: str) -> list[dict]:
+    """Refuse combinations peft would reject late or silently get wrong; return the configs."""
+    if len(adapters) < 2:
+        raise UsageError(f"adapters= needs at least 2 adapter directories, got {len(adapters)}")
+    cfgs = [read_adapter_config(a) for a in adapters]
+    bases = [resolve_model_path(c["base_model_name_or_path"]) for c in cfgs]
+    if len(set(bases)) > 1:
+        pairs = ", ".join(f"{a} -> {b}" for a, b in zip(adapters, bases))
+        raise UsageError(f"adapters are on different base models: {pairs}")
+    shapes = [_lora_shapes(a) for a in adapters]
+    modules = [set(s) for s in shapes]
+    if any(m != modules[0] for m in modules[1:]):
+        i = next(i for i, m in enumerate(modules) if m != modules[0])
+        only0 = sorted(modules[0] - modules[i])[:3]
+        onlyi = sorted(modules[i] - modules[0])[:3]
+        raise UsageError(f"adapters target different modules: {adapters[0]} has {only0 or 'no extra'}, "
+                         f"{adapters[i]} has {onlyi or 'no extra'} that the other lacks")
+    for mod in modules[0]:
+        dims = {(s[mod][1], s[mod][2]) for s in shapes}
+        if len(dims) > 1:
+            raise UsageError(f"adapters disagree on the shape of {mod} ({sorted(dims)}): not the same base")
+    ranks = [c.get("r") for c in cfgs]
+    patterns = [bool(c.get("rank_pattern")) for c in cfgs]
+    if method in EQUAL_RANK_METHODS and (len(set(ranks)) > 1 or any(patterns)):
+        got = ", ".join(f"r={r} ({a})" for r, a in zip(ranks, adapters))
+        raise UsageError(f"method={method} needs equal LoRA ranks, got {got}; use method=cat or an *svd method")
+    return cfgs
+
+
+def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[float]] = None,
+                     method: str = "linear", density: Optional[float] = None, svd_rank: Optional[int] = None,
+                     majority_sign_method: str = "total", seed: int = 0, overwrite: bool = False) -> Path:
+    """Combine LoRA adapters on one base into a new adapter with peft's add_weighted_adapter."""
+    import torch
+    from peft import PeftModel
+
+    if method not in METHODS:
+        raise UsageError(f"unknown method '{method}'{did_you_mean(method, METHODS)}")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise UsageError(f"weights has {len(weights)} values for {len(adapters)} adapters")
+    if method in DENSITY_METHODS:
+        if density is None:
+            raise UsageError(f"method={method} needs density=... (fraction of delta entries kept, e.g. 0.5)")
+        if not 0.0 < density <= 1.0:
+            raise UsageError(f"density must be in (0, 1], got {density}")
+    if majority_sign_method not in ("total", "frequency"):
+        raise UsageError(f"majority_sign_method must be total or frequency, got '{majority_sign_method}'")
+    check_out_dir(out_dir, overwrite)
+    cfgs = check_combinable(adapters, method)
+    base = load_base_full_precision(resolve_model_path(cfgs[0]["base_model_name_or_path"]))
+    names = [f"a{i}" for i in range(len(adapters))]
+    model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        model.load_adapter(path, adapter_name=name)
+    torch.manual_seed(seed)
+    # Named "default" so save_pretrained writes it at out_dir's top level, not in a subfolder.
+    try:
+        model.add_weighted_adapter(names, weights, "default", combination_type=method, svd_rank=svd_rank,
+                                   density=density, majority_sign_method=majority_sign_method)
+    except ValueError as e:
+        raise UsageError(f"peft refused method={method}: {str(e).splitlines()[0]}") from None
+    with atomic_out_dir(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp, selected_adapters=["default"])
+        cfg_file = tmp / "adapter_config.json"
+        saved = json.loads(cfg_file.read_text())
+        saved["base_model_name_or_path"] = cfgs[0]["base_model_name_or_path"]
+        cfg_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
+        tok_src = next((a for a in adapters if (Path(a) / "tokenizer_config.json").is_file()), None)
+        if tok_src:
+            copy_tokenizer(tmp, tok_src)
+        (tmp / "merge_info.json").write_text(json.dumps(
+            {"adapters": [str(a) for a in adapters], "weights": weights, "method": method, "density": density,
+             "svd_rank": svd_rank, "majority_sign_method": majority_sign_method, "seed": seed}, indent=2))
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def random_lora_adapter(path, base_dir, seed: int = 0, r: int = 4, alpha: int = 8,
+                        target_modules="all-linear", scale: float = 0.05, **lora_kwargs) -> Path:
+    """Save a LoRA adapter with seeded random non-zero lora_B (tests, demos: a fresh adapter is a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base_full_precision(str(base_dir))
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
+                     task_type="CAUSAL_LM", **lora_kwargs)
+    model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (scale if "lora_B" in name else 0.2))
+    model.save_pretrained(path)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run(args: Args, cfg=None) -> int:
+    if bool(args.adapter) == bool(args.adapters):
+        raise UsageError("give exactly one of adapter=DIR (merge into the base) or adapters=[A,B,...] (combine)")
+    if args.adapter:
+        merge_adapter(args.adapter, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                      max_shard_size=args.max_shard_size)
+        print(f"merged model written to {args.out_dir}")
+    else:
+        if args.dtype != "auto":
+            raise UsageError("dtype= applies to adapter= merges; a combined adapter keeps the adapters' dtype")
+        combine_adapters(list(args.adapters), args.out_dir, weights=args.weights, method=args.method,
+                         density=args.density, svd_rank=args.svd_rank,
+                         majority_sign_method=args.majority_sign_method, seed=args.seed, overwrite=args.overwrite)
+        print(f"combined adapter written to {args.out_dir}")
+    return 0

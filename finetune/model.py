@@ -1,0 +1,533 @@
+"""Model and tokenizer loading: base models, bitsandbytes quantization, LoRA via peft, adapters.
+
+Everything goes through transformers' and peft's own loaders so a saved adapter is a standard
+PEFT adapter. This module adds name resolution (aliases, local dirs, hub ids), one-line errors for
+the ways loading fails, and the checks that an adapter fits the base it is put on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from finetune import embedded
+from finetune.config import Config, ModelConfig, QuantConfig
+from finetune.errors import FinetuneError, UsageError
+
+log = logging.getLogger("finetune.model")
+# bitsandbytes' CPU backend logs a warning at import (whoever imports it first: peft does) about an
+# optional hub-downloaded kernel that is never used here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+TINY_ALIAS = "tiny"
+ALIASES = (TINY_ALIAS, embedded.ALIAS)
+
+# Existing tokens that can serve as padding when the tokenizer has none (or pads with eos, which
+# would teach the model to never stop if pad positions ever leak into the labels).
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|fim_pad|>",
+                  "<|reserved_special_token_0|>", "<unk>")
+NEW_PAD = "<|pad|>"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- names and devices
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or (os.name == "nt" and len(name) > 1 and name[1] == ":")
+
+
+def resolve_model_path(name: str, revision: Optional[str] = None) -> str:
+    """An alias, local directory or hub id -> what `from_pretrained` should be given.
+
+    'tiny' -> the on-disk tiny Llama; 'smollm2-135m' -> the hub-cache copy of SmolLM2-135M-Instruct,
+    else the embedded GGUF converted once; a local model directory -> its absolute path; anything
+    else is returned unchanged as a hub id (the hub code path, offline from the hub cache).
+    """
+    name = str(name or "").strip()
+    if not name:
+        raise UsageError("model.name is empty: give a hub id, a local model directory, or an alias "
+                         f"({', '.join(ALIASES)})")
+    key = name.lower()
+    if key == TINY_ALIAS:
+        from finetune.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    if key == embedded.ALIAS:
+        return embedded.hub_cache_dir(revision) or str(embedded.embedded_model_dir())
+    if name == embedded.HUB_ID and embedded.hub_cache_dir(revision) is None:
+        return str(embedded.embedded_model_dir())
+
+    path = Path(name).expanduser()
+    if path.exists() or _looks_local(name):
+        if not path.exists():
+            raise UsageError(f"model path not found: {name}")
+        if not path.is_dir():
+            raise UsageError(f"model {name} is a file; give a model directory (with config.json), a hub id or an alias")
+        if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                raise UsageError(f"{name} is a LoRA adapter, not a base model; use the base it was trained on "
+                                 "(its adapter_config.json says which) or merge it first")
+            raise UsageError(f"model directory {name} has no config.json")
+        return os.path.abspath(path)
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UsageError(f"model '{name}' is neither a local directory, an alias ({', '.join(ALIASES)}) "
+                         "nor a valid hub id") from None
+    return name
+
+
+def default_device(accelerator: str = "auto") -> torch.device:
+    """The torch device for a config's `accelerator` (auto: the current CUDA GPU if any, else CPU)."""
+    acc = (accelerator or "auto").lower()
+    if acc == "cpu":
+        return torch.device("cpu")
+    if acc in ("cuda", "gpu", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if acc == "auto":
+            return torch.device("cpu")
+        raise UsageError(f"accelerator={accelerator} but no CUDA GPU is visible; use accelerator=cpu")
+    if acc == "mps":
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        raise UsageError("accelerator=mps but MPS is not available")
+    raise UsageError(f"unknown accelerator '{accelerator}' (expected auto, cpu, cuda)")
+
+
+def _gpu_half() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def base_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
+    """Dtype of the frozen base weights: fp32 on CPU (bf16 there is pathologically slow) unless the
+    precision is an explicit '*-true' half type; on GPU bf16 (fp16 without bf16 support, fp32 for '32')."""
+    device = torch.device(device)
+    prec = (cfg.precision or "").lower()
+    half = torch.float16 if prec.startswith("16") else torch.bfloat16 if prec.startswith("bf16") else None
+    if device.type == "cpu":
+        return half if half is not None and prec.endswith("-true") else torch.float32
+    if prec.startswith("32") or prec.startswith("64"):
+        return torch.float32
+    if half is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"precision={cfg.precision} but this GPU has no bf16; use precision=16-mixed")
+    return half or _gpu_half()
+
+
+def compute_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
+    """Dtype the quantized layers compute in: quant.compute_dtype, auto = fp32 on CPU, bf16 on GPU."""
+    device = torch.device(device)
+    if cfg.quant.compute_dtype != "auto":
+        return _DTYPES[cfg.quant.compute_dtype]
+    return torch.float32 if device.type == "cpu" else base_dtype(cfg, device)
+
+
+def storage_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
+    """Packed 4-bit storage dtype: auto = the compute dtype under FSDP (so it shards), else uint8."""
+    if cfg.quant.storage_dtype == "auto":
+        return compute_dtype(cfg, device) if cfg.strategy == "fsdp" else torch.uint8
+    return {"uint8": torch.uint8, **_DTYPES}[cfg.quant.storage_dtype]
+
+
+# --------------------------------------------------------------------------- errors from loaders
+
+
+_HUB_USAGE = {
+    "GatedRepoError": "model '{name}' is gated on the hub: accept its license on huggingface.co and log in (hf auth login)",
+    "RepositoryNotFoundError": "model '{name}' not found on the hub and not a local directory",
+    "RevisionNotFoundError": "revision '{revision}' of model '{name}' not found",
+}
+_OFFLINE = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectError", "Timeout",
+            "ConnectTimeout", "ReadTimeout")
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+@contextmanager
+def _loading(name: str, revision: Optional[str] = None):
+    """Turn what transformers raises while loading `name` into one line naming `name`."""
+    try:
+        yield
+    except (FinetuneError, KeyboardInterrupt):
+        raise
+    except OSError as e:
+        names = [type(x).__name__ for x in _chain(e)]
+        for cls, msg in _HUB_USAGE.items():
+            if cls in names:
+                raise UsageError(msg.format(name=name, revision=revision)) from e
+        text = " ".join(str(x) for x in _chain(e)).lower()
+        local = Path(name).is_dir()
+        if not local and (any(n in _OFFLINE for n in names) or "connect" in text or "offline" in text
+                          or "can't load" in text or os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")):
+            raise FinetuneError(f"model '{name}' not found locally and the hub is unreachable") from e
+        raise FinetuneError(f"cannot load model '{name}': {_first_line(e)}") from e
+    except RuntimeError as e:
+        # huggingface_hub can end its retries on a dead network with "client has been closed".
+        text = " ".join(str(x) for x in _chain(e)).lower()
+        if not Path(name).is_dir() and any(w in text for w in ("client has been closed", "connect", "network")):
+            raise FinetuneError(f"model '{name}' not found locally and the hub is unreachable") from e
+        raise
+    except (ValueError, ImportError, KeyError) as e:
+        hint = " (set model.trust_remote_code=true only if you trust its code)" if "trust_remote_code" in str(e) else ""
+        raise UsageError(f"cannot load model '{name}': {_first_line(e)}{hint}") from e
+
+
+def _hub_kwargs(revision: Optional[str], trust_remote_code: bool) -> dict:
+    kw = {}
+    if revision:
+        kw["revision"] = revision
+    if trust_remote_code:  # passed only when on, so a default run never even names it
+        log.warning("model.trust_remote_code=true: running model code shipped with the checkpoint")
+        kw["trust_remote_code"] = True
+    return kw
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def ensure_pad_token(tok) -> Optional[str]:
+    """Make pad a token other than eos, preferring an existing unused special token.
+
+    Returns the token added to the vocabulary when none existed (the model's embeddings must then
+    cover it; `load_model` resizes them if needed), else None.
+    """
+    eos = tok.eos_token_id
+    if tok.pad_token is not None and tok.pad_token_id != eos:
+        return None
+    vocab = tok.get_vocab()
+    for cand in (*PAD_CANDIDATES, tok.unk_token):
+        if cand and cand in vocab and vocab[cand] not in (eos, tok.bos_token_id):
+            tok.pad_token = cand
+            return None
+    tok.add_special_tokens({"pad_token": NEW_PAD})
+    log.warning("tokenizer has no usable pad token: added %s (id %d)", NEW_PAD, tok.pad_token_id)
+    return NEW_PAD
+
+
+def _tokenizer_from(path: str, kw: dict, padding_side: str):
+    from transformers import AutoTokenizer
+
+    with _loading(path, kw.get("revision")):
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    ensure_pad_token(tok)
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_tokenizer(model_cfg: Union[ModelConfig, str], padding_side: str = "right"):
+    """The model's tokenizer with pad != eos; right padding (for training) unless asked otherwise."""
+    if not isinstance(model_cfg, ModelConfig):
+        model_cfg = ModelConfig(name=str(model_cfg))
+    path = resolve_model_path(model_cfg.name, model_cfg.revision)
+    return _tokenizer_from(path, _hub_kwargs(model_cfg.revision, model_cfg.trust_remote_code), padding_side)
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def _import_bnb():
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+_PROBED: dict = {}
+
+
+def _probe_bnb(mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Run one tiny quantized op on `device` so an unsupported setup fails now, in one line."""
+    try:
+        bnb = _import_bnb()
+    except ImportError:
+        raise FinetuneError(f"quant.mode={mode} needs bitsandbytes, which is not installed "
+                            "(pip install bitsandbytes), or use quant.mode=none") from None
+    key = (mode, device.type, dtype)
+    if key in _PROBED:
+        return
+    try:
+        if mode == "nf4":
+            w = torch.randn(64, 64, device=device, dtype=dtype)
+            packed, state = bnb.functional.quantize_4bit(w, quant_type="nf4")
+            bnb.functional.dequantize_4bit(packed, state)
+        else:
+            layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to(device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                layer(torch.randn(2, 64, device=device, dtype=torch.float16))
+    except Exception as e:
+        raise FinetuneError(f"quant.mode={mode} cannot run on {device} with bitsandbytes "
+                            f"{getattr(bnb, '__version__', '?')}: {_first_line(e)}; use quant.mode=none") from e
+    _PROBED[key] = True
+
+
+def bnb_config(quant: Optional[QuantConfig], device: Union[str, torch.device],
+               compute: torch.dtype = torch.float32, storage: torch.dtype = torch.uint8):
+    """transformers BitsAndBytesConfig for `quant` (None for mode none), after probing the device."""
+    if quant is None or quant.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    device = torch.device(device)
+    _probe_bnb(quant.mode, device, compute)
+    if quant.mode == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=quant.double_quant,
+                                  bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)
+    # int8 matmuls cast fp32 inputs to fp16 and warn about it on every call.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def quantized_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the bitsandbytes 4-bit/8-bit linear layers in `model` (empty when not quantized)."""
+    try:
+        bnb = _import_bnb()
+    except ImportError:
+        return []
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _device_map(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return {"": str(device)}
+
+
+def _from_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, quant=None, revision=None,
+                     trust_remote_code=False, attn_implementation: Optional[str] = None):
+    from transformers import AutoModelForCausalLM
+
+    kw = _hub_kwargs(revision, trust_remote_code)
+    kw["dtype"] = dtype
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    if quant is not None:
+        # bitsandbytes places weights while quantizing; device_map is how transformers is told where
+        # (on CPU too: bitsandbytes >= 0.48 runs NF4/int8 there).
+        kw["quantization_config"] = quant
+        kw["device_map"] = _device_map(device)
+    with _loading(path, revision):
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if quant is None and device.type != "cpu":
+        model.to(device)
+    return model
+
+
+def load_base(name_or_path: str, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+              quant: Optional[QuantConfig] = None, revision: Optional[str] = None,
+              trust_remote_code: bool = False):
+    """A plain AutoModelForCausalLM in eval mode (for eval and merging); `quant` optional."""
+    device = torch.device(device)
+    path = resolve_model_path(name_or_path, revision)
+    qcfg = bnb_config(quant, device, compute=dtype if dtype != torch.uint8 else torch.float32)
+    model = _from_pretrained(path, dtype=dtype, device=device, quant=qcfg, revision=revision,
+                             trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct leaf names of the linear layers (what lora.target_modules matches against)."""
+    kinds = [torch.nn.Linear]
+    try:
+        bnb = _import_bnb()
+        kinds += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except ImportError:
+        pass
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, tuple(kinds)) and n}
+    return sorted(names)
+
+
+def lora_config(cfg: Config):
+    """peft.LoraConfig from the recipe's lora section."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = list(cfg.lora.target_modules or [])
+    if not targets:
+        raise UsageError("lora.target_modules is empty: list module names, e.g. [q_proj,v_proj], or [all-linear]")
+    if "all-linear" in targets and len(targets) > 1:
+        raise UsageError(f"lora.target_modules {targets}: all-linear already covers every linear layer; use it alone")
+    return PeftLoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
+        modules_to_save=list(cfg.lora.modules_to_save) or None, bias="none", task_type="CAUSAL_LM")
+
+
+def load_model(cfg: Config, device: Union[str, torch.device, None] = None, tokenizer=None):
+    """The base model (quantized per cfg.quant) wrapped as a peft PeftModel, ready to train.
+
+    Only LoRA (and modules_to_save) parameters are trainable. The caller seeds the RNG first:
+    the LoRA init draws from the global generator, so the same seed gives the same adapter.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    device = torch.device(device) if device is not None else default_device(cfg.accelerator)
+    m = cfg.model
+    path = resolve_model_path(m.name, m.revision)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(m)
+    quant = bnb_config(cfg.quant, device, compute_dtype(cfg, device), storage_dtype(cfg, device))
+    model = _from_pretrained(path, dtype=base_dtype(cfg, device), device=device, quant=quant,
+                             revision=m.revision, trust_remote_code=m.trust_remote_code,
+                             attn_implementation=m.attn_implementation)
+    if quant is not None and not quantized_modules(model):
+        raise FinetuneError(f"quant.mode={cfg.quant.mode} was requested but no layer of {m.name} was quantized")
+    _sync_special_tokens(model, tokenizer)
+
+    no_reentrant = {"use_reentrant": False}
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=no_reentrant)
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+    lcfg = lora_config(cfg)
+    try:
+        model = get_peft_model(model, lcfg)
+    except ValueError as e:
+        text = str(e)
+        if "arget module" in text or "not found in the base model" in text:
+            raise UsageError(f"lora.target_modules {list(cfg.lora.target_modules)} matched no module of {m.name}; "
+                             f"linear modules are: {', '.join(linear_module_names(model))}") from None
+        raise UsageError(f"lora settings rejected by peft for {m.name}: {_first_line(e)}") from e
+    _check_modules_to_save(model, cfg)
+    return model
+
+
+def _check_modules_to_save(model, cfg: Config) -> None:
+    # peft silently ignores a modules_to_save name that matches nothing; a typo would then train
+    # (and save) less than the recipe says.
+    for name in cfg.lora.modules_to_save:
+        if not any(n == name or n.endswith("." + name) for n, _ in model.base_model.model.named_modules()):
+            raise UsageError(f"lora.modules_to_save: '{name}' matched no module of {cfg.model.name}")
+
+
+def _sync_special_tokens(model, tokenizer) -> None:
+    """Make the model's pad id the tokenizer's, growing the embeddings if a pad token was added."""
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_emb:
+        log.warning("resizing token embeddings %d -> %d for tokens added to the tokenizer", n_emb, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# --------------------------------------------------------------------------- adapters and inference
+
+
+def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
+    f = Path(adapter_dir) / "adapter_config.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read {f}: {_first_line(e)}") from None
+
+
+def adapter_shapes(adapter_dir: Union[str, Path]) -> dict[str, tuple]:
+    """Saved tensor name -> shape, without loading the tensors."""
+    d = Path(adapter_dir)
+    st = d / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    binf = d / "adapter_model.bin"
+    if binf.is_file():
+        sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
+        return {k: tuple(v.shape) for k, v in sd.items()}
+    raise UsageError(f"adapter {d} has no adapter_model.safetensors")
+
+
+def check_adapter_fits(adapter_dir: Union[str, Path], base_model: torch.nn.Module, base_name: str = "") -> None:
+    """UsageError unless every LoRA matrix in `adapter_dir` matches a layer of `base_model` in shape."""
+    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    modules = dict(base_model.named_modules())
+    where = f"adapter {adapter_dir} (trained on '{recorded}') does not fit base '{base_name or recorded}'"
+    for key, shape in adapter_shapes(adapter_dir).items():
+        for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in key:
+                continue
+            mod_name = key.split(part)[0]
+            mod_name = mod_name[len("base_model.model."):] if mod_name.startswith("base_model.model.") else mod_name
+            mod = modules.get(mod_name)
+            if mod is None:
+                raise UsageError(f"{where}: it adapts {mod_name}, which the base does not have")
+            want = getattr(mod, "in_features" if dim == 1 else "out_features", None)
+            if want is not None and len(shape) == 2 and shape[dim] != want:
+                side = "input" if dim == 1 else "output"
+                raise UsageError(f"{where}: {mod_name} has {side} size {want} in the base, {shape[dim]} in the adapter")
+
+
+def _is_adapter_dir(p: Path) -> bool:
+    return (p / "adapter_config.json").is_file()
+
+
+def load_for_inference(path: str, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                       base: Optional[str] = None, trust_remote_code: bool = False):
+    """(model, tokenizer) in eval mode for an adapter dir, a merged/MoE model dir, an alias or a hub id.
+
+    An adapter goes on the base named in its adapter_config.json (or `base`), after checking that
+    it fits. The tokenizer is the adapter's own copy when it has one; it pads on the left, for
+    batched generation.
+    """
+    from peft import PeftModel
+
+    device = torch.device(device)
+    p = Path(str(path)).expanduser()
+    if _is_adapter_dir(p):
+        recorded = read_adapter_config(p).get("base_model_name_or_path")
+        base_name = base or recorded
+        if not base_name:
+            raise UsageError(f"adapter {path} does not name its base model (base_model_name_or_path); pass base=...")
+        if base and recorded and base != recorded:
+            log.warning("adapter %s was trained on '%s'; loading it onto '%s'", path, recorded, base)
+        try:
+            base_path = resolve_model_path(base_name)
+        except UsageError as e:
+            raise UsageError(f"adapter {path}: its base model: {e}") from None
+        model = _from_pretrained(base_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        check_adapter_fits(p, model, base_name)
+        tok_src = str(p) if (p / "tokenizer_config.json").is_file() else base_path
+        tok = _tokenizer_from(tok_src, _hub_kwargs(None, trust_remote_code), "left")
+        _sync_special_tokens(model, tok)
+        with _loading(str(p)):
+            model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
+        return model.eval(), tok
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise UsageError(f"{path} is neither a LoRA adapter (adapter_config.json) nor a model directory (config.json)")
+    resolved = resolve_model_path(str(path))
+    model = _from_pretrained(resolved, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    tok = _tokenizer_from(resolved, _hub_kwargs(None, trust_remote_code), "left")
+    _sync_special_tokens(model, tok)
+    return model.eval(), tok

@@ -1,0 +1,457 @@
+"""`finetune moe`: assemble a Mixtral-style MoE from fine-tunes of one base (mergekit-moe style).
+
+    finetune moe config=moe.yaml out_dir=OUT          build the MoE
+    finetune moe report=MOE_DIR data=FILE out_dir=DIR  per-layer routing report (moe_report.py)
+
+The YAML uses mergekit-moe's keys, so existing configs work:
+
+    base_model: path-or-hub-id
+    gate_mode: hidden            # hidden | cheap_embed | random | uniform_random
+    dtype: bfloat16              # output dtype (default: the base's)
+    experts_per_token: 2
+    experts:
+      - source_model: path       # a full fine-tune of the base ...
+        positive_prompts: [...]
+        negative_prompts: [...]
+        noise_scale: 0.0         # Gaussian noise added to this expert's MLP weights
+        residual_scale: 1.0      # multiplies this expert's down_proj (its residual contribution)
+      - adapter: path            # ... or (beyond mergekit) a LoRA adapter on the base, merged on the fly
+
+plus `prompt_format: raw|chat` (see moe_gates.py), `quantize_prompting: true` (run the base in
+bitsandbytes NF4 while computing hidden-mode gates, so a 7B base fits 12 GB) and `seed`.
+
+What the output holds: embeddings, attention, norms and lm_head come from the base; expert e's MLP
+in every layer comes from expert e (Llama gate_proj/up_proj/down_proj = Mixtral w1/w3/w2). In
+memory transformers 5.x stacks the experts as `mlp.experts.gate_up_proj` (E, 2I, H: gate rows then
+up rows) and `mlp.experts.down_proj` (E, H, I), with the router at `mlp.gate.weight` (E, H); we fill
+those tensors on a real MixtralForCausalLM and let `save_pretrained` write them, which stores the
+classic per-expert `block_sparse_moe.experts.N.w1/w2/w3` keys that every loader reads.
+
+Adapter experts: only the adapter's MLP deltas survive. A delta on attention (q/k/v/o_proj), on the
+embeddings/lm_head (modules_to_save) or on a norm has no per-expert place in a shared-attention MoE;
+averaging them across experts would build an attention that none of the experts was trained with,
+so, like mergekit (which takes attention from the base), they are dropped. The build logs one
+warning per adapter listing the dropped modules and records them in `moe_info.json`.
+
+Routing: Mixtral in transformers 5.3 softmaxes the router logits, takes the top-k and renormalises
+the k weights to sum to 1. So a MoE whose experts all equal the base reproduces the base exactly.
+
+Router training (issue section 4) gets `load_balancing_loss` and `router_trainable_params` here:
+transformers 5.3's `MixtralTopKRouter` returns softmax *probabilities* (recorded as
+`router_logits`), and `load_balancing_loss_func` softmaxes them again (huggingface/transformers#45120),
+which squashes P_e towards uniform. `load_balancing_loss` applies the softmax exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from finetune.errors import UsageError, did_you_mean
+from finetune.merge import (atomic_out_dir, check_out_dir, copy_tokenizer, load_base_full_precision,
+                            read_adapter_config, resolve_model_path, torch_dtype)
+from finetune.moe_gates import GATE_MODES, PROMPT_FORMATS, compute_gates, warn_parallel
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_BASES = ("llama", "mistral")
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Args:
+    config: Optional[str] = None
+    """MoE YAML (mergekit-moe keys: base_model, gate_mode, dtype, experts_per_token, experts)."""
+    report: Optional[str] = None
+    """A MoE checkpoint directory to write a routing report for (instead of building one)."""
+    data: Optional[str] = None
+    """Report: a json/jsonl file (text, messages, prompt/completion, alpaca or sharegpt rows)."""
+    max_rows: int = 200
+    """Report: use at most this many rows of `data`."""
+    max_tokens: int = 512
+    """Report: truncate each row to this many tokens."""
+    out_dir: str = "out/moe"
+    """Where the MoE checkpoint (or the report's JSON + PNG) is written."""
+    overwrite: bool = False
+    """Write into an existing non-empty out_dir (files with the same names are replaced)."""
+    max_shard_size: str = "2GB"
+    """Largest safetensors shard of the MoE checkpoint."""
+
+
+@dataclass
+class ExpertSpec:
+    source_model: Optional[str] = None
+    adapter: Optional[str] = None
+    positive_prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    noise_scale: Optional[float] = None
+    residual_scale: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        return str(self.adapter or self.source_model)
+
+
+@dataclass
+class MoESpec:
+    base_model: str
+    experts: list[ExpertSpec]
+    gate_mode: str = "hidden"
+    dtype: Optional[str] = None
+    experts_per_token: int = 2
+    prompt_format: str = "raw"
+    quantize_prompting: bool = False
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _str_list(v, where: str) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise UsageError(f"{where} must be a list of strings")
+    return list(v)
+
+
+def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
+    """Validate a mergekit-moe style mapping into a MoESpec (one-line UsageErrors)."""
+    top = ["base_model", "experts", "gate_mode", "dtype", "experts_per_token", "prompt_format",
+           "quantize_prompting", "seed", "architecture", "shared_experts"]
+    for k in data:
+        if k not in top:
+            raise UsageError(f"{where}: unknown key '{k}'{did_you_mean(k, top)}")
+    if data.get("shared_experts"):
+        raise UsageError(f"{where}: shared_experts are not supported by the Mixtral output")
+    if str(data.get("architecture") or "mixtral").lower() != "mixtral":
+        raise UsageError(f"{where}: architecture must be mixtral, got {data['architecture']}")
+    if not data.get("base_model"):
+        raise UsageError(f"{where}: base_model is required")
+    mode = str(data.get("gate_mode", "hidden"))
+    if mode not in GATE_MODES:
+        raise UsageError(f"{where}: unknown gate_mode '{mode}'{did_you_mean(mode, GATE_MODES)}")
+    fmt = str(data.get("prompt_format", "raw"))
+    if fmt not in PROMPT_FORMATS:
+        raise UsageError(f"{where}: unknown prompt_format '{fmt}'{did_you_mean(fmt, PROMPT_FORMATS)}")
+    raw_experts = data.get("experts") or []
+    if not isinstance(raw_experts, list) or len(raw_experts) < 2:
+        n = len(raw_experts) if isinstance(raw_experts, list) else 0
+        raise UsageError(f"{where}: a MoE needs at least 2 experts, got {n}")
+    keys = ["source_model", "adapter", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"]
+    experts = []
+    for i, e in enumerate(raw_experts):
+        if not isinstance(e, dict):
+            raise UsageError(f"{where}: experts[{i}] must be a mapping with source_model or adapter")
+        for k in e:
+            if k not in keys:
+                raise UsageError(f"{where}: experts[{i}]: unknown key '{k}'{did_you_mean(k, keys)}")
+        if bool(e.get("source_model")) == bool(e.get("adapter")):
+            raise UsageError(f"{where}: experts[{i}] needs exactly one of source_model or adapter")
+        spec = ExpertSpec(source_model=e.get("source_model"), adapter=e.get("adapter"),
+                          positive_prompts=_str_list(e.get("positive_prompts"), f"experts[{i}].positive_prompts"),
+                          negative_prompts=_str_list(e.get("negative_prompts"), f"experts[{i}].negative_prompts"),
+                          noise_scale=e.get("noise_scale"), residual_scale=e.get("residual_scale"))
+        if mode in ("hidden", "cheap_embed") and not spec.positive_prompts:
+            raise UsageError(f"{where}: experts[{i}] ({spec.name}) has no positive_prompts, "
+                             f"which gate_mode {mode} needs (or use gate_mode random)")
+        experts.append(spec)
+    k = data.get("experts_per_token", 2)
+    if not isinstance(k, int) or not 1 <= k <= len(experts):
+        raise UsageError(f"{where}: experts_per_token must be an integer in [1, {len(experts)}], got {k!r}")
+    return MoESpec(base_model=str(data["base_model"]), experts=experts, gate_mode=mode, dtype=data.get("dtype"),
+                   experts_per_token=k, prompt_format=fmt, quantize_prompting=bool(data.get("quantize_prompting")),
+                   seed=int(data.get("seed", 0)))
+
+
+def load_moe_config(path: str) -> MoESpec:
+    from finetune.config import read_yaml_mapping
+
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise UsageError(f"moe config not found: {path}")
+    spec = parse_moe_config(read_yaml_mapping(p, "moe config"), where=str(p))
+    # Relative paths in the YAML are relative to the YAML, so a config travels with its experts.
+    def rel(x):
+        return str((p.parent / x).resolve()) if x and not os.path.isabs(x) and (p.parent / x).exists() else x
+    spec.base_model = rel(spec.base_model)
+    for e in spec.experts:
+        e.source_model, e.adapter = rel(e.source_model), rel(e.adapter)
+    return spec
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_sources(spec: MoESpec):
+    """Resolve every path and refuse incompatible experts before any heavy loading."""
+    from transformers import AutoConfig
+
+    base_path = resolve_model_path(spec.base_model)
+    try:
+        base_cfg = AutoConfig.from_pretrained(base_path)
+    except OSError as err:
+        raise UsageError(f"base_model {spec.base_model}: {str(err).splitlines()[0]}") from None
+    if base_cfg.model_type not in SUPPORTED_BASES:
+        raise UsageError(f"base_model {spec.base_model} is a {base_cfg.model_type} model; "
+                         f"a Mixtral MoE needs a {' or '.join(SUPPORTED_BASES)} base")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(base_cfg, flag, False):
+            raise UsageError(f"base_model {spec.base_model} has {flag}=true, which Mixtral cannot hold")
+    shape_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    sources = []
+    for i, e in enumerate(spec.experts):
+        if e.adapter:
+            acfg = read_adapter_config(e.adapter)
+            abase = resolve_model_path(acfg["base_model_name_or_path"])
+            if os.path.realpath(abase) != os.path.realpath(base_path):
+                raise UsageError(f"experts[{i}] adapter {e.adapter} is on base {abase}, not base_model {base_path}")
+            sources.append(e.adapter)
+            continue
+        src = resolve_model_path(e.source_model)
+        try:
+            ecfg = AutoConfig.from_pretrained(src)
+        except OSError as err:
+            raise UsageError(f"experts[{i}] source_model {e.source_model}: {str(err).splitlines()[0]}") from None
+        if ecfg.model_type != base_cfg.model_type:
+            raise UsageError(f"experts[{i}] {e.source_model} is a {ecfg.model_type} model, base is {base_cfg.model_type}")
+        for k in shape_keys:
+            if getattr(ecfg, k, None) != getattr(base_cfg, k, None):
+                raise UsageError(f"experts[{i}] {e.source_model} has {k}={getattr(ecfg, k, None)}, "
+                                 f"base has {getattr(base_cfg, k, None)}")
+        sources.append(src)
+    return base_path, base_cfg, sources
+
+
+def mixtral_config(base_cfg, num_experts: int, experts_per_token: int, dtype):
+    from transformers import MixtralConfig
+
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+            "rms_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+            "attention_dropout", "rope_parameters")
+    kw = {k: getattr(base_cfg, k) for k in keep if getattr(base_cfg, k, None) is not None}
+    kw["tie_word_embeddings"] = bool(getattr(base_cfg, "tie_word_embeddings", False))
+    cfg = MixtralConfig(**kw, sliding_window=None, num_local_experts=num_experts,
+                        num_experts_per_tok=experts_per_token, router_jitter_noise=0.0)
+    cfg.architectures = ["MixtralForCausalLM"]
+    cfg.dtype = dtype
+    return cfg
+
+
+# --------------------------------------------------------------------------- expert weights
+
+
+def _mlp_weights(model) -> list[dict]:
+    return [{p: getattr(layer.mlp, p).weight.detach().float().clone() for p in MLP_PARTS}
+            for layer in model.model.layers]
+
+
+def adapter_expert_mlp(base_path: str, adapter_dir: str) -> tuple[list[dict], list[str]]:
+    """Merge an adapter into a fresh fp32 base; return its MLP weights and the dropped modules."""
+    from peft import PeftModel
+
+    base = load_base_full_precision(base_path)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    dropped = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and name.rsplit(".", 1)[-1] not in MLP_PARTS and len(module.lora_A):
+            dropped.add(name.rsplit(".", 1)[-1])
+    for name in (model.peft_config["default"].modules_to_save or []):
+        dropped.add(f"{name} (modules_to_save)")
+    merged = model.merge_and_unload()
+    return _mlp_weights(merged), sorted(dropped)
+
+
+def _apply_noise_and_scale(mlp: list[dict], e: ExpertSpec, gen) -> None:
+    import torch
+
+    for layer in mlp:
+        for p, w in layer.items():
+            if e.noise_scale:
+                w += torch.randn(w.shape, generator=gen) * e.noise_scale
+            if p == "down_proj" and e.residual_scale is not None:
+                w *= e.residual_scale
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _load_prompting_model(base_path: str, quantize: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantize:
+        try:
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+            return AutoModelForCausalLM.from_pretrained(base_path, quantization_config=q,
+                                                        device_map="cuda" if torch.cuda.is_available() else "cpu")
+        except Exception as err:  # bnb without a usable backend: the full-precision base still works
+            log.warning("quantize_prompting: NF4 load failed (%s); using the full-precision base", err)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_size: str = "2GB",
+              config_text: Optional[str] = None) -> Path:
+    """Assemble and save the MoE described by `spec`; returns out_dir."""
+    import torch
+    from rich.progress import track
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    check_out_dir(out_dir, overwrite)
+    base_path, base_cfg, sources = _check_sources(spec)
+    out_dtype = torch_dtype(str(spec.dtype or "auto"), base_cfg)
+    tok_src = next((e.adapter for e in spec.experts if e.adapter and
+                    (Path(e.adapter) / "tokenizer_config.json").is_file()), base_path)
+    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+
+    # Gates first: hidden mode may hold a (quantized) copy of the base on the GPU, freed before the
+    # experts load; on CPU in fp32 the base itself does the prompting.
+    L, H = base_cfg.num_hidden_layers, base_cfg.hidden_size
+    model = embed = None
+    base = load_base_full_precision(base_path)
+    if spec.gate_mode == "hidden":
+        on_cpu_fp32 = not spec.quantize_prompting and not torch.cuda.is_available()
+        model = base if on_cpu_fp32 else _load_prompting_model(base_path, spec.quantize_prompting)
+    if spec.gate_mode == "cheap_embed":
+        embed = base.get_input_embeddings().weight.detach()
+    gates = compute_gates(spec.gate_mode, spec.experts, L, H, model=model, tokenizer=tokenizer, embed=embed,
+                          prompt_format=spec.prompt_format, seed=spec.seed)
+    del model
+    warnings = [] if spec.gate_mode in ("random", "uniform_random") else \
+        warn_parallel(gates, [e.name for e in spec.experts])
+
+    cfg = mixtral_config(base_cfg, len(spec.experts), spec.experts_per_token, out_dtype)
+    moe = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    moe_sd = moe.state_dict()
+    with torch.no_grad():
+        for k, v in base.state_dict().items():  # everything but the MLPs is the base's
+            if ".mlp." not in k:
+                moe_sd[k].copy_(v)
+        for li, layer in enumerate(moe.model.layers):
+            layer.mlp.gate.weight.copy_(gates[li])
+        gen = torch.Generator().manual_seed(spec.seed)
+        dropped_by_expert = {}
+        for ei, (e, src) in enumerate(track(list(zip(spec.experts, sources)), description="experts")):
+            if e.adapter:
+                mlp, dropped = adapter_expert_mlp(base_path, src)
+                if dropped:
+                    log.warning("expert %d adapter %s: dropped non-MLP deltas on %s (attention, embeddings and "
+                                "norms come from the base)", ei, e.adapter, ", ".join(dropped))
+                    dropped_by_expert[e.name] = dropped
+            elif os.path.realpath(src) == os.path.realpath(base_path):
+                mlp = _mlp_weights(base)
+            else:
+                mlp = _mlp_weights(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32))
+            _apply_noise_and_scale(mlp, e, gen)
+            for li, layer in enumerate(moe.model.layers):
+                w = mlp[li]
+                layer.mlp.experts.gate_up_proj[ei].copy_(torch.cat([w["gate_proj"], w["up_proj"]], dim=0))
+                layer.mlp.experts.down_proj[ei].copy_(w["down_proj"])
+    del base
+    moe.to(out_dtype)
+    moe.config.dtype = out_dtype
+    try:
+        moe.generation_config = GenerationConfig.from_pretrained(base_path)
+    except OSError:
+        pass
+    info = {"base_model": spec.base_model, "gate_mode": spec.gate_mode, "prompt_format": spec.prompt_format,
+            "experts_per_token": spec.experts_per_token, "experts": [e.name for e in spec.experts],
+            "dropped_non_mlp_deltas": dropped_by_expert, "gate_warnings": warnings}
+    with atomic_out_dir(out_dir, overwrite) as tmp:
+        moe.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        copy_tokenizer(tmp, tok_src, base_path)
+        (tmp / "moe_info.json").write_text(json.dumps(info, indent=2))
+        if config_text is not None:
+            (tmp / "mergekit_moe_config.yml").write_text(config_text)
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- router training
+
+
+def router_probs(router_outputs, inputs: str = "auto"):
+    """Concatenate per-layer router outputs to (tokens * layers, E) probabilities, softmaxing once.
+
+    inputs: "probs", "logits", or "auto" (rows that are non-negative and sum to 1 are taken as
+    probabilities: transformers 5.3 Mixtral returns probabilities under the name router_logits).
+    """
+    import torch
+
+    t = router_outputs if isinstance(router_outputs, torch.Tensor) else \
+        torch.cat([x.reshape(-1, x.shape[-1]).to(router_outputs[0].device) for x in router_outputs], dim=0)
+    t = t.float()
+    if inputs == "auto":
+        inputs = "probs" if bool((t >= 0).all()) and torch.allclose(t.sum(-1), torch.ones(()), atol=1e-4) \
+            else "logits"
+    if inputs not in ("probs", "logits"):
+        raise UsageError(f"inputs must be auto, probs or logits, got '{inputs}'")
+    return t if inputs == "probs" else torch.softmax(t, dim=-1)
+
+
+def load_balancing_loss(router_logits_per_layer: Sequence, num_experts: int, top_k: int,
+                        attention_mask=None, inputs: str = "auto"):
+    """Switch-Transformer auxiliary loss, num_experts * sum_e f_e * P_e, over all layers' tokens.
+
+    f_e = fraction of tokens whose top-k contains expert e (the f's sum to top_k, the convention
+    of Mixtral's own function), P_e = mean router probability of e. Probabilities are formed
+    exactly once (see `router_probs`), so perfect balance gives top_k whatever `inputs` are.
+    attention_mask (batch, seq) drops padding; each layer's output is then (batch * seq, E).
+    """
+    import torch
+
+    probs = router_probs(router_logits_per_layer, inputs)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    routed = torch.nn.functional.one_hot(selected, num_experts).float().sum(1)  # (T, E), 0/1 per expert
+    if attention_mask is None:
+        w = torch.ones(probs.shape[0], 1, device=probs.device)
+    else:
+        layers = probs.shape[0] // attention_mask.numel()
+        w = attention_mask.reshape(1, -1).expand(layers, -1).reshape(-1, 1).to(probs.device, torch.float32)
+    denom = w.sum().clamp(min=1.0)
+    f = (routed * w).sum(0) / denom
+    p = (probs * w).sum(0) / denom
+    return num_experts * torch.sum(f * p)
+
+
+def router_trainable_params(model) -> list[str]:
+    """Names of the router weights (each MoE layer's `gate` linear) to train; works through peft."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("TopKRouter") or (
+                name.endswith(".gate") and type(module).__name__ == "Linear" and ".mlp" in name):
+            names.append(f"{name}.weight")
+    if not names:
+        raise UsageError(f"{type(model).__name__} has no MoE router (mlp.gate) to train")
+    return names
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run(args: Args, cfg=None) -> int:
+    if bool(args.config) == bool(args.report):
+        raise UsageError("give exactly one of config=MOE.yaml (build) or report=MOE_DIR (routing report)")
+    if args.report:
+        from finetune.moe_report import routing_report
+
+        if not args.data:
+            raise UsageError("report= needs data=FILE (json/jsonl rows to route)")
+        res = routing_report(args.report, args.data, args.out_dir, max_rows=args.max_rows,
+                             max_tokens=args.max_tokens, overwrite=args.overwrite)
+        print(f"routing report written to {res['json']} and {res['png']}")
+        return 0
+    spec = load_moe_config(args.config)
+    build_moe(spec, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+              config_text=Path(args.config).read_text())
+    print(f"MoE ({len(spec.experts)} experts, top-{spec.experts_per_token}, gate_mode {spec.gate_mode}) "
+          f"written to {args.out_dir}")
+    return 0

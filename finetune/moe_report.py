@@ -1,0 +1,153 @@
+"""Routing report for a Mixtral-architecture MoE: which experts the router picks, layer by layer.
+
+    finetune moe report=MOE_DIR data=rows.jsonl out_dir=DIR
+
+For every layer and expert: `utilisation` = fraction of tokens whose top-k includes the expert
+(a row sums to k), `top1_share` = fraction of tokens whose first choice is the expert (a row sums
+to 1), and `mean_prob` = the mean router probability. Written as routing.json plus routing.png
+(heatmaps of utilisation and top-1 share). Rows are routed one at a time, so no padding token is
+ever counted; chat-like rows go through the model's chat template, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from finetune.errors import UsageError
+from finetune.merge import atomic_out_dir, check_out_dir
+
+
+def read_rows(path: str, max_rows: Optional[int] = None) -> list:
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise UsageError(f"report data file not found: {path}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+            if isinstance(rows, dict):  # {"rows": [...]} / {"data": [...]} wrappers
+                rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON{' lines' if p.suffix == '.jsonl' else ''} ({e})") from None
+    if not rows:
+        raise UsageError(f"{path} holds no rows")
+    return rows[:max_rows] if max_rows else rows
+
+
+def row_text(row, tokenizer) -> str:
+    """One row -> the text the model would see (chat template for conversations when available)."""
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise UsageError(f"report rows must be strings or objects, got {type(row).__name__}")
+    messages = None
+    if isinstance(row.get("messages"), list):
+        messages = row["messages"]
+    elif isinstance(row.get("conversations"), list):  # sharegpt
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        messages = [{"role": role.get(m.get("from"), "user"), "content": m.get("value", "")}
+                    for m in row["conversations"]]
+    elif "instruction" in row:  # alpaca
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row.get("output", "")}]
+    if messages is not None:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n\n".join(str(m.get("content", "")) for m in messages)
+    if "text" in row:
+        return str(row["text"])
+    if "prompt" in row:
+        return str(row["prompt"]) + str(row.get("completion", row.get("response", "")))
+    raise UsageError(f"report row has none of text, messages, conversations, instruction, prompt: {list(row)[:5]}")
+
+
+def routing_stats(model, tokenizer, texts: list[str], max_tokens: int = 512) -> dict:
+    import torch
+
+    from finetune.moe import router_probs
+
+    cfg = model.config
+    L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+    util = torch.zeros(L, E)
+    top1 = torch.zeros(L, E)
+    prob = torch.zeros(L, E)
+    tokens = 0
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
+            if not ids:
+                continue
+            out = model(input_ids=torch.tensor([ids], device=device), output_router_logits=True, use_cache=False)
+            for li, layer_out in enumerate(out.router_logits):
+                p = router_probs([layer_out]).cpu()
+                sel = torch.topk(p, k, dim=-1).indices
+                util[li] += torch.nn.functional.one_hot(sel, E).sum((0, 1)).float()
+                top1[li] += torch.nn.functional.one_hot(sel[:, 0], E).sum(0).float()
+                prob[li] += p.sum(0)
+            tokens += len(ids)
+    if tokens == 0:
+        raise UsageError("report data produced no tokens")
+    return {"layers": L, "experts": E, "top_k": k, "tokens": tokens, "rows": len(texts),
+            "utilisation": (util / tokens).tolist(), "top1_share": (top1 / tokens).tolist(),
+            "mean_prob": (prob / tokens).tolist()}
+
+
+def plot_heatmap(stats: dict, path: Path, expert_names: Optional[list[str]] = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    E, L = stats["experts"], stats["layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * E, 1.5 + 0.3 * L), squeeze=False)
+    for ax, key, title, vmax in ((axes[0][0], "utilisation", f"top-{stats['top_k']} utilisation", stats["top_k"]),
+                                 (axes[0][1], "top1_share", "top-1 share", 1.0)):
+        im = ax.imshow(stats[key], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set_title(title)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(E))
+        ax.set_xticklabels([Path(n).name[:12] for n in expert_names] if expert_names else range(E),
+                           rotation=45, ha="right")
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"routing over {stats['tokens']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def routing_report(moe_dir: str, data: str, out_dir: str, max_rows: Optional[int] = 200,
+                   max_tokens: int = 512, overwrite: bool = False) -> dict:
+    """Route `data` through the MoE at `moe_dir`; write routing.json + routing.png into out_dir."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d = Path(os.path.expanduser(moe_dir))
+    if not (d / "config.json").is_file():
+        raise UsageError(f"report: {moe_dir} is not a model directory (no config.json)")
+    cfg = AutoConfig.from_pretrained(d)
+    if not getattr(cfg, "num_local_experts", None):
+        raise UsageError(f"report: {moe_dir} is a {cfg.model_type} model, not a MoE (no num_local_experts)")
+    check_out_dir(out_dir, overwrite)
+    rows = read_rows(data, max_rows)
+    tokenizer = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    stats = routing_stats(model, tokenizer, [row_text(r, tokenizer) for r in rows], max_tokens)
+    names = None
+    if (d / "moe_info.json").is_file():
+        names = json.loads((d / "moe_info.json").read_text()).get("experts")
+    stats.update({"model": str(d), "data": str(data), "expert_names": names})
+    with atomic_out_dir(out_dir, overwrite) as tmp:
+        (tmp / "routing.json").write_text(json.dumps(stats, indent=2))
+        plot_heatmap(stats, tmp / "routing.png", names)
+    out = Path(out_dir)
+    return {"json": out / "routing.json", "png": out / "routing.png", "stats": stats}

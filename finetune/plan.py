@@ -1,0 +1,544 @@
+"""`finetune plan`: predict peak GPU memory of a recipe, itemised, and what fits a budget.
+
+Everything here is arithmetic on the model's shape, so a 70B model can be planned on a laptop
+without downloading it and without importing torch. The shape comes from a local HF config.json
+(a local directory or the HF hub cache), else from litgpt's config registry (loaded as a single
+file so litgpt's torch-importing package __init__ never runs).
+
+Sources the constants are calibrated on (no GPU was available when this was written; the lead's
+GPU bench compares the prediction against measured peaks):
+- bitsandbytes 0.50 NF4 layout (read from its source): 4-bit codes packed 2 per byte, one fp32
+  absmax per 64 weights; with double quant the absmax become uint8 with one fp32 absmax per 256
+  of them. For Llama-2-7B this gives 3.87 GB (linears 3.34 GB + bf16 embeddings/lm_head 0.52 GB),
+  matching the widely quoted ~3.9 GB `get_memory_footprint()` of a 4-bit Llama-2-7B.
+- bitsandbytes 8-bit optimizers: 1 byte per state value x 2 states, fp32 absmax per 256 values,
+  and tensors under 4096 elements stay 32-bit (`min_8bit_size`).
+- bitsandbytes MatMul4Bit saves only the packed weight for backward (not its input), and torch's
+  linear does not save the input of a frozen weight: only LoRA branches keep linear inputs alive.
+- litgpt's published Llama-2-7B QLoRA run (13.68 GB at micro-batch 2 x seq 512, r=32 on q,v,
+  no checkpointing, no chunked loss) is ~ the size of the full bf16 checkpoint (6.74e9 x 2 B =
+  13.48 GB), i.e. it records the load-time peak, not the training step; this planner gives
+  ~10.2 GB allocated (before context and slack) for that training step, so the published number
+  is an upper bound, not a calibration point for activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from finetune.errors import UsageError
+
+GiB = 1024**3
+MiB = 1024**2
+CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
+NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize
+DQ_BLOCK = 256  # double-quant blocksize (of the absmax values)
+OPT8_BLOCK = 256  # bitsandbytes 8-bit optimizer blocksize
+OPT8_MIN_SIZE = 4096  # smaller tensors keep 32-bit optimizer state
+CPU_MICRO_BATCH_CAP = 8  # on CPU bigger micro-batches only add latency, not throughput
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+_TARGET_ALIASES = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+    "w1": "gate", "w3": "up", "w2": "down", "lm_head": "lm_head",
+}
+_ALIASES = {"tiny", "smollm2-135m"}
+# litgpt's registry does not record tied embeddings; these families tie them in their HF configs.
+_TIED = re.compile(r"llama-3\.2-[13]b|qwen2\.5-(0\.5|1\.5|3)b|smollm|gemma", re.I)
+
+
+@dataclass
+class Args:
+    recipe: Optional[str] = None
+    """Recipe to plan (name from recipes/ or a path; default: the built-in defaults). Other
+    key=value pairs override its fields, e.g. devices=4 strategy=fsdp data.seq_len=4096."""
+    gpu_memory: str = "12GiB"
+    """Memory budget per GPU: 12GiB, 24GB, 16000MiB or a number of bytes."""
+    format: Literal["table", "json"] = "table"
+    """table (human readable) or json (one object with peak_bytes and the itemised parts)."""
+    slack: float = 0.10
+    """Allocator slack / fragmentation added on top of what torch allocates, as a fraction."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers memory depends on, for a Llama-style decoder."""
+
+    name: str
+    n_layer: int
+    hidden: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+    qkv_bias: bool = False
+    gated_mlp: bool = True
+    n_expert: int = 0
+    expert_top_k: int = 0
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_head * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int, int]]:
+        """name -> (in_features, out_features, copies per layer) of every block linear."""
+        h, i, e = self.hidden, self.intermediate, max(self.n_expert, 1)
+        out = {"q": (h, self.q_dim, 1), "k": (h, self.kv_dim, 1), "v": (h, self.kv_dim, 1),
+               "o": (self.q_dim, h, 1), "up": (h, i, e), "down": (i, h, e)}
+        if self.gated_mlp:
+            out["gate"] = (h, i, e)
+        return out
+
+    def n_params(self) -> int:
+        block = sum(a * b * n for a, b, n in self.linears().values()) + 2 * self.hidden
+        block += self.hidden * self.n_expert + (self.q_dim + 2 * self.kv_dim) * self.qkv_bias
+        return self.n_layer * block + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+@dataclass
+class Plan:
+    model: str
+    shape: Shape
+    world_size: int
+    strategy: str
+    micro_batch: int
+    seq_len: int
+    parts: dict[str, int]
+    notes: dict[str, str] = field(default_factory=dict)
+    activations_detail: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.parts.values())
+
+
+# --------------------------------------------------------------------------- model shapes
+
+
+def _shape_from_hf(cfg: dict, name: str) -> Shape:
+    cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+    try:
+        h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        mtype = cfg.get("model_type", "")
+        return Shape(
+            name=name, n_layer=int(cfg["num_hidden_layers"]), hidden=h, n_head=heads,
+            n_kv_head=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or h // heads),
+            intermediate=int(cfg.get("intermediate_size") or 4 * h), vocab=int(cfg["vocab_size"]),
+            # HF's PretrainedConfig defaults to tied, Llama/Mistral/Qwen2 classes to untied.
+            tied=bool(cfg.get("tie_word_embeddings", mtype not in ("llama", "mistral", "qwen2", "mixtral"))),
+            qkv_bias=bool(cfg.get("attention_bias", mtype == "qwen2")),
+            gated_mlp=mtype not in ("gpt_neox", "gpt2", "phi"),
+            n_expert=int(cfg.get("num_local_experts") or 0),
+            expert_top_k=int(cfg.get("num_experts_per_tok") or 0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"model config for '{name}' lacks or mangles {e}; cannot plan it") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _litgpt_module():
+    """litgpt/config.py loaded on its own: `import litgpt` would import torch and the model."""
+    spec = importlib.util.find_spec("litgpt")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "config.py"
+    mod_spec = importlib.util.spec_from_file_location("_finetune_litgpt_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+_REGISTRY: Optional[dict[str, dict]] = None
+
+
+def _registry() -> dict[str, dict]:
+    """Lower-cased litgpt name, HF name and org/name (also without 'Meta-') -> litgpt config dict."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        mod = _litgpt_module()
+        reg: dict[str, dict] = {}
+        for c in (mod.configs if mod else []):
+            hf = c.get("hf_config", {})
+            keys = {c["name"], hf.get("name", ""), f"{hf.get('org', '')}/{hf.get('name', '')}"}
+            # HF renamed meta-llama/Meta-Llama-3.1-8B to meta-llama/Llama-3.1-8B.
+            keys |= {k.replace("Meta-Llama", "Llama") for k in keys}
+            for k in keys:
+                if k and not k.startswith("/"):
+                    reg.setdefault(k.lower(), c)
+        _REGISTRY = reg
+    return _REGISTRY
+
+
+def _shape_from_litgpt(c: dict) -> Shape:
+    mod = _litgpt_module()
+    lc = mod.Config(**c)
+    return Shape(
+        name=f"{lc.hf_config.get('org', '')}/{lc.hf_config.get('name', lc.name)}".strip("/"),
+        n_layer=lc.n_layer, hidden=lc.n_embd, n_head=lc.n_head, n_kv_head=lc.n_query_groups,
+        head_dim=lc.head_size, intermediate=lc.moe_intermediate_size or lc.intermediate_size,
+        vocab=lc.padded_vocab_size, tied=bool(_TIED.search(lc.name)), qkv_bias=lc.attn_bias,
+        gated_mlp=lc.mlp_class_name in ("LLaMAMLP", "GemmaMLP", "LLaMAMoE"),
+        n_expert=lc.n_expert, expert_top_k=lc.n_expert_per_token)
+
+
+@functools.lru_cache(maxsize=64)
+def model_shape(name: str, revision: Optional[str] = None) -> Shape:
+    """Shape of `name`: alias, local dir, HF hub cache, else litgpt's registry; offline always."""
+    if name == "tiny":
+        from finetune.tiny import BYTE_OFFSET, TINY_CONFIG, cache_root
+
+        cached = cache_root() / "models" / "tiny-llama-v1" / "config.json"
+        if cached.is_file():  # the real one, if built; else the same numbers without building it
+            return _shape_from_hf(json.loads(cached.read_text()), "tiny")
+        return _shape_from_hf(dict(TINY_CONFIG, vocab_size=BYTE_OFFSET + 256, model_type="llama"), "tiny")
+    if name == "smollm2-135m":
+        # HuggingFaceTB/SmolLM2-135M-Instruct config.json (same numbers as litgpt's SmolLM2-135M).
+        return Shape("smollm2-135m", n_layer=30, hidden=576, n_head=9, n_kv_head=3, head_dim=64,
+                     intermediate=1536, vocab=49152, tied=True)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UsageError(f"model directory {name} has no config.json")
+        return _shape_from_hf(json.loads((local / "config.json").read_text()), name)
+    if name.count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(name, "config.json", revision=revision)
+            if isinstance(hit, str):
+                return _shape_from_hf(json.loads(Path(hit).read_text()), name)
+        except (ImportError, OSError, ValueError):
+            pass
+    reg = _registry()
+    key = name.lower()
+    if key not in reg and "/" in key and key.split("/", 1)[1] in reg:
+        key = key.split("/", 1)[1]
+    if key in reg:
+        return dataclasses.replace(_shape_from_litgpt(reg[key]), name=name)
+    choices = sorted(_ALIASES | {f"{c['hf_config']['org']}/{c['hf_config']['name']}"
+                                 for c in reg.values() if c.get("hf_config")})
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5) or \
+        difflib.get_close_matches(name.split("/")[-1], [c.split("/")[-1] for c in choices], n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UsageError(f"model.name: unknown model '{name}'{hint}; give a local dir with config.json "
+                     "or a name litgpt knows")
+
+
+# --------------------------------------------------------------------------- the prediction
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB' -> 12*2**30, '24GB' -> 24e9, '16000MiB', '1e10' (bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", str(text), re.I)
+    if not m:
+        raise UsageError(f"gpu_memory: expected a size like 12GiB or 24GB, got '{text}'")
+    unit = (m.group(2) or "b").lower().rstrip("b") or "b"
+    scale = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _targets(cfg) -> set[str]:
+    out: set[str] = set()
+    for t in cfg.lora.target_modules:
+        if t == "all-linear":
+            out |= set(LINEARS)
+        elif t in _TARGET_ALIASES:
+            out.add(_TARGET_ALIASES[t])
+        elif t in LINEARS:
+            out.add(t)
+        else:
+            names = ["all-linear", *_TARGET_ALIASES]
+            close = difflib.get_close_matches(t, names, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UsageError(f"lora.target_modules: the planner does not know module '{t}'{hint}")
+    return out
+
+
+def _compute_bytes(cfg) -> int:
+    if cfg.quant.compute_dtype != "auto":
+        return 4 if cfg.quant.compute_dtype == "float32" else 2
+    precision = cfg.precision or ("32-true" if cfg.accelerator == "cpu" else "bf16-mixed")
+    return 4 if precision.startswith(("32", "64")) else 2
+
+
+def _quant_bytes(n: int, out_features: int, mode: str, double_quant: bool, c: int) -> tuple[int, int]:
+    """(shardable bytes, per-device-replicated bytes) of one frozen linear weight with n values."""
+    if mode == "nf4":
+        blocks = math.ceil(n / NF4_BLOCK)
+        if double_quant:  # uint8 absmax + fp32 absmax per 256 of them + 256-entry fp32 code + offset
+            stats = blocks + 4 * math.ceil(blocks / DQ_BLOCK) + 4 * 256 + 4
+        else:
+            stats = 4 * blocks
+        return (n + 1) // 2, stats + 4 * 16  # + the 16-value NF4 code
+    if mode == "int8":
+        return n, 4 * out_features  # LLM.int8 row-wise fp32 scales (SCB)
+    return n * c, 0
+
+
+def _opt_bytes(numel: int, optimizer: str) -> int:
+    if optimizer.endswith("8bit") and numel >= OPT8_MIN_SIZE:
+        return 2 * numel + 2 * 4 * math.ceil(numel / OPT8_BLOCK)
+    return 8 * numel
+
+
+def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int) -> dict[str, int]:
+    """Bytes saved for backward per token by one decoder layer (HF Llama + peft + bitsandbytes).
+
+    Only tensors autograd keeps count: a frozen linear (4-bit or not) keeps nothing, a LoRA branch
+    keeps its input (the dropout output + bool mask when dropout > 0, else the shared input).
+    """
+    h, i, r, qd = s.hidden, s.intermediate, cfg.lora.r, s.q_dim
+    drop = cfg.lora.dropout > 0
+    k = max(s.expert_top_k, 1) if s.n_expert else 1
+    lin = s.linears()
+
+    def lora_in(name: str) -> int:  # what the LoRA branch of `name` keeps per token
+        if name not in targets:
+            return 0
+        size = lin[name][0] * (k if name in ("gate", "up", "down") else 1)
+        extra = c * size if cfg.lora.use_dora else 0  # DoRA keeps the base output for its rescale
+        return ((1 + c) * size if drop else 0) + c * r + extra
+
+    # RMSNorm upcasts to fp32: keeps the fp32 input and rsqrt; its output only if a LoRA without
+    # dropout reads it.
+    norm_out = lambda names: c * h if (set(names) & targets and not drop) else 0  # noqa: E731
+    # transformers' sdpa path repeats k/v to n_head when a mask is passed (packing); flash does not.
+    kv = qd if cfg.model.attn_implementation != "flash_attention_2" else s.kv_dim
+    d = {
+        "norms": 2 * (4 * h + 4) + norm_out("qkv") + norm_out(("gate", "up")),
+        "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head
+        + (c * qd if "o" in targets and not drop else 0),
+        "mlp": k * c * i * (3 if s.gated_mlp else 1) + (k * c * i if "down" in targets and not drop else 0)
+        + (4 * s.n_expert if s.n_expert else 0),
+        "lora": sum(lora_in(n) for n in lin),
+    }
+    if cfg.model.attn_implementation == "eager":  # softmax in fp32 + its bf16 copy, per key
+        d["attention"] += (4 + c) * s.n_head * seq
+    return d
+
+
+def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
+            slack: float = 0.10) -> Plan:
+    """Peak memory per device of one training step of `cfg`, itemised (bytes)."""
+    s = model_shape(cfg.model.name, cfg.model.revision)
+    c = _compute_bytes(cfg)
+    mode, targets = cfg.quant.mode, _targets(cfg)
+    world = cfg.devices * cfg.num_nodes
+    fsdp = cfg.strategy == "fsdp" and world > 1
+    shard = world if fsdp else 1
+    on_cpu = cfg.accelerator == "cpu"
+    mb = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
+    seq = seq_len or cfg.data.seq_len
+    tokens = mb * seq
+    L, h, V = s.n_layer, s.hidden, s.vocab
+    notes: dict[str, str] = {}
+
+    # Frozen weights. FSDP shards parameters; bitsandbytes' quant state is not a parameter, so
+    # every rank keeps all of it.
+    w_shard = w_repl = 0
+    layer_weight = 0
+    for name, (fin, fout, n) in s.linears().items():
+        a, b = _quant_bytes(fin * fout, fout, mode, cfg.quant.double_quant, c)
+        w_shard += L * n * a
+        w_repl += L * n * b
+        layer_weight += n * a
+    embed = V * h * c
+    head = 0 if s.tied else V * h * c
+    norms_bias = (L * (2 * h + (s.q_dim + 2 * s.kv_dim) * s.qkv_bias + h * s.n_expert) + h) * c
+    unquant = embed + head + norms_bias
+
+    # Trainable tensors: LoRA A (r x in), B (out x r) per adapted linear, fp32 (peft upcasts
+    # adapters of a bf16 base); modules_to_save are full trainable copies.
+    trainable: list[int] = []
+    for name, (fin, fout, n) in s.linears().items():
+        if name in targets:
+            for _ in range(L * n):
+                trainable += [cfg.lora.r * fin, fout * cfg.lora.r] + ([fout] if cfg.lora.use_dora else [])
+    if "lm_head" in targets:
+        trainable += [cfg.lora.r * h, V * cfg.lora.r]
+    for m in cfg.lora.modules_to_save:
+        if m in ("lm_head", "embed_tokens"):
+            trainable.append(V * h)
+    n_train = sum(trainable)
+    opt = sum(_opt_bytes(t, cfg.train.optimizer) for t in trainable)
+    if cfg.train.optimizer.startswith("paged"):
+        notes["optimizer_state"] = "paged: can spill to CPU RAM under pressure"
+    if fsdp:  # flat sharded params: every shard is large enough for 8-bit state
+        opt = _opt_bytes(n_train // shard, cfg.train.optimizer) if n_train else 0
+
+    # Activations.
+    per_tok = _layer_activation_bytes(s, cfg, c, targets, seq)
+    layer_full = sum(per_tok.values()) * tokens
+    final_norm = (4 * h + 4 + c * h) * tokens
+    ckpt_inputs = c * h * tokens * (2 if cfg.train.offload_activations else L)
+    with_ckpt = ckpt_inputs + layer_full + final_norm  # all layer inputs + one layer recomputed
+    without_ckpt = L * layer_full + final_norm + (c * h * tokens if cfg.train.offload_activations else 0)
+    if cfg.train.offload_activations and not cfg.train.gradient_checkpointing:
+        without_ckpt = 2 * layer_full + final_norm  # saved tensors stream to CPU RAM
+    activations = with_ckpt if cfg.train.gradient_checkpointing else without_ckpt
+    # Backward of one layer: grads of the MLP intermediates and the residual stream, plus the
+    # weight bitsandbytes dequantizes to compute dtype for the matmul.
+    biggest = max(fin * fout for fin, fout, _ in s.linears().values())
+    workspace = c * (3 * s.intermediate * max(s.expert_top_k, 1) + 2 * h) * tokens
+    workspace += biggest * c if mode != "none" else 0
+
+    # Logits: bf16 logits + fp32 upcast + log-softmax output + its grad, for the whole sequence
+    # or one chunk of train.loss_chunk_size tokens (the chunk is recomputed in backward).
+    chunk = min(cfg.train.loss_chunk_size, tokens) if cfg.train.loss_chunk_size > 0 else tokens
+    logits = chunk * V * (c + 12)
+
+    parts = {
+        "quantized_weights" if mode != "none" else "base_weights": w_shard // shard + w_repl,
+        "unquantized_weights": unquant // shard,
+        "lora_params": 4 * n_train // shard,
+        "lora_grads": 4 * n_train // shard,
+        "optimizer_state": opt,
+        "fsdp_gather_buffers": (2 * (layer_weight + 2 * n_train // max(L, 1)) if fsdp else 0),
+        "activations": activations,
+        "logits_loss": logits,
+        "backward_workspace": workspace,
+    }
+    if fsdp:
+        parts["fsdp_gather_buffers"] = max(parts["fsdp_gather_buffers"], embed, head)
+        notes["fsdp_gather_buffers"] = "one layer in use + one prefetched, unsharded"
+    allocated = sum(parts.values())
+    parts["cuda_context"] = 0 if on_cpu else CUDA_CONTEXT_BYTES
+    parts["allocator_slack"] = int(allocated * slack)
+    if not fsdp and world > 1:
+        notes["strategy"] = "ddp: weights, LoRA and optimizer state replicated on every device"
+    return Plan(model=s.name, shape=s, world_size=world,
+                strategy=("fsdp" if fsdp else ("ddp" if world > 1 else "single")),
+                micro_batch=mb, seq_len=seq, parts=parts, notes=notes,
+                activations_detail={"with_checkpointing": with_ckpt, "without_checkpointing": without_ckpt,
+                                    "one_layer": layer_full, **{f"per_token_layer_{k}": v for k, v in per_tok.items()}})
+
+
+# --------------------------------------------------------------------------- budget search
+
+
+def _largest(fits, lo: int, hi: int) -> int:
+    """Largest x in [lo, hi] with fits(x), assuming fits is monotone decreasing; lo - 1 if none."""
+    if not fits(lo):
+        return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def max_micro_batch(cfg, budget_bytes: int, seq_len: Optional[int] = None, slack: float = 0.10,
+                    limit: int = 4096) -> int:
+    """Largest micro-batch at seq_len (default: the recipe's) whose peak fits; 0 if none."""
+    return _largest(lambda b: predict(cfg, b, seq_len, slack).peak_bytes <= budget_bytes, 1, limit)
+
+
+def max_seq_len(cfg, budget_bytes: int, micro_batch: Optional[int] = None, slack: float = 0.10,
+                limit: int = 1 << 20) -> int:
+    """Largest seq_len (a multiple of 64) at micro_batch (default: the recipe's) that fits; 0 if none."""
+    n = _largest(lambda k: predict(cfg, micro_batch, 64 * k, slack).peak_bytes <= budget_bytes, 1, limit // 64)
+    return 64 * n
+
+
+def auto_micro_batch(cfg, budget_bytes: int, cap: Optional[int] = None) -> int:
+    """`train.micro_batch_size=auto`: the largest micro-batch that fits `budget_bytes` and divides the
+    per-device share of the global batch (so accumulation stays exact). Always >= 1."""
+    world = cfg.devices * cfg.num_nodes
+    per_device = max(cfg.train.global_batch_size // world, 1)
+    cap = cap or (CPU_MICRO_BATCH_CAP if cfg.accelerator == "cpu" else per_device)
+    best = min(max_micro_batch(cfg, budget_bytes, limit=per_device), cap, per_device)
+    while best > 1 and cfg.train.global_batch_size % (best * world):
+        best -= 1
+    return max(best, 1)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def report(cfg, budget: int, slack: float = 0.10) -> dict:
+    auto = cfg.train.micro_batch_size == "auto"
+    plan = predict(cfg, auto_micro_batch(cfg, budget) if auto else None, slack=slack)
+    out = {
+        "model": plan.model, "quant": cfg.quant.mode, "devices": plan.world_size, "strategy": plan.strategy,
+        "micro_batch": plan.micro_batch, "seq_len": plan.seq_len,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "loss_chunk_size": cfg.train.loss_chunk_size,
+        "n_params": plan.shape.n_params(),
+        "peak_bytes": plan.peak_bytes, "peak_gib": round(plan.peak_bytes / GiB, 3),
+        "budget_bytes": budget, "fits": plan.peak_bytes <= budget,
+        "parts": plan.parts,
+        "activations_detail": plan.activations_detail,
+        "max_micro_batch": max_micro_batch(cfg, budget, slack=slack),
+        "max_seq_len": max_seq_len(cfg, budget, micro_batch=plan.micro_batch, slack=slack),
+        "micro_batch_auto": auto,
+        "notes": plan.notes,
+        "shape": dataclasses.asdict(plan.shape),
+    }
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def print_table(rep: dict) -> None:
+    title = (f"{rep['model']} · {rep['quant']} · {rep['devices']} device(s) {rep['strategy']} · "
+             f"micro-batch {rep['micro_batch']} x seq {rep['seq_len']} · per device")
+    rows = [(k.replace("_", " "), _gib(v), rep["notes"].get(k, "")) for k, v in rep["parts"].items()]
+    verdict = "fits" if rep["fits"] else "does NOT fit"
+    footer = [
+        f"peak {_gib(rep['peak_bytes'])} GiB of {_gib(rep['budget_bytes'])} GiB budget: {verdict}",
+        f"activations with checkpointing {_gib(rep['activations_detail']['with_checkpointing'])} GiB, "
+        f"without {_gib(rep['activations_detail']['without_checkpointing'])} GiB",
+        f"largest micro-batch at seq {rep['seq_len']}: {rep['max_micro_batch']}; "
+        f"largest seq_len at micro-batch {rep['micro_batch']}: {rep['max_seq_len']}",
+    ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        for name, gib, note in rows:
+            print(f"  {name:<22} {gib:>8} GiB  {note}")
+        print("\n".join(footer))
+        return
+    table = Table(title=title)
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    table.add_column("note")
+    for row in rows:
+        table.add_row(*row)
+    table.add_section()
+    table.add_row("peak", _gib(rep["peak_bytes"]), verdict, style="bold")
+    console = Console()
+    console.print(table)
+    for line in footer[1:]:
+        console.print(line)
+
+
+def run(args: Args, cfg) -> int:
+    if not 0 <= args.slack < 1:
+        raise UsageError(f"slack: expected a fraction in [0, 1), got {args.slack}")
+    budget = parse_bytes(args.gpu_memory)
+    rep = report(cfg, budget, args.slack)
+    if args.format == "json":
+        print(json.dumps(rep, indent=2))
+    else:
+        print_table(rep)
+    return 0

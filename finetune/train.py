@@ -1,0 +1,453 @@
+"""Training: recipe -> adapter, on Lightning Fabric. setup -> main -> fit, readable top to bottom.
+
+Invariants this file keeps (each has a test):
+- loss = sum of token losses / trained tokens over all micro-batches and ranks of a step, so
+  4 x micro-batch 1 equals 1 x micro-batch 4 and 2 processes equal 1;
+- the data order is a function of (seed, step) only, so resume needs just the step number and
+  reproduces the uninterrupted run exactly on CPU;
+- a checkpoint is complete or invisible (finetune.checkpoint), and Ctrl-C / SIGTERM / NaN never
+  cost more than the steps since the last one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune import checkpoint
+from finetune.config import Config, gradient_accumulation, to_yaml
+from finetune.errors import FinetuneError, UsageError
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps the peft model so that Fabric/DDP see one forward that returns (loss_sum, tokens).
+
+    Running the head inside this forward lets the loss be computed `chunk` positions at a time,
+    each chunk recomputed in backward, so full-sequence fp32 logits (seq x vocab x 4 bytes:
+    1 GiB for Llama-3 at 2k tokens) never exist at once.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = 0):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, input_ids, labels, position_ids):
+        targets = labels[:, 1:]
+        n_tokens = (targets != -100).sum()
+        # attention_mask=None + position ids restarting per example = block-diagonal attention;
+        # only with use_cache=False (with a cache, transformers lets packs attend across examples).
+        kwargs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+        if not self.chunk:
+            logits = self.model(**kwargs).logits[:, :-1]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            return loss, n_tokens
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(**kwargs).last_hidden_state[:, :-1]
+        head = base.get_output_embeddings()
+        hidden, targets = hidden.flatten(0, 1), targets.flatten()
+        keep = targets != -100  # untrained positions need no logits at all
+        hidden, targets = hidden[keep], targets[keep]
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, hidden.shape[0], self.chunk):
+            loss = loss + torch.utils.checkpoint.checkpoint(
+                _head_ce, head, hidden[i:i + self.chunk], targets[i:i + self.chunk], use_reentrant=False)
+        return loss, n_tokens
+
+
+def _head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def resolve_precision(cfg: Config) -> tuple[str, str]:
+    """(accelerator, precision): fp32 on CPU (bf16 there is pathologically slow), bf16 on GPU."""
+    accelerator = cfg.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise UsageError(f"accelerator={cfg.accelerator} but no CUDA GPU is visible; use accelerator=cpu")
+    precision = cfg.precision or ("32-true" if accelerator == "cpu" else "bf16-mixed")
+    return accelerator, precision
+
+
+def make_loggers(cfg: Config, out_dir: Path) -> list:
+    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    for name in cfg.output.loggers:
+        if name == "csv":
+            loggers.append(CSVLogger(root_dir=str(out_dir), name="logs", version=""))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version=""))
+        elif name == "wandb":
+            try:
+                from lightning.pytorch.loggers import WandbLogger
+            except ImportError:
+                raise UsageError("output.loggers has wandb but wandb/lightning.pytorch is not installed") from None
+            loggers.append(WandbLogger(save_dir=str(out_dir), project="finetune"))
+        else:
+            raise UsageError(f"output.loggers: unknown logger '{name}' (csv, tensorboard, wandb)")
+    return loggers
+
+
+def make_fabric(cfg: Config):
+    import lightning as L
+
+    accelerator, precision = resolve_precision(cfg)
+    strategy = cfg.strategy
+    if strategy == "fsdp":
+        if accelerator == "cpu":
+            raise UsageError("strategy=fsdp needs GPUs (Fabric's FSDP is not available on CPU); use strategy=ddp")
+        from lightning.fabric.strategies import FSDPStrategy
+
+        strategy = FSDPStrategy(auto_wrap_policy=_fsdp_wrap_policy(), sharding_strategy="FULL_SHARD",
+                                state_dict_type="full", use_orig_params=True, cpu_offload=False)
+    elif strategy == "ddp" and accelerator == "cpu":
+        from lightning.fabric.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    loggers = make_loggers(cfg, Path(cfg.out_dir))
+    return L.Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                    strategy=strategy, precision=precision, loggers=loggers)
+
+
+def _fsdp_wrap_policy():
+    """Wrap each decoder layer, so FSDP shards per block (LoRA and 4-bit weights alike)."""
+    from functools import partial
+
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    def is_block(module: nn.Module) -> bool:
+        return type(module).__name__.endswith("DecoderLayer")
+
+    return partial(lambda_auto_wrap_policy, lambda_fn=is_block)
+
+
+def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    kwargs = dict(lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
+           "paged_adamw": bnb.optim.PagedAdamW}[t.optimizer]
+    return cls(params, **kwargs)
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def train(cfg: Config) -> Path:
+    """Python API of `finetune recipe=...`: train and return the final adapter directory."""
+    fabric = make_fabric(cfg)
+    fabric.launch()
+    return main(fabric, cfg).final_dir
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    model: Optional[nn.Module] = None  # the trained peft model, for tests and notebooks
+    state: Optional["RunState"] = None
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    losses: list = field(default_factory=list)  # (step, train loss) for the loss curve
+    val_losses: list = field(default_factory=list)
+
+
+def main(fabric, cfg: Config) -> TrainResult:
+    from finetune.data import BatchStream, prepare
+    from finetune.model import load_model, load_tokenizer
+
+    out_dir = Path(cfg.out_dir)
+    rank0 = fabric.global_rank == 0
+    final_dir = out_dir / "final"
+
+    resume_from = _resume_source(cfg, out_dir, rank0)
+    if resume_from is not None and resume_from.name == "final":
+        fabric.print(f"{final_dir} is already complete; nothing to resume. Use a new out_dir to train again.")
+        return TrainResult(final_dir)
+    if cfg.model.trust_remote_code:
+        fabric.print("warning: model.trust_remote_code=true: running model code shipped with the checkpoint")
+
+    fabric.seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    with fabric.rank_zero_first():  # rank 0 fills the tokenized cache, the others read it
+        data = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=rank0 and cfg.output.progress)
+    if rank0:
+        fabric.print(str(data.stats))
+
+    model = load_model(cfg, fabric.device)
+    micro = cfg.train.micro_batch_size
+    if micro == "auto":
+        from finetune.plan import auto_micro_batch
+
+        micro = auto_micro_batch(cfg, fabric.device)
+        fabric.print(f"train.micro_batch_size=auto -> {micro}")
+    accum = gradient_accumulation(cfg, fabric.world_size, micro)
+    stream = BatchStream(data.train, global_batch_size=cfg.train.global_batch_size, micro_batch_size=micro,
+                         world_size=fabric.world_size, rank=fabric.global_rank, seed=cfg.train.seed,
+                         group_by_length=not cfg.data.packing, pad_id=tokenizer.pad_token_id)
+    val_batches = _val_batches(data.val, micro, fabric, tokenizer.pad_token_id, cfg.train.eval_batches)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model))
+    optimizer = make_optimizer(cfg, trainable)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    lossmod, optimizer = fabric.setup(lossmod, optimizer)
+
+    state = RunState()
+    if resume_from is not None:
+        _restore(resume_from, model, optimizer, scheduler, state)
+        fabric.print(f"resumed from {resume_from} at step {state.step}")
+
+    fabric.print(f"training {sum(p.numel() for p in trainable):,} parameters; {fabric.world_size} process(es), "
+                 f"micro-batch {micro} x accumulation {accum} x {fabric.world_size} = global {cfg.train.global_batch_size}")
+    fit(fabric, cfg, model, tokenizer, lossmod, optimizer, scheduler, stream, val_batches, state)
+
+    if rank0:
+        checkpoint.save_checkpoint(final_dir, model=model, tokenizer=tokenizer, config_yaml=to_yaml(cfg),
+                                   state=_state_dict(optimizer, scheduler, state))
+        if cfg.output.plot:
+            _plot(state, out_dir / "loss.png")
+        fabric.print(f"saved adapter to {final_dir}")
+    fabric.barrier()
+    if cfg.eval.suite and rank0:
+        from finetune.eval.run import run_suite_after_training
+
+        run_suite_after_training(cfg.eval.suite, final_dir, out_dir / "eval", max_new_tokens=cfg.eval.max_new_tokens)
+    return TrainResult(final_dir, model, state)
+
+
+def _resume_source(cfg: Config, out_dir: Path, rank0: bool) -> Optional[Path]:
+    if cfg.resume == "no":
+        checkpoint.check_out_dir(out_dir, cfg.resume, cfg.overwrite) if rank0 else None
+        return None
+    if cfg.resume == "auto":
+        if rank0 and out_dir.is_dir():
+            checkpoint.recover(out_dir)  # finish or undo a save that a kill interrupted
+        final = out_dir / "final"
+        if checkpoint.is_complete(final):
+            return final
+        return checkpoint.latest_checkpoint(out_dir)
+    path = Path(cfg.resume)
+    if not checkpoint.is_complete(path):
+        raise UsageError(f"resume={cfg.resume} is not a complete checkpoint directory")
+    return path
+
+
+def _loss_chunk(cfg: Config, model: nn.Module) -> int:
+    # The chunked head runs outside the model's own forward; a trained lm_head would then miss
+    # DDP's gradient sync, so it falls back to the plain loss.
+    head_trained = any(p.requires_grad for p in model.get_output_embeddings().parameters())
+    return 0 if head_trained else cfg.train.loss_chunk_size
+
+
+def _state_dict(optimizer, scheduler, state: RunState) -> dict:
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": state.step,
+            "losses": state.losses, "val_losses": state.val_losses, "rng": checkpoint.capture_rng()}
+
+
+def _restore(path: Path, model, optimizer, scheduler, state: RunState) -> None:
+    saved = checkpoint.load_state(path)
+    checkpoint.load_adapter_weights(model, path)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state.step = int(saved["step"])
+    state.losses = [tuple(x) for x in saved.get("losses", [])]
+    state.val_losses = [tuple(x) for x in saved.get("val_losses", [])]
+    checkpoint.restore_rng(saved["rng"])
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def fit(fabric, cfg: Config, model, tokenizer, lossmod, optimizer, scheduler, stream, val_batches, state: RunState):
+    from finetune.progress import TrainProgress
+
+    t = cfg.train
+    out_dir = Path(cfg.out_dir)
+    rank0 = fabric.global_rank == 0
+    progress = TrainProgress(total=t.max_steps, start=state.step, enabled=rank0 and cfg.output.progress)
+    window_tokens, window_start = 0, time.perf_counter()
+
+    with _StopRequest() as stop, progress:
+        while state.step < t.max_steps:
+            micro_batches = stream.step_batches(state.step)
+            # Normalise by the trained tokens of the whole step on all ranks, counted up front.
+            local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+            total = int(fabric.all_reduce(torch.tensor(local, device=fabric.device), reduce_op="sum").item())
+            if total == 0:
+                raise FinetuneError(f"step {state.step + 1} has no trained tokens (all labels masked)")
+            loss_sum = torch.zeros((), device=fabric.device)
+            for i, batch in enumerate(micro_batches):
+                batch = {k: v.to(fabric.device) for k, v in batch.items()}
+                last = i == len(micro_batches) - 1
+                with fabric.no_backward_sync(lossmod, enabled=not last):
+                    loss, _ = lossmod(batch["input_ids"], batch["labels"], batch["position_ids"])
+                    # DDP averages gradients over ranks; scaling by world size makes that a sum.
+                    fabric.backward(loss * fabric.world_size / total)
+                loss_sum += loss.detach()
+            step_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / total
+            if not math.isfinite(step_loss):
+                last_good = checkpoint.latest_checkpoint(out_dir)
+                raise FinetuneError(f"loss is {step_loss} at step {state.step + 1}; stopped without updating. "
+                                    f"Last good checkpoint: {last_good or 'none'}")
+            if t.max_grad_norm:
+                fabric.clip_gradients(lossmod, optimizer, max_norm=t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            state.step += 1
+            state.losses.append((state.step, step_loss))
+
+            window_tokens += total
+            elapsed = time.perf_counter() - window_start
+            tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
+            metrics = {"train_loss": step_loss, "lr": lr, "trained_tokens_per_s": tok_s,
+                       "epoch": stream.epoch_at(state.step)}
+            if state.step % t.log_every == 0 or state.step == t.max_steps:
+                fabric.log_dict(metrics, step=state.step)
+            progress.update(state.step, loss=step_loss, lr=lr, tok_s=tok_s)
+
+            if val_batches and t.eval_every and state.step % t.eval_every == 0:
+                _validate(fabric, lossmod, val_batches, state, progress)
+            if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
+                _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state)
+            if stop.signal is not None and state.step < t.max_steps:
+                path = _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state)
+                name = signal.Signals(stop.signal).name
+                fabric.print(f"\n{name} received: saved {path} at step {state.step}. "
+                             f"Resume with the same command plus resume=auto.")
+                sys.exit(130 if stop.signal == signal.SIGINT else 143)
+
+    if val_batches:
+        _validate(fabric, lossmod, val_batches, state, progress)
+    logger_flush(fabric)
+
+
+def _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state: RunState) -> Path:
+    out_dir = Path(cfg.out_dir)
+    path = checkpoint.step_dir(out_dir, state.step)
+    if fabric.global_rank == 0:
+        checkpoint.save_checkpoint(path, model=model, tokenizer=tokenizer, config_yaml=to_yaml(cfg),
+                                   state=_state_dict(optimizer, scheduler, state))
+        if cfg.train.keep_last:
+            checkpoint.prune(out_dir, cfg.train.keep_last)
+    fabric.barrier()
+    return path
+
+
+def _val_batches(units: list, micro: int, fabric, pad_id: int, max_batches: int) -> list[dict]:
+    """The same validation micro-batches every time: units in order, split over ranks, collated once."""
+    from finetune.data import collate
+
+    mine = units[fabric.global_rank::fabric.world_size]
+    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)][:max_batches]
+    return [collate(c, pad_id) for c in chunks]
+
+
+@torch.no_grad()
+def _validate(fabric, lossmod, val_batches: list[dict], state: RunState, progress) -> float:
+    lossmod.eval()
+    total_loss = torch.zeros((), device=fabric.device)
+    total_tokens = torch.zeros((), device=fabric.device, dtype=torch.long)
+    for batch in val_batches:
+        batch = {k: v.to(fabric.device) for k, v in batch.items()}
+        loss, n = lossmod(batch["input_ids"], batch["labels"], batch["position_ids"])
+        total_loss += loss
+        total_tokens += n
+    lossmod.train()
+    total_loss = fabric.all_reduce(total_loss, reduce_op="sum")
+    total_tokens = fabric.all_reduce(total_tokens, reduce_op="sum")
+    val = (total_loss / total_tokens.clamp(min=1)).item()
+    state.val_losses.append((state.step, val))
+    fabric.log_dict({"val_loss": val}, step=state.step)
+    progress.note(f"step {state.step}: val_loss {val:.4f}")
+    return val
+
+
+def logger_flush(fabric) -> None:
+    for logger in fabric.loggers:
+        logger.finalize("success")
+
+
+def _plot(state: RunState, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if state.losses:
+        ax.plot(*zip(*state.losses), label="train")
+    if state.val_losses:
+        ax.plot(*zip(*state.val_losses), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per trained token)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

