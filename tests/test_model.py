@@ -100,6 +100,13 @@ def test_device_and_dtypes():
             fm.default_device("cuda")
 
 
+def test_trust_remote_code_only_when_set(caplog):
+    assert "trust_remote_code" not in fm._hub_kwargs(None, False)
+    with caplog.at_level("WARNING", logger="finetune.model"):
+        assert fm._hub_kwargs("v1", True) == {"revision": "v1", "trust_remote_code": True}
+    assert "trust_remote_code=true" in caplog.text
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 

@@ -144,7 +144,7 @@ class Renderer:
                 if m["role"] != "assistant":
                     continue
                 start = _lcp(self._render(msgs[:i], tools, True), text)
-                end = _lcp(self._render(msgs[:i + 1], tools, False), text)
+                end = len(text) if i == len(msgs) - 1 else _lcp(self._render(msgs[:i + 1], tools, False), text)
                 seg = text[start:end]
                 last = None
                 if self.special_re is not None:
