@@ -11,8 +11,14 @@ Heavy libraries (torch, transformers) load only when a function needs them.
 
 from __future__ import annotations
 
-from finetune.config import Config, load_config
-from finetune.errors import FinetuneError, UsageError
+import logging
+
+# bitsandbytes logs a warning about an optional CPU 4-bit kernel on every import; the fallback
+# it uses is correct, so the warning is only noise for users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from finetune.config import Config, load_config  # noqa: E402
+from finetune.errors import FinetuneError, UsageError  # noqa: E402
 
 __all__ = ["Config", "load_config", "train", "FinetuneError", "UsageError"]
 __version__ = "0.1.0"

@@ -141,6 +141,8 @@ class TrainConfig:
     """Keep saved activations in CPU RAM during the forward pass (GPU only)."""
     liger: bool = False
     """Use Liger kernels when installed (GPU only)."""
+    router_aux_loss_coef: float = 0.0
+    """MoE (Mixtral) models: weight of the load-balancing loss on router probabilities (0 = off)."""
     save_every: int = 0
     """Save a resumable checkpoint every N steps (0 = only the final adapter)."""
     keep_last: Optional[int] = None

@@ -40,32 +40,52 @@ class CausalLMLoss(nn.Module):
     1 GiB for Llama-3 at 2k tokens) never exist at once.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 0):
+    def __init__(self, model: nn.Module, chunk: int = 0, offload: bool = False, router_aux_coef: float = 0.0):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.offload = offload
+        self.router_aux_coef = router_aux_coef
 
     def forward(self, input_ids, labels, position_ids):
+        if self.offload:  # saved activations wait in (pinned) CPU RAM until backward needs them
+            with torch.autograd.graph.save_on_cpu(pin_memory=input_ids.is_cuda):
+                return self._forward(input_ids, labels, position_ids)
+        return self._forward(input_ids, labels, position_ids)
+
+    def _forward(self, input_ids, labels, position_ids):
         targets = labels[:, 1:]
         n_tokens = (targets != -100).sum()
         # attention_mask=None + position ids restarting per example = block-diagonal attention;
         # only with use_cache=False (with a cache, transformers lets packs attend across examples).
         kwargs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-        if not self.chunk:
-            logits = self.model(**kwargs).logits[:, :-1]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-            return loss, n_tokens
+        if self.router_aux_coef:
+            kwargs["output_router_logits"] = True
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        backbone = getattr(base, base.base_model_prefix)
-        hidden = backbone(**kwargs).last_hidden_state[:, :-1]
-        head = base.get_output_embeddings()
-        hidden, targets = hidden.flatten(0, 1), targets.flatten()
-        keep = targets != -100  # untrained positions need no logits at all
-        hidden, targets = hidden[keep], targets[keep]
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        for i in range(0, hidden.shape[0], self.chunk):
-            loss = loss + torch.utils.checkpoint.checkpoint(
-                _head_ce, head, hidden[i:i + self.chunk], targets[i:i + self.chunk], use_reentrant=False)
+        if not self.chunk:
+            out = self.model(**kwargs)
+            logits = out.logits[:, :-1]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        else:
+            out = getattr(base, base.base_model_prefix)(**kwargs)
+            hidden, flat_targets = out.last_hidden_state[:, :-1].flatten(0, 1), targets.flatten()
+            keep = flat_targets != -100  # untrained positions need no logits at all
+            hidden, flat_targets = hidden[keep], flat_targets[keep]
+            head = base.get_output_embeddings()
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            for i in range(0, hidden.shape[0], self.chunk):
+                loss = loss + torch.utils.checkpoint.checkpoint(
+                    _head_ce, head, hidden[i:i + self.chunk], flat_targets[i:i + self.chunk], use_reentrant=False)
+        if self.router_aux_coef:
+            from finetune.moe import load_balancing_loss
+
+            # transformers' own aux_loss softmaxes router probabilities a second time
+            # (huggingface/transformers#45120); ours forms probabilities exactly once. It is a
+            # per-token mean, so weighting it by this micro-batch's tokens keeps the step's
+            # normalisation by trained tokens intact.
+            c = base.config
+            aux = load_balancing_loss(out.router_logits, c.num_local_experts, c.num_experts_per_tok)
+            loss = loss + self.router_aux_coef * aux * n_tokens
         return loss, n_tokens
 
 
@@ -170,9 +190,24 @@ def lr_lambda(cfg: Config):
 
 def train(cfg: Config) -> Path:
     """Python API of `finetune recipe=...`: train and return the final adapter directory."""
+    _preflight(cfg)
     fabric = make_fabric(cfg)
     fabric.launch()
     return main(fabric, cfg).final_dir
+
+
+def _preflight(cfg: Config) -> None:
+    """Usage checks made before fabric.launch(), by every process that will become a rank.
+
+    After launch, a mistake seen by rank 0 alone would leave the other ranks waiting in a
+    collective until the store times out; before it, no rank has started and nothing is written.
+    """
+    if cfg.resume == "no":
+        checkpoint.check_out_dir(Path(cfg.out_dir), "no", cfg.overwrite)
+    elif cfg.resume != "auto" and not checkpoint.is_complete(cfg.resume):
+        raise UsageError(f"resume={cfg.resume} is not a complete checkpoint directory")
+    if cfg.train.micro_batch_size != "auto" and cfg.devices > 0:
+        gradient_accumulation(cfg, cfg.devices * cfg.num_nodes, int(cfg.train.micro_batch_size))
 
 
 @dataclass
@@ -197,21 +232,26 @@ def main(fabric, cfg: Config) -> TrainResult:
     rank0 = fabric.global_rank == 0
     final_dir = out_dir / "final"
 
-    resume_from = _resume_source(cfg, out_dir, rank0)
+    # Rank 0 alone repairs out_dir and picks the checkpoint; the others must not look while it does.
+    resume_from = fabric.broadcast(_resume_source(cfg, out_dir, rank0) if rank0 else None)
     if resume_from is not None and resume_from.name == "final":
         fabric.print(f"{final_dir} is already complete; nothing to resume. Use a new out_dir to train again.")
         return TrainResult(final_dir)
     if cfg.model.trust_remote_code:
         fabric.print("warning: model.trust_remote_code=true: running model code shipped with the checkpoint")
 
-    fabric.seed_everything(cfg.train.seed)
+    fabric.seed_everything(cfg.train.seed, verbose=rank0)
+    if not rank0:  # progress bars from rank 0 only (transformers shows one while loading weights)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(cfg.model)
     with fabric.rank_zero_first():  # rank 0 fills the tokenized cache, the others read it
         data = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=rank0 and cfg.output.progress)
     if rank0:
         fabric.print(str(data.stats))
 
-    model = load_model(cfg, fabric.device)
+    model = load_model(cfg, fabric.device, tokenizer=tokenizer)
     micro = cfg.train.micro_batch_size
     if micro == "auto":
         from finetune.plan import auto_micro_batch
@@ -225,7 +265,9 @@ def main(fabric, cfg: Config) -> TrainResult:
     val_batches = _val_batches(data.val, micro, fabric, tokenizer.pad_token_id, cfg.train.eval_batches)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model))
+    _apply_liger(cfg, model, fabric.device)
+    lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model), offload=cfg.train.offload_activations,
+                           router_aux_coef=cfg.train.router_aux_loss_coef)
     optimizer = make_optimizer(cfg, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     lossmod, optimizer = fabric.setup(lossmod, optimizer)
@@ -249,7 +291,7 @@ def main(fabric, cfg: Config) -> TrainResult:
     if cfg.eval.suite and rank0:
         from finetune.eval.run import run_suite_after_training
 
-        run_suite_after_training(cfg.eval.suite, final_dir, out_dir / "eval", max_new_tokens=cfg.eval.max_new_tokens)
+        run_suite_after_training(cfg.eval.suite, final_dir, out_dir / "eval", cfg=cfg)
     return TrainResult(final_dir, model, state)
 
 
@@ -268,6 +310,21 @@ def _resume_source(cfg: Config, out_dir: Path, rank0: bool) -> Optional[Path]:
     if not checkpoint.is_complete(path):
         raise UsageError(f"resume={cfg.resume} is not a complete checkpoint directory")
     return path
+
+
+def _apply_liger(cfg: Config, model: nn.Module, device: torch.device) -> None:
+    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the base model, GPU only."""
+    if not cfg.train.liger:
+        return
+    if device.type != "cuda":
+        raise UsageError("train.liger=true needs a CUDA GPU (Liger kernels are Triton); set train.liger=false")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise UsageError("train.liger=true but liger-kernel is not installed: pip install liger-kernel") from None
+    # The cross-entropy kernels stay off: the chunked loss above already avoids full logits.
+    _apply_liger_kernel_to_instance(model=model.get_base_model(), cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
 
 
 def _loss_chunk(cfg: Config, model: nn.Module) -> int:
@@ -370,18 +427,22 @@ def fit(fabric, cfg: Config, model, tokenizer, lossmod, optimizer, scheduler, st
                 fabric.log_dict(metrics, step=state.step)
             progress.update(state.step, loss=step_loss, lr=lr, tok_s=tok_s)
 
-            if val_batches and t.eval_every and state.step % t.eval_every == 0:
+            if val_batches is not None and t.eval_every and state.step % t.eval_every == 0:
                 _validate(fabric, lossmod, val_batches, state, progress)
             if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
                 _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state)
-            if stop.signal is not None and state.step < t.max_steps:
+            stopping = stop.signal is not None
+            if fabric.world_size > 1:  # ranks may get the signal a step apart; all must stop at the same one
+                flag = torch.tensor(int(stopping), device=fabric.device)
+                stopping = fabric.all_reduce(flag, reduce_op="sum").item() > 0
+            if stopping and state.step < t.max_steps:
                 path = _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state)
-                name = signal.Signals(stop.signal).name
-                fabric.print(f"\n{name} received: saved {path} at step {state.step}. "
+                sig = stop.signal or signal.SIGTERM
+                fabric.print(f"\n{signal.Signals(sig).name} received: saved {path} at step {state.step}. "
                              f"Resume with the same command plus resume=auto.")
-                sys.exit(130 if stop.signal == signal.SIGINT else 143)
+                sys.exit(130 if sig == signal.SIGINT else 143)
 
-    if val_batches:
+    if val_batches is not None:
         _validate(fabric, lossmod, val_batches, state, progress)
     logger_flush(fabric)
 
@@ -398,12 +459,24 @@ def _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state: RunSt
     return path
 
 
-def _val_batches(units: list, micro: int, fabric, pad_id: int, max_batches: int) -> list[dict]:
-    """The same validation micro-batches every time: units in order, split over ranks, collated once."""
+def _val_batches(units: list, micro: int, fabric, pad_id: int, max_batches: int) -> Optional[list[dict]]:
+    """The same validation micro-batches every time: units in order, split over ranks, collated once.
+
+    The units are the first max_batches x micro whatever the device count, so val_loss does not
+    depend on it. Every rank gets the same number of batches (a short rank gets fully masked
+    ones, worth 0 loss and 0 tokens): DDP syncs buffers and FSDP gathers weights in a forward,
+    so ranks must run equally many. None = no validation data at all.
+    """
     from finetune.data import collate
 
-    mine = units[fabric.global_rank::fabric.world_size]
-    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)][:max_batches]
+    units = units[:max_batches * micro]
+    if not len(units):
+        return None
+    mine = list(units[fabric.global_rank::fabric.world_size])
+    per_rank = -(-len(units) // fabric.world_size)
+    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    blank = {**units[0], "labels": [-100] * len(units[0]["input_ids"])}
+    chunks += [[blank]] * (-(-per_rank // micro) - len(chunks))
     return [collate(c, pad_id) for c in chunks]
 
 
