@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -79,7 +80,8 @@ def main() -> None:
           f"({growth:+.2f}%, peak {peak / 2**20:.1f} MiB); {step_dirs} kept; {samples[-1]['elapsed_s']:.0f} s")
     result = {
         "what": "resident memory of an in-process tiny-lora CPU fp32 run with periodic checkpoints + keep_last",
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": " ".join([*(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ),
+                             "python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "config_overrides": {k: v for k, v in overrides.items() if k != "out_dir"},
         "hardware": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPU(s), "
                     f"{psutil.virtual_memory().total / 2**30:.1f} GiB RAM; {platform.platform()}",

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The MoE demo of issue 7 section 6, end to end on CPU (docs/moe.md has the results):
+#   three SmolLM2-135M specialists (LoRA) -> `finetune moe` -> [router training] -> `finetune eval`
+# on each task's held-out suite and on the mixed suite, with base, each expert and the MoE as columns.
+#
+#   bash bench/moe_demo.sh                 # everything (stages: experts moe router eval collect)
+#   STAGES="eval collect" bash bench/moe_demo.sh   # re-run some stages only
+#   ROUTER=1 bash bench/moe_demo.sh        # also fine-tune the router (recipes/moe-router.yaml)
+#   STEPS=30 bash bench/moe_demo.sh        # override the experts' train.max_steps
+#
+# Outputs under out/: moe-expert-*/ (adapters), moe-demo/ (the MoE), moe-demo-router/ (router
+# adapter), moe-demo-eval/<suite>/ (scorecards); logs in out/moe-demo-logs/; the summary goes to
+# bench/results/moe_demo.json. Set PAR=0 to train the experts one after the other.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+FT="$PY -m finetune.cli"
+STAGES=${STAGES:-"experts moe router eval collect"}
+TASKS="geo units verdict"
+LOGS=out/moe-demo-logs
+mkdir -p "$LOGS"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+stamp() { date +%s; }
+T0=$(stamp)
+declare -A SECS
+
+if has experts; then
+  t=$(stamp)
+  steps=${STEPS:+train.max_steps=$STEPS}
+  if [[ "${PAR:-1}" == 1 ]]; then
+    # One thread each: on a small shared CPU three single-threaded runs finish sooner than three
+    # two-threaded runs in a row (the per-step work of a 135M model scales poorly past one core).
+    pids=()
+    for task in $TASKS; do
+      OMP_NUM_THREADS=1 $FT recipe=moe-expert-$task overwrite=true $steps > "$LOGS/train-$task.log" 2>&1 &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+  else
+    for task in $TASKS; do $FT recipe=moe-expert-$task overwrite=true $steps > "$LOGS/train-$task.log" 2>&1; done
+  fi
+  SECS[experts]=$(( $(stamp) - t ))
+  echo "experts trained in ${SECS[experts]} s"
+fi
+
+if has moe; then
+  t=$(stamp)
+  $FT moe config=examples/moe-demo.yaml out_dir=out/moe-demo overwrite=true 2>&1 | tee "$LOGS/moe.log"
+  SECS[moe]=$(( $(stamp) - t ))
+fi
+
+MOE=out/moe-demo
+if has router && [[ "${ROUTER:-0}" == 1 ]]; then
+  t=$(stamp)
+  $FT recipe=moe-router model.name=out/moe-demo overwrite=true > "$LOGS/router.log" 2>&1
+  SECS[router]=$(( $(stamp) - t ))
+  MOE_ROUTER=out/moe-demo-router/final
+fi
+
+if has eval; then
+  t=$(stamp)
+  models="base,out/moe-expert-geo/final,out/moe-expert-units/final,out/moe-expert-verdict/final,$MOE"
+  [[ -n "${MOE_ROUTER:-}" ]] && models="$models,$MOE_ROUTER"
+  for suite in moe-geo moe-units moe-verdict moe-mixed; do
+    $FT eval suite=$suite "models=[$models]" out_dir=out/moe-demo-eval/$suite overwrite=true progress=false \
+      > "$LOGS/eval-$suite.log" 2>&1
+    echo "eval $suite done"
+  done
+  SECS[eval]=$(( $(stamp) - t ))
+fi
+
+if has collect; then
+  secs=""
+  for k in "${!SECS[@]}"; do secs="$secs\"$k\": ${SECS[$k]}, "; done
+  $PY bench/moe_demo_collect.py --eval-dir out/moe-demo-eval --seconds "{${secs%, }}" --out bench/results/moe_demo.json
+fi
+echo "total $(( $(stamp) - T0 )) s"
