@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from finetune.errors import FinetuneError, UsageError, did_you_mean
+from finetune.model import read_adapter_config, resolve_model_path  # noqa: F401  (moe imports them from here)
 
 log = logging.getLogger(__name__)
 
@@ -71,50 +72,6 @@ class Args:
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def resolve_model_path(name: str) -> str:
-    """A base model reference -> something from_pretrained accepts (local dir or hub id).
-
-    Stand-in until finetune.model.resolve_model_path exists; keep the two in step.
-    """
-    try:
-        from finetune.model import resolve_model_path as shared  # helper B's loader, when present
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return str(shared(name))
-    if name == "tiny":
-        from finetune.tiny import tiny_model_dir
-
-        return str(tiny_model_dir())
-    p = Path(os.path.expanduser(name))
-    if p.is_dir():
-        return str(p.resolve())
-    if p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-        raise UsageError(f"base model directory not found: {name}")
-    return name  # a hub id; transformers resolves it (or fails with its own message)
-
-
-def read_adapter_config(adapter_dir: str) -> dict:
-    """adapter_config.json of a PEFT adapter dir, with one-line errors for each way it is wrong."""
-    d = Path(os.path.expanduser(adapter_dir))
-    if not d.is_dir():
-        raise UsageError(f"adapter directory not found: {adapter_dir}")
-    f = d / "adapter_config.json"
-    if not f.is_file():
-        raise UsageError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
-    if not any((d / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise UsageError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read {f}: {e}") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UsageError(f"{adapter_dir}: only LoRA adapters can be merged, got peft_type {cfg.get('peft_type')}")
-    if not cfg.get("base_model_name_or_path"):
-        raise UsageError(f"{f} has no base_model_name_or_path")
-    return cfg
 
 
 def adapter_base_path(adapter_dir: str) -> str:

@@ -446,11 +446,24 @@ def _sync_special_tokens(model, tokenizer) -> None:
 
 
 def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
-    f = Path(adapter_dir) / "adapter_config.json"
+    """adapter_config.json of a PEFT LoRA adapter dir, with one-line errors for each way it is wrong."""
+    d = Path(os.path.expanduser(str(adapter_dir)))
+    if not d.is_dir():
+        raise UsageError(f"adapter directory not found: {adapter_dir}")
+    f = d / "adapter_config.json"
+    if not f.is_file():
+        raise UsageError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+    if not any((d / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UsageError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
     try:
-        return json.loads(f.read_text())
+        cfg = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"cannot read {f}: {_first_line(e)}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UsageError(f"{adapter_dir}: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')}")
+    if not cfg.get("base_model_name_or_path"):
+        raise UsageError(f"{f} has no base_model_name_or_path")
+    return cfg
 
 
 def adapter_shapes(adapter_dir: Union[str, Path]) -> dict[str, tuple]:
