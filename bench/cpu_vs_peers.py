@@ -3,7 +3,7 @@
     python bench/cpu_vs_peers.py [--steps 12] [--warmup 2] [--only ours,trl,litgpt] [--out bench/results/cpu-vs-peers.json]
 
 Same model (SmolLM2-135M-Instruct: the embedded copy, converted once to litgpt's format in a temp
-dir), same data (../shared/data/alpaca/alpaca_cleaned_1000.json), LoRA r=16 alpha=32 dropout 0.05 on
+dir), same data (../shared/data/alpaca/alpaca_cleaned_1000.json), LoRA r=16 alpha=32 dropout 0 on
 every linear layer but the head, seq len 512, micro = global batch 4, fp32, no gradient
 checkpointing, AdamW lr 2e-4, the same number of optimizer steps. All three train on the response
 tokens only (ours: data.train_on_prompt=false; TRL: prompt-completion data, completion-only loss;
@@ -38,21 +38,25 @@ sys.path.insert(0, str(REPO))
 
 DATA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_cleaned_1000.json"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SEQ_LEN, BATCH, RANK, ALPHA, DROPOUT, LR = 512, 4, 16, 32, 0.05, 2e-4
+RANK, ALPHA, DROPOUT, LR = 16, 32, 0.0, 2e-4  # dropout 0 (peft's default) for all three
+SEQ_LEN, BATCH = 512, 4  # --seq_len / --batch (smaller only for a quick smoke run)
 TRAINERS = ("ours", "trl", "litgpt")
 
-# Ours, tuned honestly for this CPU: packing, head + loss only on trained positions, no
-# checkpointing, fp32, torch AdamW (bitsandbytes' 8-bit optimizers are a GPU memory feature).
-OURS_OVERRIDES = {
-    "model.name": "smollm2-135m", "accelerator": "cpu", "precision": "32-true",
-    "data.path": str(DATA), "data.format": "alpaca", "data.seq_len": str(SEQ_LEN), "data.packing": "true",
-    "data.train_on_prompt": "false", "data.val_fraction": "0.05",
-    "lora.r": str(RANK), "lora.alpha": str(ALPHA), "lora.dropout": str(DROPOUT), "lora.target_modules": "[all-linear]",
-    "train.micro_batch_size": str(BATCH), "train.global_batch_size": str(BATCH), "train.lr": str(LR),
-    "train.warmup_steps": "2", "train.optimizer": "adamw", "train.gradient_checkpointing": "false",
-    "train.loss_chunk_size": "4096", "train.eval_batches": "0", "train.seed": "42",
-    "output.progress": "false", "output.plot": "false",
-}
+
+def ours_overrides() -> dict:
+    """Ours, tuned honestly for this CPU: packing, head + loss only on trained positions (in one
+    chunk, so no recompute), no checkpointing, fp32, torch AdamW (bitsandbytes' 8-bit optimizers
+    are a GPU memory feature)."""
+    return {
+        "model.name": "smollm2-135m", "accelerator": "cpu", "precision": "32-true",
+        "data.path": str(DATA), "data.format": "alpaca", "data.seq_len": str(SEQ_LEN), "data.packing": "true",
+        "data.train_on_prompt": "false", "data.val_fraction": "0.05",
+        "lora.r": str(RANK), "lora.alpha": str(ALPHA), "lora.dropout": str(DROPOUT), "lora.target_modules": "[all-linear]",
+        "train.micro_batch_size": str(BATCH), "train.global_batch_size": str(BATCH), "train.lr": str(LR),
+        "train.warmup_steps": "2", "train.optimizer": "adamw", "train.gradient_checkpointing": "false",
+        "train.loss_chunk_size": "4096", "train.eval_batches": "0", "train.seed": "42",
+        "output.progress": "false", "output.plot": "false",
+    }
 
 
 # --------------------------------------------------------------------------- workers (one per subprocess)
@@ -107,7 +111,7 @@ def worker_ours(args, rec: Recorder, tmp: Path) -> dict:
 
     train_mod.CausalLMLoss._forward = counting_forward
     TrainProgress.update = step_end
-    overrides = {**OURS_OVERRIDES, "out_dir": str(tmp / "ours"), "train.max_steps": str(args.steps),
+    overrides = {**ours_overrides(), "out_dir": str(tmp / "ours"), "train.max_steps": str(args.steps),
                  **dict(kv.split("=", 1) for kv in args.ours_override)}
     cfg = load_config(None, overrides)
     train_mod.main(train_mod.make_fabric(cfg), cfg)
@@ -230,7 +234,7 @@ def worker_litgpt(args, rec: Recorder, tmp: Path) -> dict:
             "--train.micro_batch_size", str(BATCH), "--train.global_batch_size", str(BATCH),
             "--train.max_steps", str(args.steps), "--train.max_seq_length", str(SEQ_LEN),
             "--train.lr_warmup_steps", "2", "--train.save_interval", str(10 ** 6),
-            "--optimizer.class_path", "torch.optim.AdamW", "--optimizer.init_args.lr", str(LR),
+            "--optimizer", json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"lr": LR}}),
             "--eval.interval", str(10 ** 6), "--eval.initial_validation", "false",
             "--eval.final_validation", "false", "--seed", "42"]
     from litgpt.__main__ import main as litgpt_main
@@ -279,6 +283,7 @@ def _cpu_model() -> str:
 
 
 def main() -> None:
+    global SEQ_LEN, BATCH
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per trainer")
     ap.add_argument("--warmup", type=int, default=2, help="first steps excluded from the timing")
@@ -288,7 +293,10 @@ def main() -> None:
                     help="extra training-config override for our trainer (repeatable)")
     ap.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--seq_len", type=int, default=SEQ_LEN)
+    ap.add_argument("--batch", type=int, default=BATCH, help="micro = global batch")
     args = ap.parse_args()
+    SEQ_LEN, BATCH = args.seq_len, args.batch
     if args.worker:
         return run_worker(args)
     if not DATA.is_file():
@@ -301,7 +309,8 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result_path = Path(f.name)
         cmd = [sys.executable, __file__, "--worker", name, "--result", str(result_path),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--seq_len", str(SEQ_LEN), "--batch", str(BATCH)]
         cmd += [f"--ours_override={kv}" for kv in args.ours_override]
         load_before = os.getloadavg()
         t0 = time.perf_counter()

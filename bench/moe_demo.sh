@@ -3,9 +3,9 @@
 #   three SmolLM2-135M specialists (LoRA) -> `finetune moe` -> [router training] -> `finetune eval`
 # on each task's held-out suite and on the mixed suite, with base, each expert and the MoE as columns.
 #
-#   bash bench/moe_demo.sh                 # everything (stages: experts moe router eval collect)
+#   bash bench/moe_demo.sh                 # everything (stages: experts moe router eval report collect)
 #   STAGES="eval collect" bash bench/moe_demo.sh   # re-run some stages only
-#   ROUTER=1 bash bench/moe_demo.sh        # also fine-tune the router (recipes/moe-router.yaml)
+#   ROUTER=0 bash bench/moe_demo.sh        # skip router training (recipes/moe-router.yaml)
 #   STEPS=30 bash bench/moe_demo.sh        # override the experts' train.max_steps
 #
 # Outputs under out/: moe-expert-*/ (adapters), moe-demo/ (the MoE), moe-demo-router/ (router
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 FT="$PY -m finetune.cli"
-STAGES=${STAGES:-"experts moe router eval collect"}
+STAGES=${STAGES:-"experts moe router eval report collect"}
 TASKS="geo units verdict"
 LOGS=out/moe-demo-logs
 mkdir -p "$LOGS"
@@ -50,9 +50,12 @@ if has moe; then
 fi
 
 MOE=out/moe-demo
-if has router && [[ "${ROUTER:-0}" == 1 ]]; then
+if [[ " $STAGES " != *" router "* && -d out/moe-demo-router/final && "${ROUTER:-1}" == 1 ]]; then
+  MOE_ROUTER=out/moe-demo-router/final  # evaluate an earlier router run too
+fi
+if has router && [[ "${ROUTER:-1}" == 1 ]]; then
   t=$(stamp)
-  $FT recipe=moe-router model.name=out/moe-demo overwrite=true > "$LOGS/router.log" 2>&1
+  OMP_NUM_THREADS=1 $FT recipe=moe-router model.name=out/moe-demo overwrite=true > "$LOGS/router.log" 2>&1
   SECS[router]=$(( $(stamp) - t ))
   MOE_ROUTER=out/moe-demo-router/final
 fi
@@ -61,12 +64,21 @@ if has eval; then
   t=$(stamp)
   models="base,out/moe-expert-geo/final,out/moe-expert-units/final,out/moe-expert-verdict/final,$MOE"
   [[ -n "${MOE_ROUTER:-}" ]] && models="$models,$MOE_ROUTER"
+  # The four suites in parallel, one thread each: on a loaded 2-core machine a two-threaded
+  # eval spent ~10x the CPU time of a one-threaded one (threads waiting on each other).
+  pids=()
   for suite in moe-geo moe-units moe-verdict moe-mixed; do
-    $FT eval suite=$suite "models=[$models]" out_dir=out/moe-demo-eval/$suite overwrite=true progress=false \
-      > "$LOGS/eval-$suite.log" 2>&1
-    echo "eval $suite done"
+    OMP_NUM_THREADS=1 $FT eval suite=$suite "models=[$models]" out_dir=out/moe-demo-eval/$suite overwrite=true \
+      progress=false > "$LOGS/eval-$suite.log" 2>&1 &
+    pids+=($!)
   done
+  for p in "${pids[@]}"; do wait "$p"; done
   SECS[eval]=$(( $(stamp) - t ))
+fi
+
+if has report; then  # per-layer expert utilisation on the mixed held-out prompts (JSON + PNG heatmap)
+  $FT moe report=$MOE data=eval/data/moe-mixed.jsonl out_dir=out/moe-demo-eval/routing overwrite=true \
+    > "$LOGS/report.log" 2>&1
 fi
 
 if has collect; then

