@@ -167,6 +167,9 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     base_path = adapter_base_path(adapter_dir)
     base = load_base_full_precision(base_path)
     out_dtype = torch_dtype(dtype, base.config)
+    from finetune.model import check_adapter_fits
+
+    check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     merged = model.merge_and_unload(safe_merge=True)
     merged.to(out_dtype)
