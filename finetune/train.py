@@ -256,7 +256,7 @@ def main(fabric, cfg: Config) -> TrainResult:
     if cfg.model.trust_remote_code:
         fabric.print("warning: model.trust_remote_code=true: running model code shipped with the checkpoint")
 
-    fabric.seed_everything(cfg.train.seed, verbose=rank0)
+    fabric.seed_everything(cfg.train.seed, verbose=False)  # one less stderr line per rank
     if not rank0:  # progress bars from rank 0 only (transformers shows one while loading weights)
         from transformers.utils import logging as hf_logging
 
