@@ -272,7 +272,10 @@ def main(fabric, cfg: Config) -> TrainResult:
     if micro == "auto":
         from finetune.plan import auto_micro_batch
 
-        micro = auto_micro_batch(cfg, fabric.device)
+        # The planner sizes for the device's memory; a CPU has no such budget, the planner caps it.
+        budget = (torch.cuda.get_device_properties(fabric.device).total_memory
+                  if fabric.device.type == "cuda" else 12 * 2**30)
+        micro = auto_micro_batch(cfg, budget)
         fabric.print(f"train.micro_batch_size=auto -> {micro}")
     accum = gradient_accumulation(cfg, fabric.world_size, micro)
     stream = BatchStream(data.train, global_batch_size=cfg.train.global_batch_size, micro_batch_size=micro,

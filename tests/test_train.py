@@ -136,3 +136,8 @@ def test_nan_loss_stops_and_names_step(tmp_path, monkeypatch):
 def test_unmatched_lora_target_is_one_line_usage_error(tmp_path):
     with pytest.raises(UsageError, match="matched no module"):
         run_in_process("tiny-lora", tmp_path / "run", **{"lora.target_modules": "[nonexistent_proj]"})
+
+
+def test_micro_batch_auto_asks_the_planner(tmp_path):
+    result = run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 1, "train.micro_batch_size": "auto"})
+    assert result.state.step == 1 and (tmp_path / "run" / "final" / "COMPLETE").is_file()
