@@ -53,8 +53,8 @@ def main() -> None:
     # Sample at each periodic checkpoint: wrap the loop's own save, so the run is the real one.
     real_save = train_mod._save_step
 
-    def save_and_sample(fabric, cfg, model, tokenizer, optimizer, scheduler, state):
-        path = real_save(fabric, cfg, model, tokenizer, optimizer, scheduler, state)
+    def save_and_sample(saver, state):
+        path = real_save(saver, state)
         sample(state.step)
         return path
 

@@ -14,6 +14,7 @@ Training state is a plain dict of tensors / numbers / strings / lists / dicts sa
 from __future__ import annotations
 
 import errno
+import copy
 import hashlib
 import io
 import json
@@ -229,14 +230,14 @@ def save_checkpoint(
     tokenizer=None,
     config_yaml: str,
     state: Optional[dict] = None,
-    adapter_state_dict: Optional[dict] = None,
+    adapter_weights: Optional[dict] = None,
     step: Optional[int] = None,
 ) -> Path:
     """Atomically write a checkpoint dir at `path` (replacing a previous one there) and return it.
 
     `model` is a peft PeftModel (saved with save_pretrained: adapter_config.json +
-    adapter_model.safetensors); `adapter_state_dict` overrides what it saves (e.g. a state dict
-    gathered under FSDP). `state` is the resumable training state (see `load_state`). On any
+    adapter_model.safetensors); `adapter_weights`, already in peft's saved form (e.g. gathered
+    from FSDP shards, see finetune.distributed), replace the tensors it would read from the model. `state` is the resumable training state (see `load_state`). On any
     failure the temp dir is removed, existing checkpoints are untouched, and FinetuneError says
     which complete checkpoint is still there.
     """
@@ -257,10 +258,15 @@ def save_checkpoint(
     tmp = parent / _side_name(TMP_PREFIX, path.name)
     try:
         tmp.mkdir()
-        save_kwargs = {"safe_serialization": True}
-        if adapter_state_dict is not None:
-            save_kwargs["state_dict"] = adapter_state_dict
-        model.save_pretrained(str(tmp), **save_kwargs)
+        if adapter_weights is None:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:  # save_pretrained would read the (sharded) model; write its two files from what we have
+            from safetensors.torch import save_file
+
+            peft_config = copy.copy(model.peft_config["default"])
+            peft_config.inference_mode = True  # as save_pretrained records it
+            peft_config.save_pretrained(str(tmp))
+            save_file(adapter_weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_bytes(tmp / CONFIG_FILE, config_yaml.encode())

@@ -420,7 +420,29 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
                              f"linear modules are: {', '.join(linear_module_names(model))}") from None
         raise UsageError(f"lora settings rejected by peft for {m.name}: {_first_line(e)}") from e
     _check_modules_to_save(model, cfg)
+    if cfg.strategy == "fsdp":
+        _one_float_dtype(model, fsdp_param_dtype(cfg, device))
     return model
+
+
+def fsdp_param_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
+    """The one dtype every parameter has under FSDP, which flattens each unit's parameters into a
+    single tensor: the 4-bit storage dtype for QLoRA (= the compute dtype, so FSDP's mixed
+    precision never casts the packed bytes), the base dtype for LoRA."""
+    return storage_dtype(cfg, device) if cfg.quant.mode == "nf4" else base_dtype(cfg, device)
+
+
+def _one_float_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every float parameter but the packed 4-bit weights to `dtype`. peft keeps LoRA weights
+    in fp32 and k-bit preparation upcasts norms to fp32; FSDP refuses a unit of mixed dtypes
+    ("Must flatten tensors with uniform dtype"). Under bf16 this trains LoRA weights in bf16."""
+    bnb = _import_bnb() if quantized_modules(model) else None
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if bnb is not None and isinstance(p, bnb.nn.Params4bit):
+                continue
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
 
 def _check_modules_to_save(model, cfg: Config) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from finetune import checkpoint
 from finetune.config import Config, gradient_accumulation, to_yaml
+from finetune.distributed import CheckpointState, fsdp_root, make_strategy, param_bytes
 from finetune.errors import FinetuneError, UsageError
 
 
@@ -147,33 +148,9 @@ def make_fabric(cfg: Config):
     import lightning as L
 
     accelerator, precision = resolve_precision(cfg)
-    strategy = cfg.strategy
-    if strategy == "fsdp":
-        if accelerator == "cpu":
-            raise UsageError("strategy=fsdp needs GPUs (Fabric's FSDP is not available on CPU); use strategy=ddp")
-        from lightning.fabric.strategies import FSDPStrategy
-
-        strategy = FSDPStrategy(auto_wrap_policy=_fsdp_wrap_policy(), sharding_strategy="FULL_SHARD",
-                                state_dict_type="full", use_orig_params=True, cpu_offload=False)
-    elif strategy == "ddp" and accelerator == "cpu":
-        from lightning.fabric.strategies import DDPStrategy
-
-        strategy = DDPStrategy(process_group_backend="gloo")
     loggers = make_loggers(cfg, Path(cfg.out_dir))
     return L.Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                    strategy=strategy, precision=precision, loggers=loggers)
-
-
-def _fsdp_wrap_policy():
-    """Wrap each decoder layer, so FSDP shards per block (LoRA and 4-bit weights alike)."""
-    from functools import partial
-
-    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
-
-    def is_block(module: nn.Module) -> bool:
-        return type(module).__name__.endswith("DecoderLayer")
-
-    return partial(lambda_auto_wrap_policy, lambda_fn=is_block)
+                    strategy=make_strategy(cfg, accelerator), precision=precision, loggers=loggers)
 
 
 def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -284,29 +261,36 @@ def main(fabric, cfg: Config) -> TrainResult:
     val_batches = _val_batches(data.val, micro, fabric, tokenizer.pad_token_id, cfg.train.eval_batches)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)  # counted now: FSDP turns them into shards
     _apply_liger(cfg, model, fabric.device)
     lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model), offload=cfg.train.offload_activations,
                            router_aux_coef=cfg.train.router_aux_loss_coef)
     optimizer = make_optimizer(cfg, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if resume_from is not None:  # whole tensors, before FSDP shards them
+        checkpoint.load_adapter_weights(model, resume_from)
+    ckpt_state = CheckpointState(lossmod, model, optimizer)  # names, while the model is not yet wrapped
+    whole = param_bytes(model)
     lossmod, optimizer = fabric.setup(lossmod, optimizer)
+    if fsdp_root(lossmod) is not None:
+        fabric.print(f"FSDP: rank 0 holds {param_bytes(lossmod) / 2**20:,.2f} MiB of the model's "
+                     f"{whole / 2**20:,.2f} MiB of parameters")
 
     state = RunState()
     if resume_from is not None:
-        _restore(resume_from, model, optimizer, scheduler, state)
+        _restore(resume_from, ckpt_state, lossmod, optimizer, scheduler, state)
         fabric.print(f"resumed from {resume_from} at step {state.step}")
 
-    fabric.print(f"training {sum(p.numel() for p in trainable):,} parameters; {fabric.world_size} process(es), "
+    fabric.print(f"training {n_trainable:,} parameters; {fabric.world_size} process(es), "
                  f"micro-batch {micro} x accumulation {accum} x {fabric.world_size} = global {cfg.train.global_batch_size}")
-    fit(fabric, cfg, model, tokenizer, lossmod, optimizer, scheduler, stream, val_batches, state)
+    saver = Saver(fabric, cfg, model, tokenizer, lossmod, optimizer, scheduler, ckpt_state)
+    fit(fabric, cfg, lossmod, optimizer, scheduler, stream, val_batches, state, saver)
 
+    saver.save(final_dir, state)
     if rank0:
-        checkpoint.save_checkpoint(final_dir, model=model, tokenizer=tokenizer, config_yaml=to_yaml(cfg),
-                                   state=_state_dict(optimizer, scheduler, state))
         if cfg.output.plot:
             _plot(state, out_dir / "loss.png")
         fabric.print(f"saved adapter to {final_dir}")
-    fabric.barrier()
     if cfg.eval.suite and rank0:
         from finetune.eval.run import run_suite_after_training
 
@@ -353,15 +337,36 @@ def _loss_chunk(cfg: Config, model: nn.Module) -> int:
     return 0 if head_trained else cfg.train.loss_chunk_size
 
 
-def _state_dict(optimizer, scheduler, state: RunState) -> dict:
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": state.step,
-            "losses": state.losses, "val_losses": state.val_losses, "rng": checkpoint.capture_rng()}
+@dataclass
+class Saver:
+    """Writes a checkpoint of the run. Every rank calls `save`: under FSDP the adapter and optimizer
+    state are gathered collectively to rank 0, which writes; the others wait until it is complete."""
+
+    fabric: object
+    cfg: Config
+    model: nn.Module  # the PeftModel (its config and save_pretrained)
+    tokenizer: object
+    lossmod: nn.Module  # what Fabric wrapped (FSDP's shards live here)
+    optimizer: object
+    scheduler: object
+    ckpt_state: CheckpointState
+
+    def save(self, path: Path, state: "RunState") -> None:
+        adapter = self.ckpt_state.adapter_weights(self.lossmod)
+        optim = self.ckpt_state.optimizer_state(self.lossmod, self.optimizer)
+        if self.fabric.global_rank == 0:
+            checkpoint.save_checkpoint(
+                path, model=self.model, tokenizer=self.tokenizer, config_yaml=to_yaml(self.cfg),
+                adapter_weights=adapter,
+                state={"optimizer": optim, "scheduler": self.scheduler.state_dict(), "step": state.step,
+                       "losses": state.losses, "val_losses": state.val_losses, "rng": checkpoint.capture_rng()})
+        self.fabric.barrier()
 
 
-def _restore(path: Path, model, optimizer, scheduler, state: RunState) -> None:
+def _restore(path: Path, ckpt_state: CheckpointState, lossmod, optimizer, scheduler, state: RunState) -> None:
+    """Optimizer, schedule, step and RNG (the adapter weights were loaded before setup)."""
     saved = checkpoint.load_state(path)
-    checkpoint.load_adapter_weights(model, path)
-    optimizer.load_state_dict(saved["optimizer"])
+    ckpt_state.load_optimizer_state(lossmod, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state.step = int(saved["step"])
     state.losses = [tuple(x) for x in saved.get("losses", [])]
@@ -397,7 +402,7 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def fit(fabric, cfg: Config, model, tokenizer, lossmod, optimizer, scheduler, stream, val_batches, state: RunState):
+def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches, state: RunState, saver: Saver):
     from finetune.progress import TrainProgress
 
     t = cfg.train
@@ -449,13 +454,13 @@ def fit(fabric, cfg: Config, model, tokenizer, lossmod, optimizer, scheduler, st
             if val_batches is not None and t.eval_every and state.step % t.eval_every == 0:
                 _validate(fabric, lossmod, val_batches, state, progress)
             if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
-                _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state)
+                _save_step(saver, state)
             stopping = stop.signal is not None
             if fabric.world_size > 1:  # ranks may get the signal a step apart; all must stop at the same one
                 flag = torch.tensor(int(stopping), device=fabric.device)
                 stopping = fabric.all_reduce(flag, reduce_op="sum").item() > 0
             if stopping and state.step < t.max_steps:
-                path = _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state)
+                path = _save_step(saver, state)
                 sig = stop.signal or signal.SIGTERM
                 logger_flush(fabric)  # the CSV logger buffers rows in memory: write them before exiting
                 fabric.print(f"\n{signal.Signals(sig).name} received: saved {path} at step {state.step}. "
@@ -467,15 +472,12 @@ def fit(fabric, cfg: Config, model, tokenizer, lossmod, optimizer, scheduler, st
     logger_flush(fabric)
 
 
-def _save_step(fabric, cfg, model, tokenizer, optimizer, scheduler, state: RunState) -> Path:
-    out_dir = Path(cfg.out_dir)
+def _save_step(saver: Saver, state: RunState) -> Path:
+    out_dir = Path(saver.cfg.out_dir)
     path = checkpoint.step_dir(out_dir, state.step)
-    if fabric.global_rank == 0:
-        checkpoint.save_checkpoint(path, model=model, tokenizer=tokenizer, config_yaml=to_yaml(cfg),
-                                   state=_state_dict(optimizer, scheduler, state))
-        if cfg.train.keep_last:
-            checkpoint.prune(out_dir, cfg.train.keep_last)
-    fabric.barrier()
+    saver.save(path, state)
+    if saver.fabric.global_rank == 0 and saver.cfg.train.keep_last:
+        checkpoint.prune(out_dir, saver.cfg.train.keep_last)
     return path
 
 

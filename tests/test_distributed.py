@@ -7,6 +7,7 @@ resume-across-device-counts ones are marked slow.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,12 +146,50 @@ def test_validation_respects_eval_batches_globally():
 # --------------------------------------------------------------------------- usage errors before launch
 
 
-def test_fsdp_on_cpu_is_a_usage_error():
+@pytest.mark.parametrize("overrides, message", [
+    ({"devices": "1"}, "needs devices x num_nodes >= 2"),
+    ({"train.optimizer": "paged_adamw_8bit"}, "needs train.optimizer=adamw"),
+    ({"quant.mode": "int8"}, "cannot shard int8"),
+    ({"quant.mode": "nf4", "quant.storage_dtype": "uint8"}, "storage_dtype=auto or a float dtype"),
+])
+def test_fsdp_settings_it_cannot_run_are_usage_errors_before_launch(overrides, message):
     from finetune.train import make_fabric
 
-    cfg = load_config("tiny-lora", {"strategy": "fsdp", "accelerator": "cpu"})
-    with pytest.raises(UsageError, match="strategy=fsdp needs GPUs"):
+    cfg = load_config("tiny-lora", {"strategy": "fsdp", "accelerator": "cpu", "devices": "2", **overrides})
+    with pytest.raises(UsageError, match=message):
         make_fabric(cfg)
+
+
+def test_optimizer_state_converts_between_position_and_name_keys():
+    """A checkpoint's optimizer state is keyed by position (single process, DDP) or by parameter
+    name (FSDP); either loads under the other, matched by name, whatever the parameter order."""
+    from finetune.distributed import CheckpointState
+    from finetune.model import load_model
+    from finetune.train import CausalLMLoss
+
+    cfg = load_config("tiny-lora", {"accelerator": "cpu"})
+    model = load_model(cfg, "cpu")
+    lossmod = CausalLMLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    cs = CheckpointState(lossmod, model, opt)
+    by_name = cs._by_name(opt.state_dict())
+    assert all(isinstance(k, str) and k.startswith("model.base_model.") for k in by_name["state"])
+    # a name-keyed state in another order (as FSDP may list it) comes back to this optimizer's positions
+    shuffled = {"state": dict(reversed(list(by_name["state"].items()))),
+                "param_groups": [{**g, "params": list(reversed(g["params"]))} for g in by_name["param_groups"]]}
+    back = cs._by_position(shuffled)
+    fresh = torch.optim.AdamW(params, lr=1e-2)
+    fresh.load_state_dict(back)
+    for p in params:
+        assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+    shuffled["state"].pop(next(iter(shuffled["state"])))
+    shuffled["param_groups"][0]["params"].pop(0)
+    with pytest.raises(UsageError, match="does not fit this model"):
+        cs._by_position(shuffled)
 
 
 def test_preflight_catches_rank0_only_mistakes_before_launch(tmp_path):
@@ -168,11 +207,12 @@ def test_preflight_catches_rank0_only_mistakes_before_launch(tmp_path):
 # --------------------------------------------------------------------------- real processes
 
 
-def cli(out_dir, devices: int, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "finetune.cli", "recipe=tiny-lora", "train.max_steps=6", "train.seed=5",
+def cli(out_dir, devices: int, *extra: str, timeout: int = 300, recipe: str = "tiny-lora",
+        strategy: str = "ddp") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "finetune.cli", f"recipe={recipe}", "train.max_steps=6", "train.seed=5",
            "accelerator=cpu", f"devices={devices}", f"out_dir={out_dir}", "output.progress=false", *extra]
     if devices > 1:
-        cmd.append("strategy=ddp")
+        cmd.append(f"strategy={strategy}")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -180,10 +220,10 @@ def cli(out_dir, devices: int, *extra: str, timeout: int = 300) -> subprocess.Co
     return proc
 
 
-def in_process(out_dir, **overrides):
+def in_process(out_dir, recipe: str = "tiny-lora", **overrides):
     from finetune.train import main, make_fabric
 
-    cfg = load_config("tiny-lora", {"out_dir": str(out_dir), "output.progress": "false", "train.max_steps": "6",
+    cfg = load_config(recipe, {"out_dir": str(out_dir), "output.progress": "false", "train.max_steps": "6",
                                     "train.seed": "5", "accelerator": "cpu",
                                     **{k: str(v) for k, v in overrides.items()}})
     return main(make_fabric(cfg), cfg)
@@ -257,3 +297,68 @@ def test_two_process_usage_error_is_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not empty" in proc.stderr
+
+
+# --------------------------------------------------------------------------- FSDP (torch's FSDP on CPU, gloo)
+
+FSDP_QLORA = ("train.optimizer=adamw", "train.save_every=3")
+
+
+@pytest.fixture(scope="module")
+def qlora_one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q1") / "run"
+    return in_process(out, recipe="tiny-qlora", **{"train.optimizer": "adamw", "train.save_every": 3})
+
+
+@pytest.fixture(scope="module")
+def qlora_fsdp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q2") / "run"
+    return out, cli(out, 2, *FSDP_QLORA, recipe="tiny-qlora", strategy="fsdp")
+
+
+def test_fsdp_qlora_two_processes_equal_one(qlora_one_process, qlora_fsdp):
+    """QLoRA under FSDP: the NF4 weights are sharded with everything else (rank 0 holds half the
+    parameter bytes), the adapter is gathered to rank 0 and equals the 1-process run's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, proc = qlora_fsdp
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("FSDP: rank 0 holds"))
+    held, whole = (float(x) for x in re.findall(r"([0-9.]+) MiB", line))
+    assert held < 0.6 * whole, line
+    assert max_diff(qlora_one_process.final_dir, out / "final") < TOL
+    assert max_diff(qlora_one_process.final_dir.parent / "step-000003", out / "step-000003") < TOL
+    assert sorted(p.name for p in out.iterdir()) == ["final", "logs", "step-000003"]
+    assert proc.stdout.count("saved adapter") == 1
+    # the gathered adapter is a plain PEFT adapter dir
+    base = AutoModelForCausalLM.from_pretrained(
+        __import__("json").loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    PeftModel.from_pretrained(base, str(out / "final"))
+    state = torch.load(out / "final" / "training_state.pt", weights_only=True)
+    assert all(isinstance(k, str) for k in state["optimizer"]["state"])  # FSDP saves it by name
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_without_fsdp_and_back(qlora_one_process, qlora_fsdp, tmp_path):
+    out, _ = qlora_fsdp
+    on_one = tmp_path / "one"
+    on_one.mkdir()
+    shutil.copytree(out / "step-000003", on_one / "step-000003")
+    resumed = in_process(on_one, recipe="tiny-qlora", resume="auto", **{"train.optimizer": "adamw",
+                                                                        "train.save_every": 3})
+    assert resumed.state.step == 6 and max_diff(qlora_one_process.final_dir, resumed.final_dir) < TOL
+    on_two = tmp_path / "two"
+    on_two.mkdir()
+    shutil.copytree(qlora_one_process.final_dir.parent / "step-000003", on_two / "step-000003")
+    proc = cli(on_two, 2, *FSDP_QLORA, "resume=auto", recipe="tiny-qlora", strategy="fsdp")
+    assert "resumed from" in proc.stdout
+    assert max_diff(qlora_one_process.final_dir, on_two / "final") < TOL
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_gives_one_dtype_per_unit(tmp_path):
+    """The GPU setting (bf16-mixed, 4-bit storage in bf16) on CPU: without one dtype per FSDP unit,
+    torch refuses to flatten ("Must flatten tensors with uniform dtype")."""
+    proc = cli(tmp_path / "run", 2, "train.optimizer=adamw", "train.max_steps=2", "precision=bf16-mixed",
+               "quant.compute_dtype=bfloat16", recipe="tiny-qlora", strategy="fsdp")
+    assert "saved adapter" in proc.stdout

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune import embedded
-from finetune.config import Config
+from finetune.config import Config, load_config
 from finetune.errors import FinetuneError, UsageError
 from finetune import model as fm
 
@@ -98,6 +98,18 @@ def test_device_and_dtypes():
         assert fm.default_device("auto") == torch.device("cpu")
         with pytest.raises(UsageError, match="no CUDA GPU"):
             fm.default_device("cuda")
+
+
+def test_fsdp_gives_every_parameter_one_dtype():
+    """FSDP flattens each unit into one tensor: LoRA (peft keeps it fp32) and norms (k-bit prep
+    upcasts them) take the 4-bit storage dtype, which is the compute dtype."""
+    bnb = pytest.importorskip("bitsandbytes")
+    cfg = load_config("tiny-qlora", {"strategy": "fsdp", "quant.compute_dtype": "bfloat16"})
+    model = fm.load_model(cfg, "cpu")
+    packed = [p for p in model.parameters() if isinstance(p, bnb.nn.Params4bit)]
+    assert packed and {p.dtype for p in packed} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert any(p.requires_grad for p in model.parameters())
 
 
 def test_trust_remote_code_only_when_set(caplog):
