@@ -377,6 +377,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         if m in ("lm_head", "embed_tokens"):
             trainable.append(V * h)
     n_train = sum(trainable)
+    lora_bytes = c if fsdp else 4  # under FSDP every parameter takes the compute dtype (finetune.model)
     opt = sum(_opt_bytes(t, cfg.train.optimizer) for t in trainable)
     if cfg.train.optimizer.startswith("paged"):
         notes["optimizer_state"] = "paged: can spill to CPU RAM under pressure"
@@ -407,8 +408,8 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     parts = {
         "quantized_weights" if mode != "none" else "base_weights": w_shard // shard + w_repl,
         "unquantized_weights": unquant // shard,
-        "lora_params": 4 * n_train // shard,
-        "lora_grads": 4 * n_train // shard,
+        "lora_params": lora_bytes * n_train // shard,
+        "lora_grads": lora_bytes * n_train // shard,
         "optimizer_state": opt,
         "fsdp_gather_buffers": (2 * (layer_weight + 2 * n_train // max(L, 1)) if fsdp else 0),
         "activations": activations,
@@ -423,6 +424,10 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     parts["allocator_slack"] = int(allocated * slack)
     if not fsdp and world > 1:
         notes["strategy"] = "ddp: weights, LoRA and optimizer state replicated on every device"
+    if fsdp:
+        load = w_shard + w_repl + unquant + (0 if on_cpu else CUDA_CONTEXT_BYTES)
+        notes["strategy"] = (f"fsdp: each device first loads the whole quantized model ({load / GiB:.2f} GiB), "
+                             "then shards it; that load must fit one device too")
     return Plan(model=s.name, shape=s, world_size=world,
                 strategy=("fsdp" if fsdp else ("ddp" if world > 1 else "single")),
                 micro_batch=mb, seq_len=seq, parts=parts, notes=notes,
@@ -508,7 +513,7 @@ def print_table(rep: dict) -> None:
         f"without {_gib(rep['activations_detail']['without_checkpointing'])} GiB",
         f"largest micro-batch at seq {rep['seq_len']}: {rep['max_micro_batch']}; "
         f"largest seq_len at micro-batch {rep['micro_batch']}: {rep['max_seq_len']}",
-    ]
+    ] + ([rep["notes"]["strategy"]] if "strategy" in rep["notes"] else [])
     try:
         from rich.console import Console
         from rich.table import Table
