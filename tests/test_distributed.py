@@ -229,6 +229,13 @@ def in_process(out_dir, recipe: str = "tiny-lora", **overrides):
     return main(make_fabric(cfg), cfg)
 
 
+def run_dir_holding(step_dir: Path, out: Path) -> Path:
+    """A fresh out_dir whose only content is a copy of `step_dir`, to resume from."""
+    out.mkdir()
+    shutil.copytree(step_dir, out / step_dir.name)
+    return out
+
+
 def max_diff(a: Path, b: Path) -> float:
     wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys()
@@ -270,9 +277,7 @@ def test_two_processes_equal_one_and_rank0_writes_once(one_process, two_processe
 @pytest.mark.slow
 def test_resume_on_one_process_from_two(one_process, two_processes, tmp_path):
     out, _ = two_processes
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copytree(out / "step-000003", part / "step-000003")
+    part = run_dir_holding(out / "step-000003", tmp_path / "part")
     resumed = in_process(part, resume="auto", **{"train.save_every": 3})
     assert resumed.state.step == 6
     assert max_diff(one_process.final_dir, resumed.final_dir) < TOL
@@ -280,9 +285,7 @@ def test_resume_on_one_process_from_two(one_process, two_processes, tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_two_processes_from_one(one_process, tmp_path):
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copytree(one_process.final_dir.parent / "step-000003", part / "step-000003")
+    part = run_dir_holding(one_process.final_dir.parent / "step-000003", tmp_path / "part")
     proc = cli(part, 2, "resume=auto", "train.save_every=3")
     assert "resumed from" in proc.stdout and proc.stdout.count("saved adapter") == 1
     assert max_diff(one_process.final_dir, part / "final") < TOL
@@ -341,15 +344,11 @@ def test_fsdp_qlora_two_processes_equal_one(qlora_one_process, qlora_fsdp):
 @pytest.mark.slow
 def test_fsdp_checkpoint_resumes_without_fsdp_and_back(qlora_one_process, qlora_fsdp, tmp_path):
     out, _ = qlora_fsdp
-    on_one = tmp_path / "one"
-    on_one.mkdir()
-    shutil.copytree(out / "step-000003", on_one / "step-000003")
+    on_one = run_dir_holding(out / "step-000003", tmp_path / "one")
     resumed = in_process(on_one, recipe="tiny-qlora", resume="auto", **{"train.optimizer": "adamw",
                                                                         "train.save_every": 3})
     assert resumed.state.step == 6 and max_diff(qlora_one_process.final_dir, resumed.final_dir) < TOL
-    on_two = tmp_path / "two"
-    on_two.mkdir()
-    shutil.copytree(qlora_one_process.final_dir.parent / "step-000003", on_two / "step-000003")
+    on_two = run_dir_holding(qlora_one_process.final_dir.parent / "step-000003", tmp_path / "two")
     proc = cli(on_two, 2, *FSDP_QLORA, "resume=auto", recipe="tiny-qlora", strategy="fsdp")
     assert "resumed from" in proc.stdout
     assert max_diff(qlora_one_process.final_dir, on_two / "final") < TOL
