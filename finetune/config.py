@@ -190,7 +190,8 @@ class Config:
     num_nodes: int = 1
     """Number of nodes."""
     strategy: str = "auto"
-    """Fabric strategy: auto, ddp, fsdp."""
+    """Fabric strategy: auto, ddp, fsdp (shards weights, 4-bit too, over >= 2 processes; needs
+    train.optimizer=adamw). See docs/scale-out.md."""
     precision: Optional[str] = None
     """Fabric precision; default 32-true on CPU, bf16-mixed on GPU."""
     model: ModelConfig = field(default_factory=ModelConfig)
