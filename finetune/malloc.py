@@ -2,14 +2,15 @@
 
 On the CPU every activation is a malloc'd buffer. glibc serves requests below its mmap threshold
 from the heap and larger ones with mmap, and by default that threshold is dynamic: it rises to the
-size of each mmap'd buffer that is freed (up to 32 MiB). A training step frees gigabytes of
-activations in backward, so the threshold climbs during the first steps and the next steps'
-activations land in a heap whose free space is cut up by the long-lived allocations made in
-between (optimizer state, gradients, metadata): the heap grows to about twice what is in use, and
-all of it stays resident. A fixed threshold at glibc's own maximum keeps the placement the same
-from the first step on. Measured on SmolLM2-135M, LoRA r=16, seq 512 x 4, fp32 (2 cores): peak RSS
-7.15 -> 6.46 GiB over 6 steps at the same speed. (A low threshold, e.g. 1 MiB, gives RSS close to
-what is in use but costs a page fault per 4 KiB of every fresh buffer: ~60% slower there.)
+size of each mmap'd buffer that is freed (up to 32 MiB). Either way a training step's activations
+end up mostly in the heap, and from the second step on the heap has to be reused: its free space
+is then in pieces (malloc_info after one step of the benchmark below: ~4.3 GB free in ~500 chunks
+of 0.7-64 MB), so the heap grows to about twice what is in use, and all of it stays resident.
+Fixing the threshold at glibc's own maximum gave a lower peak, measured with the cpu_vs_peers
+config (SmolLM2-135M, LoRA r=16, seq 512 x 4, fp32, 2 cores), peak RSS over 4 steps, 3 runs each:
+dynamic 6.18 / 6.68 / 6.49 GiB, fixed 5.95 / 5.85 / 5.99 GiB, same step times. (A low threshold,
+e.g. 1 MiB, puts every activation in its own mapping: RSS close to what is in use, but a
+page fault per 4 KiB of every fresh buffer, ~16 GB of them per step: ~60% slower there.)
 """
 
 from __future__ import annotations
