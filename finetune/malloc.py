@@ -10,7 +10,7 @@ Fixing the threshold at glibc's own maximum gave a lower peak, measured with the
 config (SmolLM2-135M, LoRA r=16, seq 512 x 4, fp32, 2 cores), peak RSS over 4 steps, 3 runs each:
 dynamic 6.18 / 6.68 / 6.49 GiB, fixed 5.95 / 5.85 / 5.99 GiB, same step times. (A low threshold,
 e.g. 1 MiB, puts every activation in its own mapping: RSS close to what is in use, but a
-page fault per 4 KiB of every fresh buffer, ~16 GB of them per step: ~60% slower there.)
+page fault per 4 KiB of every fresh buffer, ~16 GB of fresh buffers per step: ~60% slower there.)
 """
 
 from __future__ import annotations
