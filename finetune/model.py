@@ -389,6 +389,10 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     device = torch.device(device) if device is not None else default_device(cfg.accelerator)
+    if device.type == "cpu" and cfg.train.fixed_mmap_threshold:
+        from finetune.malloc import fix_mmap_threshold
+
+        fix_mmap_threshold()  # activations are malloc'd on the CPU: see finetune/malloc.py
     m = cfg.model
     path = resolve_model_path(m.name, m.revision)
     if tokenizer is None:
@@ -422,6 +426,11 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     _check_modules_to_save(model, cfg)
     if cfg.strategy == "fsdp":
         _one_float_dtype(model, fsdp_param_dtype(cfg, device))
+    if cfg.train.lean_activations:
+        from finetune.lean import patch_attention, patch_swiglu
+
+        patch_swiglu(model)
+        patch_attention(model)
     return model
 
 

@@ -37,8 +37,10 @@ class CausalLMLoss(nn.Module):
     """Wraps the peft model so that Fabric/DDP see one forward that returns (loss_sum, tokens).
 
     Running the head inside this forward lets the loss be computed `chunk` positions at a time,
-    each chunk recomputed in backward, so full-sequence fp32 logits (seq x vocab x 4 bytes:
-    1 GiB for Llama-3 at 2k tokens) never exist at once.
+    so full-sequence fp32 logits (seq x vocab x 4 bytes: 1 GiB for Llama-3 at 2k tokens) never
+    exist at once. A frozen plain nn.Linear head (the usual LoRA case) goes through
+    finetune.lean.linear_cross_entropy, which forms d loss / d hidden in forward and keeps only
+    that; any other head runs each chunk under activation checkpointing (recomputed in backward).
     """
 
     def __init__(self, model: nn.Module, chunk: int = 0, offload: bool = False, router_aux_coef: float = 0.0):
@@ -73,7 +75,13 @@ class CausalLMLoss(nn.Module):
             keep = flat_targets != -100  # untrained positions need no logits at all
             hidden, flat_targets = hidden[keep], flat_targets[keep]
             head = base.get_output_embeddings()
-            if hidden.shape[0] <= self.chunk:
+            from finetune.lean import fused_head_ok, linear_cross_entropy
+
+            if fused_head_ok(head, hidden):
+                # A frozen plain head: d loss / d hidden is formed in forward, chunk by chunk, and
+                # is all that is kept for backward (no logits, no recompute).
+                loss = linear_cross_entropy(head, hidden, flat_targets, self.chunk)
+            elif hidden.shape[0] <= self.chunk:
                 # A single chunk is not recomputed: backward would rebuild the same logits, so the
                 # recompute costs a head forward without lowering the peak.
                 loss = _head_ce(head, hidden, flat_targets)
