@@ -44,12 +44,17 @@ def tiny_models():
 
     from finetune.tiny import tiny_model_dir
 
+    from finetune.lean import LEAN_SDPA, patch_attention
+
     path = tiny_model_dir()
-    return {impl: AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32).eval()
-            for impl in ("sdpa", "eager")}
+    models = {impl: AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32).eval()
+              for impl in ("sdpa", "eager")}
+    lean = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    assert patch_attention(lean) and lean.config._attn_implementation == LEAN_SDPA  # what training uses on CPU
+    return {**models, "lean_sdpa": lean}
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "lean_sdpa"])
 def test_no_leak_inside_pack(tiny_models, impl):
     """An example's logits inside a pack (and inside a padded batch) equal its logits alone."""
     model = tiny_models[impl]
