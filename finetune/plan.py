@@ -321,11 +321,14 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int) 
     norm_out = lambda names: c * h if (set(names) & targets and not drop) else 0  # noqa: E731
     # transformers' sdpa path repeats k/v to n_head when a mask is passed (packing); flash does not.
     kv = qd if cfg.model.attn_implementation != "flash_attention_2" else s.kv_dim
+    # gate, up and silu(gate) for a SwiGLU MLP; two with finetune.lean (silu recomputed in backward),
+    # unless Liger's kernels replace the MLP.
+    mlp_saved = (2 if cfg.train.lean_activations and not cfg.train.liger else 3) if s.gated_mlp else 1
     d = {
         "norms": 2 * (4 * h + 4) + norm_out("qkv") + norm_out(("gate", "up")),
         "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head
         + (c * qd if "o" in targets and not drop else 0),
-        "mlp": k * c * i * (3 if s.gated_mlp else 1) + (k * c * i if "down" in targets and not drop else 0)
+        "mlp": k * c * i * mlp_saved + (k * c * i if "down" in targets and not drop else 0)
         + (4 * s.n_expert if s.n_expert else 0),
         "lora": sum(lora_in(n) for n in lin),
     }
