@@ -28,6 +28,7 @@ from finetune import checkpoint
 from finetune.config import Config, gradient_accumulation, to_yaml
 from finetune.distributed import CheckpointState, fsdp_root, make_strategy, param_bytes
 from finetune.errors import FinetuneError, UsageError
+from finetune.lean import fused_head_ok, linear_cross_entropy
 
 
 # --------------------------------------------------------------------------- the loss
@@ -75,8 +76,6 @@ class CausalLMLoss(nn.Module):
             keep = flat_targets != -100  # untrained positions need no logits at all
             hidden, flat_targets = hidden[keep], flat_targets[keep]
             head = base.get_output_embeddings()
-            from finetune.lean import fused_head_ok, linear_cross_entropy
-
             if fused_head_ok(head, hidden):
                 # A frozen plain head: d loss / d hidden is formed in forward, chunk by chunk, and
                 # is all that is kept for backward (no logits, no recompute).
