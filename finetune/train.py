@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune import checkpoint
+from finetune import checkpoint, lean
 from finetune.config import Config, gradient_accumulation, to_yaml
 from finetune.distributed import CheckpointState, fsdp_root, make_strategy, param_bytes
 from finetune.errors import FinetuneError, UsageError
-from finetune.lean import fused_head_ok, linear_cross_entropy
 
 
 # --------------------------------------------------------------------------- the loss
@@ -76,10 +75,10 @@ class CausalLMLoss(nn.Module):
             keep = flat_targets != -100  # untrained positions need no logits at all
             hidden, flat_targets = hidden[keep], flat_targets[keep]
             head = base.get_output_embeddings()
-            if fused_head_ok(head, hidden):
+            if lean.fused_head_ok(head, hidden):
                 # A frozen plain head: d loss / d hidden is formed in forward, chunk by chunk, and
                 # is all that is kept for backward (no logits, no recompute).
-                loss = linear_cross_entropy(head, hidden, flat_targets, self.chunk)
+                loss = lean.linear_cross_entropy(head, hidden, flat_targets, self.chunk)
             elif hidden.shape[0] <= self.chunk:
                 # A single chunk is not recomputed: backward would rebuild the same logits, so the
                 # recompute costs a head forward without lowering the peak.
