@@ -213,8 +213,7 @@ def test_kill9_at_random_points_acceptance(tmp_path):
         rc = p.finish()
         assert rc in (0, -signal.SIGKILL), p.stderr
         if checkpoint.is_complete(out / "final"):  # the resumed run saved its final adapter before the kill
-            assert "resumed from" in p.stdout
-            assert_same_adapter(out, want)
+            assert_same_adapter(out, want)  # (a killed process's buffered stdout may be lost)
             continue
         resume_and_check(out, ACCEPT, want, tmp_path, f"t{trial}c")
     assert caught_mid_write >= 1, "no trial killed a checkpoint write in progress"
