@@ -1,7 +1,10 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_peft.py, without making tests/ a package
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

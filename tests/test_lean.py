@@ -10,27 +10,12 @@ from torch import nn
 
 from finetune import lean
 from finetune.data.pack import collate, pack
+from tiny_peft import make_model
 
 train_mod = importlib.import_module("finetune.train")
 CausalLMLoss = train_mod.CausalLMLoss
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def make_model(**overrides):
-    """The tiny Llama as a peft model with non-zero LoRA B (so every LoRA weight gets a gradient)."""
-    from finetune.config import load_config
-    from finetune.model import load_model
-
-    base = {"output.progress": "false", "lora.dropout": "0.0", "train.gradient_checkpointing": "false"}
-    torch.manual_seed(0)
-    model = load_model(load_config("tiny-lora", {**base, **{k: str(v) for k, v in overrides.items()}}), "cpu")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
 
 
 def packed_batch():
