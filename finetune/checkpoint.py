@@ -237,7 +237,8 @@ def save_checkpoint(
 
     `model` is a peft PeftModel (saved with save_pretrained: adapter_config.json +
     adapter_model.safetensors); `adapter_weights`, already in peft's saved form (e.g. gathered
-    from FSDP shards, see finetune.distributed), replace the tensors it would read from the model. `state` is the resumable training state (see `load_state`). On any
+    from FSDP shards, see finetune.distributed), replace the tensors it would read from the model.
+    `state` is the resumable training state (see `load_state`). On any
     failure the temp dir is removed, existing checkpoints are untouched, and FinetuneError says
     which complete checkpoint is still there.
     """

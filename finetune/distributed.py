@@ -185,9 +185,9 @@ class CheckpointState:
             raise UsageError(f"checkpoint optimizer has {len(saved['param_groups'])} parameter group(s), "
                              f"this run has {len(self.groups)}")
         position = {n: i for i, n in enumerate(n for g in self.groups for n in g)}
-        missing = sorted(set(n for g in saved["param_groups"] for n in g["params"]) ^ set(position))
-        if missing:
-            raise UsageError(f"checkpoint optimizer state does not fit this model: e.g. {missing[0]}")
+        mismatched = sorted(set(n for g in saved["param_groups"] for n in g["params"]) ^ set(position))
+        if mismatched:
+            raise UsageError(f"checkpoint optimizer state does not fit this model: e.g. {mismatched[0]}")
         groups = [{**sg, "params": [position[n] for n in mine]} for sg, mine in zip(saved["param_groups"], self.groups)]
         return {"state": {position[n]: v for n, v in saved["state"].items()}, "param_groups": groups}
 

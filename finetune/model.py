@@ -446,12 +446,10 @@ def _one_float_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     in fp32 and k-bit preparation upcasts norms to fp32; FSDP refuses a unit of mixed dtypes
     ("Must flatten tensors with uniform dtype"). Under bf16 this trains LoRA weights in bf16."""
     bnb = _import_bnb() if quantized_modules(model) else None
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if bnb is not None and isinstance(p, bnb.nn.Params4bit):
-                continue
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
+    for p in model.parameters():
+        packed = bnb is not None and isinstance(p, bnb.nn.Params4bit)
+        if not packed and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _check_modules_to_save(model, cfg: Config) -> None:

@@ -6,6 +6,7 @@ compares 2 processes with 1 and checks what rank 0 alone writes is in the defaul
 resume-across-device-counts ones are marked slow.
 """
 
+import json
 import os
 import re
 import shutil
@@ -334,8 +335,8 @@ def test_fsdp_qlora_two_processes_equal_one(qlora_one_process, qlora_fsdp):
     assert sorted(p.name for p in out.iterdir()) == ["final", "logs", "step-000003"]
     assert proc.stdout.count("saved adapter") == 1
     # the gathered adapter is a plain PEFT adapter dir
-    base = AutoModelForCausalLM.from_pretrained(
-        __import__("json").loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    base_name = json.loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_name)
     PeftModel.from_pretrained(base, str(out / "final"))
     state = torch.load(out / "final" / "training_state.pt", weights_only=True)
     assert all(isinstance(k, str) for k in state["optimizer"]["state"])  # FSDP saves it by name
