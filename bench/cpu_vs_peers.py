@@ -30,8 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from common import cpu_model, versions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -262,26 +263,6 @@ def run_worker(args) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for p in ("torch", "transformers", "peft", "trl", "litgpt", "lightning", "accelerate", "datasets"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = None
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     global SEQ_LEN, BATCH
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -356,8 +337,8 @@ def main() -> None:
                   "precision": "fp32", "gradient_checkpointing": False, "optimizer": f"AdamW lr {LR}",
                   "steps": args.steps, "warmup_steps_excluded_from_timing": args.warmup,
                   "loss_on": "response tokens only, for all three"},
-        "hardware": {"cpu": _cpu_model(), "nproc": os.cpu_count(), "platform": platform.platform()},
-        "versions": _versions(),
+        "hardware": {"cpu": cpu_model(), "nproc": os.cpu_count(), "platform": platform.platform()},
+        "versions": versions(("torch", "transformers", "peft", "trl", "litgpt", "lightning", "accelerate", "datasets")),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "note": "shared machine: see loadavg_before/after per trainer (2 cores; load > 2 means contention)",
         **summary,

@@ -39,8 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from common import versions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -328,16 +329,6 @@ def part_planner(a, model_dir: Path, data: Path) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for p in ("torch", "transformers", "peft", "bitsandbytes", "lightning"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = None
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="speed,longest,planner")
@@ -372,7 +363,7 @@ def main() -> None:
            "hardware": {"gpu": torch.cuda.get_device_name(0),
                         "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
                         "cap_bytes": BUDGET, "cpu_count": os.cpu_count(), "platform": platform.platform()},
-           "versions": _versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "lightning")), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if "speed" in parts or "planner" in parts:
         llama2 = random_model_dir("llama2-7b", cache)
     if "speed" in parts:

@@ -68,6 +68,9 @@ class Args:
     """table (human readable) or json (one object with peak_bytes and the itemised parts)."""
     slack: float = 0.10
     """Allocator slack / fragmentation added on top of what torch allocates, as a fraction."""
+    measure: bool = False
+    """Also run two real training steps (synthetic packed tokens) on this machine's device, CPU
+    or GPU, and print the measured peak next to the prediction for that device."""
 
 
 @dataclass(frozen=True)
@@ -309,32 +312,69 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int) 
     k = max(s.expert_top_k, 1) if s.n_expert else 1
     lin = s.linears()
 
+    # Dropout keeps its output and its mask: a bool mask on CUDA (native_dropout), on the CPU a
+    # compute-dtype noise tensor (torch's unfused dropout multiplies by scaled Bernoulli noise).
+    drop_bytes = (2 * c if cfg.accelerator == "cpu" else 1 + c) if drop else 0
+
     def lora_in(name: str) -> int:  # what the LoRA branch of `name` keeps per token
         if name not in targets:
             return 0
         size = lin[name][0] * (k if name in ("gate", "up", "down") else 1)
         extra = c * size if cfg.lora.use_dora else 0  # DoRA keeps the base output for its rescale
-        return ((1 + c) * size if drop else 0) + c * r + extra
+        return drop_bytes * size + c * r + extra
 
     # RMSNorm upcasts to fp32: keeps the fp32 input and rsqrt; its output only if a LoRA without
     # dropout reads it.
     norm_out = lambda names: c * h if (set(names) & targets and not drop) else 0  # noqa: E731
-    # transformers' sdpa path repeats k/v to n_head when a mask is passed (packing); flash does not.
-    kv = qd if cfg.model.attn_implementation != "flash_attention_2" else s.kv_dim
+    # transformers' sdpa path repeats k/v to n_head when a mask is passed (packing), and torch turns
+    # the boolean mask into an additive one in the compute dtype in every layer, which the
+    # attention's backward keeps (seq keys per token). flash_attention_2 takes neither; nor does
+    # finetune.lean's CPU attention (k/v unrepeated, one float mask per forward: _mask_bytes).
+    attn = cfg.model.attn_implementation
+    lean_cpu = _lean_cpu_attention(cfg)
+    kv = s.kv_dim if attn == "flash_attention_2" or lean_cpu else qd
+    layer_mask = c * seq if (attn == "sdpa" and cfg.data.packing and not lean_cpu) else 0
     # gate, up and silu(gate) for a SwiGLU MLP; two with finetune.lean (silu recomputed in backward),
     # unless Liger's kernels replace the MLP.
     mlp_saved = (2 if cfg.train.lean_activations and not cfg.train.liger else 3) if s.gated_mlp else 1
     d = {
         "norms": 2 * (4 * h + 4) + norm_out("qkv") + norm_out(("gate", "up")),
-        "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head
+        "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head + layer_mask
         + (c * qd if "o" in targets and not drop else 0),
         "mlp": k * c * i * mlp_saved + (k * c * i if "down" in targets and not drop else 0)
         + (4 * s.n_expert if s.n_expert else 0),
         "lora": sum(lora_in(n) for n in lin),
     }
-    if cfg.model.attn_implementation == "eager":  # softmax in fp32 + its bf16 copy, per key
-        d["attention"] += (4 + c) * s.n_head * seq
+    if cfg.model.attn_implementation == "eager":  # softmax in fp32 (+ its compute-dtype copy), per key
+        d["attention"] += _upcast(c) * s.n_head * seq
     return d
+
+
+def _upcast(c: int) -> int:
+    """Bytes per value of an fp32 upcast and its compute-dtype source (one tensor when that is fp32)."""
+    return 4 + (0 if c == 4 else c)
+
+
+def _lean_cpu_attention(cfg) -> bool:
+    return cfg.accelerator == "cpu" and cfg.train.lean_activations and cfg.model.attn_implementation == "sdpa"
+
+
+def _mask_bytes(cfg, micro_batch: int, seq: int, c: int) -> int:
+    """The attention masks built once per forward for packed rows (position ids restarting): a
+    boolean micro_batch x seq x seq one from transformers for sdpa (plus its float form under
+    finetune.lean on the CPU), a compute-dtype one for eager; flash_attention_2 takes none."""
+    attn = cfg.model.attn_implementation
+    if not cfg.data.packing or attn == "flash_attention_2":
+        return 0
+    per = (1 + (4 if _lean_cpu_attention(cfg) else 0)) if attn == "sdpa" else c
+    return per * micro_batch * seq * seq
+
+
+def _fused_head(cfg, targets: set[str]) -> bool:
+    """Whether training's loss takes finetune.lean's fused frozen-head cross-entropy: a chunked loss
+    and a head that neither LoRA nor modules_to_save trains (finetune.train.CausalLMLoss)."""
+    return (cfg.train.loss_chunk_size > 0 and "lm_head" not in targets
+            and "lm_head" not in cfg.lora.modules_to_save)
 
 
 def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
@@ -391,22 +431,37 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     per_tok = _layer_activation_bytes(s, cfg, c, targets, seq)
     layer_full = sum(per_tok.values()) * tokens
     final_norm = (4 * h + 4 + c * h) * tokens
-    ckpt_inputs = c * h * tokens * (2 if cfg.train.offload_activations else L)
-    with_ckpt = ckpt_inputs + layer_full + final_norm  # all layer inputs + one layer recomputed
-    without_ckpt = L * layer_full + final_norm + (c * h * tokens if cfg.train.offload_activations else 0)
-    if cfg.train.offload_activations and not cfg.train.gradient_checkpointing:
-        without_ckpt = 2 * layer_full + final_norm  # saved tensors stream to CPU RAM
-    activations = with_ckpt if cfg.train.gradient_checkpointing else without_ckpt
+    offload = cfg.train.offload_activations and not on_cpu  # on the CPU there is nowhere to offload to
+    ckpt_inputs = c * h * tokens * (2 if offload else L)
+    masks = _mask_bytes(cfg, mb, seq, c)
+    with_ckpt = ckpt_inputs + layer_full + final_norm + masks  # all layer inputs + one layer recomputed
+    without_ckpt = L * layer_full + final_norm + masks + (c * h * tokens if offload else 0)
+    if offload and not cfg.train.gradient_checkpointing:
+        without_ckpt = 2 * layer_full + final_norm + masks  # saved tensors stream to CPU RAM
+    # Kept from forward to backward; under checkpointing the layer being recomputed is a backward
+    # transient instead (below).
+    if cfg.train.gradient_checkpointing:
+        kept, recomputed = with_ckpt - layer_full, layer_full
+    else:
+        kept, recomputed = without_ckpt, 0
     # Backward of one layer: grads of the MLP intermediates and the residual stream, plus the
     # weight bitsandbytes dequantizes to compute dtype for the matmul.
     biggest = max(fin * fout for fin, fout, _ in s.linears().values())
     workspace = c * (3 * s.intermediate * max(s.expert_top_k, 1) + 2 * h) * tokens
     workspace += biggest * c if mode != "none" else 0
 
-    # Logits: bf16 logits + fp32 upcast + log-softmax output + its grad, for the whole sequence
-    # or one chunk of train.loss_chunk_size tokens (the chunk is recomputed in backward).
+    # Logits. The fused frozen head (finetune.lean) holds one chunk of logits in fp32 (+ their
+    # compute-dtype form when that is not fp32) and keeps d loss / d hidden for backward; any other
+    # head: logits, their fp32 upcast, the log-softmax output and its grads, for the whole sequence
+    # or one chunk of train.loss_chunk_size tokens (recomputed in backward).
     chunk = min(cfg.train.loss_chunk_size, tokens) if cfg.train.loss_chunk_size > 0 else tokens
-    logits = chunk * V * (c + 12)
+    if _fused_head(cfg, targets):
+        logits = chunk * V * _upcast(c) + c * h * tokens
+    else:
+        logits = chunk * V * (8 + _upcast(c))
+    # The loss's transient peaks at the end of forward, a layer's backward later: they never
+    # coexist, so the peak is the kept activations plus the larger of the two.
+    backward = recomputed + workspace
 
     parts = {
         "quantized_weights" if mode != "none" else "base_weights": w_shard // shard + w_repl,
@@ -415,10 +470,12 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         "lora_grads": lora_bytes * n_train // shard,
         "optimizer_state": opt,
         "fsdp_gather_buffers": (2 * (layer_weight + 2 * n_train // max(L, 1)) if fsdp else 0),
-        "activations": activations,
+        "activations": kept,
         "logits_loss": logits,
-        "backward_workspace": workspace,
+        "backward_workspace": max(backward - logits, 0),
     }
+    notes["backward_workspace"] = "beyond the loss's share: a layer's backward" + \
+        (" (recomputed)" if cfg.train.gradient_checkpointing else "")
     if fsdp:
         parts["fsdp_gather_buffers"] = max(parts["fsdp_gather_buffers"], embed, head)
         notes["fsdp_gather_buffers"] = "one layer in use + one prefetched, unsharded"
@@ -435,7 +492,8 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
                 strategy=("fsdp" if fsdp else ("ddp" if world > 1 else "single")),
                 micro_batch=mb, seq_len=seq, parts=parts, notes=notes,
                 activations_detail={"with_checkpointing": with_ckpt, "without_checkpointing": without_ckpt,
-                                    "one_layer": layer_full, **{f"per_token_layer_{k}": v for k, v in per_tok.items()}})
+                                    "one_layer": layer_full, "attention_masks": masks,
+                                    "loss_transient": logits, "backward_transient": backward, **{f"per_token_layer_{k}": v for k, v in per_tok.items()}})
 
 
 # --------------------------------------------------------------------------- budget search
@@ -544,9 +602,60 @@ def run(args: Args, cfg) -> int:
     if not 0 <= args.slack < 1:
         raise UsageError(f"slack: expected a fraction in [0, 1), got {args.slack}")
     budget = parse_bytes(args.gpu_memory)
+    if args.measure:
+        cfg = _measured_device_cfg(cfg)
     rep = report(cfg, budget, args.slack)
+    if args.measure:
+        rep["measured"] = _measure(cfg, rep)
     if args.format == "json":
         print(json.dumps(rep, indent=2))
     else:
         print_table(rep)
+        if args.measure:
+            _print_measured(rep["measured"])
     return 0
+
+
+# --------------------------------------------------------------------------- measure=true
+
+CPU_MEASURE_MAX_PARAMS = 2_000_000_000  # beyond this a CPU step takes too long to be a check
+
+
+def _measured_device_cfg(cfg):
+    """cfg with accelerator set to the device the measurement will run on, so the prediction it is
+    compared with is for that device (dtype, dropout masks, CPU attention, no CUDA context)."""
+    from finetune.model import default_device
+
+    device = default_device(cfg.accelerator)
+    if device.type == "cpu" and model_shape(cfg.model.name, cfg.model.revision).n_params() > CPU_MEASURE_MAX_PARAMS:
+        raise UsageError(f"measure=true: {cfg.model.name} is too big to measure on this machine's CPU; "
+                         "run it where a GPU is, or measure a smaller model")
+    return dataclasses.replace(cfg, accelerator=device.type)
+
+
+def _measure(cfg, rep: dict) -> dict:
+    from finetune.memcheck import measure
+
+    m = measure(cfg, micro_batch=rep["micro_batch"], seq_len=rep["seq_len"])
+    parts = rep["parts"]
+    predicted = sum(v for k, v in parts.items() if k not in ("cuda_context", "allocator_slack"))
+    m["predicted_allocated_bytes"] = predicted
+    m["error"] = round(predicted / m["peak_allocated_bytes"] - 1, 4)
+    if "peak_reserved_bytes" in m:  # what nvidia-smi would show, against the whole prediction
+        m["peak_with_context_bytes"] = m["peak_reserved_bytes"] + CUDA_CONTEXT_BYTES
+        m["error_with_context_and_slack"] = round(rep["peak_bytes"] / m["peak_with_context_bytes"] - 1, 4)
+    return m
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _print_measured(m: dict) -> None:
+    print(f"measured on {m['device']}, one training step at micro-batch {m['micro_batch']} x seq {m['seq_len']} "
+          f"({m['step_seconds']:.1f} s): torch allocated peak {_size(m['peak_allocated_bytes'])}, "
+          f"predicted {_size(m['predicted_allocated_bytes'])} (without CUDA context and slack): "
+          f"error {100 * m['error']:+.1f}%")
+    if "peak_reserved_bytes" in m:
+        print(f"reserved peak + CUDA context {_size(m['peak_with_context_bytes'])} vs predicted peak: "
+              f"error {100 * m['error_with_context_and_slack']:+.1f}%")

@@ -1,0 +1,145 @@
+"""`finetune plan ... measure=true`: run real training steps and measure the memory the planner predicts.
+
+The planner (finetune.plan) is arithmetic; this is the check. It builds the recipe's model, loss and
+optimizer exactly as training does, runs one step so the optimizer state exists, then measures the
+next step: the bytes torch's allocator holds at its peak. That is the planner's "allocated" sum
+(every part but the CUDA context and the allocator slack), so the two compare directly.
+
+- GPU: `torch.cuda.max_memory_allocated` (and reserved, which adds the allocator's fragmentation).
+- CPU: torch has no allocator statistics there, but its profiler records every CPU allocation and
+  free with the running total (`profile_memory=True`). It only counts what is allocated while it
+  runs, so the step's peak is what was live before it (parameters, buffers, quantization state,
+  optimizer state, the batch: counted tensor by tensor) plus the largest running total during it.
+
+The batch is synthetic: random token ids, every position trained, two examples packed per row
+(position ids restart halfway), so attention gets the same block-diagonal mask real packing gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import torch
+
+from finetune.config import Config
+
+
+def _storages_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and tied weights count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def _live_tensors(model, optimizer, batch: dict):
+    yield from model.parameters()
+    yield from model.buffers()
+    for m in model.modules():  # bitsandbytes keeps the 4-bit absmax/code outside parameters
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            yield from (v for v in vars(qs).values() if isinstance(v, torch.Tensor))
+            nested = getattr(qs, "state2", None)
+            if nested is not None:
+                yield from (v for v in vars(nested).values() if isinstance(v, torch.Tensor))
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+    yield from batch.values()
+
+
+def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (micro_batch, seq_len), generator=g)
+    half = seq_len // 2
+    pos = torch.cat([torch.arange(half), torch.arange(seq_len - half)]).expand(micro_batch, -1).contiguous()
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Silence file descriptor 2: the profiler's C++ side prints start/stop lines there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_step_peak(step) -> int:
+    """Peak bytes allocated by torch on the CPU while `step()` runs, above what was live before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_fd2():
+        prof.__enter__()
+    try:
+        step()
+    finally:
+        with _quiet_fd2():
+            prof.__exit__(None, None, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    return max(totals, default=0)
+
+
+def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
+            device: Optional[torch.device] = None) -> dict:
+    """Peak bytes of one training step of `cfg` (the second: optimizer state exists by then)."""
+    from finetune.model import default_device, load_model, load_tokenizer
+    from finetune.train import CausalLMLoss, _apply_liger, _loss_chunk, make_optimizer
+
+    device = device or default_device(cfg.accelerator)
+    micro = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
+    seq = seq_len or cfg.data.seq_len
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg, device, tokenizer=tokenizer)
+    _apply_liger(cfg, model, device)
+    lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model), offload=cfg.train.offload_activations)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch = {k: v.to(device) for k, v in synthetic_batch(vocab, micro, seq, cfg.train.seed).items()}
+    model.train()
+    tokens = micro * (seq - 1)
+
+    def step() -> float:
+        loss, n = lossmod(batch["input_ids"], batch["labels"], batch["position_ids"])
+        (loss / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach() / n)
+
+    step()  # creates the optimizer state
+    out = {"device": str(device), "micro_batch": micro, "seq_len": seq}
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    else:
+        before = _storages_bytes(_live_tensors(model, optimizer, batch))
+        out["live_before_step_bytes"] = before
+        out["peak_allocated_bytes"] = before + _cpu_step_peak(step)
+    out["step_seconds"] = round(time.perf_counter() - t0, 3)
+    out["trained_tokens"] = tokens
+    return out
