@@ -251,6 +251,9 @@ def main(fabric, cfg: Config) -> TrainResult:
         fabric.print(str(data.stats))
 
     model = load_model(cfg, fabric.device, tokenizer=tokenizer)
+    # from_pretrained leaves the base in eval mode; until the first validation switched it, LoRA
+    # dropout was off and transformers skipped gradient checkpointing (it checkpoints only in training).
+    model.train()
     micro = cfg.train.micro_batch_size
     if micro == "auto":
         from finetune.plan import auto_micro_batch
