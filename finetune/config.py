@@ -147,7 +147,7 @@ class TrainConfig:
     """Run each decoder MLP over the sequence this many tokens at a time, every tile under
     activation checkpointing: only one tile's MLP intermediates (gate/up outputs, 3.5x the hidden
     size on Llama) and their gradients exist at once, with the same results. For long sequences,
-    where `finetune plan` shows activations and backward workspace dominating (e.g. 4096 for 16k+
+    where `finetune plan` shows activations and backward workspace dominating (e.g. 2048 for 16k+
     tokens); it costs one extra MLP forward per layer in backward. 0 = off; a micro-batch of at
     most this many tokens runs untiled. Dense MLPs only: MoE blocks keep their own forward."""
     fixed_mmap_threshold: bool = True
