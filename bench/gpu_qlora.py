@@ -18,9 +18,11 @@ Parts:
   checkpointing) -> get_peft_model -> model(input_ids, labels) -> backward -> paged AdamW 8-bit,
   on the same packed batches. Reports peak allocated/reserved memory and trained tokens/s
   (steps after --warmup). Targets: ours peak <= 9 GiB and >= 2x the baseline's tokens/s.
-- longest: Llama-3.1-8B shape, our loop's settings (checkpointing, chunked loss, offload), micro-batch
-  1: the longest seq len that trains (forward + backward + optimizer step) within 12 GiB, trying
-  increasing lengths in fresh processes. Target >= 24k.
+- longest: Llama-3.1-8B shape, micro-batch 1, with recipes/qlora-8b-longctx.yaml's memory settings
+  (checkpointing, activation offload, MLP tiles, loss chunks of 256, LoRA dropout 0,
+  flash_attention_2 when flash-attn is installed, else sdpa, which needs no mask here: one example
+  per sequence): the longest seq len that trains (forward + backward + optimizer step) within
+  12 GiB, trying increasing lengths in fresh processes, each with the planner's prediction. Target >= 24k.
 - planner: finetune.plan.predict against the measured peak for >= 6 configs (seq len, micro-batch,
   checkpointing, offload) of the 7B; error = predicted / measured - 1, target within +-10%.
 
@@ -62,6 +64,9 @@ OURS_VARIANTS = {
     "ours-ckpt": {"train.gradient_checkpointing": "true", "train.offload_activations": "false"},
     "ours-offload": {"train.gradient_checkpointing": "false", "train.offload_activations": "true"},
 }
+LONGCTX_RECIPE = "qlora-8b-longctx"  # the part `longest` measures this recipe's memory settings
+LONGCTX_KEYS = ("train.gradient_checkpointing", "train.offload_activations", "train.mlp_tile_size",
+                "train.loss_chunk_size", "lora.dropout", "model.attn_implementation")
 PLANNER_CONFIGS = [  # (seq_len, micro_batch, gradient_checkpointing, offload_activations)
     (512, 1, True, False), (1024, 1, True, False), (2048, 1, True, False), (4096, 1, True, False),
     (2048, 2, True, False), (1024, 1, False, False), (2048, 1, False, True), (8192, 1, True, False),
@@ -281,16 +286,34 @@ def part_speed(a, model_dir: Path, data: Path) -> dict:
     return {"runs": runs, **summary, "targets": {"peak_GiB": 9, "speedup_vs_baseline": 2.0}}
 
 
+def longctx_overrides() -> dict:
+    """The long-context recipe's memory settings as overrides (sdpa where flash-attn is missing)."""
+    import importlib.util
+
+    from finetune.config import load_config, to_dict
+
+    recipe = to_dict(load_config(LONGCTX_RECIPE, {}))
+    out = {key: str(recipe[key.split(".")[0]][key.split(".")[1]]) for key in LONGCTX_KEYS}
+    if out["model.attn_implementation"] == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        out["model.attn_implementation"] = "sdpa"
+    return out
+
+
 def part_longest(a, model_dir: Path, data: Path) -> dict:
+    from finetune import plan
+
     tried = {}
     longest = 0
-    overrides = {"train.gradient_checkpointing": "true", "train.offload_activations": "true"}
+    overrides = longctx_overrides()
     for seq in a.seq_lens:
         res = run_worker("ours", {"model_dir": str(model_dir), "data": str(data), "seq": seq, "micro": 1,
                                   "steps": 2, "warmup": 1, "overrides": overrides}, a.timeout)
+        cfg, _ = ours_cfg(model_dir, data, seq, 1, 2, Path("unused"), **overrides)
+        res["predicted_peak_bytes"] = plan.predict(cfg, 1, seq).peak_bytes
         tried[seq] = res
-        print(f"  longest llama-3.1-8b seq {seq:6d}: " + (
-            f"ok, peak reserved {res['peak_reserved_bytes'] / GiB:.2f} GiB" if res.get("ok") else f"failed: {res.get('error')}"))
+        outcome = (f"ok, peak reserved {res['peak_reserved_bytes'] / GiB:.2f} GiB" if res.get("ok")
+                   else f"failed: {res.get('error')}")
+        print(f"  longest llama-3.1-8b seq {seq:6d} (predicted {res['predicted_peak_bytes'] / GiB:.2f} GiB): {outcome}")
         if not res.get("ok"):
             break
         longest = seq
@@ -335,7 +358,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per speed run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps excluded from the timing")
     ap.add_argument("--seq_lens", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[4096, 8192, 12288, 16384, 24576, 32768], help="lengths tried for the 8B, ascending")
+                    default=[4096, 8192, 12288, 16384, 24576, 28672, 32768], help="lengths tried for the 8B, ascending")
     ap.add_argument("--model_cache", default=os.path.join(tempfile.gettempdir(), "finetune-bench-models"))
     ap.add_argument("--timeout", type=int, default=900, help="seconds per measurement process")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu-qlora.json"))

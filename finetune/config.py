@@ -143,6 +143,13 @@ class TrainConfig:
     """Save less for backward, same gradients: SwiGLU MLPs keep gate and up but not silu(gate)
     (recomputed in backward), and sdpa attention on the CPU keeps k/v unrepeated and one mask for
     all layers. Applies only to modules of the standard form; others keep their own forward."""
+    mlp_tile_size: int = 0
+    """Run each decoder MLP over the sequence this many tokens at a time, every tile under
+    activation checkpointing: only one tile's MLP intermediates (gate/up outputs, 3.5x the hidden
+    size on Llama) and their gradients exist at once, with the same results. For long sequences,
+    where `finetune plan` shows activations and backward workspace dominating (e.g. 2048 for 16k+
+    tokens); it costs one extra MLP forward per layer in backward. 0 = off; a micro-batch of at
+    most this many tokens runs untiled. Dense MLPs only: MoE blocks keep their own forward."""
     fixed_mmap_threshold: bool = True
     """CPU with glibc: fix malloc's mmap threshold at 32 MiB (with glibc's dynamic one the heap
     fragmented more: ~8% more peak RSS measured). Not applied if MALLOC_MMAP_THRESHOLD_ is set."""
@@ -407,6 +414,8 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"data.seq_len must be >= 8, got {cfg.data.seq_len}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise UsageError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if t.mlp_tile_size < 0:
+        raise UsageError(f"train.mlp_tile_size must be >= 0 (0 = off), got {t.mlp_tile_size}")
     if cfg.lora.r < 1:
         raise UsageError(f"lora.r must be >= 1, got {cfg.lora.r}")
     if cfg.devices < 1 or cfg.num_nodes < 1:

@@ -11,8 +11,9 @@ next step: the bytes torch's allocator holds at its peak. That is the planner's 
   runs, so the step's peak is what was live before it (parameters, buffers, quantization state,
   optimizer state, the batch: counted tensor by tensor) plus the largest running total during it.
 
-The batch is synthetic: random token ids, every position trained, two examples packed per row
-(position ids restart halfway), so attention gets the same block-diagonal mask real packing gives.
+The batch is synthetic: random token ids, every position trained, and with `data.packing` two
+examples per row (position ids restart halfway), so attention gets the block-diagonal mask real
+packing gives.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def _live_tensors(model, optimizer, batch: dict):
     yield from batch.values()
 
 
-def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -> dict:
+def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, seed: int = 0, packed: bool = True) -> dict:
+    """Random ids, every position trained; packed: two examples per row (position ids restart
+    halfway, so attention gets packing's block-diagonal mask), else one causal sequence per row."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (micro_batch, seq_len), generator=g)
-    half = seq_len // 2
+    half = seq_len // 2 if packed else seq_len
     pos = torch.cat([torch.arange(half), torch.arange(seq_len - half)]).expand(micro_batch, -1).contiguous()
     return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
 
@@ -115,7 +118,9 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
     lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model), offload=cfg.train.offload_activations)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     vocab = model.get_output_embeddings().weight.shape[0]
-    batch = {k: v.to(device) for k, v in synthetic_batch(vocab, micro, seq, cfg.train.seed).items()}
+    # Packed like training packs when the recipe packs (the planner counts the mask that brings).
+    batch = synthetic_batch(vocab, micro, seq, cfg.train.seed, packed=cfg.data.packing)
+    batch = {k: v.to(device) for k, v in batch.items()}
     model.train()
     tokens = micro * (seq - 1)
 

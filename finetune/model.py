@@ -431,6 +431,10 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
 
         patch_swiglu(model)
         patch_attention(model)
+    if cfg.train.mlp_tile_size:
+        from finetune.tiled import tile_mlps
+
+        tile_mlps(model, cfg.train.mlp_tile_size)  # after the lean SwiGLU forward, which each tile runs
     return model
 
 

@@ -45,6 +45,7 @@ DQ_BLOCK = 256  # double-quant blocksize (of the absmax values)
 OPT8_BLOCK = 256  # bitsandbytes 8-bit optimizer blocksize
 OPT8_MIN_SIZE = 4096  # smaller tensors keep 32-bit optimizer state
 CPU_MICRO_BATCH_CAP = 8  # on CPU bigger micro-batches only add latency, not throughput
+HINT_MLP_TILE = 2048  # the tile size the table's footer suggests (what recipes/qlora-8b-longctx.yaml uses)
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 _TARGET_ALIASES = {
@@ -301,8 +302,17 @@ def _opt_bytes(numel: int, optimizer: str) -> int:
     return 8 * numel
 
 
-def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int) -> dict[str, int]:
-    """Bytes saved for backward per token by one decoder layer (HF Llama + peft + bitsandbytes).
+def _mlp_tiled(s: Shape, cfg, tokens: int) -> bool:
+    """Whether train.mlp_tile_size splits this micro-batch (finetune.tiled leaves MoE blocks and
+    micro-batches of at most one tile untiled)."""
+    return 0 < cfg.train.mlp_tile_size < tokens and not s.n_expert
+
+
+def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
+                            tiled: bool = False) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes saved for backward by one decoder layer (HF Llama + peft + bitsandbytes): (per token,
+    per MLP tile token). The second is empty unless the MLP is tiled; then its intermediates and
+    LoRA inputs exist for one tile at a time, and the tile inputs (the MLP's input) per token.
 
     Only tensors autograd keeps count: a frozen linear (4-bit or not) keeps nothing, a LoRA branch
     keeps its input (the dropout output + bool mask when dropout > 0, else the shared input).
@@ -337,17 +347,23 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int) 
     # gate, up and silu(gate) for a SwiGLU MLP; two with finetune.lean (silu recomputed in backward),
     # unless Liger's kernels replace the MLP.
     mlp_saved = (2 if cfg.train.lean_activations and not cfg.train.liger else 3) if s.gated_mlp else 1
-    d = {
-        "norms": 2 * (4 * h + 4) + norm_out("qkv") + norm_out(("gate", "up")),
-        "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head + layer_mask
-        + (c * qd if "o" in targets and not drop else 0),
+    mlp_linears = ("gate", "up", "down")
+    mlp = {
         "mlp": k * c * i * mlp_saved + (k * c * i if "down" in targets and not drop else 0)
         + (4 * s.n_expert if s.n_expert else 0),
-        "lora": sum(lora_in(n) for n in lin),
+        "lora": sum(lora_in(n) for n in lin if n in mlp_linears),
+    }
+    d = {
+        # tiled, the tile checkpoints keep the MLP's input whether or not a LoRA reads it
+        "norms": 2 * (4 * h + 4) + norm_out("qkv") + (c * h if tiled else norm_out(("gate", "up"))),
+        "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head + layer_mask
+        + (c * qd if "o" in targets and not drop else 0),
+        "mlp": 0 if tiled else mlp["mlp"],
+        "lora": sum(lora_in(n) for n in lin if n not in mlp_linears) + (0 if tiled else mlp["lora"]),
     }
     if cfg.model.attn_implementation == "eager":  # softmax in fp32 (+ its compute-dtype copy), per key
         d["attention"] += _upcast(c) * s.n_head * seq
-    return d
+    return d, (mlp if tiled else {})
 
 
 def _upcast(c: int) -> int:
@@ -428,26 +444,31 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         opt = _opt_bytes(n_train // shard, cfg.train.optimizer) if n_train else 0
 
     # Activations.
-    per_tok = _layer_activation_bytes(s, cfg, c, targets, seq)
-    layer_full = sum(per_tok.values()) * tokens
+    tiled = _mlp_tiled(s, cfg, tokens)
+    mlp_tokens = cfg.train.mlp_tile_size if tiled else tokens  # MLP intermediates exist for this many
+    per_tok, per_tile = _layer_activation_bytes(s, cfg, c, targets, seq, tiled)
+    # Every layer keeps per_tok; a tiled MLP's intermediates live for one tile of one layer at a time.
+    tile_live = sum(per_tile.values()) * mlp_tokens
+    layer_kept = sum(per_tok.values()) * tokens
+    layer_full = layer_kept + tile_live
     final_norm = (4 * h + 4 + c * h) * tokens
     offload = cfg.train.offload_activations and not on_cpu  # on the CPU there is nowhere to offload to
     ckpt_inputs = c * h * tokens * (2 if offload else L)
     masks = _mask_bytes(cfg, mb, seq, c)
     with_ckpt = ckpt_inputs + layer_full + final_norm + masks  # all layer inputs + one layer recomputed
-    without_ckpt = L * layer_full + final_norm + masks + (c * h * tokens if offload else 0)
+    without_ckpt = L * layer_kept + tile_live + final_norm + masks + (c * h * tokens if offload else 0)
     if offload and not cfg.train.gradient_checkpointing:
-        without_ckpt = 2 * layer_full + final_norm + masks  # saved tensors stream to CPU RAM
+        without_ckpt = 2 * layer_kept + tile_live + final_norm + masks  # saved tensors stream to CPU RAM
     # Kept from forward to backward; under checkpointing the layer being recomputed is a backward
     # transient instead (below).
     if cfg.train.gradient_checkpointing:
         kept, recomputed = with_ckpt - layer_full, layer_full
     else:
         kept, recomputed = without_ckpt, 0
-    # Backward of one layer: grads of the MLP intermediates and the residual stream, plus the
-    # weight bitsandbytes dequantizes to compute dtype for the matmul.
+    # Backward of one layer: grads of the MLP intermediates (of one tile when tiled) and the
+    # residual stream, plus the weight bitsandbytes dequantizes to compute dtype for the matmul.
     biggest = max(fin * fout for fin, fout, _ in s.linears().values())
-    workspace = c * (3 * s.intermediate * max(s.expert_top_k, 1) + 2 * h) * tokens
+    workspace = c * (3 * s.intermediate * max(s.expert_top_k, 1) * mlp_tokens + 2 * h * tokens)
     workspace += biggest * c if mode != "none" else 0
 
     # Logits. The fused frozen head (finetune.lean) holds one chunk of logits in fp32 (+ their
@@ -493,7 +514,9 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
                 micro_batch=mb, seq_len=seq, parts=parts, notes=notes,
                 activations_detail={"with_checkpointing": with_ckpt, "without_checkpointing": without_ckpt,
                                     "one_layer": layer_full, "attention_masks": masks,
-                                    "loss_transient": logits, "backward_transient": backward, **{f"per_token_layer_{k}": v for k, v in per_tok.items()}})
+                                    "loss_transient": logits, "backward_transient": backward,
+                                    **{f"per_token_layer_{k}": v for k, v in per_tok.items()},
+                                    **{f"per_tile_token_layer_{k}": v for k, v in per_tile.items()}})
 
 
 # --------------------------------------------------------------------------- budget search
@@ -556,6 +579,11 @@ def report(cfg, budget: int, slack: float = 0.10) -> dict:
         "notes": plan.notes,
         "shape": dataclasses.asdict(plan.shape),
     }
+    if not cfg.train.mlp_tile_size and not plan.shape.n_expert:
+        tiles = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mlp_tile_size=HINT_MLP_TILE))
+        longest = max_seq_len(tiles, budget, micro_batch=plan.micro_batch, slack=slack)
+        if longest > out["max_seq_len"]:
+            out["max_seq_len_with_mlp_tiles"] = {"mlp_tile_size": HINT_MLP_TILE, "max_seq_len": longest}
     return out
 
 
@@ -575,6 +603,9 @@ def print_table(rep: dict) -> None:
         f"largest micro-batch at seq {rep['seq_len']}: {rep['max_micro_batch']}; "
         f"largest seq_len at micro-batch {rep['micro_batch']}: {rep['max_seq_len']}",
     ] + ([rep["notes"]["strategy"]] if "strategy" in rep["notes"] else [])
+    if "max_seq_len_with_mlp_tiles" in rep:
+        hint = rep["max_seq_len_with_mlp_tiles"]
+        footer.append(f"with train.mlp_tile_size={hint['mlp_tile_size']}: largest seq_len {hint['max_seq_len']}")
     try:
         from rich.console import Console
         from rich.table import Table

@@ -251,6 +251,9 @@ def main(fabric, cfg: Config) -> TrainResult:
         fabric.print(str(data.stats))
 
     model = load_model(cfg, fabric.device, tokenizer=tokenizer)
+    # from_pretrained leaves the base in eval mode; until the first validation switched it, LoRA
+    # dropout was off and transformers skipped gradient checkpointing (it checkpoints only in training).
+    model.train()
     micro = cfg.train.micro_batch_size
     if micro == "auto":
         from finetune.plan import auto_micro_batch
@@ -269,6 +272,14 @@ def main(fabric, cfg: Config) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)  # counted now: FSDP turns them into shards
     _apply_liger(cfg, model, fabric.device)
+    if cfg.train.mlp_tile_size:
+        from finetune.tiled import tile_mlps
+
+        # Again after Liger, which replaces the MLP forwards: the tiles then run Liger's.
+        n_tiled = tile_mlps(model, cfg.train.mlp_tile_size)
+        fabric.print(f"train.mlp_tile_size={cfg.train.mlp_tile_size}: {n_tiled} MLPs run "
+                     f"{cfg.train.mlp_tile_size} tokens at a time" if n_tiled else
+                     "train.mlp_tile_size: no dense decoder MLP found to tile; training untiled")
     lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model), offload=cfg.train.offload_activations,
                            router_aux_coef=cfg.train.router_aux_loss_coef)
     optimizer = make_optimizer(cfg, trainable)

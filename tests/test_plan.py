@@ -245,3 +245,46 @@ def test_nf4_bytes_exact_against_bitsandbytes():
         q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
         real = [q, qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset.reshape(1)] if dq else [])
         assert sum(_quant_bytes(w.numel(), 128, "nf4", dq, 2)) == sum(t.numel() * t.element_size() for t in real)
+
+
+LONG = dict(train__offload_activations="true", lora__dropout=0, train__loss_chunk_size=256,
+            model__attn_implementation="flash_attention_2")
+
+
+def test_mlp_tiling_raises_the_longest_8b_sequence():
+    plain = cfg_of("qlora-8b-sharegpt", **LONG)
+    tiles = cfg_of("qlora-8b-sharegpt", **LONG, train__mlp_tile_size=2048)
+    assert max_seq_len(plain, 12 * GiB) < 24576 <= max_seq_len(tiles, 12 * GiB)
+    a, b = predict(plain, 1, 24576), predict(tiles, 1, 24576)
+    changed = {k for k in a.parts if a.parts[k] != b.parts[k]}
+    # under checkpointing the one layer being recomputed (its MLP now one tile) is backward's transient
+    assert changed == {"backward_workspace", "allocator_slack"}
+    assert a.activations_detail["one_layer"] > b.activations_detail["one_layer"]
+    # the MLP intermediates' gradients (3 x 14336 bf16 per token) for one tile, not all 24576 tokens
+    da, db = a.activations_detail, b.activations_detail
+    assert (da["backward_transient"] - db["backward_transient"]
+            == 2 * 3 * 14336 * (24576 - 2048) + da["one_layer"] - db["one_layer"])
+    # gate and up (2 with finetune.lean), down's input and the three LoRA A outputs (r=16), for one
+    # tile; the tile inputs (the MLP's input, which the LoRA branches of gate/up keep anyway without
+    # dropout) stay per token
+    detail = b.activations_detail
+    assert detail["per_token_layer_mlp"] == 0 and detail["per_tile_token_layer_mlp"] == 3 * 2 * 14336
+    assert da["one_layer"] - db["one_layer"] == (3 * 2 * 14336 + 3 * 2 * 16) * (24576 - 2048)
+
+
+def test_mlp_tiling_changes_nothing_for_a_micro_batch_of_one_tile():
+    for seq, mb in ((2048, 1), (1024, 2)):
+        plain = predict(cfg_of("qlora-8b-sharegpt", **LONG), mb, seq)
+        tiles = predict(cfg_of("qlora-8b-sharegpt", **LONG, train__mlp_tile_size=2048), mb, seq)
+        assert tiles.parts == plain.parts and tiles.activations_detail == plain.activations_detail
+    moe = cfg_of("qlora-8b-sharegpt", model__name="mistralai/Mixtral-8x7B-v0.1", data__seq_len=8192)
+    moe_tiles = cfg_of("qlora-8b-sharegpt", model__name="mistralai/Mixtral-8x7B-v0.1", data__seq_len=8192,
+                       train__mlp_tile_size=1024)
+    assert predict(moe_tiles).parts == predict(moe).parts  # MoE blocks are not tiled
+
+
+def test_table_suggests_mlp_tiling(capsys):
+    run(Args(recipe="qlora-8b-sharegpt"), cfg_of("qlora-8b-sharegpt"))
+    assert "with train.mlp_tile_size=2048: largest seq_len" in capsys.readouterr().out
+    run(Args(recipe="qlora-8b-longctx"), cfg_of("qlora-8b-longctx"))
+    assert "with train.mlp_tile_size" not in capsys.readouterr().out

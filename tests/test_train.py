@@ -141,3 +141,23 @@ def test_unmatched_lora_target_is_one_line_usage_error(tmp_path):
 def test_micro_batch_auto_asks_the_planner(tmp_path):
     result = run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 1, "train.micro_batch_size": "auto"})
     assert result.state.step == 1 and (tmp_path / "run" / "final" / "COMPLETE").is_file()
+
+
+def test_first_step_trains_in_training_mode_with_checkpointing(tmp_path, monkeypatch):
+    # from_pretrained returns the base in eval mode, where transformers skips gradient checkpointing
+    # and LoRA dropout is off: every training forward, the first included, must see training mode.
+    import importlib
+
+    train_mod = importlib.import_module("finetune.train")  # finetune.train is also the function
+    seen = []
+    real = train_mod.CausalLMLoss._forward
+
+    def spy(self, *args):
+        if torch.is_grad_enabled():
+            layer = self.model.get_base_model().model.layers[0]
+            seen.append((layer.training, layer.gradient_checkpointing))
+        return real(self, *args)
+
+    monkeypatch.setattr(train_mod.CausalLMLoss, "_forward", spy)
+    run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 2, "train.gradient_checkpointing": "true"})
+    assert seen and all(s == (True, True) for s in seen), seen
