@@ -64,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p.div_(total)
                 p[torch.arange(p.shape[0], device=p.device), t] -= 1
                 torch.mm(p.to(weight.dtype), weight, out=grad[i:i + chunk])
-            del logits
+            del logits, p  # p is the same buffer: both names must go before the next chunk's logits
         if need_grad:
             ctx.save_for_backward(grad)
         return loss

@@ -5,8 +5,10 @@ without downloading it and without importing torch. The shape comes from a local
 (a local directory or the HF hub cache), else from litgpt's config registry (loaded as a single
 file so litgpt's torch-importing package __init__ never runs).
 
-Sources the constants are calibrated on (no GPU was available when this was written; the lead's
-GPU bench compares the prediction against measured peaks):
+What autograd keeps and when the step peaks is checked against measured training steps on the
+CPU (`finetune plan ... measure=true`, finetune.memcheck; bench/plan_vs_measured.py: 8 SmolLM2
+configs within +3%; tests/test_memcheck.py). The GPU-only constants are not measured yet
+(bench/gpu_qlora.py compares against a GPU when one is available). Sources for those:
 - bitsandbytes 0.50 NF4 layout (read from its source): 4-bit codes packed 2 per byte, one fp32
   absmax per 64 weights; with double quant the absmax become uint8 with one fp32 absmax per 256
   of them. For Llama-2-7B this gives 3.87 GB (linears 3.34 GB + bf16 embeddings/lm_head 0.52 GB),
@@ -356,8 +358,10 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     d = {
         # tiled, the tile checkpoints keep the MLP's input whether or not a LoRA reads it
         "norms": 2 * (4 * h + 4) + norm_out("qkv") + (c * h if tiled else norm_out(("gate", "up"))),
+        # q, k, v, the output and its logsumexp; sdpa and flash return the output already in the
+        # (tokens, heads) layout o_proj reads, so o's LoRA shares it; eager's needs a copy
         "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head + layer_mask
-        + (c * qd if "o" in targets and not drop else 0),
+        + (c * qd if "o" in targets and not drop and attn == "eager" else 0),
         "mlp": 0 if tiled else mlp["mlp"],
         "lora": sum(lora_in(n) for n in lin if n not in mlp_linears) + (0 if tiled else mlp["lora"]),
     }
@@ -376,14 +380,13 @@ def _lean_cpu_attention(cfg) -> bool:
 
 
 def _mask_bytes(cfg, micro_batch: int, seq: int, c: int) -> int:
-    """The attention masks built once per forward for packed rows (position ids restarting): a
-    boolean micro_batch x seq x seq one from transformers for sdpa (plus its float form under
-    finetune.lean on the CPU), a compute-dtype one for eager; flash_attention_2 takes none."""
-    attn = cfg.model.attn_implementation
-    if not cfg.data.packing or attn == "flash_attention_2":
+    """Attention masks kept for backward once per forward, for packed rows (position ids
+    restarting): finetune.lean's CPU attention keeps one float micro_batch x seq x seq mask.
+    transformers' own mask (boolean for sdpa, compute dtype for eager) is gone by the time the loss
+    or backward peaks, and sdpa's per-layer float copies count with the layer."""
+    if not cfg.data.packing or not _lean_cpu_attention(cfg):
         return 0
-    per = (1 + (4 if _lean_cpu_attention(cfg) else 0)) if attn == "sdpa" else c
-    return per * micro_batch * seq * seq
+    return 4 * micro_batch * seq * seq
 
 
 def _fused_head(cfg, targets: set[str]) -> bool:
@@ -451,7 +454,10 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     tile_live = sum(per_tile.values()) * mlp_tokens
     layer_kept = sum(per_tok.values()) * tokens
     layer_full = layer_kept + tile_live
-    final_norm = (4 * h + 4 + c * h) * tokens
+    # The final norm keeps its fp32 input and rsqrt; its output only where the chunked loss
+    # checkpoints a trained head's chunks (a frozen head keeps nothing of its input).
+    chunked_plain = cfg.train.loss_chunk_size > 0 and not _fused_head(cfg, targets)
+    final_norm = (4 * h + 4 + (c * h if chunked_plain else 0)) * tokens
     offload = cfg.train.offload_activations and not on_cpu  # on the CPU there is nowhere to offload to
     ckpt_inputs = c * h * tokens * (2 if offload else L)
     masks = _mask_bytes(cfg, mb, seq, c)
@@ -462,13 +468,17 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     # Kept from forward to backward; under checkpointing the layer being recomputed is a backward
     # transient instead (below).
     if cfg.train.gradient_checkpointing:
-        kept, recomputed = with_ckpt - layer_full, layer_full
+        # In fp32 the first norm's "fp32 input" is the layer input itself, which the checkpoint keeps.
+        kept, recomputed = with_ckpt - layer_full, layer_full - (4 * h * tokens if c == 4 else 0)
     else:
         kept, recomputed = without_ckpt, 0
-    # Backward of one layer: grads of the MLP intermediates (of one tile when tiled) and the
-    # residual stream, plus the weight bitsandbytes dequantizes to compute dtype for the matmul.
+    # Backward of one layer peaks in its MLP (of one tile when tiled): the gradient of the
+    # activation product and a copy of it, while the gate/up gradients form in the memory the
+    # saved gate, up and product give back (measured on CPU: bench/plan_vs_measured.py,
+    # bench/tiled_mlp_cpu.py), plus the residual stream's gradients and the weight bitsandbytes
+    # dequantizes to compute dtype for the matmul.
     biggest = max(fin * fout for fin, fout, _ in s.linears().values())
-    workspace = c * (3 * s.intermediate * max(s.expert_top_k, 1) * mlp_tokens + 2 * h * tokens)
+    workspace = c * (2 * s.intermediate * max(s.expert_top_k, 1) * mlp_tokens + 2 * h * tokens)
     workspace += biggest * c if mode != "none" else 0
 
     # Logits. The fused frozen head (finetune.lean) holds one chunk of logits in fp32 (+ their
@@ -477,7 +487,9 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     # or one chunk of train.loss_chunk_size tokens (recomputed in backward).
     chunk = min(cfg.train.loss_chunk_size, tokens) if cfg.train.loss_chunk_size > 0 else tokens
     if _fused_head(cfg, targets):
-        logits = chunk * V * _upcast(c) + c * h * tokens
+        # + the final norm's output, its trained positions gathered (a copy; the [:, :-1] of more
+        # than one row is another) and d loss / d hidden, all hidden-sized
+        logits = chunk * V * _upcast(c) + (3 + (mb > 1)) * c * h * tokens
     else:
         logits = chunk * V * (8 + _upcast(c))
     # The loss's transient peaks at the end of forward, a layer's backward later: they never

@@ -65,6 +65,21 @@ def test_linear_cross_entropy_equals_plain(chunk, bias):
         torch.testing.assert_close(lean.linear_cross_entropy(head, hidden, targets, chunk), plain.detach(), **TOL)
 
 
+def test_linear_cross_entropy_holds_one_chunk_of_logits_at_a_time():
+    from finetune.memcheck import _cpu_step_peak
+
+    gen = torch.Generator().manual_seed(0)
+    head = nn.Linear(32, 4096, bias=False).requires_grad_(False)
+    hidden = torch.randn(512, 32, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 4096, (512,), generator=gen)
+    chunk_bytes = 128 * 4096 * 4  # 2 MiB of fp32 logits per chunk of 128 rows
+
+    peak = _cpu_step_peak(lambda: lean.linear_cross_entropy(head, hidden, targets, 128))
+    # one chunk of logits + the kept d loss / d hidden (64 KiB) + small per-row vectors; the next
+    # chunk's logits must not be allocated while the last one is still referenced
+    assert chunk_bytes < peak < 1.25 * chunk_bytes, peak
+
+
 def test_linear_cross_entropy_bf16_close_to_plain():
     gen = torch.Generator().manual_seed(0)
     head = nn.Linear(32, 64, bias=False).to(torch.bfloat16).requires_grad_(False)

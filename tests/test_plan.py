@@ -92,9 +92,10 @@ def test_chunked_loss_reduces_logits():
     chunked = predict(cfg_of(train__loss_chunk_size=256))
     plain = predict(cfg_of(train__loss_chunk_size=0))
     s, tokens = plain.shape, 2 * 1024
-    # bf16: the fused frozen head holds one chunk of fp32 logits + their bf16 form and keeps
-    # d loss/d hidden; the plain loss holds every position's logits, upcast, log-softmax and grads.
-    assert chunked.parts["logits_loss"] == 256 * s.vocab * (4 + 2) + 2 * s.hidden * tokens
+    # bf16: the fused frozen head holds one chunk of fp32 logits + their bf16 form and three
+    # hidden-sized tensors (norm output, trained positions, d loss/d hidden; micro-batch 2 adds the
+    # copy [:, :-1] makes); the plain loss holds every position's logits, upcast, log-softmax and grads.
+    assert chunked.parts["logits_loss"] == 256 * s.vocab * (4 + 2) + 4 * 2 * s.hidden * tokens
     assert plain.parts["logits_loss"] == tokens * s.vocab * (2 + 4 + 8)
     trained_head = predict(cfg_of(train__loss_chunk_size=256, lora__target_modules="[q_proj,v_proj,lm_head]"))
     assert trained_head.parts["logits_loss"] == 256 * s.vocab * (2 + 4 + 8)  # chunk recomputed in backward
@@ -260,10 +261,10 @@ def test_mlp_tiling_raises_the_longest_8b_sequence():
     # under checkpointing the one layer being recomputed (its MLP now one tile) is backward's transient
     assert changed == {"backward_workspace", "allocator_slack"}
     assert a.activations_detail["one_layer"] > b.activations_detail["one_layer"]
-    # the MLP intermediates' gradients (3 x 14336 bf16 per token) for one tile, not all 24576 tokens
+    # the MLP's backward workspace (2 x 14336 bf16 per token) for one tile, not all 24576 tokens
     da, db = a.activations_detail, b.activations_detail
     assert (da["backward_transient"] - db["backward_transient"]
-            == 2 * 3 * 14336 * (24576 - 2048) + da["one_layer"] - db["one_layer"])
+            == 2 * 2 * 14336 * (24576 - 2048) + da["one_layer"] - db["one_layer"])
     # gate and up (2 with finetune.lean), down's input and the three LoRA A outputs (r=16), for one
     # tile; the tile inputs (the MLP's input, which the LoRA branches of gate/up keep anyway without
     # dropout) stay per token
