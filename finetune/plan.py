@@ -358,8 +358,8 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     d = {
         # tiled, the tile checkpoints keep the MLP's input whether or not a LoRA reads it
         "norms": 2 * (4 * h + 4) + norm_out("qkv") + (c * h if tiled else norm_out(("gate", "up"))),
-        # q, k, v, the output and its logsumexp; sdpa and flash return the output already in the
-        # (tokens, heads) layout o_proj reads, so o's LoRA shares it; eager's needs a copy
+        # q, k, v, the output and its logsumexp; o's LoRA input adds no tensor of its own with
+        # sdpa (saved-tensor trace on CPU; flash assumed alike), one with eager
         "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head + layer_mask
         + (c * qd if "o" in targets and not drop and attn == "eager" else 0),
         "mlp": 0 if tiled else mlp["mlp"],
