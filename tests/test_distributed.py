@@ -342,6 +342,16 @@ def test_fsdp_qlora_two_processes_equal_one(qlora_one_process, qlora_fsdp):
     assert all(isinstance(k, str) for k in state["optimizer"]["state"])  # FSDP saves it by name
 
 
+def test_fsdp_with_mlp_tiles_equals_one_process(tmp_path):
+    """MLP tiles (checkpoints inside FSDP's layer units, inside HF's layer checkpoint) train the
+    same adapter on 2 FSDP processes as on one."""
+    tiles = ("train.optimizer=adamw", "train.mlp_tile_size=24")
+    one = in_process(tmp_path / "one", recipe="tiny-qlora", **dict(t.split("=") for t in tiles))
+    proc = cli(tmp_path / "two", 2, *tiles, recipe="tiny-qlora", strategy="fsdp")
+    assert "2 MLPs run 24 tokens at a time" in proc.stdout
+    assert max_diff(one.final_dir, tmp_path / "two" / "final") < TOL
+
+
 @pytest.mark.slow
 def test_fsdp_checkpoint_resumes_without_fsdp_and_back(qlora_one_process, qlora_fsdp, tmp_path):
     out, _ = qlora_fsdp
