@@ -302,6 +302,7 @@ def main(fabric, cfg: Config) -> TrainResult:
                  f"micro-batch {micro} x accumulation {accum} x {fabric.world_size} = global {cfg.train.global_batch_size}")
     saver = Saver(fabric, cfg, model, tokenizer, lossmod, optimizer, scheduler, ckpt_state)
     fit(fabric, cfg, lossmod, optimizer, scheduler, stream, val_batches, state, saver)
+    fabric.print(_peak_memory_line(cfg, fabric.device, micro))
 
     saver.save(final_dir, state)
     if rank0:
@@ -313,6 +314,25 @@ def main(fabric, cfg: Config) -> TrainResult:
 
         run_suite_after_training(cfg.eval.suite, final_dir, out_dir / "eval", cfg=cfg)
     return TrainResult(final_dir, model, state)
+
+
+def _peak_memory_line(cfg: Config, device: torch.device, micro: int) -> str:
+    """What this run's peak memory was, next to the planner's prediction on a GPU (the check on
+    `finetune plan`, on the user's own card). A CPU has no allocator peak: report resident memory."""
+    if device.type != "cuda":
+        import resource
+
+        return f"peak resident memory (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    from finetune.plan import CUDA_CONTEXT_BYTES, predict
+
+    reserved = torch.cuda.max_memory_reserved(device) + CUDA_CONTEXT_BYTES
+    line = (f"peak GPU memory (device {device.index}): {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
+            f"allocated, ~{reserved / 2**30:.2f} GiB with reserve and CUDA context")
+    try:
+        planned = predict(cfg, micro_batch=micro).peak_bytes
+    except UsageError:  # a model the planner cannot size: the measurement stands alone
+        return line
+    return line + f"; `finetune plan` predicted {planned / 2**30:.2f} GiB"
 
 
 def _resume_source(cfg: Config, out_dir: Path, rank0: bool) -> Optional[Path]:

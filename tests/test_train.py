@@ -64,11 +64,22 @@ def test_end_to_end_adapter_loads_with_plain_peft(recipe, tmp_path):
     torch.testing.assert_close(torch.load(out), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_loss_goes_down_and_logs(tmp_path):
+def test_loss_goes_down_and_logs(tmp_path, capsys):
     result = run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 12})
     losses = [l for _, l in result.state.losses]
     assert losses[-1] < losses[0]
     assert (tmp_path / "run" / "logs" / "metrics.csv").is_file()
+    assert "peak resident memory (this process):" in capsys.readouterr().out
+
+
+def test_peak_memory_line_on_a_gpu_names_the_prediction(monkeypatch):
+    from finetune import train
+
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 9 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 8 * 2**30)
+    line = train._peak_memory_line(load_config("qlora-7b-alpaca", {}), torch.device("cuda", 0), 2)
+    assert line.startswith("peak GPU memory (device 0): 8.00 GiB allocated, ~9.49 GiB with reserve and CUDA context")
+    assert "`finetune plan` predicted 6.12 GiB" in line
 
 
 def _adapter(path):
