@@ -267,16 +267,20 @@ def _probe_bnb(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     key = (mode, device.type, dtype)
     if key in _PROBED:
         return
+    # The probe runs once per process: with the global RNG it would shift the LoRA init of every
+    # later run in the process, so the same seed would give another adapter on a second run.
+    cuda = [device] if device.type == "cuda" else []
     try:
-        if mode == "nf4":
-            w = torch.randn(64, 64, device=device, dtype=dtype)
-            packed, state = bnb.functional.quantize_4bit(w, quant_type="nf4")
-            bnb.functional.dequantize_4bit(packed, state)
-        else:
-            layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to(device)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                layer(torch.randn(2, 64, device=device, dtype=torch.float16))
+        with torch.random.fork_rng(devices=cuda):
+            if mode == "nf4":
+                w = torch.randn(64, 64, device=device, dtype=dtype)
+                packed, state = bnb.functional.quantize_4bit(w, quant_type="nf4")
+                bnb.functional.dequantize_4bit(packed, state)
+            else:
+                layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to(device)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    layer(torch.randn(2, 64, device=device, dtype=torch.float16))
     except Exception as e:
         raise FinetuneError(f"quant.mode={mode} cannot run on {device} with bitsandbytes "
                             f"{getattr(bnb, '__version__', '?')}: {_first_line(e)}; use quant.mode=none") from e

@@ -183,6 +183,21 @@ def test_nf4_qlora_is_really_4bit_and_trains(tiny_model):
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_same_seed_same_lora_init_whether_or_not_bitsandbytes_was_probed(tiny_model, monkeypatch):
+    # the once-per-process bitsandbytes probe must not draw from the global RNG: a second run in
+    # the same process would otherwise start from another LoRA init
+    monkeypatch.setattr(fm, "_PROBED", {})
+    cfg = make_cfg()
+    cfg.quant.mode = "nf4"
+    inits = []
+    for _ in range(2):  # the first load probes, the second does not
+        torch.manual_seed(0)
+        model = fm.load_model(cfg, "cpu")
+        inits.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+    assert inits[0].keys() == inits[1].keys()
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+
+
 def test_nf4_options_reach_bitsandbytes(tiny_model):
     import bitsandbytes as bnb
 
