@@ -68,6 +68,15 @@ def decoder_mlps(model: nn.Module) -> Iterator[nn.Module]:
                     yield child
 
 
+def _is_tiled(module: nn.Module) -> bool:
+    return getattr(vars(module).get("forward"), "__func__", None) is _tiled_forward
+
+
+def count_tiled(model: nn.Module) -> int:
+    """How many modules of `model` run tiled."""
+    return sum(_is_tiled(m) for m in model.modules())
+
+
 def tile_mlps(model: nn.Module, tile: int) -> int:
     """Run every decoder MLP of `model` (see `decoder_mlps`) `tile` tokens at a time in training;
     returns how many MLPs are tiled. Idempotent, and a second call after something replaced an
@@ -76,7 +85,7 @@ def tile_mlps(model: nn.Module, tile: int) -> int:
         raise ValueError(f"tile must be >= 1, got {tile}")
     n = 0
     for mlp in decoder_mlps(model):
-        if getattr(vars(mlp).get("forward"), "__func__", None) is not _tiled_forward:
+        if not _is_tiled(mlp):
             setattr(mlp, _INNER, mlp.forward)
             mlp.forward = types.MethodType(_tiled_forward, mlp)
         setattr(mlp, _TILE, int(tile))
@@ -89,7 +98,7 @@ def untile_mlps(model: nn.Module) -> int:
     """Undo `tile_mlps` (each MLP gets back the forward it had); returns how many were restored."""
     n = 0
     for mlp in model.modules():
-        if getattr(vars(mlp).get("forward"), "__func__", None) is _tiled_forward:
+        if _is_tiled(mlp):
             inner = vars(mlp).pop(_INNER)
             del mlp.forward, mlp._finetune_mlp_tile
             if getattr(inner, "__func__", None) is not type(mlp).forward:

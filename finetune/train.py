@@ -273,10 +273,9 @@ def main(fabric, cfg: Config) -> TrainResult:
     n_trainable = sum(p.numel() for p in trainable)  # counted now: FSDP turns them into shards
     _apply_liger(cfg, model, fabric.device)
     if cfg.train.mlp_tile_size:
-        from finetune.tiled import tile_mlps
+        from finetune.tiled import count_tiled
 
-        # Again after Liger, which replaces the MLP forwards: the tiles then run Liger's.
-        n_tiled = tile_mlps(model, cfg.train.mlp_tile_size)
+        n_tiled = count_tiled(model)
         fabric.print(f"train.mlp_tile_size={cfg.train.mlp_tile_size}: {n_tiled} MLPs run "
                      f"{cfg.train.mlp_tile_size} tokens at a time" if n_tiled else
                      "train.mlp_tile_size: no dense decoder MLP found to tile; training untiled")
@@ -365,6 +364,10 @@ def _apply_liger(cfg: Config, model: nn.Module, device: torch.device) -> None:
     # The cross-entropy kernels stay off: the chunked loss above already avoids full logits.
     _apply_liger_kernel_to_instance(model=model.get_base_model(), cross_entropy=False,
                                     fused_linear_cross_entropy=False)
+    if cfg.train.mlp_tile_size:  # Liger replaced the MLP forwards load_model had tiled: tile Liger's
+        from finetune.tiled import tile_mlps
+
+        tile_mlps(model, cfg.train.mlp_tile_size)
 
 
 def _loss_chunk(cfg: Config, model: nn.Module) -> int:

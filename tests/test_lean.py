@@ -172,44 +172,32 @@ def test_patch_swiglu_parity_on_the_tiny_model():
 
 
 class _Proj(nn.Module):
-    def __init__(self, fin, fout):
+    def __init__(self, act=None):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(fin, fout), nn.Linear(fin, fout), nn.Linear(fout, fin)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+        self.act_fn = act or nn.SiLU()
 
 
 class GeluMLP(_Proj):
     def __init__(self):
-        super().__init__(4, 8)
-        self.act_fn = nn.GELU()
+        super().__init__(nn.GELU())
 
     def forward(self, x):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class ScaledMLP(_Proj):
-    def __init__(self):
-        super().__init__(4, 8)
-        self.act_fn = nn.SiLU()
-
     def forward(self, x):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 2
 
 
 class SwappedMLP(_Proj):
-    def __init__(self):
-        super().__init__(4, 8)
-        self.act_fn = nn.SiLU()
-
     def forward(self, x):
         return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
 
 
 class StandardMLP(_Proj):
     """Same form as transformers' LlamaMLP, written the other accepted way (one return)."""
-
-    def __init__(self):
-        super().__init__(4, 8)
-        self.act_fn = nn.SiLU()
 
     def forward(self, hidden):
         return self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
