@@ -407,6 +407,7 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
                              attn_implementation=m.attn_implementation)
     if quant is not None and not quantized_modules(model):
         raise FinetuneError(f"quant.mode={cfg.quant.mode} was requested but no layer of {m.name} was quantized")
+    _no_cpu_repack(model)
     _sync_special_tokens(model, tokenizer)
 
     no_reentrant = {"use_reentrant": False}
@@ -440,6 +441,20 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
 
         tile_mlps(model, cfg.train.mlp_tile_size)  # after the lean SwiGLU forward, which each tile runs
     return model
+
+
+def _no_cpu_repack(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    On such CPUs a Linear4bit in eval mode without grad (validation) rewrites its packed weight in
+    place into another layout. Under FSDP that weight is a shard of a flat parameter stored in the
+    compute dtype, and the inverse repack bitsandbytes runs on state_dict() asserts uint8, so the
+    next checkpoint crashed. A training model keeps one layout; validation then also computes with
+    the same kernel as training, on every CPU.
+    """
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
 
 
 def fsdp_param_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:

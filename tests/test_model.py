@@ -183,6 +183,24 @@ def test_nf4_qlora_is_really_4bit_and_trains(tiny_model):
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_validation_in_eval_mode_keeps_the_4bit_layout(tiny_model):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight in place when a Linear4bit runs in
+    eval mode without grad; a training model must keep one layout (under FSDP the repack broke the
+    next checkpoint), so the layout and the state dict survive an eval-mode forward on any CPU."""
+    cfg = make_cfg()
+    cfg.quant.mode = "nf4"
+    model = fm.load_model(cfg, "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight") and v.dtype == torch.uint8}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 259, (1, 8)))
+    after = model.state_dict()
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(getattr(m.weight, "quant_state", None) is not None
+                   and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if hasattr(m, "weight"))
+
+
 def test_same_seed_same_lora_init_whether_or_not_bitsandbytes_was_probed(tiny_model, monkeypatch):
     # the once-per-process bitsandbytes probe must not draw from the global RNG: a second run in
     # the same process would otherwise start from another LoRA init
