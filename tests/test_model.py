@@ -194,11 +194,11 @@ def test_validation_in_eval_mode_keeps_the_4bit_layout(tiny_model):
     model.eval()
     with torch.no_grad():
         model(input_ids=torch.randint(3, 259, (1, 8)))
-    after = model.state_dict()
-    assert before and all(torch.equal(after[k], v) for k, v in before.items())
     assert not any(getattr(m.weight, "quant_state", None) is not None
                    and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                    for m in model.modules() if hasattr(m, "weight"))
+    after = model.state_dict()
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_same_seed_same_lora_init_whether_or_not_bitsandbytes_was_probed(tiny_model, monkeypatch):
