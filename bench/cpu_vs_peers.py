@@ -94,9 +94,9 @@ def worker_ours(args, rec: Recorder, tmp: Path) -> dict:
     import torch
 
     from finetune.config import load_config
-    from finetune.progress import TrainProgress
+    from finetune.training.progress import TrainProgress
 
-    train_mod = importlib.import_module("finetune.train")
+    train_mod = importlib.import_module("finetune.training.loop")
     real_forward = train_mod.CausalLMLoss._forward
 
     def counting_forward(self, input_ids, labels, position_ids):
@@ -137,7 +137,7 @@ def worker_trl(args, rec: Recorder, tmp: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.model import resolve_model_path
+    from finetune.models.load import resolve_model_path
 
     path = resolve_model_path("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
@@ -183,7 +183,7 @@ def litgpt_checkpoint(tmp: Path) -> Path:
     after the hub id, which litgpt's config registry knows)."""
     from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
-    from finetune.model import resolve_model_path
+    from finetune.models.load import resolve_model_path
 
     src = Path(resolve_model_path("smollm2-135m"))
     ckpt = tmp / "checkpoints" / HUB_ID

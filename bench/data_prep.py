@@ -42,12 +42,12 @@ def make_rows(n: int) -> list[dict]:
 
 
 def tokenizers():
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
 
     yield "tiny-byte (259)", byte_tokenizer()
     try:
         from finetune.config import ModelConfig
-        from finetune.model import load_tokenizer
+        from finetune.models.load import load_tokenizer
 
         tok = load_tokenizer(ModelConfig(name="smollm2-135m"))
         yield f"smollm2-135m ({len(tok)})", tok

@@ -84,7 +84,7 @@ def random_model_dir(shape: str, cache: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
 
     fields = SHAPES[shape]
     tok = byte_tokenizer()
@@ -150,10 +150,10 @@ def worker_ours(spec: dict) -> dict:
 
     import torch
 
-    from finetune.progress import TrainProgress
+    from finetune.training.progress import TrainProgress
 
     ctx = cap_memory()
-    train_mod = importlib.import_module("finetune.train")
+    train_mod = importlib.import_module("finetune.training.loop")
     tokens, ends = [], []
     real_forward = train_mod.CausalLMLoss._forward
 
@@ -188,7 +188,7 @@ def worker_baseline(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from finetune.data import BatchStream, prepare
-    from finetune.model import load_tokenizer
+    from finetune.models.load import load_tokenizer
 
     ctx = cap_memory()
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,7 +300,7 @@ def longctx_overrides() -> dict:
 
 
 def part_longest(a, model_dir: Path, data: Path) -> dict:
-    from finetune import plan
+    from finetune.plan import predict as plan
 
     tried = {}
     longest = 0
@@ -321,7 +321,7 @@ def part_longest(a, model_dir: Path, data: Path) -> dict:
 
 
 def part_planner(a, model_dir: Path, data: Path) -> dict:
-    from finetune import plan
+    from finetune.plan import predict as plan
 
     rows = []
     for seq, micro, ckpt, offload in PLANNER_CONFIGS:

@@ -49,8 +49,8 @@ def main() -> None:
     import torch
 
     from finetune.config import load_config
-    from finetune.memcheck import measure
-    from finetune.plan import predict
+    from finetune.plan.measure import measure
+    from finetune.plan.predict import predict
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = {"model.name": a.model, "accelerator": device, "data.seq_len": str(a.seq),

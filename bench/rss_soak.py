@@ -30,7 +30,7 @@ import psutil  # noqa: E402
 from finetune.config import load_config  # noqa: E402
 
 # finetune/__init__ re-exports the train() function under the module's name.
-train_mod = importlib.import_module("finetune.train")
+train_mod = importlib.import_module("finetune.training.loop")
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ SHAPE = dict(hidden_size=256, intermediate_size=896, num_hidden_layers=2, num_at
 
 def row(path: Path, seq: int, tile: int) -> dict:
     from finetune.config import load_config
-    from finetune.memcheck import measure
-    from finetune.plan import predict
+    from finetune.plan.measure import measure
+    from finetune.plan.predict import predict
 
     cfg = load_config(None, {
         "model.name": str(path), "accelerator": "cpu", "data.seq_len": str(seq), "data.packing": "false",
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=lambda s: [int(x) for x in s.split(",")], default=[0, 2048, 512])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tiled_mlp_cpu.json"))
     a = ap.parse_args()
-    from finetune.tiny import make_tiny_model
+    from finetune.models.tiny import make_tiny_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 def train(config: "Config | str", **overrides):
     """Train from a Config (or a recipe name/path plus dotted overrides); return the final adapter dir."""
-    from finetune.train import train as _train
+    from finetune.training import train as _train
 
     if isinstance(config, str):
         config = load_config(config, {k: str(v) for k, v in overrides.items()})

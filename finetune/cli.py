@@ -15,17 +15,17 @@ import importlib
 import os
 import re
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 from finetune.errors import FinetuneError, UsageError, did_you_mean
 
 # name -> (module, one-line description). Each module defines `Args` and `run(args, cfg)`.
 COMMANDS = {
-    "data": ("finetune.data.preview", "preview rendered examples and data statistics for a recipe"),
+    "data": ("finetune.preview", "preview rendered examples and data statistics for a recipe"),
     "eval": ("finetune.eval.run", "score base models, adapters, merged and MoE checkpoints on a suite"),
     "merge": ("finetune.merge", "merge an adapter into its base, or combine several adapters"),
-    "moe": ("finetune.moe", "assemble a Mixtral-style MoE from fine-tunes; routing report"),
-    "plan": ("finetune.plan", "predict peak GPU memory for a recipe, and what fits a budget"),
+    "moe": ("finetune.moe.command", "assemble a Mixtral-style MoE from fine-tunes; routing report"),
+    "plan": ("finetune.plan.command", "predict peak GPU memory for a recipe, and what fits a budget"),
 }
 
 USAGE = """\
@@ -75,7 +75,13 @@ def split_args(argv: list[str]) -> tuple[list[str], set[str]]:
 
 def parse_command(args_cls: type, argv: list[str], takes_recipe: bool):
     """Split key=value pairs between the command's own `Args` and (if it has a recipe) the config."""
-    from finetune.config import build, field_paths, load_config, parse_value, split_overrides
+    from finetune.config import (
+        build,
+        field_paths,
+        load_config,
+        parse_value,
+        split_overrides,
+    )
 
     pairs = split_overrides(argv)
     own_keys = set(field_paths(args_cls))
@@ -145,7 +151,7 @@ def run(argv: list[str]) -> int:
     if "--print_config" in flags:
         print(to_yaml(cfg), end="")
         return 0
-    from finetune.train import train
+    from finetune.training import train
 
     train(cfg)
     return 0

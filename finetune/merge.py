@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from finetune.errors import FinetuneError, UsageError, did_you_mean
-from finetune.model import read_adapter_config, resolve_model_path  # noqa: F401  (moe imports them from here)
+from finetune.models.adapters import read_adapter_config  # noqa: F401  (moe imports them from here)
+from finetune.models.load import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     base_path = adapter_base_path(adapter_dir)
     base = load_base_full_precision(base_path)
     out_dtype = torch_dtype(dtype, base.config)
-    from finetune.model import check_adapter_fits
+    from finetune.models.adapters import check_adapter_fits
 
     check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)

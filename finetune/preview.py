@@ -23,7 +23,7 @@ class Args:
 def load_tokenizer(cfg):
     """The recipe's tokenizer via finetune.model (pad token fixed there); tiny fallback otherwise."""
     try:
-        from finetune.model import load_tokenizer as model_load_tokenizer
+        from finetune.models.load import load_tokenizer as model_load_tokenizer
     except ImportError:
         model_load_tokenizer = None
     if model_load_tokenizer is not None:
@@ -31,7 +31,7 @@ def load_tokenizer(cfg):
     if cfg.model.name == "tiny":
         from transformers import AutoTokenizer
 
-        from finetune.tiny import tiny_model_dir
+        from finetune.models.tiny import tiny_model_dir
 
         return AutoTokenizer.from_pretrained(tiny_model_dir())
     raise UsageError(f"cannot load the tokenizer of '{cfg.model.name}': finetune.model is not available")

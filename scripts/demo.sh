@@ -13,4 +13,4 @@ fi
 if [ ! -f "$out/eval/scores.json" ]; then
   finetune eval suite=demo recipe=demo models="[base,$out/final]" out_dir="$out/eval"
 fi
-python -m finetune.demo "$out"
+python scripts/show_demo.py "$out"

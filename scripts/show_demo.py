@@ -1,6 +1,6 @@
 """The README's demo, after training: base vs adapter on held-out questions, side by side.
 
-    python -m finetune.demo out/demo        # reads out/demo/eval (written by the demo recipe)
+    python scripts/show_demo.py out/demo        # reads out/demo/eval (written by the demo recipe)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_model():
     """The on-disk tiny random Llama (built once per cache)."""
-    from finetune.tiny import tiny_model_dir
+    from finetune.models.tiny import tiny_model_dir
 
     return tiny_model_dir()
 

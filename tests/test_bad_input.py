@@ -244,7 +244,7 @@ def _readable(f: Path) -> bool:
 
 @pytest.fixture
 def no_template_model(tmp_path_factory):
-    from finetune.tiny import make_tiny_model
+    from finetune.models.tiny import make_tiny_model
 
     path = make_tiny_model(tmp_path_factory.mktemp("m") / "tiny-no-template")
     for f in path.glob("chat_template.*"):
@@ -320,7 +320,7 @@ def test_nonexistent_model_path(work, capsys):
 def adapters(tmp_path_factory):
     """LoRA adapters without training: r=8 and r=4 on the tiny base, r=4 on a differently shaped base."""
     from finetune.merge import random_lora_adapter
-    from finetune.tiny import make_tiny_model, tiny_model_dir
+    from finetune.models.tiny import make_tiny_model, tiny_model_dir
 
     root = tmp_path_factory.mktemp("adapters")
     base = tiny_model_dir()
@@ -342,7 +342,7 @@ def test_invalid_lora_targets(work, capsys):
 
 
 def test_quantization_where_bitsandbytes_cannot_run(work, capsys, monkeypatch):
-    import finetune.model as model_mod
+    import finetune.models.load as model_mod
 
     class BrokenBnb:
         __version__ = "0.0-simulated"
@@ -359,7 +359,7 @@ def test_quantization_where_bitsandbytes_cannot_run(work, capsys, monkeypatch):
 
 
 def test_quantization_without_bitsandbytes(work, capsys, monkeypatch):
-    import finetune.model as model_mod
+    import finetune.models.load as model_mod
 
     def missing():
         raise ImportError("No module named 'bitsandbytes'")
@@ -438,7 +438,7 @@ def test_merge_into_non_empty_out_dir(work, capsys, adapters):
 
 
 def test_moe_expert_of_another_architecture(work, capsys, adapters, tmp_path_factory):
-    from finetune.tiny import make_tiny_model
+    from finetune.models.tiny import make_tiny_model
 
     qwen = make_tiny_model(tmp_path_factory.mktemp("q") / "tiny-qwen2", arch="qwen2")
     spec = work / "moe.yaml"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import checkpoint as ck
+from finetune.training import checkpoint as ck
 from finetune.errors import FinetuneError, UsageError
 
 CONFIG_YAML = "lora:\n  r: 4\n"
@@ -26,7 +26,7 @@ CONFIG_YAML = "lora:\n  r: 4\n"
 
 @pytest.fixture(scope="module")
 def base_dir():
-    from finetune.tiny import tiny_model_dir
+    from finetune.models.tiny import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -443,7 +443,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, os
     from pathlib import Path
     import torch
-    from finetune import checkpoint as ck
+    from finetune.training import checkpoint as ck
 
     class Fake:  # duck-typed PeftModel: keeps torch/peft model building out of the timing
         def save_pretrained(self, d, **kw):

@@ -121,7 +121,7 @@ def test_global_batch_must_divide_over_devices():
 
 @pytest.mark.parametrize("n_val", [1, 3, 5, 6])
 def test_validation_batches_equal_count_and_independent_of_world(n_val):
-    from finetune.train import _val_batches
+    from finetune.training.loop import _val_batches
 
     units = fake_units(n_val)
     trained = {}
@@ -135,7 +135,7 @@ def test_validation_batches_equal_count_and_independent_of_world(n_val):
 
 
 def test_validation_respects_eval_batches_globally():
-    from finetune.train import _val_batches
+    from finetune.training.loop import _val_batches
 
     units = fake_units(40)
     one = _val_batches(units, 2, SimpleNamespace(global_rank=0, world_size=1), 0, 3)
@@ -154,7 +154,7 @@ def test_validation_respects_eval_batches_globally():
     ({"quant.mode": "nf4", "quant.storage_dtype": "uint8"}, "storage_dtype=auto or a float dtype"),
 ])
 def test_fsdp_settings_it_cannot_run_are_usage_errors_before_launch(overrides, message):
-    from finetune.train import make_fabric
+    from finetune.training.loop import make_fabric
 
     cfg = load_config("tiny-lora", {"strategy": "fsdp", "accelerator": "cpu", "devices": "2", **overrides})
     with pytest.raises(UsageError, match=message):
@@ -164,9 +164,9 @@ def test_fsdp_settings_it_cannot_run_are_usage_errors_before_launch(overrides, m
 def test_optimizer_state_converts_between_position_and_name_keys():
     """A checkpoint's optimizer state is keyed by position (single process, DDP) or by parameter
     name (FSDP); either loads under the other, matched by name, whatever the parameter order."""
-    from finetune.distributed import CheckpointState
-    from finetune.model import load_model
-    from finetune.train import CausalLMLoss
+    from finetune.training.distributed import CheckpointState
+    from finetune.models.load import load_model
+    from finetune.training.loss import CausalLMLoss
 
     cfg = load_config("tiny-lora", {"accelerator": "cpu"})
     model = load_model(cfg, "cpu")
@@ -194,7 +194,7 @@ def test_optimizer_state_converts_between_position_and_name_keys():
 
 
 def test_preflight_catches_rank0_only_mistakes_before_launch(tmp_path):
-    from finetune.train import _preflight
+    from finetune.training.loop import _preflight
 
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(UsageError, match="not empty"):
@@ -222,7 +222,7 @@ def cli(out_dir, devices: int, *extra: str, timeout: int = 300, recipe: str = "t
 
 
 def in_process(out_dir, recipe: str = "tiny-lora", **overrides):
-    from finetune.train import main, make_fabric
+    from finetune.training.loop import main, make_fabric
 
     cfg = load_config(recipe, {"out_dir": str(out_dir), "output.progress": "false", "train.max_steps": "6",
                                     "train.seed": "5", "accelerator": "cpu",

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import checkpoint
+from finetune.training import checkpoint
 from finetune.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune import lean
+from finetune.memory import lean
 from finetune.data.pack import collate, pack
 from tiny_peft import make_model
 
-train_mod = importlib.import_module("finetune.train")
+train_mod = importlib.import_module("finetune.training.loop")
 CausalLMLoss = train_mod.CausalLMLoss
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -66,7 +66,7 @@ def test_linear_cross_entropy_equals_plain(chunk, bias):
 
 
 def test_linear_cross_entropy_holds_one_chunk_of_logits_at_a_time():
-    from finetune.memcheck import _cpu_step_peak
+    from finetune.plan.measure import _cpu_step_peak
 
     gen = torch.Generator().manual_seed(0)
     head = nn.Linear(32, 4096, bias=False).requires_grad_(False)
@@ -291,7 +291,7 @@ def test_patch_attention_leaves_eager_models_alone():
 
 
 def test_fix_mmap_threshold_once_and_respects_the_environment(monkeypatch):
-    from finetune import malloc
+    from finetune.memory import malloc
 
     monkeypatch.setattr(malloc, "_applied", [])
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")

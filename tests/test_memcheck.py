@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from finetune.config import load_config
-from finetune.memcheck import measure, synthetic_batch
-from finetune.plan import predict
-from finetune.tiny import make_tiny_model
+from finetune.plan.measure import measure, synthetic_batch
+from finetune.plan.predict import predict
+from finetune.models.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from finetune.errors import UsageError
 from finetune.merge import Args, combine_adapters, merge_adapter, random_lora_adapter, run
-from finetune.tiny import make_tiny_model
+from finetune.models.tiny import make_tiny_model
 
 IDS = torch.tensor([[1, 75, 108, 3 + ord("h"), 3 + ord("i"), 2, 40, 50]])
 

@@ -8,10 +8,12 @@ import shutil
 import pytest
 import torch
 
-from finetune import embedded
+from finetune.models import embedded
 from finetune.config import Config, load_config
 from finetune.errors import FinetuneError, UsageError
-from finetune import model as fm
+from finetune import runtime
+from finetune.models import load as fm
+from finetune.models.adapters import load_for_inference
 
 PROBE = torch.tensor([[1, 3 + ord("H"), 3 + ord("i"), 3 + ord("!"), 2, 3 + ord("a"), 3 + ord("b")]])
 
@@ -82,22 +84,22 @@ def test_unknown_hub_id_offline_is_one_clear_line(monkeypatch):
 
 def test_device_and_dtypes():
     cfg = Config()
-    assert fm.default_device("cpu") == torch.device("cpu")
-    assert fm.compute_dtype(cfg, "cpu") == torch.float32
-    assert fm.base_dtype(cfg, "cpu") == torch.float32
+    assert runtime.default_device("cpu") == torch.device("cpu")
+    assert runtime.compute_dtype(cfg, "cpu") == torch.float32
+    assert runtime.base_dtype(cfg, "cpu") == torch.float32
     cfg.precision = "bf16-mixed"
-    assert fm.base_dtype(cfg, "cpu") == torch.float32  # bf16 on this CPU is pathologically slow
+    assert runtime.base_dtype(cfg, "cpu") == torch.float32  # bf16 on this CPU is pathologically slow
     cfg.quant.compute_dtype = "bfloat16"
-    assert fm.compute_dtype(cfg, "cpu") == torch.bfloat16
-    assert fm.storage_dtype(cfg, "cpu") == torch.uint8
+    assert runtime.compute_dtype(cfg, "cpu") == torch.bfloat16
+    assert runtime.storage_dtype(cfg, "cpu") == torch.uint8
     cfg.strategy = "fsdp"
-    assert fm.storage_dtype(cfg, "cpu") == torch.bfloat16
+    assert runtime.storage_dtype(cfg, "cpu") == torch.bfloat16
     with pytest.raises(UsageError, match="unknown accelerator"):
-        fm.default_device("tpu9")
+        runtime.default_device("tpu9")
     if not torch.cuda.is_available():
-        assert fm.default_device("auto") == torch.device("cpu")
+        assert runtime.default_device("auto") == torch.device("cpu")
         with pytest.raises(UsageError, match="no CUDA GPU"):
-            fm.default_device("cuda")
+            runtime.default_device("cuda")
 
 
 def test_fsdp_gives_every_parameter_one_dtype():
@@ -113,9 +115,9 @@ def test_fsdp_gives_every_parameter_one_dtype():
 
 
 def test_trust_remote_code_only_when_set(caplog):
-    assert "trust_remote_code" not in fm._hub_kwargs(None, False)
-    with caplog.at_level("WARNING", logger="finetune.model"):
-        assert fm._hub_kwargs("v1", True) == {"revision": "v1", "trust_remote_code": True}
+    assert "trust_remote_code" not in fm.hub_kwargs(None, False)
+    with caplog.at_level("WARNING", logger="finetune.models.load"):
+        assert fm.hub_kwargs("v1", True) == {"revision": "v1", "trust_remote_code": True}
     assert "trust_remote_code=true" in caplog.text
 
 
@@ -130,7 +132,7 @@ def test_tokenizer_pad_is_not_eos(tiny_model):
 
 
 def test_ensure_pad_prefers_existing_tokens_and_adds_last(tiny_model):
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
 
     tok = byte_tokenizer()
     tok.pad_token = tok.eos_token
@@ -322,31 +324,31 @@ def test_adapter_loads_with_plain_peft(adapter_dir, tiny_model):
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), out)
     assert torch.equal(logits(plain), expected)
 
-    model, tok = fm.load_for_inference(str(out))
+    model, tok = load_for_inference(str(out))
     assert torch.equal(logits(model), expected)
     assert not model.training and tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
 
 
 def test_load_for_inference_merged_dir(adapter_dir, tmp_path):
     out, expected = adapter_dir
-    model, tok = fm.load_for_inference(str(out))
+    model, tok = load_for_inference(str(out))
     merged = tmp_path / "merged"
     model.merge_and_unload().save_pretrained(merged)
     tok.save_pretrained(merged)
-    m2, tok2 = fm.load_for_inference(str(merged))
+    m2, tok2 = load_for_inference(str(merged))
     assert type(m2).__name__ == "LlamaForCausalLM"
     assert torch.allclose(logits(m2), expected, atol=1e-5)
-    base, _ = fm.load_for_inference("tiny")
+    base, _ = load_for_inference("tiny")
     assert not torch.allclose(logits(base), expected, atol=1e-3)
 
 
 def test_adapter_on_wrong_base_is_refused(adapter_dir, tmp_path):
-    from finetune.tiny import make_tiny_model
+    from finetune.models.tiny import make_tiny_model
 
     out, _ = adapter_dir
     other = make_tiny_model(tmp_path / "other", hidden_size=32, intermediate_size=64)
     with pytest.raises(UsageError, match=r"does not fit base .*: model\.layers\.0\.\w+\.\w+ has (input|output) size \d+ in the base, \d+ in the adapter$"):
-        fm.load_for_inference(str(out), base=str(other))
+        load_for_inference(str(out), base=str(other))
 
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
@@ -355,19 +357,19 @@ def test_adapter_on_wrong_base_is_refused(adapter_dir, tmp_path):
     cfg["base_model_name_or_path"] = str(other)
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(UsageError, match="does not fit base"):
-        fm.load_for_inference(str(moved))
+        load_for_inference(str(moved))
     cfg["base_model_name_or_path"] = str(tmp_path / "gone")
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(UsageError, match="its base model: model path not found"):
-        fm.load_for_inference(str(moved))
+        load_for_inference(str(moved))
 
 
 def test_load_for_inference_bad_paths(tmp_path):
     with pytest.raises(UsageError, match="model path not found"):
-        fm.load_for_inference(str(tmp_path / "nope"))
+        load_for_inference(str(tmp_path / "nope"))
     (tmp_path / "junk").mkdir()
     with pytest.raises(UsageError, match="neither a LoRA adapter"):
-        fm.load_for_inference(str(tmp_path / "junk"))
+        load_for_inference(str(tmp_path / "junk"))
 
 
 def test_load_base_plain_and_quantized(tiny_model):

@@ -12,7 +12,9 @@ import torch
 
 from finetune.config import load_config
 from finetune.merge import random_lora_adapter
-from finetune.moe import build_moe, load_balancing_loss, parse_moe_config
+from finetune.moe.build import build_moe
+from finetune.moe.routing import load_balancing_loss
+from finetune.moe.spec import parse_moe_config
 
 E, K = 3, 2
 IDS = torch.tensor([[1, 75, 108, 3 + ord("h"), 3 + ord("i"), 2, 40, 50, 60, 70, 80, 90]])
@@ -40,7 +42,7 @@ def rows(tmp_path_factory):
 
 
 def train_router(moe_dir, rows, out_dir, **overrides):
-    from finetune.train import main, make_fabric
+    from finetune.training.loop import main, make_fabric
 
     over = {"model.name": str(moe_dir), "data.card": "null", "data.path": str(rows), "data.format": "messages",
             "data.seq_len": "64", "train.max_steps": "3", "train.micro_batch_size": "2",
@@ -96,7 +98,7 @@ def test_adapter_reloads_on_the_moe(moe_dir, trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import load_for_inference
+    from finetune.models.adapters import load_for_inference
 
     final = trained[0.5].final_dir
     ref = trained[0.5].model.eval()
@@ -138,7 +140,7 @@ def test_aux_term_is_the_hand_computed_switch_loss(moe_dir, chunk):
     from transformers import AutoModelForCausalLM
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from finetune.train import CausalLMLoss
+    from finetune.training.loss import CausalLMLoss
 
     model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
     labels = IDS.clone()

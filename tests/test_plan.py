@@ -12,8 +12,9 @@ import pytest
 
 from finetune.config import load_config
 from finetune.errors import UsageError
-from finetune.plan import (GiB, Args, auto_micro_batch, max_micro_batch, max_seq_len, model_shape,
-                           parse_bytes, predict, run)
+from finetune.plan.predict import GiB, auto_micro_batch, max_micro_batch, max_seq_len, parse_bytes, predict
+from finetune.plan.command import Args, run
+from finetune.plan.shapes import model_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 # The recipes sized for a 12 GB GPU (the CPU ones - demo, tiny-*, moe-* - say accelerator: cpu).
@@ -38,7 +39,7 @@ def test_gpu_recipes_plan_offline_without_torch():
         socket.socket.connect = refuse
         socket.create_connection = refuse
         from finetune.config import load_config
-        from finetune.plan import predict
+        from finetune.plan.predict import predict
         for r in {GPU_RECIPES!r}:
             p = predict(load_config(r, {{}}))
             assert p.peak_bytes > 2 * 2**30, (r, p.peak_bytes)
@@ -197,7 +198,7 @@ def test_tiny_checkpoint_bytes_exact():
     # would create (A: r x in, B: out x r) for each 2-D block weight.
     from safetensors import safe_open
 
-    from finetune.tiny import tiny_model_dir
+    from finetune.models.tiny import tiny_model_dir
 
     cfg = cfg_of("tiny-lora")
     plan = predict(cfg)
@@ -220,7 +221,7 @@ def test_tiny_model_bytes_exact():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.tiny import tiny_model_dir
+    from finetune.models.tiny import tiny_model_dir
 
     cfg = cfg_of("tiny-lora")
     plan = predict(cfg)
@@ -239,7 +240,7 @@ def test_tiny_model_bytes_exact():
 def test_nf4_bytes_exact_against_bitsandbytes():
     torch = pytest.importorskip("torch")
     F = pytest.importorskip("bitsandbytes.functional")
-    from finetune.plan import _quant_bytes
+    from finetune.plan.predict import _quant_bytes
 
     w = torch.randn(128, 64)
     for dq in (True, False):

@@ -16,7 +16,7 @@ from finetune.data.pack import collate, pack, single_units
 from finetune.errors import UsageError
 from tiny_peft import make_cfg, make_model
 
-train_mod = importlib.import_module("finetune.train")  # finetune/__init__ re-exports train() under this name
+train_mod = importlib.import_module("finetune.training.loop")  # finetune/__init__ re-exports train() under this name
 CausalLMLoss = train_mod.CausalLMLoss
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import lean, tiled
+from finetune.memory import lean, tiled
 from finetune.config import load_config
 from finetune.data.pack import collate, pack
 from finetune.errors import UsageError
-from finetune.train import CausalLMLoss
+from finetune.training.loss import CausalLMLoss
 from tiny_peft import make_model
 
 TOL = dict(atol=1e-6, rtol=1e-5)
@@ -234,7 +234,7 @@ def test_config_rejects_a_negative_tile():
 
 
 def test_trains_end_to_end_like_the_untiled_run(tmp_path, capsys):
-    from finetune.train import main, make_fabric
+    from finetune.training.loop import main, make_fabric
 
     def run(out, **extra):
         cfg = load_config("tiny-qlora", {"out_dir": str(tmp_path / out), "output.progress": "false",

@@ -15,7 +15,7 @@ from finetune.errors import FinetuneError, UsageError
 
 
 def run_in_process(recipe, out_dir, **overrides):
-    from finetune.train import main, make_fabric
+    from finetune.training.loop import main, make_fabric
 
     cfg = load_config(recipe, {"out_dir": str(out_dir), "output.progress": "false",
                                **{k: str(v) for k, v in overrides.items()}})
@@ -73,7 +73,7 @@ def test_loss_goes_down_and_logs(tmp_path, capsys):
 
 
 def test_peak_memory_line_on_a_gpu_names_the_prediction(monkeypatch):
-    from finetune import train
+    from finetune.training import loop as train
 
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 9 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 8 * 2**30)
@@ -124,7 +124,7 @@ def test_refuses_non_empty_out_dir(tmp_path):
 
 
 def test_nan_loss_stops_and_names_step(tmp_path, monkeypatch):
-    from finetune import train as train_mod
+    from finetune.training import loop as train_mod
 
     real_forward = train_mod.CausalLMLoss.forward
     calls = {"n": 0}
@@ -138,7 +138,7 @@ def test_nan_loss_stops_and_names_step(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod.CausalLMLoss, "forward", poisoned)
     with pytest.raises(FinetuneError, match="at step 3.*step-000002"):
         run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 6, "train.save_every": 2})
-    from finetune.checkpoint import is_complete
+    from finetune.training.checkpoint import is_complete
 
     assert is_complete(tmp_path / "run" / "step-000002")
     assert not (tmp_path / "run" / "final").exists()
@@ -159,7 +159,7 @@ def test_first_step_trains_in_training_mode_with_checkpointing(tmp_path, monkeyp
     # and LoRA dropout is off: every training forward, the first included, must see training mode.
     import importlib
 
-    train_mod = importlib.import_module("finetune.train")  # finetune.train is also the function
+    train_mod = importlib.import_module("finetune.training.loop")  # finetune.train is also the function
     seen = []
     real = train_mod.CausalLMLoss._forward
 

@@ -12,7 +12,7 @@ def make_cfg(**overrides):
 
 def make_model(**overrides):
     """The tiny Llama as a peft model with non-zero LoRA B (so every LoRA weight gets a gradient)."""
-    from finetune.model import load_model
+    from finetune.models.load import load_model
 
     torch.manual_seed(0)
     model = load_model(make_cfg(**overrides), "cpu")

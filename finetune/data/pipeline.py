@@ -16,7 +16,6 @@ import json
 import os
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -282,7 +281,13 @@ class _bar:
     def __enter__(self):
         if not self.enabled:
             return None, None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.p = Progress(TextColumn(f"[bold]{self.desc}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           transient=True)
@@ -325,7 +330,7 @@ def cache_key(data_cfg, tokenizer, seed: int) -> str:
 
 
 def _cache_dir() -> Path:
-    from finetune.tiny import cache_root
+    from finetune.models.tiny import cache_root
 
     return cache_root() / "data"
 

@@ -76,7 +76,7 @@ class Renderer:
             raise UsageError("data.prompt_style=template but the tokenizer has no chat template; "
                              "use data.prompt_style=alpaca, chatml or a litgpt prompt style")
         if style == "chatml":
-            from finetune.tiny import CHATML_TEMPLATE
+            from finetune.models.tiny import CHATML_TEMPLATE
 
             style, template = "template", CHATML_TEMPLATE
         self.style = style
@@ -85,7 +85,9 @@ class Renderer:
         if style == "alpaca":
             self.litgpt_style = AlpacaStyle()
         elif style != "template":
-            from litgpt.prompts import prompt_styles  # slow import (all of litgpt): only when asked for
+            from litgpt.prompts import (
+                prompt_styles,  # slow import (all of litgpt): only when asked for
+            )
 
             if style not in prompt_styles:
                 raise UsageError(f"unknown data.prompt_style '{prompt_style}'"

@@ -40,7 +40,7 @@ def _resolve_name(name: str) -> str:
     p = Path(os.path.expanduser(name))
     if p.is_dir():
         return str(p.resolve())
-    from finetune.model import resolve_model_path
+    from finetune.models.load import resolve_model_path
 
     resolved = str(resolve_model_path(name))
     rp = Path(resolved)
@@ -141,7 +141,7 @@ def check_adapters_fit(ckpts: list[Checkpoint]) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune.model import check_adapter_fits
+    from finetune.models.adapters import check_adapter_fits
 
     skeletons: dict[str, torch.nn.Module] = {}
     for c in ckpts:
@@ -160,7 +160,7 @@ def check_adapters_fit(ckpts: list[Checkpoint]) -> None:
 def load(ckpt: Checkpoint, device: str, dtype):
     """(model in eval mode, tokenizer) for one checkpoint: finetune.model.load_for_inference, which
     puts an adapter on its base after the same fit check."""
-    from finetune.model import load_for_inference
+    from finetune.models.adapters import load_for_inference
 
     model, tok = load_for_inference(ckpt.path, dtype=dtype, device=device)
     model.eval()

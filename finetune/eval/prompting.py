@@ -12,7 +12,13 @@ from typing import Optional
 
 from finetune.config import DataConfig
 from finetune.errors import UsageError
-from finetune.eval.suites import Example, TaskSpec, example_from_row, read_eval_rows, select_rows
+from finetune.eval.suites import (
+    Example,
+    TaskSpec,
+    example_from_row,
+    read_eval_rows,
+    select_rows,
+)
 
 
 def task_data_config(task: TaskSpec, base: Optional[DataConfig] = None) -> DataConfig:
@@ -89,7 +95,7 @@ def prompt_ids(example: Example, tokenizer, data_cfg: DataConfig) -> list[int]:
 
 def loss_ids(example: Example, tokenizer, data_cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with the training masking: only the answer (+ end of turn) is scored."""
-    from finetune.data import fit_length, tokenize_conversation
+    from finetune.data import tokenize_conversation
 
     ids, labels = tokenize_conversation(to_conversation(example.conversation(), data_cfg), tokenizer, data_cfg)
     if len(ids) > data_cfg.seq_len:  # same policy as training, but a held-out row is never dropped

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger("finetune.lean")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- head + cross-entropy

@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 
-log = logging.getLogger("finetune.malloc")
+log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the most mallopt accepts

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger("finetune.tiled")
+log = logging.getLogger(__name__)
 
 _INNER = "_finetune_untiled_forward"
 _TILE = "_finetune_mlp_tile"

@@ -29,7 +29,7 @@ from typing import Optional
 
 from finetune.errors import FinetuneError
 
-log = logging.getLogger("finetune.model")
+log = logging.getLogger(__name__)
 
 ALIAS = "smollm2-135m"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -75,7 +75,7 @@ def gguf_path() -> Path:
 
 
 def cache_dir() -> Path:
-    from finetune.tiny import cache_root
+    from finetune.models.tiny import cache_root
 
     return cache_root() / "models" / CACHE_NAME
 

@@ -2,12 +2,10 @@
 
 Everything goes through transformers' and peft's own loaders so a saved adapter is a standard
 PEFT adapter. This module adds name resolution (aliases, local dirs, hub ids), one-line errors for
-the ways loading fails, and the checks that an adapter fits the base it is put on.
-"""
+the ways loading fails, and the checks that an adapter fits the base it is put on."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -17,11 +15,18 @@ from typing import Optional, Union
 
 import torch
 
-from finetune import embedded
 from finetune.config import Config, ModelConfig, QuantConfig
 from finetune.errors import FinetuneError, UsageError
+from finetune.models import embedded
+from finetune.runtime import (
+    base_dtype,
+    compute_dtype,
+    default_device,
+    fsdp_param_dtype,
+    storage_dtype,
+)
 
-log = logging.getLogger("finetune.model")
+log = logging.getLogger(__name__)
 # bitsandbytes' CPU backend logs a warning at import (whoever imports it first: peft does) about an
 # optional hub-downloaded kernel that is never used here.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -35,13 +40,11 @@ PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_righ
                   "<|reserved_special_token_0|>", "<unk>")
 NEW_PAD = "<|pad|>"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # --------------------------------------------------------------------------- names and devices
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -63,7 +66,7 @@ def resolve_model_path(name: str, revision: Optional[str] = None) -> str:
                          f"({', '.join(ALIASES)})")
     key = name.lower()
     if key == TINY_ALIAS:
-        from finetune.tiny import tiny_model_dir
+        from finetune.models.tiny import tiny_model_dir
 
         return str(tiny_model_dir())
     if key == embedded.ALIAS:
@@ -94,58 +97,6 @@ def resolve_model_path(name: str, revision: Optional[str] = None) -> str:
     return name
 
 
-def default_device(accelerator: str = "auto") -> torch.device:
-    """The torch device for a config's `accelerator` (auto: the current CUDA GPU if any, else CPU)."""
-    acc = (accelerator or "auto").lower()
-    if acc == "cpu":
-        return torch.device("cpu")
-    if acc in ("cuda", "gpu", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if acc == "auto":
-            return torch.device("cpu")
-        raise UsageError(f"accelerator={accelerator} but no CUDA GPU is visible; use accelerator=cpu")
-    if acc == "mps":
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        raise UsageError("accelerator=mps but MPS is not available")
-    raise UsageError(f"unknown accelerator '{accelerator}' (expected auto, cpu, cuda)")
-
-
-def _gpu_half() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
-
-
-def base_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
-    """Dtype of the frozen base weights: fp32 on CPU (bf16 there is pathologically slow) unless the
-    precision is an explicit '*-true' half type; on GPU bf16 (fp16 without bf16 support, fp32 for '32')."""
-    device = torch.device(device)
-    prec = (cfg.precision or "").lower()
-    half = torch.float16 if prec.startswith("16") else torch.bfloat16 if prec.startswith("bf16") else None
-    if device.type == "cpu":
-        return half if half is not None and prec.endswith("-true") else torch.float32
-    if prec.startswith("32") or prec.startswith("64"):
-        return torch.float32
-    if half is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"precision={cfg.precision} but this GPU has no bf16; use precision=16-mixed")
-    return half or _gpu_half()
-
-
-def compute_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
-    """Dtype the quantized layers compute in: quant.compute_dtype, auto = fp32 on CPU, bf16 on GPU."""
-    device = torch.device(device)
-    if cfg.quant.compute_dtype != "auto":
-        return _DTYPES[cfg.quant.compute_dtype]
-    return torch.float32 if device.type == "cpu" else base_dtype(cfg, device)
-
-
-def storage_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
-    """Packed 4-bit storage dtype: auto = the compute dtype under FSDP (so it shards), else uint8."""
-    if cfg.quant.storage_dtype == "auto":
-        return compute_dtype(cfg, device) if cfg.strategy == "fsdp" else torch.uint8
-    return {"uint8": torch.uint8, **_DTYPES}[cfg.quant.storage_dtype]
-
-
 # --------------------------------------------------------------------------- errors from loaders
 
 
@@ -167,7 +118,7 @@ def _chain(e: BaseException):
 
 
 @contextmanager
-def _loading(name: str, revision: Optional[str] = None):
+def loading_errors(name: str, revision: Optional[str] = None):
     """Turn what transformers raises while loading `name` into one line naming `name`."""
     try:
         yield
@@ -183,7 +134,7 @@ def _loading(name: str, revision: Optional[str] = None):
         if not local and (any(n in _OFFLINE for n in names) or "connect" in text or "offline" in text
                           or "can't load" in text or os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")):
             raise FinetuneError(f"model '{name}' not found locally and the hub is unreachable") from e
-        raise FinetuneError(f"cannot load model '{name}': {_first_line(e)}") from e
+        raise FinetuneError(f"cannot load model '{name}': {first_line(e)}") from e
     except RuntimeError as e:
         # huggingface_hub can end its retries on a dead network with "client has been closed".
         text = " ".join(str(x) for x in _chain(e)).lower()
@@ -192,10 +143,10 @@ def _loading(name: str, revision: Optional[str] = None):
         raise
     except (ValueError, ImportError, KeyError) as e:
         hint = " (set model.trust_remote_code=true only if you trust its code)" if "trust_remote_code" in str(e) else ""
-        raise UsageError(f"cannot load model '{name}': {_first_line(e)}{hint}") from e
+        raise UsageError(f"cannot load model '{name}': {first_line(e)}{hint}") from e
 
 
-def _hub_kwargs(revision: Optional[str], trust_remote_code: bool) -> dict:
+def hub_kwargs(revision: Optional[str], trust_remote_code: bool) -> dict:
     kw = {}
     if revision:
         kw["revision"] = revision
@@ -227,10 +178,10 @@ def ensure_pad_token(tok) -> Optional[str]:
     return NEW_PAD
 
 
-def _tokenizer_from(path: str, kw: dict, padding_side: str):
+def tokenizer_from(path: str, kw: dict, padding_side: str):
     from transformers import AutoTokenizer
 
-    with _loading(path, kw.get("revision")):
+    with loading_errors(path, kw.get("revision")):
         tok = AutoTokenizer.from_pretrained(path, **kw)
     ensure_pad_token(tok)
     tok.padding_side = padding_side
@@ -242,7 +193,7 @@ def load_tokenizer(model_cfg: Union[ModelConfig, str], padding_side: str = "righ
     if not isinstance(model_cfg, ModelConfig):
         model_cfg = ModelConfig(name=str(model_cfg))
     path = resolve_model_path(model_cfg.name, model_cfg.revision)
-    return _tokenizer_from(path, _hub_kwargs(model_cfg.revision, model_cfg.trust_remote_code), padding_side)
+    return tokenizer_from(path, hub_kwargs(model_cfg.revision, model_cfg.trust_remote_code), padding_side)
 
 
 # --------------------------------------------------------------------------- quantization
@@ -283,7 +234,7 @@ def _probe_bnb(mode: str, device: torch.device, dtype: torch.dtype) -> None:
                     layer(torch.randn(2, 64, device=device, dtype=torch.float16))
     except Exception as e:
         raise FinetuneError(f"quant.mode={mode} cannot run on {device} with bitsandbytes "
-                            f"{getattr(bnb, '__version__', '?')}: {_first_line(e)}; use quant.mode=none") from e
+                            f"{getattr(bnb, '__version__', '?')}: {first_line(e)}; use quant.mode=none") from e
     _PROBED[key] = True
 
 
@@ -324,11 +275,11 @@ def _device_map(device: torch.device) -> dict:
     return {"": str(device)}
 
 
-def _from_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, quant=None, revision=None,
+def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, quant=None, revision=None,
                      trust_remote_code=False, attn_implementation: Optional[str] = None):
     from transformers import AutoModelForCausalLM
 
-    kw = _hub_kwargs(revision, trust_remote_code)
+    kw = hub_kwargs(revision, trust_remote_code)
     kw["dtype"] = dtype
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
@@ -337,7 +288,7 @@ def _from_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, qua
         # (on CPU too: bitsandbytes >= 0.48 runs NF4/int8 there).
         kw["quantization_config"] = quant
         kw["device_map"] = _device_map(device)
-    with _loading(path, revision):
+    with loading_errors(path, revision):
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if quant is None and device.type != "cpu":
         model.to(device)
@@ -351,7 +302,7 @@ def load_base(name_or_path: str, dtype: torch.dtype = torch.float32, device: Uni
     device = torch.device(device)
     path = resolve_model_path(name_or_path, revision)
     qcfg = bnb_config(quant, device, compute=dtype if dtype != torch.uint8 else torch.float32)
-    model = _from_pretrained(path, dtype=dtype, device=device, quant=qcfg, revision=revision,
+    model = load_pretrained(path, dtype=dtype, device=device, quant=qcfg, revision=revision,
                              trust_remote_code=trust_remote_code)
     return model.eval()
 
@@ -394,7 +345,7 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
 
     device = torch.device(device) if device is not None else default_device(cfg.accelerator)
     if device.type == "cpu" and cfg.train.fixed_mmap_threshold:
-        from finetune.malloc import fix_mmap_threshold
+        from finetune.memory.malloc import fix_mmap_threshold
 
         fix_mmap_threshold()  # activations are malloc'd on the CPU: see finetune/malloc.py
     m = cfg.model
@@ -402,13 +353,13 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     if tokenizer is None:
         tokenizer = load_tokenizer(m)
     quant = bnb_config(cfg.quant, device, compute_dtype(cfg, device), storage_dtype(cfg, device))
-    model = _from_pretrained(path, dtype=base_dtype(cfg, device), device=device, quant=quant,
+    model = load_pretrained(path, dtype=base_dtype(cfg, device), device=device, quant=quant,
                              revision=m.revision, trust_remote_code=m.trust_remote_code,
                              attn_implementation=m.attn_implementation)
     if quant is not None and not quantized_modules(model):
         raise FinetuneError(f"quant.mode={cfg.quant.mode} was requested but no layer of {m.name} was quantized")
     _no_cpu_repack(model)
-    _sync_special_tokens(model, tokenizer)
+    sync_special_tokens(model, tokenizer)
 
     no_reentrant = {"use_reentrant": False}
     if quant is not None:
@@ -427,17 +378,17 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
         if "arget module" in text or "not found in the base model" in text:
             raise UsageError(f"lora.target_modules {list(cfg.lora.target_modules)} matched no module of {m.name}; "
                              f"linear modules are: {', '.join(linear_module_names(model))}") from None
-        raise UsageError(f"lora settings rejected by peft for {m.name}: {_first_line(e)}") from e
+        raise UsageError(f"lora settings rejected by peft for {m.name}: {first_line(e)}") from e
     _check_modules_to_save(model, cfg)
     if cfg.strategy == "fsdp":
         _one_float_dtype(model, fsdp_param_dtype(cfg, device))
     if cfg.train.lean_activations:
-        from finetune.lean import patch_attention, patch_swiglu
+        from finetune.memory.lean import patch_attention, patch_swiglu
 
         patch_swiglu(model)
         patch_attention(model)
     if cfg.train.mlp_tile_size:
-        from finetune.tiled import tile_mlps
+        from finetune.memory.tiled import tile_mlps
 
         tile_mlps(model, cfg.train.mlp_tile_size)  # after the lean SwiGLU forward, which each tile runs
     return model
@@ -455,13 +406,6 @@ def _no_cpu_repack(model: torch.nn.Module) -> None:
     for m in model.modules():
         if getattr(m, "support_avx512bf16_for_cpu", False):
             m.support_avx512bf16_for_cpu = False
-
-
-def fsdp_param_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
-    """The one dtype every parameter has under FSDP, which flattens each unit's parameters into a
-    single tensor: the 4-bit storage dtype for QLoRA (= the compute dtype, so FSDP's mixed
-    precision never casts the packed bytes), the base dtype for LoRA."""
-    return storage_dtype(cfg, device) if cfg.quant.mode == "nf4" else base_dtype(cfg, device)
 
 
 def _one_float_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -483,7 +427,7 @@ def _check_modules_to_save(model, cfg: Config) -> None:
             raise UsageError(f"lora.modules_to_save: '{name}' matched no module of {cfg.model.name}")
 
 
-def _sync_special_tokens(model, tokenizer) -> None:
+def sync_special_tokens(model, tokenizer) -> None:
     """Make the model's pad id the tokenizer's, growing the embeddings if a pad token was added."""
     n_emb = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > n_emb:
@@ -492,107 +436,3 @@ def _sync_special_tokens(model, tokenizer) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
-# --------------------------------------------------------------------------- adapters and inference
-
-
-def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
-    """adapter_config.json of a PEFT LoRA adapter dir, with one-line errors for each way it is wrong."""
-    d = Path(os.path.expanduser(str(adapter_dir)))
-    if not d.is_dir():
-        raise UsageError(f"adapter directory not found: {adapter_dir}")
-    f = d / "adapter_config.json"
-    if not f.is_file():
-        raise UsageError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
-    if not any((d / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise UsageError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read {f}: {_first_line(e)}") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UsageError(f"{adapter_dir}: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')}")
-    if not cfg.get("base_model_name_or_path"):
-        raise UsageError(f"{f} has no base_model_name_or_path")
-    return cfg
-
-
-def adapter_shapes(adapter_dir: Union[str, Path]) -> dict[str, tuple]:
-    """Saved tensor name -> shape, without loading the tensors."""
-    d = Path(adapter_dir)
-    st = d / "adapter_model.safetensors"
-    if st.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(st), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    binf = d / "adapter_model.bin"
-    if binf.is_file():
-        sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
-        return {k: tuple(v.shape) for k, v in sd.items()}
-    raise UsageError(f"adapter {d} has no adapter_model.safetensors")
-
-
-def check_adapter_fits(adapter_dir: Union[str, Path], base_model: torch.nn.Module, base_name: str = "") -> None:
-    """UsageError unless every LoRA matrix in `adapter_dir` matches a layer of `base_model` in shape."""
-    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    modules = dict(base_model.named_modules())
-    where = f"adapter {adapter_dir} (trained on '{recorded}') does not fit base '{base_name or recorded}'"
-    for key, shape in adapter_shapes(adapter_dir).items():
-        for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
-            if part not in key:
-                continue
-            mod_name = key.split(part)[0]
-            mod_name = mod_name[len("base_model.model."):] if mod_name.startswith("base_model.model.") else mod_name
-            mod = modules.get(mod_name)
-            if mod is None:
-                raise UsageError(f"{where}: it adapts {mod_name}, which the base does not have")
-            want = getattr(mod, "in_features" if dim == 1 else "out_features", None)
-            if want is not None and len(shape) == 2 and shape[dim] != want:
-                side = "input" if dim == 1 else "output"
-                raise UsageError(f"{where}: {mod_name} has {side} size {want} in the base, {shape[dim]} in the adapter")
-
-
-def _is_adapter_dir(p: Path) -> bool:
-    return (p / "adapter_config.json").is_file()
-
-
-def load_for_inference(path: str, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
-                       base: Optional[str] = None, trust_remote_code: bool = False):
-    """(model, tokenizer) in eval mode for an adapter dir, a merged/MoE model dir, an alias or a hub id.
-
-    An adapter goes on the base named in its adapter_config.json (or `base`), after checking that
-    it fits. The tokenizer is the adapter's own copy when it has one; it pads on the left, for
-    batched generation.
-    """
-    from peft import PeftModel
-
-    device = torch.device(device)
-    p = Path(str(path)).expanduser()
-    if _is_adapter_dir(p):
-        recorded = read_adapter_config(p).get("base_model_name_or_path")
-        base_name = base or recorded
-        if not base_name:
-            raise UsageError(f"adapter {path} does not name its base model (base_model_name_or_path); pass base=...")
-        if base and recorded and base != recorded:
-            log.warning("adapter %s was trained on '%s'; loading it onto '%s'", path, recorded, base)
-        try:
-            base_path = resolve_model_path(base_name)
-        except UsageError as e:
-            raise UsageError(f"adapter {path}: its base model: {e}") from None
-        model = _from_pretrained(base_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        check_adapter_fits(p, model, base_name)
-        tok_src = str(p) if (p / "tokenizer_config.json").is_file() else base_path
-        tok = _tokenizer_from(tok_src, _hub_kwargs(None, trust_remote_code), "left")
-        _sync_special_tokens(model, tok)
-        with _loading(str(p)):
-            model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
-        return model.eval(), tok
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise UsageError(f"{path} is neither a LoRA adapter (adapter_config.json) nor a model directory (config.json)")
-    resolved = resolve_model_path(str(path))
-    model = _from_pretrained(resolved, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    tok = _tokenizer_from(resolved, _hub_kwargs(None, trust_remote_code), "left")
-    _sync_special_tokens(model, tok)
-    return model.eval(), tok

@@ -39,151 +39,31 @@ the k weights to sum to 1. So a MoE whose experts all equal the base reproduces 
 Router training (issue section 4) gets `load_balancing_loss` and `router_trainable_params` here:
 transformers 5.3's `MixtralTopKRouter` returns softmax *probabilities* (recorded as
 `router_logits`), and `load_balancing_loss_func` softmaxes them again (huggingface/transformers#45120),
-which squashes P_e towards uniform. `load_balancing_loss` applies the softmax exactly once.
-"""
+which squashes P_e towards uniform. `load_balancing_loss` applies the softmax exactly once."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from finetune.errors import UsageError, did_you_mean
-from finetune.merge import (atomic_out_dir, check_out_dir, copy_tokenizer, load_base_full_precision,
-                            read_adapter_config, resolve_model_path, torch_dtype)
-from finetune.moe_gates import GATE_MODES, PROMPT_FORMATS, compute_gates, warn_parallel
+from finetune.errors import UsageError
+from finetune.merge import (
+    atomic_out_dir,
+    check_out_dir,
+    copy_tokenizer,
+    load_base_full_precision,
+    read_adapter_config,
+    resolve_model_path,
+    torch_dtype,
+)
+from finetune.moe.gates import compute_gates, warn_parallel
+from finetune.moe.spec import SUPPORTED_BASES, ExpertSpec, MoESpec
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_BASES = ("llama", "mistral")
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class Args:
-    config: Optional[str] = None
-    """MoE YAML (mergekit-moe keys: base_model, gate_mode, dtype, experts_per_token, experts)."""
-    report: Optional[str] = None
-    """A MoE checkpoint directory to write a routing report for (instead of building one)."""
-    data: Optional[str] = None
-    """Report: a json/jsonl file (text, messages, prompt/completion, alpaca or sharegpt rows)."""
-    max_rows: int = 200
-    """Report: use at most this many rows of `data`."""
-    max_tokens: int = 512
-    """Report: truncate each row to this many tokens."""
-    out_dir: str = "out/moe"
-    """Where the MoE checkpoint (or the report's JSON + PNG) is written."""
-    overwrite: bool = False
-    """Write into an existing non-empty out_dir (files with the same names are replaced)."""
-    max_shard_size: str = "2GB"
-    """Largest safetensors shard of the MoE checkpoint."""
-
-
-@dataclass
-class ExpertSpec:
-    source_model: Optional[str] = None
-    adapter: Optional[str] = None
-    positive_prompts: list[str] = field(default_factory=list)
-    negative_prompts: list[str] = field(default_factory=list)
-    noise_scale: Optional[float] = None
-    residual_scale: Optional[float] = None
-
-    @property
-    def name(self) -> str:
-        return str(self.adapter or self.source_model)
-
-
-@dataclass
-class MoESpec:
-    base_model: str
-    experts: list[ExpertSpec]
-    gate_mode: str = "hidden"
-    dtype: Optional[str] = None
-    experts_per_token: int = 2
-    prompt_format: str = "raw"
-    quantize_prompting: bool = False
-    seed: int = 0
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _str_list(v, where: str) -> list[str]:
-    if v is None:
-        return []
-    if isinstance(v, str):
-        return [v]
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise UsageError(f"{where} must be a list of strings")
-    return list(v)
-
-
-def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
-    """Validate a mergekit-moe style mapping into a MoESpec (one-line UsageErrors)."""
-    top = ["base_model", "experts", "gate_mode", "dtype", "experts_per_token", "prompt_format",
-           "quantize_prompting", "seed", "architecture", "shared_experts"]
-    for k in data:
-        if k not in top:
-            raise UsageError(f"{where}: unknown key '{k}'{did_you_mean(k, top)}")
-    if data.get("shared_experts"):
-        raise UsageError(f"{where}: shared_experts are not supported by the Mixtral output")
-    if str(data.get("architecture") or "mixtral").lower() != "mixtral":
-        raise UsageError(f"{where}: architecture must be mixtral, got {data['architecture']}")
-    if not data.get("base_model"):
-        raise UsageError(f"{where}: base_model is required")
-    mode = str(data.get("gate_mode", "hidden"))
-    if mode not in GATE_MODES:
-        raise UsageError(f"{where}: unknown gate_mode '{mode}'{did_you_mean(mode, GATE_MODES)}")
-    fmt = str(data.get("prompt_format", "raw"))
-    if fmt not in PROMPT_FORMATS:
-        raise UsageError(f"{where}: unknown prompt_format '{fmt}'{did_you_mean(fmt, PROMPT_FORMATS)}")
-    raw_experts = data.get("experts") or []
-    if not isinstance(raw_experts, list) or len(raw_experts) < 2:
-        n = len(raw_experts) if isinstance(raw_experts, list) else 0
-        raise UsageError(f"{where}: a MoE needs at least 2 experts, got {n}")
-    keys = ["source_model", "adapter", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"]
-    experts = []
-    for i, e in enumerate(raw_experts):
-        if not isinstance(e, dict):
-            raise UsageError(f"{where}: experts[{i}] must be a mapping with source_model or adapter")
-        for k in e:
-            if k not in keys:
-                raise UsageError(f"{where}: experts[{i}]: unknown key '{k}'{did_you_mean(k, keys)}")
-        if bool(e.get("source_model")) == bool(e.get("adapter")):
-            raise UsageError(f"{where}: experts[{i}] needs exactly one of source_model or adapter")
-        spec = ExpertSpec(source_model=e.get("source_model"), adapter=e.get("adapter"),
-                          positive_prompts=_str_list(e.get("positive_prompts"), f"experts[{i}].positive_prompts"),
-                          negative_prompts=_str_list(e.get("negative_prompts"), f"experts[{i}].negative_prompts"),
-                          noise_scale=e.get("noise_scale"), residual_scale=e.get("residual_scale"))
-        if mode in ("hidden", "cheap_embed") and not spec.positive_prompts:
-            raise UsageError(f"{where}: experts[{i}] ({spec.name}) has no positive_prompts, "
-                             f"which gate_mode {mode} needs (or use gate_mode random)")
-        experts.append(spec)
-    k = data.get("experts_per_token", 2)
-    if not isinstance(k, int) or not 1 <= k <= len(experts):
-        raise UsageError(f"{where}: experts_per_token must be an integer in [1, {len(experts)}], got {k!r}")
-    return MoESpec(base_model=str(data["base_model"]), experts=experts, gate_mode=mode, dtype=data.get("dtype"),
-                   experts_per_token=k, prompt_format=fmt, quantize_prompting=bool(data.get("quantize_prompting")),
-                   seed=int(data.get("seed", 0)))
-
-
-def load_moe_config(path: str) -> MoESpec:
-    from finetune.config import read_yaml_mapping
-
-    p = Path(os.path.expanduser(path))
-    if not p.is_file():
-        raise UsageError(f"moe config not found: {path}")
-    spec = parse_moe_config(read_yaml_mapping(p, "moe config"), where=str(p))
-    # Relative paths in the YAML are relative to the YAML, so a config travels with its experts.
-    def rel(x):
-        return str((p.parent / x).resolve()) if x and not os.path.isabs(x) and (p.parent / x).exists() else x
-    spec.base_model = rel(spec.base_model)
-    for e in spec.experts:
-        e.source_model, e.adapter = rel(e.source_model), rel(e.adapter)
-    return spec
 
 
 # --------------------------------------------------------------------------- checks
@@ -373,85 +253,3 @@ def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_si
         if config_text is not None:
             (tmp / "mergekit_moe_config.yml").write_text(config_text)
     return Path(out_dir)
-
-
-# --------------------------------------------------------------------------- router training
-
-
-def router_probs(router_outputs, inputs: str = "auto"):
-    """Concatenate per-layer router outputs to (tokens * layers, E) probabilities, softmaxing once.
-
-    inputs: "probs", "logits", or "auto" (rows that are non-negative and sum to 1 are taken as
-    probabilities: transformers 5.3 Mixtral returns probabilities under the name router_logits).
-    """
-    import torch
-
-    t = router_outputs if isinstance(router_outputs, torch.Tensor) else \
-        torch.cat([x.reshape(-1, x.shape[-1]).to(router_outputs[0].device) for x in router_outputs], dim=0)
-    t = t.float()
-    if inputs == "auto":
-        inputs = "probs" if bool((t >= 0).all()) and torch.allclose(t.sum(-1), torch.ones(()), atol=1e-4) \
-            else "logits"
-    if inputs not in ("probs", "logits"):
-        raise UsageError(f"inputs must be auto, probs or logits, got '{inputs}'")
-    return t if inputs == "probs" else torch.softmax(t, dim=-1)
-
-
-def load_balancing_loss(router_logits_per_layer: Sequence, num_experts: int, top_k: int,
-                        attention_mask=None, inputs: str = "auto"):
-    """Switch-Transformer auxiliary loss, num_experts * sum_e f_e * P_e, over all layers' tokens.
-
-    f_e = fraction of tokens whose top-k contains expert e (the f's sum to top_k, the convention
-    of Mixtral's own function), P_e = mean router probability of e. Probabilities are formed
-    exactly once (see `router_probs`), so perfect balance gives top_k whatever `inputs` are.
-    attention_mask (batch, seq) drops padding; each layer's output is then (batch * seq, E).
-    """
-    import torch
-
-    probs = router_probs(router_logits_per_layer, inputs)
-    _, selected = torch.topk(probs, top_k, dim=-1)
-    routed = torch.nn.functional.one_hot(selected, num_experts).float().sum(1)  # (T, E), 0/1 per expert
-    if attention_mask is None:
-        w = torch.ones(probs.shape[0], 1, device=probs.device)
-    else:
-        layers = probs.shape[0] // attention_mask.numel()
-        w = attention_mask.reshape(1, -1).expand(layers, -1).reshape(-1, 1).to(probs.device, torch.float32)
-    denom = w.sum().clamp(min=1.0)
-    f = (routed * w).sum(0) / denom
-    p = (probs * w).sum(0) / denom
-    return num_experts * torch.sum(f * p)
-
-
-def router_trainable_params(model) -> list[str]:
-    """Names of the router weights (each MoE layer's `gate` linear) to train; works through peft."""
-    names = []
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith("TopKRouter") or (
-                name.endswith(".gate") and type(module).__name__ == "Linear" and ".mlp" in name):
-            names.append(f"{name}.weight")
-    if not names:
-        raise UsageError(f"{type(model).__name__} has no MoE router (mlp.gate) to train")
-    return names
-
-
-# --------------------------------------------------------------------------- command
-
-
-def run(args: Args, cfg=None) -> int:
-    if bool(args.config) == bool(args.report):
-        raise UsageError("give exactly one of config=MOE.yaml (build) or report=MOE_DIR (routing report)")
-    if args.report:
-        from finetune.moe_report import routing_report
-
-        if not args.data:
-            raise UsageError("report= needs data=FILE (json/jsonl rows to route)")
-        res = routing_report(args.report, args.data, args.out_dir, max_rows=args.max_rows,
-                             max_tokens=args.max_tokens, overwrite=args.overwrite)
-        print(f"routing report written to {res['json']} and {res['png']}")
-        return 0
-    spec = load_moe_config(args.config)
-    build_moe(spec, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-              config_text=Path(args.config).read_text())
-    print(f"MoE ({len(spec.experts)} experts, top-{spec.experts_per_token}, gate_mode {spec.gate_mode}) "
-          f"written to {args.out_dir}")
-    return 0

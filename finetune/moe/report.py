@@ -69,7 +69,7 @@ def row_text(row, tokenizer) -> str:
 def routing_stats(model, tokenizer, texts: list[str], max_tokens: int = 512) -> dict:
     import torch
 
-    from finetune.moe import router_probs
+    from finetune.moe.routing import router_probs
 
     cfg = model.config
     L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok

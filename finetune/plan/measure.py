@@ -105,8 +105,10 @@ def _cpu_step_peak(step) -> int:
 def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
             device: Optional[torch.device] = None) -> dict:
     """Peak bytes of one training step of `cfg` (the second: optimizer state exists by then)."""
-    from finetune.model import default_device, load_model, load_tokenizer
-    from finetune.train import CausalLMLoss, _apply_liger, _loss_chunk, make_optimizer
+    from finetune.models.load import load_model, load_tokenizer
+    from finetune.runtime import default_device
+    from finetune.training.loop import _apply_liger, _loss_chunk, make_optimizer
+    from finetune.training.loss import CausalLMLoss
 
     device = device or default_device(cfg.accelerator)
     micro = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)

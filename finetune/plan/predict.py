@@ -21,23 +21,19 @@ configs within +3%; tests/test_memcheck.py). The GPU-only constants are not meas
   no checkpointing, no chunked loss) is ~ the size of the full bf16 checkpoint (6.74e9 x 2 B =
   13.48 GB), i.e. it records the load-time peak, not the training step; this planner gives
   ~10.2 GB allocated (before context and slack) for that training step, so the published number
-  is an upper bound, not a calibration point for activations.
-"""
+  is an upper bound, not a calibration point for activations."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import importlib.util
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from finetune.errors import UsageError
+from finetune.plan.shapes import Shape, model_shape
 
 GiB = 1024**3
 MiB = 1024**2
@@ -55,66 +51,6 @@ _TARGET_ALIASES = {
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
     "w1": "gate", "w3": "up", "w2": "down", "lm_head": "lm_head",
 }
-_ALIASES = {"tiny", "smollm2-135m"}
-# litgpt's registry does not record tied embeddings; these families tie them in their HF configs.
-_TIED = re.compile(r"llama-3\.2-[13]b|qwen2\.5-(0\.5|1\.5|3)b|smollm|gemma", re.I)
-
-
-@dataclass
-class Args:
-    recipe: Optional[str] = None
-    """Recipe to plan (name from recipes/ or a path; default: the built-in defaults). Other
-    key=value pairs override its fields, e.g. devices=4 strategy=fsdp data.seq_len=4096."""
-    gpu_memory: str = "12GiB"
-    """Memory budget per GPU: 12GiB, 24GB, 16000MiB or a number of bytes."""
-    format: Literal["table", "json"] = "table"
-    """table (human readable) or json (one object with peak_bytes and the itemised parts)."""
-    slack: float = 0.10
-    """Allocator slack / fragmentation added on top of what torch allocates, as a fraction."""
-    measure: bool = False
-    """Also run two real training steps (synthetic packed tokens) on this machine's device, CPU
-    or GPU, and print the measured peak next to the prediction for that device."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The numbers memory depends on, for a Llama-style decoder."""
-
-    name: str
-    n_layer: int
-    hidden: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool = False
-    qkv_bias: bool = False
-    gated_mlp: bool = True
-    n_expert: int = 0
-    expert_top_k: int = 0
-
-    @property
-    def q_dim(self) -> int:
-        return self.n_head * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_head * self.head_dim
-
-    def linears(self) -> dict[str, tuple[int, int, int]]:
-        """name -> (in_features, out_features, copies per layer) of every block linear."""
-        h, i, e = self.hidden, self.intermediate, max(self.n_expert, 1)
-        out = {"q": (h, self.q_dim, 1), "k": (h, self.kv_dim, 1), "v": (h, self.kv_dim, 1),
-               "o": (self.q_dim, h, 1), "up": (h, i, e), "down": (i, h, e)}
-        if self.gated_mlp:
-            out["gate"] = (h, i, e)
-        return out
-
-    def n_params(self) -> int:
-        block = sum(a * b * n for a, b, n in self.linears().values()) + 2 * self.hidden
-        block += self.hidden * self.n_expert + (self.q_dim + 2 * self.kv_dim) * self.qkv_bias
-        return self.n_layer * block + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
 
 @dataclass
@@ -132,118 +68,6 @@ class Plan:
     @property
     def peak_bytes(self) -> int:
         return sum(self.parts.values())
-
-
-# --------------------------------------------------------------------------- model shapes
-
-
-def _shape_from_hf(cfg: dict, name: str) -> Shape:
-    cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
-    try:
-        h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        mtype = cfg.get("model_type", "")
-        return Shape(
-            name=name, n_layer=int(cfg["num_hidden_layers"]), hidden=h, n_head=heads,
-            n_kv_head=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or h // heads),
-            intermediate=int(cfg.get("intermediate_size") or 4 * h), vocab=int(cfg["vocab_size"]),
-            # HF's PretrainedConfig defaults to tied, Llama/Mistral/Qwen2 classes to untied.
-            tied=bool(cfg.get("tie_word_embeddings", mtype not in ("llama", "mistral", "qwen2", "mixtral"))),
-            qkv_bias=bool(cfg.get("attention_bias", mtype == "qwen2")),
-            gated_mlp=mtype not in ("gpt_neox", "gpt2", "phi"),
-            n_expert=int(cfg.get("num_local_experts") or 0),
-            expert_top_k=int(cfg.get("num_experts_per_tok") or 0))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"model config for '{name}' lacks or mangles {e}; cannot plan it") from None
-
-
-@functools.lru_cache(maxsize=1)
-def _litgpt_module():
-    """litgpt/config.py loaded on its own: `import litgpt` would import torch and the model."""
-    spec = importlib.util.find_spec("litgpt")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "config.py"
-    mod_spec = importlib.util.spec_from_file_location("_finetune_litgpt_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod
-
-
-_REGISTRY: Optional[dict[str, dict]] = None
-
-
-def _registry() -> dict[str, dict]:
-    """Lower-cased litgpt name, HF name and org/name (also without 'Meta-') -> litgpt config dict."""
-    global _REGISTRY
-    if _REGISTRY is None:
-        mod = _litgpt_module()
-        reg: dict[str, dict] = {}
-        for c in (mod.configs if mod else []):
-            hf = c.get("hf_config", {})
-            keys = {c["name"], hf.get("name", ""), f"{hf.get('org', '')}/{hf.get('name', '')}"}
-            # HF renamed meta-llama/Meta-Llama-3.1-8B to meta-llama/Llama-3.1-8B.
-            keys |= {k.replace("Meta-Llama", "Llama") for k in keys}
-            for k in keys:
-                if k and not k.startswith("/"):
-                    reg.setdefault(k.lower(), c)
-        _REGISTRY = reg
-    return _REGISTRY
-
-
-def _shape_from_litgpt(c: dict) -> Shape:
-    mod = _litgpt_module()
-    lc = mod.Config(**c)
-    return Shape(
-        name=f"{lc.hf_config.get('org', '')}/{lc.hf_config.get('name', lc.name)}".strip("/"),
-        n_layer=lc.n_layer, hidden=lc.n_embd, n_head=lc.n_head, n_kv_head=lc.n_query_groups,
-        head_dim=lc.head_size, intermediate=lc.moe_intermediate_size or lc.intermediate_size,
-        vocab=lc.padded_vocab_size, tied=bool(_TIED.search(lc.name)), qkv_bias=lc.attn_bias,
-        gated_mlp=lc.mlp_class_name in ("LLaMAMLP", "GemmaMLP", "LLaMAMoE"),
-        n_expert=lc.n_expert, expert_top_k=lc.n_expert_per_token)
-
-
-@functools.lru_cache(maxsize=64)
-def model_shape(name: str, revision: Optional[str] = None) -> Shape:
-    """Shape of `name`: alias, local dir, HF hub cache, else litgpt's registry; offline always."""
-    if name == "tiny":
-        from finetune.tiny import BYTE_OFFSET, TINY_CONFIG, cache_root
-
-        cached = cache_root() / "models" / "tiny-llama-v1" / "config.json"
-        if cached.is_file():  # the real one, if built; else the same numbers without building it
-            return _shape_from_hf(json.loads(cached.read_text()), "tiny")
-        return _shape_from_hf(dict(TINY_CONFIG, vocab_size=BYTE_OFFSET + 256, model_type="llama"), "tiny")
-    if name == "smollm2-135m":
-        # HuggingFaceTB/SmolLM2-135M-Instruct config.json (same numbers as litgpt's SmolLM2-135M).
-        return Shape("smollm2-135m", n_layer=30, hidden=576, n_head=9, n_kv_head=3, head_dim=64,
-                     intermediate=1536, vocab=49152, tied=True)
-    local = Path(name).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise UsageError(f"model directory {name} has no config.json")
-        return _shape_from_hf(json.loads((local / "config.json").read_text()), name)
-    if name.count("/") == 1:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(name, "config.json", revision=revision)
-            if isinstance(hit, str):
-                return _shape_from_hf(json.loads(Path(hit).read_text()), name)
-        except (ImportError, OSError, ValueError):
-            pass
-    reg = _registry()
-    key = name.lower()
-    if key not in reg and "/" in key and key.split("/", 1)[1] in reg:
-        key = key.split("/", 1)[1]
-    if key in reg:
-        return dataclasses.replace(_shape_from_litgpt(reg[key]), name=name)
-    choices = sorted(_ALIASES | {f"{c['hf_config']['org']}/{c['hf_config']['name']}"
-                                 for c in reg.values() if c.get("hf_config")})
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5) or \
-        difflib.get_close_matches(name.split("/")[-1], [c.split("/")[-1] for c in choices], n=3, cutoff=0.5)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise UsageError(f"model.name: unknown model '{name}'{hint}; give a local dir with config.json "
-                     "or a name litgpt knows")
 
 
 # --------------------------------------------------------------------------- the prediction
@@ -597,108 +421,3 @@ def report(cfg, budget: int, slack: float = 0.10) -> dict:
         if longest > out["max_seq_len"]:
             out["max_seq_len_with_mlp_tiles"] = {"mlp_tile_size": HINT_MLP_TILE, "max_seq_len": longest}
     return out
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.2f}"
-
-
-def print_table(rep: dict) -> None:
-    title = (f"{rep['model']} · {rep['quant']} · {rep['devices']} device(s) {rep['strategy']} · "
-             f"micro-batch {rep['micro_batch']} x seq {rep['seq_len']} · per device")
-    rows = [(k.replace("_", " "), _gib(v), rep["notes"].get(k, "")) for k, v in rep["parts"].items()]
-    verdict = "fits" if rep["fits"] else "does NOT fit"
-    footer = [
-        f"peak {_gib(rep['peak_bytes'])} GiB of {_gib(rep['budget_bytes'])} GiB budget: {verdict}",
-        f"activations with checkpointing {_gib(rep['activations_detail']['with_checkpointing'])} GiB, "
-        f"without {_gib(rep['activations_detail']['without_checkpointing'])} GiB",
-        f"largest micro-batch at seq {rep['seq_len']}: {rep['max_micro_batch']}; "
-        f"largest seq_len at micro-batch {rep['micro_batch']}: {rep['max_seq_len']}",
-    ] + ([rep["notes"]["strategy"]] if "strategy" in rep["notes"] else [])
-    if "max_seq_len_with_mlp_tiles" in rep:
-        hint = rep["max_seq_len_with_mlp_tiles"]
-        footer.append(f"with train.mlp_tile_size={hint['mlp_tile_size']}: largest seq_len {hint['max_seq_len']}")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        for name, gib, note in rows:
-            print(f"  {name:<22} {gib:>8} GiB  {note}")
-        print("\n".join(footer))
-        return
-    table = Table(title=title)
-    table.add_column("part")
-    table.add_column("GiB", justify="right")
-    table.add_column("note")
-    for row in rows:
-        table.add_row(*row)
-    table.add_section()
-    table.add_row("peak", _gib(rep["peak_bytes"]), verdict, style="bold")
-    console = Console()
-    console.print(table)
-    for line in footer[1:]:
-        console.print(line)
-
-
-def run(args: Args, cfg) -> int:
-    if not 0 <= args.slack < 1:
-        raise UsageError(f"slack: expected a fraction in [0, 1), got {args.slack}")
-    budget = parse_bytes(args.gpu_memory)
-    if args.measure:
-        cfg = _measured_device_cfg(cfg)
-    rep = report(cfg, budget, args.slack)
-    if args.measure:
-        rep["measured"] = _measure(cfg, rep)
-    if args.format == "json":
-        print(json.dumps(rep, indent=2))
-    else:
-        print_table(rep)
-        if args.measure:
-            _print_measured(rep["measured"])
-    return 0
-
-
-# --------------------------------------------------------------------------- measure=true
-
-CPU_MEASURE_MAX_PARAMS = 2_000_000_000  # beyond this a CPU step takes too long to be a check
-
-
-def _measured_device_cfg(cfg):
-    """cfg with accelerator set to the device the measurement will run on, so the prediction it is
-    compared with is for that device (dtype, dropout masks, CPU attention, no CUDA context)."""
-    from finetune.model import default_device
-
-    device = default_device(cfg.accelerator)
-    if device.type == "cpu" and model_shape(cfg.model.name, cfg.model.revision).n_params() > CPU_MEASURE_MAX_PARAMS:
-        raise UsageError(f"measure=true: {cfg.model.name} is too big to measure on this machine's CPU; "
-                         "run it where a GPU is, or measure a smaller model")
-    return dataclasses.replace(cfg, accelerator=device.type)
-
-
-def _measure(cfg, rep: dict) -> dict:
-    from finetune.memcheck import measure
-
-    m = measure(cfg, micro_batch=rep["micro_batch"], seq_len=rep["seq_len"])
-    parts = rep["parts"]
-    predicted = sum(v for k, v in parts.items() if k not in ("cuda_context", "allocator_slack"))
-    m["predicted_allocated_bytes"] = predicted
-    m["error"] = round(predicted / m["peak_allocated_bytes"] - 1, 4)
-    if "peak_reserved_bytes" in m:  # what nvidia-smi would show, against the whole prediction
-        m["peak_with_context_bytes"] = m["peak_reserved_bytes"] + CUDA_CONTEXT_BYTES
-        m["error_with_context_and_slack"] = round(rep["peak_bytes"] / m["peak_with_context_bytes"] - 1, 4)
-    return m
-
-
-def _size(n: int) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
-
-
-def _print_measured(m: dict) -> None:
-    print(f"measured on {m['device']}, one training step at micro-batch {m['micro_batch']} x seq {m['seq_len']} "
-          f"({m['step_seconds']:.1f} s): torch allocated peak {_size(m['peak_allocated_bytes'])}, "
-          f"predicted {_size(m['predicted_allocated_bytes'])} (without CUDA context and slack): "
-          f"error {100 * m['error']:+.1f}%")
-    if "peak_reserved_bytes" in m:
-        print(f"reserved peak + CUDA context {_size(m['peak_with_context_bytes'])} vs predicted peak: "
-              f"error {100 * m['error_with_context_and_slack']:+.1f}%")

@@ -13,8 +13,8 @@ Training state is a plain dict of tensors / numbers / strings / lists / dicts sa
 
 from __future__ import annotations
 
-import errno
 import copy
+import errno
 import hashlib
 import io
 import json

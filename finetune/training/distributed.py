@@ -103,8 +103,12 @@ def _full_state(root: nn.Module):
     """FSDP's full (unsharded) state-dict mode, received by rank 0 alone. Each unit is gathered
     in turn, so no rank ever holds the whole model unsharded; on GPU the gathered tensors go
     straight to CPU RAM (offloading is GPU-only in torch's FSDP)."""
-    from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig,
-                                        FullyShardedDataParallel, StateDictType)
+    from torch.distributed.fsdp import (
+        FullOptimStateDictConfig,
+        FullStateDictConfig,
+        FullyShardedDataParallel,
+        StateDictType,
+    )
 
     offload = next(root.parameters()).device.type != "cpu"
     with FullyShardedDataParallel.state_dict_type(

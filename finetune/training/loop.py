@@ -6,13 +6,11 @@ Invariants this file keeps (each has a test):
 - the data order is a function of (seed, step) only, so resume needs just the step number and
   reproduces the uninterrupted run exactly on CPU;
 - a checkpoint is complete or invisible (finetune.checkpoint), and Ctrl-C / SIGTERM / NaN never
-  cost more than the steps since the last one.
-"""
+  cost more than the steps since the last one."""
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
@@ -21,89 +19,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from finetune import checkpoint, lean
 from finetune.config import Config, gradient_accumulation, to_yaml
-from finetune.distributed import CheckpointState, fsdp_root, make_strategy, param_bytes
 from finetune.errors import FinetuneError, UsageError
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-class CausalLMLoss(nn.Module):
-    """Wraps the peft model so that Fabric/DDP see one forward that returns (loss_sum, tokens).
-
-    Running the head inside this forward lets the loss be computed `chunk` positions at a time,
-    so full-sequence fp32 logits (seq x vocab x 4 bytes: 1 GiB for Llama-3 at 2k tokens) never
-    exist at once. A frozen plain nn.Linear head (the usual LoRA case) goes through
-    finetune.lean.linear_cross_entropy, which forms d loss / d hidden in forward and keeps only
-    that; any other head runs each chunk under activation checkpointing (recomputed in backward).
-    """
-
-    def __init__(self, model: nn.Module, chunk: int = 0, offload: bool = False, router_aux_coef: float = 0.0):
-        super().__init__()
-        self.model = model
-        self.chunk = chunk
-        self.offload = offload
-        self.router_aux_coef = router_aux_coef
-
-    def forward(self, input_ids, labels, position_ids):
-        if self.offload:  # saved activations wait in (pinned) CPU RAM until backward needs them
-            with torch.autograd.graph.save_on_cpu(pin_memory=input_ids.is_cuda):
-                return self._forward(input_ids, labels, position_ids)
-        return self._forward(input_ids, labels, position_ids)
-
-    def _forward(self, input_ids, labels, position_ids):
-        targets = labels[:, 1:]
-        n_tokens = (targets != -100).sum()
-        # attention_mask=None + position ids restarting per example = block-diagonal attention;
-        # only with use_cache=False (with a cache, transformers lets packs attend across examples).
-        kwargs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-        if self.router_aux_coef:
-            kwargs["output_router_logits"] = True
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if not self.chunk:
-            out = self.model(**kwargs)
-            logits = out.logits[:, :-1]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        else:
-            out = getattr(base, base.base_model_prefix)(**kwargs)
-            hidden, flat_targets = out.last_hidden_state[:, :-1].flatten(0, 1), targets.flatten()
-            keep = flat_targets != -100  # untrained positions need no logits at all
-            hidden, flat_targets = hidden[keep], flat_targets[keep]
-            head = base.get_output_embeddings()
-            if lean.fused_head_ok(head, hidden):
-                # A frozen plain head: d loss / d hidden is formed in forward, chunk by chunk, and
-                # is all that is kept for backward (no logits, no recompute).
-                loss = lean.linear_cross_entropy(head, hidden, flat_targets, self.chunk)
-            elif hidden.shape[0] <= self.chunk:
-                # A single chunk is not recomputed: backward would rebuild the same logits, so the
-                # recompute costs a head forward without lowering the peak.
-                loss = _head_ce(head, hidden, flat_targets)
-            else:
-                loss = hidden.new_zeros((), dtype=torch.float32)
-                for i in range(0, hidden.shape[0], self.chunk):
-                    loss = loss + torch.utils.checkpoint.checkpoint(
-                        _head_ce, head, hidden[i:i + self.chunk], flat_targets[i:i + self.chunk], use_reentrant=False)
-        if self.router_aux_coef:
-            from finetune.moe import load_balancing_loss
-
-            # transformers' own aux_loss softmaxes router probabilities a second time
-            # (huggingface/transformers#45120); ours forms probabilities exactly once. It is a
-            # per-token mean, so weighting it by this micro-batch's tokens keeps the step's
-            # normalisation by trained tokens intact.
-            c = base.config
-            aux = load_balancing_loss(out.router_logits, c.num_local_experts, c.num_experts_per_tok)
-            loss = loss + self.router_aux_coef * aux * n_tokens
-        return loss, n_tokens
-
-
-def _head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
+from finetune.training import checkpoint
+from finetune.training.distributed import (
+    CheckpointState,
+    fsdp_root,
+    make_strategy,
+    param_bytes,
+)
+from finetune.training.logs import logger_flush, make_loggers, plot_losses
+from finetune.training.loss import CausalLMLoss
 
 # --------------------------------------------------------------------------- setup
 
@@ -117,37 +45,6 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
         raise UsageError(f"accelerator={cfg.accelerator} but no CUDA GPU is visible; use accelerator=cpu")
     precision = cfg.precision or ("32-true" if accelerator == "cpu" else "bf16-mixed")
     return accelerator, precision
-
-
-def make_loggers(cfg: Config, out_dir: Path) -> list:
-    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-
-    loggers = []
-    for name in cfg.output.loggers:
-        if name == "csv":
-            loggers.append(CSVLogger(root_dir=str(out_dir), name="logs", version=_fresh_csv_version(out_dir / "logs")))
-        elif name == "tensorboard":
-            loggers.append(TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version=""))
-        elif name == "wandb":
-            try:
-                from lightning.pytorch.loggers import WandbLogger
-            except ImportError:
-                raise UsageError("output.loggers has wandb but wandb/lightning.pytorch is not installed") from None
-            loggers.append(WandbLogger(save_dir=str(out_dir), project="finetune"))
-        else:
-            raise UsageError(f"output.loggers: unknown logger '{name}' (csv, tensorboard, wandb)")
-    return loggers
-
-
-def _fresh_csv_version(logs: Path) -> str:
-    """Lightning's CSV logger deletes an existing metrics.csv in its folder; a resumed (or
-    overwrite=true) run writes logs/run-N/metrics.csv instead, so earlier history survives."""
-    if not (logs / "metrics.csv").exists():
-        return ""
-    n = 2
-    while (logs / f"run-{n}").exists():
-        n += 1
-    return f"run-{n}"
 
 
 def make_fabric(cfg: Config):
@@ -225,7 +122,7 @@ class RunState:
 
 def main(fabric, cfg: Config) -> TrainResult:
     from finetune.data import BatchStream, prepare
-    from finetune.model import load_model, load_tokenizer
+    from finetune.models.load import load_model, load_tokenizer
 
     out_dir = Path(cfg.out_dir)
     rank0 = fabric.global_rank == 0
@@ -256,7 +153,7 @@ def main(fabric, cfg: Config) -> TrainResult:
     model.train()
     micro = cfg.train.micro_batch_size
     if micro == "auto":
-        from finetune.plan import auto_micro_batch
+        from finetune.plan.predict import auto_micro_batch
 
         # The planner sizes for the device's memory; a CPU has no such budget, the planner caps it.
         budget = (torch.cuda.get_device_properties(fabric.device).total_memory
@@ -273,7 +170,7 @@ def main(fabric, cfg: Config) -> TrainResult:
     n_trainable = sum(p.numel() for p in trainable)  # counted now: FSDP turns them into shards
     _apply_liger(cfg, model, fabric.device)
     if cfg.train.mlp_tile_size:
-        from finetune.tiled import count_tiled
+        from finetune.memory.tiled import count_tiled
 
         n_tiled = count_tiled(model)
         fabric.print(f"train.mlp_tile_size={cfg.train.mlp_tile_size}: {n_tiled} MLPs run "
@@ -306,7 +203,7 @@ def main(fabric, cfg: Config) -> TrainResult:
     saver.save(final_dir, state)
     if rank0:
         if cfg.output.plot:
-            _plot(state, out_dir / "loss.png")
+            plot_losses(state, out_dir / "loss.png")
         fabric.print(f"saved adapter to {final_dir}")
     if cfg.eval.suite and rank0:
         from finetune.eval.run import run_suite_after_training
@@ -322,7 +219,7 @@ def _peak_memory_line(cfg: Config, device: torch.device, micro: int) -> str:
         import resource
 
         return f"peak resident memory (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-    from finetune.plan import CUDA_CONTEXT_BYTES, predict
+    from finetune.plan.predict import CUDA_CONTEXT_BYTES, predict
 
     reserved = torch.cuda.max_memory_reserved(device) + CUDA_CONTEXT_BYTES
     line = (f"peak GPU memory (device {device.index}): {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
@@ -365,7 +262,7 @@ def _apply_liger(cfg: Config, model: nn.Module, device: torch.device) -> None:
     _apply_liger_kernel_to_instance(model=model.get_base_model(), cross_entropy=False,
                                     fused_linear_cross_entropy=False)
     if cfg.train.mlp_tile_size:  # Liger replaced the MLP forwards load_model had tiled: tile Liger's
-        from finetune.tiled import tile_mlps
+        from finetune.memory.tiled import tile_mlps
 
         tile_mlps(model, cfg.train.mlp_tile_size)
 
@@ -443,7 +340,7 @@ class _StopRequest:
 
 
 def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches, state: RunState, saver: Saver):
-    from finetune.progress import TrainProgress
+    from finetune.training.progress import TrainProgress
 
     t = cfg.train
     out_dir = Path(cfg.out_dir)
@@ -560,29 +457,3 @@ def _validate(fabric, lossmod, val_batches: list[dict], state: RunState, progres
     fabric.log_dict({"val_loss": val}, step=state.step)
     progress.note(f"step {state.step}: val_loss {val:.4f}")
     return val
-
-
-def logger_flush(fabric) -> None:
-    for logger in fabric.loggers:
-        logger.finalize("success")
-
-
-def _plot(state: RunState, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if state.losses:
-        ax.plot(*zip(*state.losses), label="train")
-    if state.val_losses:
-        ax.plot(*zip(*state.val_losses), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (per trained token)")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)

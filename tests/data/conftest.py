@@ -10,7 +10,7 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # repo/
 
 @pytest.fixture(scope="session")
 def tok():
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
 
     return byte_tokenizer()
 

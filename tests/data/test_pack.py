@@ -42,9 +42,9 @@ def test_collate_pads_with_own_segment():
 def tiny_models():
     from transformers import AutoModelForCausalLM
 
-    from finetune.tiny import tiny_model_dir
+    from finetune.models.tiny import tiny_model_dir
 
-    from finetune.lean import LEAN_SDPA, patch_attention
+    from finetune.memory.lean import LEAN_SDPA, patch_attention
 
     path = tiny_model_dir()
     models = {impl: AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32).eval()

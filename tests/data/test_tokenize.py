@@ -50,7 +50,7 @@ def test_sharegpt_tools_go_into_system_when_template_has_no_tools(tok):
 
 
 def test_tools_passed_to_template_that_supports_them(tok):
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
 
     tk = byte_tokenizer()
     tk.chat_template = ("{% if tools %}{{ 'T:' + tools[0]['name'] + '\n' }}{% endif %}" + tk.chat_template)
@@ -87,7 +87,7 @@ def test_alpaca_prompt_style_fallback(tok):
 
 
 def test_no_template_uses_alpaca_and_unknown_style_errors(tok):
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
 
     tk = byte_tokenizer()
     tk.chat_template = None
@@ -98,7 +98,7 @@ def test_no_template_uses_alpaca_and_unknown_style_errors(tok):
 
 @pytest.mark.slow  # imports all of litgpt (~10 s)
 def test_litgpt_prompt_styles():
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
     from litgpt.prompts import Alpaca
 
     from finetune.data.tokenize import AlpacaStyle
@@ -112,7 +112,7 @@ def test_litgpt_prompt_styles():
 
 
 def test_pad_equal_eos_is_refused():
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
 
     tk = byte_tokenizer()
     tk.pad_token = tk.eos_token
@@ -121,7 +121,7 @@ def test_pad_equal_eos_is_refused():
 
 
 def _family(template: str, **specials):
-    from finetune.tiny import byte_tokenizer
+    from finetune.models.tiny import byte_tokenizer
 
     tk = byte_tokenizer()
     tk.add_special_tokens(specials)

@@ -70,7 +70,7 @@ def test_base_without_adapter(tmp_path):
 
 
 def test_adapters_on_different_bases(tiny_adapter, adapter_factory, tmp_path):
-    from finetune.tiny import make_tiny_model
+    from finetune.models.tiny import make_tiny_model
     make_adapter = adapter_factory
 
     other = make_tiny_model(tmp_path / "other-base", seed=3)
@@ -81,7 +81,7 @@ def test_adapters_on_different_bases(tiny_adapter, adapter_factory, tmp_path):
 
 def test_adapter_for_a_different_base_is_one_line(adapter_factory, tmp_path):
     """An adapter whose config names the tiny model but whose tensors were made for a wider one."""
-    from finetune.tiny import make_tiny_model, tiny_model_dir
+    from finetune.models.tiny import make_tiny_model, tiny_model_dir
     make_adapter = adapter_factory
 
     wide = make_tiny_model(tmp_path / "wide", seed=0, hidden_size=96, intermediate_size=160)

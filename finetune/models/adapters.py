@@ -1,0 +1,130 @@
+"""PEFT LoRA adapters on disk: read and check them, and load any checkpoint for inference.
+
+An adapter dir is read through its adapter_config.json and safetensors header only, so checks
+(does it fit this base?) cost no weights; `load_for_inference` puts it on its recorded base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from finetune.errors import UsageError
+from finetune.models.load import (
+    first_line,
+    hub_kwargs,
+    load_pretrained,
+    loading_errors,
+    resolve_model_path,
+    sync_special_tokens,
+    tokenizer_from,
+)
+
+# --------------------------------------------------------------------------- adapters and inference
+log = logging.getLogger(__name__)
+
+
+def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
+    """adapter_config.json of a PEFT LoRA adapter dir, with one-line errors for each way it is wrong."""
+    d = Path(os.path.expanduser(str(adapter_dir)))
+    if not d.is_dir():
+        raise UsageError(f"adapter directory not found: {adapter_dir}")
+    f = d / "adapter_config.json"
+    if not f.is_file():
+        raise UsageError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+    if not any((d / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UsageError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read {f}: {first_line(e)}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UsageError(f"{adapter_dir}: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')}")
+    if not cfg.get("base_model_name_or_path"):
+        raise UsageError(f"{f} has no base_model_name_or_path")
+    return cfg
+
+
+def adapter_shapes(adapter_dir: Union[str, Path]) -> dict[str, tuple]:
+    """Saved tensor name -> shape, without loading the tensors."""
+    d = Path(adapter_dir)
+    st = d / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    binf = d / "adapter_model.bin"
+    if binf.is_file():
+        sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
+        return {k: tuple(v.shape) for k, v in sd.items()}
+    raise UsageError(f"adapter {d} has no adapter_model.safetensors")
+
+
+def check_adapter_fits(adapter_dir: Union[str, Path], base_model: torch.nn.Module, base_name: str = "") -> None:
+    """UsageError unless every LoRA matrix in `adapter_dir` matches a layer of `base_model` in shape."""
+    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    modules = dict(base_model.named_modules())
+    where = f"adapter {adapter_dir} (trained on '{recorded}') does not fit base '{base_name or recorded}'"
+    for key, shape in adapter_shapes(adapter_dir).items():
+        for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in key:
+                continue
+            mod_name = key.split(part)[0]
+            mod_name = mod_name[len("base_model.model."):] if mod_name.startswith("base_model.model.") else mod_name
+            mod = modules.get(mod_name)
+            if mod is None:
+                raise UsageError(f"{where}: it adapts {mod_name}, which the base does not have")
+            want = getattr(mod, "in_features" if dim == 1 else "out_features", None)
+            if want is not None and len(shape) == 2 and shape[dim] != want:
+                side = "input" if dim == 1 else "output"
+                raise UsageError(f"{where}: {mod_name} has {side} size {want} in the base, {shape[dim]} in the adapter")
+
+
+def _is_adapter_dir(p: Path) -> bool:
+    return (p / "adapter_config.json").is_file()
+
+
+def load_for_inference(path: str, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                       base: Optional[str] = None, trust_remote_code: bool = False):
+    """(model, tokenizer) in eval mode for an adapter dir, a merged/MoE model dir, an alias or a hub id.
+
+    An adapter goes on the base named in its adapter_config.json (or `base`), after checking that
+    it fits. The tokenizer is the adapter's own copy when it has one; it pads on the left, for
+    batched generation.
+    """
+    from peft import PeftModel
+
+    device = torch.device(device)
+    p = Path(str(path)).expanduser()
+    if _is_adapter_dir(p):
+        recorded = read_adapter_config(p).get("base_model_name_or_path")
+        base_name = base or recorded
+        if not base_name:
+            raise UsageError(f"adapter {path} does not name its base model (base_model_name_or_path); pass base=...")
+        if base and recorded and base != recorded:
+            log.warning("adapter %s was trained on '%s'; loading it onto '%s'", path, recorded, base)
+        try:
+            base_path = resolve_model_path(base_name)
+        except UsageError as e:
+            raise UsageError(f"adapter {path}: its base model: {e}") from None
+        model = load_pretrained(base_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        check_adapter_fits(p, model, base_name)
+        tok_src = str(p) if (p / "tokenizer_config.json").is_file() else base_path
+        tok = tokenizer_from(tok_src, hub_kwargs(None, trust_remote_code), "left")
+        sync_special_tokens(model, tok)
+        with loading_errors(str(p)):
+            model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
+        return model.eval(), tok
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise UsageError(f"{path} is neither a LoRA adapter (adapter_config.json) nor a model directory (config.json)")
+    resolved = resolve_model_path(str(path))
+    model = load_pretrained(resolved, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    tok = tokenizer_from(resolved, hub_kwargs(None, trust_remote_code), "left")
+    sync_special_tokens(model, tok)
+    return model.eval(), tok

@@ -1,0 +1,58 @@
+"""`finetune moe`: build a MoE from a config, or write a routing report for a built one.
+
+    finetune moe config=moe.yaml out_dir=OUT          build the MoE (finetune.moe.build)
+    finetune moe report=MOE_DIR data=FILE out_dir=DIR  per-layer routing report (finetune.moe.report)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from finetune.errors import UsageError
+from finetune.moe.build import build_moe
+from finetune.moe.spec import load_moe_config
+
+
+@dataclass
+class Args:
+    config: Optional[str] = None
+    """MoE YAML (mergekit-moe keys: base_model, gate_mode, dtype, experts_per_token, experts)."""
+    report: Optional[str] = None
+    """A MoE checkpoint directory to write a routing report for (instead of building one)."""
+    data: Optional[str] = None
+    """Report: a json/jsonl file (text, messages, prompt/completion, alpaca or sharegpt rows)."""
+    max_rows: int = 200
+    """Report: use at most this many rows of `data`."""
+    max_tokens: int = 512
+    """Report: truncate each row to this many tokens."""
+    out_dir: str = "out/moe"
+    """Where the MoE checkpoint (or the report's JSON + PNG) is written."""
+    overwrite: bool = False
+    """Write into an existing non-empty out_dir (files with the same names are replaced)."""
+    max_shard_size: str = "2GB"
+    """Largest safetensors shard of the MoE checkpoint."""
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run(args: Args, cfg=None) -> int:
+    if bool(args.config) == bool(args.report):
+        raise UsageError("give exactly one of config=MOE.yaml (build) or report=MOE_DIR (routing report)")
+    if args.report:
+        from finetune.moe.report import routing_report
+
+        if not args.data:
+            raise UsageError("report= needs data=FILE (json/jsonl rows to route)")
+        res = routing_report(args.report, args.data, args.out_dir, max_rows=args.max_rows,
+                             max_tokens=args.max_tokens, overwrite=args.overwrite)
+        print(f"routing report written to {res['json']} and {res['png']}")
+        return 0
+    spec = load_moe_config(args.config)
+    build_moe(spec, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+              config_text=Path(args.config).read_text())
+    print(f"MoE ({len(spec.experts)} experts, top-{spec.experts_per_token}, gate_mode {spec.gate_mode}) "
+          f"written to {args.out_dir}")
+    return 0

@@ -1,0 +1,117 @@
+"""A MoE config (mergekit-moe's YAML keys) parsed into a checked `MoESpec`, before any weight loads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from finetune.errors import UsageError, did_you_mean
+from finetune.moe.gates import GATE_MODES, PROMPT_FORMATS
+
+SUPPORTED_BASES = ("llama", "mistral")
+
+
+@dataclass
+class ExpertSpec:
+    source_model: Optional[str] = None
+    adapter: Optional[str] = None
+    positive_prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    noise_scale: Optional[float] = None
+    residual_scale: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        return str(self.adapter or self.source_model)
+
+
+@dataclass
+class MoESpec:
+    base_model: str
+    experts: list[ExpertSpec]
+    gate_mode: str = "hidden"
+    dtype: Optional[str] = None
+    experts_per_token: int = 2
+    prompt_format: str = "raw"
+    quantize_prompting: bool = False
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _str_list(v, where: str) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise UsageError(f"{where} must be a list of strings")
+    return list(v)
+
+
+def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
+    """Validate a mergekit-moe style mapping into a MoESpec (one-line UsageErrors)."""
+    top = ["base_model", "experts", "gate_mode", "dtype", "experts_per_token", "prompt_format",
+           "quantize_prompting", "seed", "architecture", "shared_experts"]
+    for k in data:
+        if k not in top:
+            raise UsageError(f"{where}: unknown key '{k}'{did_you_mean(k, top)}")
+    if data.get("shared_experts"):
+        raise UsageError(f"{where}: shared_experts are not supported by the Mixtral output")
+    if str(data.get("architecture") or "mixtral").lower() != "mixtral":
+        raise UsageError(f"{where}: architecture must be mixtral, got {data['architecture']}")
+    if not data.get("base_model"):
+        raise UsageError(f"{where}: base_model is required")
+    mode = str(data.get("gate_mode", "hidden"))
+    if mode not in GATE_MODES:
+        raise UsageError(f"{where}: unknown gate_mode '{mode}'{did_you_mean(mode, GATE_MODES)}")
+    fmt = str(data.get("prompt_format", "raw"))
+    if fmt not in PROMPT_FORMATS:
+        raise UsageError(f"{where}: unknown prompt_format '{fmt}'{did_you_mean(fmt, PROMPT_FORMATS)}")
+    raw_experts = data.get("experts") or []
+    if not isinstance(raw_experts, list) or len(raw_experts) < 2:
+        n = len(raw_experts) if isinstance(raw_experts, list) else 0
+        raise UsageError(f"{where}: a MoE needs at least 2 experts, got {n}")
+    keys = ["source_model", "adapter", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"]
+    experts = []
+    for i, e in enumerate(raw_experts):
+        if not isinstance(e, dict):
+            raise UsageError(f"{where}: experts[{i}] must be a mapping with source_model or adapter")
+        for k in e:
+            if k not in keys:
+                raise UsageError(f"{where}: experts[{i}]: unknown key '{k}'{did_you_mean(k, keys)}")
+        if bool(e.get("source_model")) == bool(e.get("adapter")):
+            raise UsageError(f"{where}: experts[{i}] needs exactly one of source_model or adapter")
+        spec = ExpertSpec(source_model=e.get("source_model"), adapter=e.get("adapter"),
+                          positive_prompts=_str_list(e.get("positive_prompts"), f"experts[{i}].positive_prompts"),
+                          negative_prompts=_str_list(e.get("negative_prompts"), f"experts[{i}].negative_prompts"),
+                          noise_scale=e.get("noise_scale"), residual_scale=e.get("residual_scale"))
+        if mode in ("hidden", "cheap_embed") and not spec.positive_prompts:
+            raise UsageError(f"{where}: experts[{i}] ({spec.name}) has no positive_prompts, "
+                             f"which gate_mode {mode} needs (or use gate_mode random)")
+        experts.append(spec)
+    k = data.get("experts_per_token", 2)
+    if not isinstance(k, int) or not 1 <= k <= len(experts):
+        raise UsageError(f"{where}: experts_per_token must be an integer in [1, {len(experts)}], got {k!r}")
+    return MoESpec(base_model=str(data["base_model"]), experts=experts, gate_mode=mode, dtype=data.get("dtype"),
+                   experts_per_token=k, prompt_format=fmt, quantize_prompting=bool(data.get("quantize_prompting")),
+                   seed=int(data.get("seed", 0)))
+
+
+def load_moe_config(path: str) -> MoESpec:
+    from finetune.config import read_yaml_mapping
+
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise UsageError(f"moe config not found: {path}")
+    spec = parse_moe_config(read_yaml_mapping(p, "moe config"), where=str(p))
+    # Relative paths in the YAML are relative to the YAML, so a config travels with its experts.
+    def rel(x):
+        return str((p.parent / x).resolve()) if x and not os.path.isabs(x) and (p.parent / x).exists() else x
+    spec.base_model = rel(spec.base_model)
+    for e in spec.experts:
+        e.source_model, e.adapter = rel(e.source_model), rel(e.adapter)
+    return spec
