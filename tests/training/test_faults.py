@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from finetune.training import checkpoint
 from finetune.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Fast variant for the default run; the slow test uses the acceptance settings.
 FAST = ["train.max_steps=12", "train.save_every=3", "train.seed=3"]
 ACCEPT = ["train.max_steps=30", "train.save_every=5", "train.seed=3"]

@@ -465,7 +465,7 @@ def test_kill_9_during_saves_never_exposes_a_partial_checkpoint(tmp_path):
     import signal
     import time
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     rng = random.Random(0)
     for trial in range(5):
         out = tmp_path / f"run{trial}"

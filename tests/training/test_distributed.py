@@ -26,7 +26,7 @@ from finetune.data.pack import PackedUnits
 from finetune.data.stream import BatchStream
 from finetune.errors import UsageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-4
 
 

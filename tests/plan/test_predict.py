@@ -16,7 +16,7 @@ from finetune.plan.predict import GiB, auto_micro_batch, max_micro_batch, max_se
 from finetune.plan.command import Args, run
 from finetune.plan.shapes import model_shape
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The recipes sized for a 12 GB GPU (the CPU ones - demo, tiny-*, moe-* - say accelerator: cpu).
 GPU_RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")
                      if "accelerator: cpu" not in p.read_text())
