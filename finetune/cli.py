@@ -98,7 +98,7 @@ def parse_command(args_cls: type, argv: list[str], takes_recipe: bool):
 
 
 def print_recipes() -> None:
-    from finetune.config import find_resource, list_resources, read_yaml_mapping
+    from finetune.resources import find_resource, list_resources, read_yaml_mapping
 
     names = list_resources("recipes")
     width = max(map(len, names), default=0)

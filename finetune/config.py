@@ -8,8 +8,6 @@ one-line, did-you-mean errors.
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -17,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from finetune.errors import UsageError, did_you_mean
+from finetune.resources import find_resource, read_yaml_mapping
 
 Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion"]
 
@@ -215,65 +214,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-
-
-# --------------------------------------------------------------------------- resources
-
-
-def resource_dir(kind: str) -> Path:
-    """A top-level project folder (recipes, datasets, eval): the checkout's, else the installed copy."""
-    here = Path(__file__).resolve().parent
-    checkout = here.parent / kind
-    if checkout.is_dir():
-        return checkout
-    packaged = Path(str(importlib.resources.files("finetune") / "_resources" / kind))
-    return packaged
-
-
-def find_resource(kind: str, name: str, suffix: str = ".yaml") -> Path:
-    """Look up `name` as a path, then ./KIND/, then the packaged KIND/; raise with close matches."""
-    p = Path(os.path.expanduser(name))
-    if p.is_file():
-        return p
-    if p.suffix in (".yaml", ".yml") or os.sep in name:
-        raise UsageError(f"{kind[:-1] if kind.endswith('s') else kind} file not found: {name}")
-    for folder in (Path.cwd() / kind, resource_dir(kind)):
-        cand = folder / f"{name}{suffix}"
-        if cand.is_file():
-            return cand
-    names = list_resources(kind)
-    raise UsageError(f"unknown {kind.rstrip('s')} '{name}'{did_you_mean(name, names)}; see `finetune {kind}`"
-                     if kind == "recipes" else
-                     f"unknown {kind.rstrip('s')} '{name}'{did_you_mean(name, names)}")
-
-
-def list_resources(kind: str) -> list[str]:
-    names = set()
-    for folder in (Path.cwd() / kind, resource_dir(kind)):
-        if folder.is_dir():
-            names.update(p.stem for p in folder.glob("*.yaml"))
-    return sorted(names)
-
-
-def read_yaml_mapping(path: Path, what: str) -> dict:
-    """Read a YAML file that must hold a mapping; one-line errors for every way it can fail."""
-    try:
-        text = Path(path).read_text()
-    except PermissionError:
-        raise UsageError(f"cannot read {what} {path}: permission denied") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UsageError(f"{what} {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UsageError(f"{what} {path} must be a YAML mapping of keys to values, got {type(data).__name__}")
-    return data
 
 
 # --------------------------------------------------------------------------- key=value parsing

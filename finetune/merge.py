@@ -18,18 +18,15 @@ merge never leaves a half-written checkpoint under `out_dir`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from finetune.errors import FinetuneError, UsageError, did_you_mean
-from finetune.models.adapters import read_adapter_config  # noqa: F401  (moe imports them from here)
+from finetune.fs import atomic_out_dir, check_out_dir
+from finetune.models.adapters import read_adapter_config
 from finetune.models.load import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -114,46 +111,6 @@ def copy_tokenizer(dest: Path, *sources: str) -> str:
         except (OSError, ValueError) as e:
             log.warning("tokenizer in %s not usable (%s); trying the next source", src, e)
     raise FinetuneError(f"no tokenizer found in {', '.join(map(str, sources))}")
-
-
-def check_out_dir(out_dir: str, overwrite: bool) -> Path:
-    out = Path(os.path.expanduser(out_dir))
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"out_dir {out_dir} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"out_dir {out_dir} is not empty; pass overwrite=true or choose another out_dir")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_out_dir(out_dir: str, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir next to out_dir; on success it becomes out_dir (rename), else it is removed.
-
-    With overwrite into an existing dir, files are moved in one by one (same names replaced, any
-    other user files left alone) since a directory cannot be atomically swapped over a non-empty one.
-    """
-    out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if not out.exists() or not any(out.iterdir()):
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-            return
-        stale = sorted(p.name for p in out.iterdir() if not (tmp / p.name).exists())
-        for item in tmp.iterdir():
-            target = out / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        tmp.rmdir()
-        if stale:
-            log.warning("out_dir %s keeps files not written by this merge: %s", out, ", ".join(stale))
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- merge into base

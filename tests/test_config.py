@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from finetune.config import Config, field_paths, find_resource, list_resources, load_config, to_yaml
+from finetune.config import Config, field_paths, load_config, to_yaml
+from finetune.resources import find_resource, list_resources
 from finetune.errors import UsageError
 
 

@@ -330,7 +330,7 @@ def cache_key(data_cfg, tokenizer, seed: int) -> str:
 
 
 def _cache_dir() -> Path:
-    from finetune.models.tiny import cache_root
+    from finetune.fs import cache_root
 
     return cache_root() / "data"
 

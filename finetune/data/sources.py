@@ -62,7 +62,7 @@ class Rows:
 
 
 def read_card(name: str) -> tuple[dict, Path]:
-    from finetune.config import find_resource, read_yaml_mapping
+    from finetune.resources import find_resource, read_yaml_mapping
 
     path = find_resource("datasets", name)
     card = read_yaml_mapping(path, "dataset card")

@@ -55,7 +55,7 @@ class Args:
 
 def run(args: Args, cfg: Optional[Config] = None) -> int:
     if not args.suite:
-        from finetune.config import list_resources
+        from finetune.resources import list_resources
         raise UsageError(f"no suite given: finetune eval suite=NAME models=[...]; suites: "
                          f"{', '.join(list_resources('eval'))}")
     evaluate(args.suite, args.models, args.out_dir, data_cfg=cfg.data if cfg is not None else None,

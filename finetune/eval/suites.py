@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from finetune.config import find_resource, list_resources, read_yaml_mapping
 from finetune.errors import UsageError, did_you_mean
 from finetune.eval.metrics import check_metric
+from finetune.resources import find_resource, list_resources, read_yaml_mapping
 
 TASK_KEYS = ("name", "data", "format", "split", "subset", "rows", "n", "select", "metrics", "generation",
              "system_prompt", "prompt_style", "seq_len", "batch_size", "lm_eval", "num_fewshot", "limit")

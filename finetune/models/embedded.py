@@ -75,7 +75,7 @@ def gguf_path() -> Path:
 
 
 def cache_dir() -> Path:
-    from finetune.models.tiny import cache_root
+    from finetune.fs import cache_root
 
     return cache_root() / "models" / CACHE_NAME
 

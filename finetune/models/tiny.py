@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune.fs import cache_root
+
 PAD, BOS_UNUSED, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIALS = [PAD, BOS_UNUSED, EOS]
 BYTE_OFFSET = len(SPECIALS)
@@ -35,13 +37,6 @@ TINY_CONFIG = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
-
-
-def cache_root() -> Path:
-    """Where converted/generated models are cached: $FINETUNE_CACHE or ~/.cache/finetune."""
-    root = os.environ.get("FINETUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "finetune")
-    return Path(root)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

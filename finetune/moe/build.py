@@ -50,15 +50,14 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import UsageError
+from finetune.fs import atomic_out_dir, check_out_dir
 from finetune.merge import (
-    atomic_out_dir,
-    check_out_dir,
     copy_tokenizer,
     load_base_full_precision,
-    read_adapter_config,
-    resolve_model_path,
     torch_dtype,
 )
+from finetune.models.adapters import read_adapter_config
+from finetune.models.load import resolve_model_path
 from finetune.moe.gates import compute_gates, warn_parallel
 from finetune.moe.spec import SUPPORTED_BASES, ExpertSpec, MoESpec
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import UsageError
-from finetune.merge import atomic_out_dir, check_out_dir
+from finetune.fs import atomic_out_dir, check_out_dir
 
 
 def read_rows(path: str, max_rows: Optional[int] = None) -> list:

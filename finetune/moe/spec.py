@@ -102,7 +102,7 @@ def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
 
 
 def load_moe_config(path: str) -> MoESpec:
-    from finetune.config import read_yaml_mapping
+    from finetune.resources import read_yaml_mapping
 
     p = Path(os.path.expanduser(path))
     if not p.is_file():

@@ -137,7 +137,8 @@ def _shape_from_litgpt(c: dict) -> Shape:
 def model_shape(name: str, revision: Optional[str] = None) -> Shape:
     """Shape of `name`: alias, local dir, HF hub cache, else litgpt's registry; offline always."""
     if name == "tiny":
-        from finetune.models.tiny import BYTE_OFFSET, TINY_CONFIG, cache_root
+        from finetune.fs import cache_root
+        from finetune.models.tiny import BYTE_OFFSET, TINY_CONFIG
 
         cached = cache_root() / "models" / "tiny-llama-v1" / "config.json"
         if cached.is_file():  # the real one, if built; else the same numbers without building it

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from finetune.config import resource_dir
+from finetune.resources import resource_dir
 
 pytest.importorskip("lm_eval")
 

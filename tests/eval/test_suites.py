@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from finetune.config import list_resources
+from finetune.resources import list_resources
 from finetune.errors import UsageError
 from finetune.eval.scorecard import to_markdown, write_scorecard
 from finetune.eval.suites import load_suite

@@ -1,0 +1,91 @@
+"""Filesystem policy, in one place: the cache root, the out_dir rule, and writes that are
+complete or invisible (written beside the target, then renamed into place).
+
+Training checkpoints add checksums and a COMPLETE marker on top (finetune.training.checkpoint);
+everything else a command writes goes through `atomic_out_dir` or `atomic_write`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+from finetune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """Where converted/generated models are cached: $FINETUNE_CACHE or ~/.cache/finetune."""
+    root = os.environ.get("FINETUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "finetune")
+    return Path(root)
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool,
+                  hint: str = "pass overwrite=true or choose another out_dir") -> Path:
+    """The out_dir rule every command keeps: never write into a non-empty out_dir unless told to.
+
+    Nothing is deleted here or later: overwrite=true only lets files of the same name be replaced.
+    `hint` is what the one-line refusal suggests (training adds resume=auto).
+    """
+    out = Path(os.path.expanduser(str(out_dir)))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out_dir {out_dir} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"out_dir {out_dir} is not empty; {hint}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_out_dir(out_dir: str, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp dir next to out_dir; on success it becomes out_dir (rename), else it is removed.
+
+    With overwrite into an existing dir, files are moved in one by one (same names replaced, any
+    other user files left alone) since a directory cannot be atomically swapped over a non-empty one.
+    """
+    out = check_out_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if not out.exists() or not any(out.iterdir()):
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+            return
+        stale = sorted(p.name for p in out.iterdir() if not (tmp / p.name).exists())
+        for item in tmp.iterdir():
+            target = out / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        tmp.rmdir()
+        if stale:
+            log.warning("out_dir %s keeps files not written by this merge: %s", out, ", ".join(stale))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
+    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,73 @@
+"""Where recipes, dataset cards and eval suites are found, and how their YAML is read.
+
+A name is looked up as a path, then in ./KIND/ (the user's own), then in the project's KIND/: the
+checkout's folder, or the copy a wheel ships in finetune/_resources/ (setup.py puts it there).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from finetune.errors import UsageError, did_you_mean
+
+
+def resource_dir(kind: str) -> Path:
+    """A top-level project folder (recipes, datasets, eval): the checkout's, else the installed copy.
+
+    A checkout is recognised by its pyproject.toml, not by a sibling folder of the right name: once
+    installed, the package's sibling `datasets` is Hugging Face's `datasets` package.
+    """
+    here = Path(__file__).resolve().parent
+    project = here.parent / "pyproject.toml"
+    if project.is_file() and 'name = "finetune"' in project.read_text(errors="replace"):
+        return here.parent / kind
+    return here / "_resources" / kind
+
+
+def find_resource(kind: str, name: str, suffix: str = ".yaml") -> Path:
+    """Look up `name` as a path, then ./KIND/, then the packaged KIND/; raise with close matches."""
+    p = Path(os.path.expanduser(name))
+    if p.is_file():
+        return p
+    if p.suffix in (".yaml", ".yml") or os.sep in name:
+        raise UsageError(f"{kind[:-1] if kind.endswith('s') else kind} file not found: {name}")
+    for folder in (Path.cwd() / kind, resource_dir(kind)):
+        cand = folder / f"{name}{suffix}"
+        if cand.is_file():
+            return cand
+    names = list_resources(kind)
+    raise UsageError(f"unknown {kind.rstrip('s')} '{name}'{did_you_mean(name, names)}; see `finetune {kind}`"
+                     if kind == "recipes" else
+                     f"unknown {kind.rstrip('s')} '{name}'{did_you_mean(name, names)}")
+
+
+def list_resources(kind: str) -> list[str]:
+    names = set()
+    for folder in (Path.cwd() / kind, resource_dir(kind)):
+        if folder.is_dir():
+            names.update(p.stem for p in folder.glob("*.yaml"))
+    return sorted(names)
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """Read a YAML file that must hold a mapping; one-line errors for every way it can fail."""
+    try:
+        text = Path(path).read_text()
+    except PermissionError:
+        raise UsageError(f"cannot read {what} {path}: permission denied") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{what} {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path} must be a YAML mapping of keys to values, got {type(data).__name__}")
+    return data
