@@ -12,6 +12,7 @@ Heavy libraries (torch, transformers) load only when a function needs them.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 # bitsandbytes logs a warning about an optional CPU 4-bit kernel on every import; the fallback
 # it uses is correct, so the warning is only noise for users.
@@ -25,9 +26,19 @@ __version__ = "0.1.0"
 
 
 def train(config: "Config | str", **overrides):
-    """Train from a Config (or a recipe name/path plus dotted overrides); return the final adapter dir."""
-    from finetune.training import train as _train
+    """Train from a Config (or a recipe name/path plus dotted overrides); return the final adapter dir.
+
+    What `finetune recipe=...` does: train, then, when the recipe names an `eval.suite`, score the
+    adapter saved on disk against its base into out_dir/eval (the training model is freed first).
+    With several processes only global rank 0 evaluates and gets the path; the others get None.
+    """
+    # Imported here, not at the top: `import finetune` (and so `finetune plan`) must not load torch.
+    from finetune.eval.run import run_suite_after_training
+    from finetune.training import train as train_adapter
 
     if isinstance(config, str):
         config = load_config(config, {k: str(v) for k, v in overrides.items()})
-    return _train(config)
+    final_dir = train_adapter(config)
+    if final_dir is not None and config.eval.suite:
+        run_suite_after_training(config.eval.suite, final_dir, Path(config.out_dir) / "eval", cfg=config)
+    return final_dir

@@ -151,7 +151,7 @@ def run(argv: list[str]) -> int:
     if "--print_config" in flags:
         print(to_yaml(cfg), end="")
         return 0
-    from finetune.training import train
+    from finetune import train
 
     train(cfg)
     return 0
