@@ -10,14 +10,17 @@ dataclass whose field docstrings are its `--help`.
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import importlib
 import os
-import re
 import sys
 from typing import Optional
 
+from jsonargparse import DefaultHelpFormatter
+
+from finetune.config import Config, build, field_paths, load_config, make_parser, split_overrides, to_yaml
 from finetune.errors import FinetuneError, UsageError, did_you_mean
+from finetune.resources import find_resource, list_resources, read_yaml_mapping
 
 # name -> (module, one-line description). Each module defines `Args` and `run(args, cfg)`.
 COMMANDS = {
@@ -27,12 +30,13 @@ COMMANDS = {
     "moe": ("finetune.moe.command", "assemble a Mixtral-style MoE from fine-tunes; routing report"),
     "plan": ("finetune.plan.command", "predict peak GPU memory for a recipe, and what fits a budget"),
 }
+FLAGS = ["--help", "-h", "--print_config", "--debug"]
 
-USAGE = """\
-usage: finetune recipe=NAME|PATH [section.key=value ...] [--print_config] [--debug]
+USAGE = """finetune recipe=NAME|PATH [section.key=value ...] [--print_config] [--debug]
        finetune recipes
-       finetune {data,eval,merge,moe,plan} [key=value ...] [--help]
+       finetune {data,eval,merge,moe,plan} [key=value ...] [--help]"""
 
+ABOUT = """\
 Train with a recipe (a YAML file in recipes/ or a path), overriding any field with dotted
 key=value pairs; values are YAML (3, 1e-4, true, null, [q_proj,v_proj]).
 
@@ -40,66 +44,49 @@ commands:
   (default)  train: finetune recipe=tiny-lora out_dir=/tmp/run train.max_steps=4
   recipes    list the recipes with a one-line description
 """ + "".join(f"  {name:<10} {desc}\n" for name, (_, desc) in COMMANDS.items()) + """
-options:
-  --help           this help (with every config key below)
+flags:
   --print_config   print the fully resolved config as YAML and exit
   --debug          show the full traceback on errors
-"""
+
+A section (model, data, ...) also takes a YAML file or mapping: model={name: tiny}."""
+
+KEYS_NOTE = "\n\nThe keys below are listed as --key VALUE: type them as key=value (--key=value works too)."
+RECIPE_NOTE = "\nAny training config key (see `finetune --help`) can be overridden too, e.g. data.seq_len=1024."
 
 
-def help_for(cls: type, title: str) -> str:
-    """Field docs of a dataclass, rendered by jsonargparse, shown in key=value syntax."""
-    from jsonargparse import ArgumentParser, set_parsing_settings
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, keeping the line breaks of our description."""
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog="finetune", exit_on_error=False)
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
-    text = parser.format_help()
-    body = text.split("\n\n", 1)[1] if "\n\n" in text else text
-    lines = []
-    for line in body.splitlines():
-        if "Path to a configuration file" in line or line.strip().startswith(("-h, --help", "Show this help")):
-            continue
-        if re.match(r"^\S.*\(.*\):$", line):  # group header "ModelConfig(name: ...):" -> "[model]"
-            lines.append("")
-            continue
-        line = re.sub(r"^(\s+)--([\w.]+) (\{[^}]*\}|[A-Z_]+)", r"\1\2=\3", line)
-        lines.append(line)
-    return f"{title}\n" + "\n".join(lines).strip("\n") + "\n"
+
+def print_help(cls: type, usage: str, description: str) -> None:
+    print(make_parser(cls, usage=usage, description=description + KEYS_NOTE,
+                      formatter_class=HelpFormatter).format_help())
 
 
 def split_args(argv: list[str]) -> tuple[list[str], set[str]]:
-    flags = {a for a in argv if a.startswith("--") and "=" not in a}
+    flags = {a for a in argv if a.startswith("-") and "=" not in a}
     return [a for a in argv if a not in flags], flags
 
 
-def parse_command(args_cls: type, argv: list[str], takes_recipe: bool):
-    """Split key=value pairs between the command's own `Args` and (if it has a recipe) the config."""
-    from finetune.config import (
-        build,
-        field_paths,
-        load_config,
-        parse_value,
-        split_overrides,
-    )
-
+def run_command(command: str, argv: list[str], wants_help: bool) -> int:
+    """A sub-command: its `Args` from key=value pairs; the rest override its recipe, if it has one."""
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command '{command}'{did_you_mean(command, [*COMMANDS, 'recipes'])}")
+    module_name, about = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    own_keys = field_paths(module.Args)
+    takes_recipe = "recipe" in own_keys
+    if wants_help:
+        print_help(module.Args, f"finetune {command} [key=value ...]", about + (RECIPE_NOTE if takes_recipe else ""))
+        return 0
     pairs = split_overrides(argv)
-    own_keys = set(field_paths(args_cls))
-    own = {k: parse_value(v) for k, v in pairs.items() if k in own_keys}
-    rest = {k: v for k, v in pairs.items() if k not in own_keys}
-    cfg = None
-    if takes_recipe:
-        recipe = own.get("recipe")
-        cfg = load_config(str(recipe) if recipe else None, rest)
-    elif rest:
-        key = next(iter(rest))
-        raise UsageError(f"unknown key '{key}'{did_you_mean(key, own_keys)}")
-    return build(args_cls, own, where="command line"), cfg
+    own = {k: v for k, v in pairs.items() if k.removesuffix("+") in own_keys or not takes_recipe}
+    args = build(module.Args, own)
+    cfg = load_config(args.recipe, {k: v for k, v in pairs.items() if k not in own}) if takes_recipe else None
+    return int(module.run(args, cfg) or 0)
 
 
 def print_recipes() -> None:
-    from finetune.resources import find_resource, list_resources, read_yaml_mapping
-
     names = list_resources("recipes")
     width = max(map(len, names), default=0)
     for name in names:
@@ -112,36 +99,18 @@ def print_recipes() -> None:
 
 def run(argv: list[str]) -> int:
     argv, flags = split_args(argv)
-    unknown_flags = flags - {"--help", "--print_config", "--debug", "-h"}
+    unknown_flags = sorted(flags - set(FLAGS))
     if unknown_flags:
-        flag = sorted(unknown_flags)[0]
-        raise UsageError(f"unknown option {flag}{did_you_mean(flag, ['--help', '--print_config', '--debug'])}")
-    wants_help = "--help" in flags or "-h" in argv
-    argv = [a for a in argv if a != "-h"]
+        raise UsageError(f"unknown option {unknown_flags[0]}{did_you_mean(unknown_flags[0], FLAGS)}")
+    wants_help = bool(flags & {"--help", "-h"})
     command = argv[0] if argv and "=" not in argv[0] else None
-
     if command == "recipes":
         print_recipes()
         return 0
     if command is not None:
-        if command not in COMMANDS:
-            raise UsageError(f"unknown command '{command}'{did_you_mean(command, [*COMMANDS, 'recipes'])}")
-        module = importlib.import_module(COMMANDS[command][0])
-        args_cls = module.Args
-        takes_recipe = any(f.name == "recipe" for f in dataclasses.fields(args_cls))
-        if wants_help:
-            print(help_for(args_cls, f"usage: finetune {command} [key=value ...]\n\n{COMMANDS[command][1]}\n"))
-            if takes_recipe:
-                print("Any training config key (see `finetune --help`) can be overridden too.")
-            return 0
-        args, cfg = parse_command(args_cls, argv[1:], takes_recipe)
-        return int(module.run(args, cfg) or 0)
-
-    from finetune.config import Config, load_config, split_overrides, to_yaml
-
+        return run_command(command, argv[1:], wants_help)
     if wants_help:
-        print(USAGE)
-        print(help_for(Config, "config keys (recipe fields):"))
+        print_help(Config, USAGE, ABOUT)
         return 0
     pairs = split_overrides(argv)
     recipe = pairs.pop("recipe", None)
@@ -151,7 +120,7 @@ def run(argv: list[str]) -> int:
     if "--print_config" in flags:
         print(to_yaml(cfg), end="")
         return 0
-    from finetune import train
+    from finetune import train  # here, not at the top: only training loads torch
 
     train(cfg)
     return 0

@@ -1,27 +1,37 @@
 """The one typed config: a recipe YAML is a serialized `Config`; `key=value` overrides patch it.
 
 Field docstrings are what `finetune --help` prints, so they are written for users.
-Parsing and type checking are jsonargparse's; this module adds recipe lookup and the
-one-line, did-you-mean errors.
+Parsing and type checking are jsonargparse's (`key=value` becomes its `--key=value`); this module
+adds recipe lookup, did-you-mean for unknown keys, the allowed set for a bad enumerated value, and
+one-line errors that say where the bad input came from (command line or recipe file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from jsonargparse import ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
 from finetune.errors import UsageError, did_you_mean
 from finetune.resources import find_resource, read_yaml_mapping
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the help
 
 Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion"]
 
 
 @dataclass
 class ModelConfig:
+    """model.*: the base checkpoint and how transformers loads it."""
+
     name: str = "tiny"
     """Hub id (e.g. meta-llama/Llama-2-7b-hf), a local directory, or an alias: 'tiny' (random
     tiny Llama for tests) or 'smollm2-135m' (the embedded demo default)."""
@@ -29,12 +39,14 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers: sdpa, eager or flash_attention_2."""
 
 
 @dataclass
 class QuantConfig:
+    """quant.*: how the frozen base weights are stored."""
+
     mode: Literal["none", "nf4", "int8"] = "none"
     """Base-weight quantization with bitsandbytes: none (LoRA), nf4 (QLoRA) or int8."""
     double_quant: bool = True
@@ -48,6 +60,8 @@ class QuantConfig:
 
 @dataclass
 class LoraConfig:
+    """lora.*: the trained adapter."""
+
     r: int = 16
     """LoRA rank."""
     alpha: int = 32
@@ -66,6 +80,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
+    """data.*: where the rows come from and how they become token sequences."""
+
     card: Optional[str] = None
     """Dataset card: a name from datasets/ (e.g. alpaca-cleaned) or a path to a card YAML."""
     path: Optional[str] = None
@@ -111,6 +127,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """train.*: optimisation, memory savers, checkpoints and logging cadence."""
+
     max_steps: int = 100
     """Optimizer steps to run."""
     micro_batch_size: Union[int, Literal["auto"]] = 1
@@ -170,6 +188,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """eval.*: the suite scored on the adapter after training."""
+
     suite: Optional[str] = None
     """Eval suite (name from eval/ or a path) scored on the final adapter after training."""
     max_new_tokens: int = 64
@@ -178,7 +198,9 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    """output.*: what a run reports besides checkpoints."""
+
+    loggers: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=lambda: ["csv"])
     """Fabric loggers: csv, tensorboard, wandb."""
     plot: bool = True
     """Write loss.png (the loss curve) to out_dir at the end."""
@@ -188,6 +210,8 @@ class OutputConfig:
 
 @dataclass
 class Config:
+    """A recipe: every setting of a training run."""
+
     description: str = ""
     """One line saying what this recipe trains (shown by `finetune recipes`)."""
     out_dir: str = "out/run"
@@ -196,17 +220,17 @@ class Config:
     """no, auto (latest complete checkpoint in out_dir), or a checkpoint directory."""
     overwrite: bool = False
     """Allow training into a non-empty out_dir that is not being resumed (nothing is deleted)."""
-    accelerator: str = "auto"
-    """Fabric accelerator: auto, cpu, cuda."""
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+    """Fabric accelerator: auto (cuda when available, else cpu), cpu, cuda (or gpu), mps."""
     devices: int = 1
     """Devices (processes) per node."""
     num_nodes: int = 1
     """Number of nodes."""
-    strategy: str = "auto"
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """Fabric strategy: auto, ddp, fsdp (shards weights, 4-bit too, over >= 2 processes; needs
     train.optimizer=adamw). See docs/scale-out.md."""
-    precision: Optional[str] = None
-    """Fabric precision; default 32-true on CPU, bf16-mixed on GPU."""
+    precision: Optional[Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]] = None
+    """Fabric precision; default (null) 32-true on CPU, bf16-mixed on GPU."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -220,36 +244,52 @@ class Config:
 
 
 def field_paths(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Every settable dotted key of a dataclass -> its dataclasses.Field."""
+    """Every settable dotted key of a dataclass -> its type (nested dataclasses are sections)."""
     out = {}
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            out.update(field_paths(f.default_factory, key + "."))
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(field_paths(tp, f"{prefix}{name}."))
         else:
-            out[key] = f
+            out[prefix + name] = tp
     return out
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def choices(tp: Any) -> tuple:
+    """The values an enumerated field takes: a Literal's, also inside Optional or list; else ()."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    return choices(inner[0]) if typing.get_origin(tp) in (Union, list) and len(inner) == 1 else ()
+
+
+def check(cls: type, values: dict[str, Any], where: str) -> None:
+    """Refuse an unknown key (with did-you-mean) or a value outside an enumerated field's set.
+
+    jsonargparse would refuse both, but 4.41 (the newest litgpt allows) reports a bad Literal
+    string only as "Cannot take a Union of no types", so the allowed set is named here.
+    """
+    types = field_paths(cls)
+    sections = {k.rsplit(".", 1)[0] for k in types if "." in k}  # `model={...}` or a YAML file
+    for key, value in _flatten(values, set(types)).items():
+        key = key.removesuffix("+")  # `lora.target_modules+=o_proj` appends (jsonargparse's syntax)
+        if key not in types and key not in sections:
+            raise UsageError(f"{where}: unknown key '{key}'{did_you_mean(key, types)}")
+        allowed = choices(types.get(key))
+        for v in value if isinstance(value, list) else [value]:
+            if allowed and v is not None and v not in allowed:
+                raise UsageError(f"{where}: {key} must be one of {', '.join(map(str, allowed))}, got {v!r}")
+
+
+def _flatten(d: dict, leaves: set[str], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; a dict-valued field (data.columns) stays whole."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and not key.endswith(("columns", "roles")):
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, dict) and key not in leaves:
+            out.update(_flatten(v, leaves, key + "."))
         else:
             out[key] = v
     return out
-
-
-def check_keys(cls: type, keys: list[str], where: str) -> None:
-    valid = field_paths(cls)
-    sections = {k.split(".")[0] for k in valid if "." in k}
-    for key in keys:
-        if key not in valid:
-            if key in sections:
-                raise UsageError(f"{where}: '{key}' is a section; set its keys, e.g. {key}.{next(k.split('.', 1)[1] for k in valid if k.startswith(key + '.'))}=...")
-            raise UsageError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}")
 
 
 def split_overrides(args: list[str]) -> dict[str, str]:
@@ -264,79 +304,67 @@ def split_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def parse_value(raw: str) -> Any:
-    """Command-line values are YAML scalars/lists: 3, 0.1, true, null, [a,b], {k: v}."""
+def to_argv(values: dict[str, Any]) -> list[str]:
+    """Our key=value in jsonargparse's syntax: {'train.lr': '1e-4'} -> ['--train.lr=1e-4'].
+    Values that are not strings (the Python API allows them) go as JSON, which is YAML too."""
+    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
+
+
+def parse_value(raw: Any) -> Any:
+    """A command-line value as YAML (3, 0.1, true, null, [a,b], {k: v}), for `check`."""
+    if not isinstance(raw, str) or raw == "":
+        return raw
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
 
 
-def build(cls: type, values: dict[str, Any], where: str = "command line"):
-    """Instantiate dataclass `cls` from flat dotted values, type-checked by jsonargparse."""
-    from jsonargparse import ArgumentParser
+def make_parser(cls: type, **kwargs) -> ArgumentParser:
+    """The jsonargparse parser of dataclass `cls`: its fields as --dotted.keys, docstrings as help."""
+    parser = ArgumentParser(exit_on_error=False, default_env=False, **kwargs)
+    parser.add_class_arguments(cls, nested_key=None, as_group=False, fail_untyped=False)
+    return parser
 
-    check_keys(cls, list(values), where)
-    parser = ArgumentParser(exit_on_error=False, default_env=False)
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
-    nested: dict[str, Any] = {}
-    for key, v in values.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
+
+_parser = functools.lru_cache(maxsize=None)(make_parser)  # built once per class: ~0.2 s each
+
+
+@contextlib.contextmanager
+def _refused_as(where: str):
+    """jsonargparse's refusal as one UsageError line (its messages span lines)."""
     try:
-        ns = parser.parse_object(nested)
-    except Exception as e:  # jsonargparse.ArgumentError; its text names the field and the type
-        raise UsageError(f"{where}: {_type_error_line(str(e), values)}") from None
-    init = parser.instantiate_classes(ns)
-    return _to_dataclass(cls, init.as_dict() if hasattr(init, "as_dict") else dict(init))
+        yield
+    except ArgumentError as e:
+        raise UsageError(f"{where}: {' '.join(str(e).split())}") from e
 
 
-def _type_error_line(msg: str, values: dict[str, Any]) -> str:
-    first = msg.strip().splitlines()[0]
-    for key, f in field_paths_cached().items():
-        if f"'{key}'" in msg or f'"{key}"' in msg or f"{key} " in first:
-            tp = getattr(f.type, "__name__", None) or str(f.type)
-            return f"invalid value {values.get(key)!r} for {key} (expected {tp})"
-    return first
+def _parse(cls: type, values: dict[str, Any], where: str, base: Optional[Namespace] = None) -> Namespace:
+    check(cls, {k: parse_value(v) for k, v in values.items()}, where)
+    with _refused_as(where):
+        return _parser(cls).parse_args(to_argv(values), namespace=base)
 
 
-_FIELD_PATHS: dict[str, Any] | None = None
+def _instantiate(cls: type, ns: Namespace):
+    init = _parser(cls).instantiate_classes(ns)  # nested sections come back as dataclasses
+    return cls(**{f.name: init[f.name] for f in dataclasses.fields(cls)})
 
 
-def field_paths_cached() -> dict[str, Any]:
-    global _FIELD_PATHS
-    if _FIELD_PATHS is None:
-        _FIELD_PATHS = field_paths(Config)
-    return _FIELD_PATHS
+def build(cls: type, values: dict[str, Any], where: str = "command line"):
+    """Dataclass `cls` from dotted key=value strings, parsed and type-checked by jsonargparse."""
+    return _instantiate(cls, _parse(cls, values, where))
 
 
-def _to_dataclass(cls: type, d: dict):
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            sub = f.default_factory
-            v = v if dataclasses.is_dataclass(v) else _to_dataclass(sub, dict(v or {}))
-        kwargs[f.name] = v
-    return cls(**kwargs)
-
-
-def load_config(recipe: Optional[str], overrides: dict[str, str]) -> Config:
-    """Recipe YAML (if any) + command-line overrides -> validated Config."""
-    values: dict[str, Any] = {}
+def load_config(recipe: Optional[str], overrides: dict[str, Any]) -> Config:
+    """Recipe YAML (if any) + key=value overrides (strings, as typed) -> validated Config."""
+    base = None
     if recipe:
         path = find_resource("recipes", recipe)
         data = read_yaml_mapping(path, "recipe")
-        flat = _flatten(data)
-        check_keys(Config, list(flat), f"recipe {path}")
-        values.update(flat)
-    values.update({k: parse_value(v) for k, v in overrides.items()})
-    cfg = build(Config, values)
+        check(Config, data, f"recipe {path}")
+        with _refused_as(f"recipe {path}"):
+            base = _parser(Config).parse_object(data)
+    cfg = _instantiate(Config, _parse(Config, overrides, "command line", base))
     validate(cfg)
     return cfg
 

@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from finetune.errors import FinetuneError, UsageError, did_you_mean
 from finetune.fs import atomic_out_dir, check_out_dir
@@ -48,18 +48,19 @@ class Args:
     """Several adapter directories to combine into one new adapter (writes a PEFT adapter)."""
     weights: Optional[list[float]] = None
     """Weight per adapter when combining (default 1.0 each; negative subtracts)."""
-    method: str = "linear"
+    method: Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                    "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"] = "linear"
     """Combination method (peft add_weighted_adapter): linear, cat, svd, ties, ties_svd, dare_linear,
     dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd."""
     density: Optional[float] = None
     """Fraction of delta entries kept, in (0, 1]; needed by ties*, dare* and magnitude_prune*."""
     svd_rank: Optional[int] = None
     """Rank of the combined adapter for *svd methods (default: the largest input rank)."""
-    majority_sign_method: str = "total"
+    majority_sign_method: Literal["total", "frequency"] = "total"
     """ties/dare_ties sign election: total or frequency."""
     seed: int = 0
     """Seed for the random pruning of dare* methods."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = "auto"
     """Dtype of the merged model: auto (the base's), bf16, fp16 or fp32. Merging itself runs in fp32."""
     max_shard_size: str = "2GB"
     """Largest safetensors shard of the merged model."""

@@ -282,7 +282,13 @@ def test_typo_key_did_you_mean(work, capsys):
 
 
 def test_wrong_value_type(work, capsys):
-    expect_error(train_args(work, "train.lr=fast"), 2, "train.lr", "'fast'", capsys=capsys, root=work)
+    expect_error(train_args(work, "train.lr=fast"), 2, 'command line: Parser key "train.lr"', "float",
+                 "Got value: fast", capsys=capsys, root=work)
+
+
+def test_value_not_among_choices(work, capsys):
+    expect_error(train_args(work, "quant.mode=nf3"), 2, "command line: quant.mode must be one of none, nf4, int8, "
+                 "got 'nf3'", capsys=capsys, root=work)
 
 
 def test_value_out_of_range(work, capsys):
@@ -308,6 +314,13 @@ def test_recipe_unknown_key_names_file(work, capsys):
                  capsys=capsys, root=work)
 
 
+def test_recipe_bad_value_names_file(work, capsys):
+    f = work / "mine.yaml"
+    f.write_text("model:\n  attn_implementation: flash\ntrain:\n  max_steps: 3\n")
+    expect_error([f"recipe={f}"], 2, f"recipe {f}: model.attn_implementation must be one of sdpa, eager, "
+                 "flash_attention_2, got 'flash'", capsys=capsys, root=work)
+
+
 # --------------------------------------------------------------------------- model, LoRA, quantization
 
 
@@ -319,7 +332,7 @@ def test_nonexistent_model_path(work, capsys):
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """LoRA adapters without training: r=8 and r=4 on the tiny base, r=4 on a differently shaped base."""
-    from finetune.merge import random_lora_adapter
+    from tiny_peft import random_lora_adapter
     from finetune.models.tiny import make_tiny_model, tiny_model_dir
 
     root = tmp_path_factory.mktemp("adapters")

@@ -1,12 +1,12 @@
 import pytest
 import yaml
 
-from finetune.config import Config, field_paths, load_config, to_yaml
+from finetune.config import build, load_config, to_dict, to_yaml
 from finetune.resources import find_resource, list_resources
 from finetune.errors import UsageError
 
 
-def test_every_recipe_loads_and_roundtrips():
+def test_every_recipe_loads_and_roundtrips(tmp_path):
     names = list_resources("recipes")
     for required in ["qlora-7b-alpaca", "qlora-7b-sharegpt", "qlora-8b-sharegpt", "lora-3b-alpaca",
                      "qlora-3b-sharegpt", "demo", "tiny-lora", "tiny-qlora"]:
@@ -15,9 +15,13 @@ def test_every_recipe_loads_and_roundtrips():
         cfg = load_config(name, {})
         assert cfg.description, f"recipe {name} has no description"
         # A recipe is just a serialized Config: dumping and reloading changes nothing.
-        again = load_config(None, {k: yaml.safe_dump(v, default_flow_style=True).strip()
-                                   for k, v in _flat(yaml.safe_load(to_yaml(cfg))).items()})
-        assert again == cfg
+        (tmp_path / "again.yaml").write_text(to_yaml(cfg))
+        assert load_config(str(tmp_path / "again.yaml"), {}) == cfg
+        # ... and so is the command line: every value as a key=value pair (strings as typed).
+        typed = {k: v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip()
+                 for k, v in _flat(to_dict(cfg)).items()}
+        assert load_config(None, typed) == cfg
+        assert load_config(None, _flat(to_dict(cfg))) == cfg  # the Python API also takes plain values
 
 
 def _flat(d, prefix=""):
@@ -39,16 +43,29 @@ def test_overrides_types_and_lists():
 
 
 @pytest.mark.parametrize("key,value,expect", [
-    ("trian.max_steps", "3", "did you mean train.max_steps"),
+    ("trian.max_steps", "3", "command line: unknown key 'trian.max_steps' (did you mean train.max_steps"),
     ("train.max_step", "3", "did you mean train.max_steps"),
-    ("train.max_steps", "three", "train.max_steps (expected int)"),
-    ("quant.mode", "nf3", "quant.mode"),
-    ("train", "3", "is a section"),
+    ("train.max_steps", "three", "Parser key \"train.max_steps\": Expected a <class 'int'>. Got value: three"),
+    ("quant.mode", "nf3", "command line: quant.mode must be one of none, nf4, int8, got 'nf3'"),
+    ("model.attn_implementation", "flash", "must be one of sdpa, eager, flash_attention_2, got 'flash'"),
+    ("accelerator", "tpu", "accelerator must be one of auto, cpu, cuda, gpu, mps, got 'tpu'"),
+    ("precision", "bf16", "precision must be one of 32-true, bf16-mixed,"),
+    ("output.loggers", "[csv,mlflow]", "output.loggers must be one of csv, tensorboard, wandb, got 'mlflow'"),
+    ("model", "{attn_implementation: flash}", "model.attn_implementation must be one of"),
+    ("train", "3", 'Parser key "train"'),
 ])
 def test_override_errors_name_the_key(key, value, expect):
     with pytest.raises(UsageError) as e:
         load_config("tiny-lora", {key: value})
     assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sections_and_appends():
+    cfg = load_config("tiny-lora", {"model": "{name: smollm2-135m}", "lora.target_modules+": "o_proj",
+                                    "precision": "null", "data.system_prompt": "You are: terse"})
+    assert cfg.model.name == "smollm2-135m" and cfg.model.attn_implementation == "sdpa"
+    assert cfg.lora.target_modules == load_config("tiny-lora", {}).lora.target_modules + ["o_proj"]
+    assert cfg.precision is None and cfg.data.system_prompt == "You are: terse"
 
 
 def test_unknown_recipe_lists_close_matches():
@@ -70,7 +87,9 @@ def test_recipe_lookup_path_then_cwd_then_packaged(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text,expect", [
     ("- a\n- b\n", "must be a YAML mapping"),
     ("train: {max_steps: [\n", "is not valid YAML"),
-    ("trian:\n  max_steps: 3\n", "did you mean train.max_steps"),
+    ("trian:\n  max_steps: 3\n", r"recipe .*bad.yaml: unknown key 'trian.max_steps' \(did you mean train.max_steps"),
+    ("quant:\n  mode: nf3\n", r"recipe .*bad.yaml: quant.mode must be one of none, nf4, int8, got 'nf3'"),
+    ("train:\n  lr: fast\n", r"recipe .*bad.yaml: Parser key \"train.lr\": Expected a <class 'float'>"),
 ])
 def test_bad_recipe_files(tmp_path, text, expect):
     p = tmp_path / "bad.yaml"
@@ -79,9 +98,12 @@ def test_bad_recipe_files(tmp_path, text, expect):
         load_config(str(p), {})
 
 
-def test_field_docstrings_exist_for_help():
-    from finetune.cli import help_for
+def test_command_args_are_parsed_like_the_config():
+    from finetune.merge import Args
 
-    text = help_for(Config, "keys")
-    assert "train.max_steps=MAX_STEPS" in text and "Optimizer steps to run." in text
-    assert len(field_paths(Config)) > 50
+    args = build(Args, {"adapters": "[a,b]", "weights": "[0.5,0.5]", "method": "ties", "density": "0.5"})
+    assert args == Args(adapters=["a", "b"], weights=[0.5, 0.5], method="ties", density=0.5)
+    with pytest.raises(UsageError, match="majority_sign_method must be one of total, frequency, got 'most'"):
+        build(Args, {"majority_sign_method": "most"})
+    with pytest.raises(UsageError, match=r"unknown key 'adaptor' \(did you mean adapter"):
+        build(Args, {"adaptor": "x"})

@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from finetune.config import Config, DataConfig
 from finetune.errors import FinetuneError, UsageError
@@ -45,7 +45,7 @@ class Args:
     """Override the batch size of loss, choice and generation batches."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda, cuda:1, ..."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
     overwrite: bool = False
     """Allow writing into an out_dir that already holds a scorecard."""
