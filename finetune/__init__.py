@@ -37,7 +37,7 @@ def train(config: "Config | str", **overrides):
     from finetune.training import train as train_adapter
 
     if isinstance(config, str):
-        config = load_config(config, {k: str(v) for k, v in overrides.items()})
+        config = load_config(config, overrides)
     final_dir = train_adapter(config)
     if final_dir is not None and config.eval.suite:
         run_suite_after_training(config.eval.suite, final_dir, Path(config.out_dir) / "eval", cfg=config)
