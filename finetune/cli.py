@@ -140,6 +140,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     debug = "--debug" in argv or os.environ.get("FINETUNE_DEBUG") == "1"
     try:
         code = run(argv)
+        sys.stdout.flush()  # here, so a reader that left early is handled below, not at exit
     except FinetuneError as e:
         if debug:
             raise
@@ -148,6 +149,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # `finetune recipes | head`: the reader left; nothing went wrong here
+        # Python would report the failed flush of stdout at exit; point it at devnull instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except Exception as e:  # an unexpected bug still gets one line (and a hint to see more)
         if debug:
             raise

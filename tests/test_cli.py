@@ -71,6 +71,15 @@ def test_python_m_finetune_recipes_lists_every_recipe():
     assert "qlora-7b-alpaca" in r.stdout and "tiny-lora" in r.stdout
 
 
+def test_output_cut_short_by_the_reader_is_not_an_error():
+    # `finetune recipes | head -0`: the reader is gone before anything is written
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", "recipes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert proc.stderr.read() == b""
+
+
 def test_print_config_resolves_overrides():
     r = cli("recipe=qlora-7b-alpaca", "train.max_steps=3", "lora.target_modules=[q_proj,v_proj]", "--print_config")
     assert r.returncode == 0, r.stderr
