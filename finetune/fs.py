@@ -2,7 +2,8 @@
 complete or invisible (written beside the target, then renamed into place).
 
 Training checkpoints add checksums and a COMPLETE marker on top (finetune.training.checkpoint);
-everything else a command writes goes through `atomic_out_dir` or `atomic_write`.
+everything else a command writes goes through `atomic_out_dir` (a directory of outputs) or
+`atomic_write` / `atomic_file` (one file).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import BinaryIO, Iterator, Union
 
 from finetune.errors import UsageError
 
@@ -42,8 +43,16 @@ def check_out_dir(out_dir: str | Path, overwrite: bool,
     return out
 
 
+def _umask_mode(full: int) -> int:
+    """`full` (0o777 or 0o666) less the process umask: what a plain mkdir/open would have given.
+    mkdtemp/mkstemp create 0700/0600, which would otherwise stick to the renamed result."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
 @contextlib.contextmanager
-def atomic_out_dir(out_dir: str, overwrite: bool) -> Iterator[Path]:
+def atomic_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Iterator[Path]:
     """Yield a temp dir next to out_dir; on success it becomes out_dir (rename), else it is removed.
 
     With overwrite into an existing dir, files are moved in one by one (same names replaced, any
@@ -53,6 +62,7 @@ def atomic_out_dir(out_dir: str, overwrite: bool) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        tmp.chmod(_umask_mode(0o777))
         yield tmp
         if not out.exists() or not any(out.iterdir()):
             if out.exists():
@@ -67,20 +77,23 @@ def atomic_out_dir(out_dir: str, overwrite: bool) -> Iterator[Path]:
             os.replace(item, target)
         tmp.rmdir()
         if stale:
-            log.warning("out_dir %s keeps files not written by this merge: %s", out, ", ".join(stale))
+            log.warning("out_dir %s keeps files not written by this run: %s", out, ", ".join(stale))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
-    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new, never half."""
+@contextlib.contextmanager
+def atomic_file(path: Union[str, Path]) -> Iterator[BinaryIO]:
+    """A binary file open beside `path`; when the block ends without error it is flushed to disk
+    and renamed over `path`, otherwise removed. For writers that stream (np.savez, savefig)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            os.fchmod(f.fileno(), _umask_mode(0o666))
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -88,4 +101,10 @@ def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
+    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new, never half."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)

@@ -24,10 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from finetune.errors import FinetuneError, UsageError, did_you_mean
 from finetune.fs import atomic_out_dir, check_out_dir
-from finetune.models.adapters import read_adapter_config
+from finetune.models.adapters import (
+    adapter_shapes,
+    check_adapter_fits,
+    read_adapter_config,
+)
 from finetune.models.load import resolve_model_path
+from finetune.runtime import checkpoint_dtype
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +45,6 @@ METHODS = ["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties
 # peft requires one common rank for these (it sums lora_A/lora_B factors directly).
 EQUAL_RANK_METHODS = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
 DENSITY_METHODS = {m for m in METHODS if m.startswith(("ties", "dare", "magnitude"))}
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}
 
 
 @dataclass
@@ -77,22 +84,8 @@ def adapter_base_path(adapter_dir: str) -> str:
     return resolve_model_path(read_adapter_config(adapter_dir)["base_model_name_or_path"])
 
 
-def torch_dtype(name: str, base_config=None):
-    import torch
-
-    if name == "auto":
-        d = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None) or "float32"
-        return d if isinstance(d, torch.dtype) else getattr(torch, str(d).replace("torch.", ""))
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype '{name}'{did_you_mean(name, ['auto', 'bf16', 'fp16', 'fp32'])}")
-    return getattr(torch, DTYPES[name])
-
-
 def load_base_full_precision(path: str):
     """The base in fp32 on CPU, never quantized: merges must not round through 4-bit storage."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "quantization_config", None):
         raise UsageError(f"base {path} is stored quantized; merging needs its full-precision weights")
@@ -101,8 +94,6 @@ def load_base_full_precision(path: str):
 
 def copy_tokenizer(dest: Path, *sources: str) -> str:
     """Save the first loadable tokenizer among `sources` (an adapter dir first, then the base)."""
-    from transformers import AutoTokenizer
-
     for src in sources:
         if not src or (Path(src).is_dir() and not (Path(src) / "tokenizer_config.json").is_file()):
             continue
@@ -120,14 +111,10 @@ def copy_tokenizer(dest: Path, *sources: str) -> str:
 def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
                   max_shard_size: str = "2GB") -> Path:
     """Merge one LoRA adapter into its full-precision base and save a standalone checkpoint."""
-    from peft import PeftModel
-
     check_out_dir(out_dir, overwrite)
     base_path = adapter_base_path(adapter_dir)
     base = load_base_full_precision(base_path)
-    out_dtype = torch_dtype(dtype, base.config)
-    from finetune.models.adapters import check_adapter_fits
-
+    out_dtype = checkpoint_dtype(dtype, base.config)
     check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     merged = model.merge_and_unload(safe_merge=True)
@@ -144,19 +131,9 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
 
 
 def _lora_shapes(adapter_dir: str) -> dict[str, tuple[int, int, int]]:
-    """module path -> (rank, in_features, out_features), read from the adapter's tensors."""
-    d = Path(adapter_dir)
-    if (d / "adapter_model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(d / "adapter_model.safetensors", "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    else:
-        import torch
-
-        shapes = {k: tuple(v.shape) for k, v in torch.load(d / "adapter_model.bin", map_location="cpu").items()}
+    """module path -> (rank, in_features, out_features), read from the adapter's tensor headers."""
     out: dict[str, list] = {}
-    for key, shape in shapes.items():
+    for key, shape in adapter_shapes(adapter_dir).items():
         for part, idx in ((".lora_A.", 0), (".lora_B.", 1)):
             if part in key:
                 mod = key.split(part)[0]
@@ -201,9 +178,6 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
                      method: str = "linear", density: Optional[float] = None, svd_rank: Optional[int] = None,
                      majority_sign_method: str = "total", seed: int = 0, overwrite: bool = False) -> Path:
     """Combine LoRA adapters on one base into a new adapter with peft's add_weighted_adapter."""
-    import torch
-    from peft import PeftModel
-
     if method not in METHODS:
         raise UsageError(f"unknown method '{method}'{did_you_mean(method, METHODS)}")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
@@ -243,28 +217,6 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
             {"adapters": [str(a) for a in adapters], "weights": weights, "method": method, "density": density,
              "svd_rank": svd_rank, "majority_sign_method": majority_sign_method, "seed": seed}, indent=2))
     return Path(out_dir)
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def random_lora_adapter(path, base_dir, seed: int = 0, r: int = 4, alpha: int = 8,
-                        target_modules="all-linear", scale: float = 0.05, **lora_kwargs) -> Path:
-    """Save a LoRA adapter with seeded random non-zero lora_B (tests, demos: a fresh adapter is a no-op)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    base = load_base_full_precision(str(base_dir))
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
-                     task_type="CAUSAL_LM", **lora_kwargs)
-    model = get_peft_model(base, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (scale if "lora_B" in name else 0.2))
-    model.save_pretrained(path)
-    return Path(path)
 
 
 # --------------------------------------------------------------------------- command

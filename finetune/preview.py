@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from finetune.data.pipeline import prepare
 from finetune.errors import UsageError
+from finetune.models.load import load_tokenizer
 
 
 @dataclass
@@ -20,27 +27,7 @@ class Args:
     """How many rendered training examples to show."""
 
 
-def load_tokenizer(cfg):
-    """The recipe's tokenizer via finetune.model (pad token fixed there); tiny fallback otherwise."""
-    try:
-        from finetune.models.load import load_tokenizer as model_load_tokenizer
-    except ImportError:
-        model_load_tokenizer = None
-    if model_load_tokenizer is not None:
-        return model_load_tokenizer(cfg.model)
-    if cfg.model.name == "tiny":
-        from transformers import AutoTokenizer
-
-        from finetune.models.tiny import tiny_model_dir
-
-        return AutoTokenizer.from_pretrained(tiny_model_dir())
-    raise UsageError(f"cannot load the tokenizer of '{cfg.model.name}': finetune.model is not available")
-
-
 def _show_example(console, tokenizer, ids: list[int], labels: list[int], title: str) -> None:
-    from rich.panel import Panel
-    from rich.text import Text
-
     text = Text()
     # Decode runs of equal trainedness together so multi-byte characters stay whole.
     start = 0
@@ -53,15 +40,10 @@ def _show_example(console, tokenizer, ids: list[int], labels: list[int], title: 
 
 
 def run(args: Args, cfg) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from finetune.data.pipeline import prepare
-
     if args.n < 0:
         raise UsageError(f"n must be >= 0, got {args.n}")
     console = Console()
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
     bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=cfg.output.progress)
     shown = 0
     for unit in bundle.train:

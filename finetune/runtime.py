@@ -11,7 +11,7 @@ from typing import Union
 import torch
 
 from finetune.config import Config
-from finetune.errors import UsageError
+from finetune.errors import UsageError, did_you_mean
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,3 +73,39 @@ def fsdp_param_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dty
     single tensor: the 4-bit storage dtype for QLoRA (= the compute dtype, so FSDP's mixed
     precision never casts the packed bytes), the base dtype for LoRA."""
     return storage_dtype(cfg, device) if cfg.quant.mode == "nf4" else base_dtype(cfg, device)
+
+
+# --------------------------------------------------------------------------- eval, merge and moe
+
+# Names a saved checkpoint's dtype may be given by (merge dtype=, a MoE config's dtype:).
+CHECKPOINT_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                     "fp32": "float32", "float32": "float32"}
+
+
+def inference_device(device: str = "auto") -> str:
+    """`device=` of eval and the MoE tools: auto = cuda when visible, else cpu; cuda[:N] must exist."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={device} but no CUDA device is available; use device=cpu")
+    return device
+
+
+def inference_dtype(device: str, dtype: str = "auto") -> torch.dtype:
+    """`dtype=` of eval: auto = fp32 on CPU (bf16 matmuls there are very slow), bf16 on GPU
+    (fp16 where the GPU has no bf16)."""
+    if dtype == "auto":
+        return _gpu_half() if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise UsageError(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
+    return _DTYPES[dtype]
+
+
+def checkpoint_dtype(name: str, base_config=None) -> torch.dtype:
+    """Dtype a merged model or MoE is saved in: auto = the base's recorded dtype (fp32 if none)."""
+    if name == "auto":
+        d = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None) or "float32"
+        return d if isinstance(d, torch.dtype) else getattr(torch, str(d).replace("torch.", ""))
+    if name not in CHECKPOINT_DTYPES:
+        raise UsageError(f"unknown dtype '{name}'{did_you_mean(name, ['auto', 'bf16', 'fp16', 'fp32'])}")
+    return getattr(torch, CHECKPOINT_DTYPES[name])

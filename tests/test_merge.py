@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny_peft import random_lora_adapter
 
 from finetune.errors import UsageError
-from finetune.merge import Args, combine_adapters, merge_adapter, random_lora_adapter, run
+from finetune.merge import Args, combine_adapters, merge_adapter, run
 from finetune.models.tiny import make_tiny_model
 
 IDS = torch.tensor([[1, 75, 108, 3 + ord("h"), 3 + ord("i"), 2, 40, 50]])

@@ -1,6 +1,11 @@
-"""The tiny Llama as a ready-to-train peft model, shared by the parity tests (not a test file)."""
+"""Test fixtures on the tiny Llama (not a test file): a ready-to-train peft model for the parity
+tests, and random LoRA adapters on disk for the merge, MoE and eval tests."""
+
+from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from finetune.config import load_config
 
@@ -22,3 +27,22 @@ def make_model(**overrides):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model
+
+
+def random_lora_adapter(path, base_dir, seed: int = 0, r: int = 4, alpha: int = 8,
+                        target_modules="all-linear", scale: float = 0.05, **lora_kwargs) -> Path:
+    """Save a LoRA adapter on `base_dir` with seeded random lora_A (x0.2) and lora_B (x`scale`).
+
+    A fresh adapter (lora_B = 0) is a no-op; this one changes the outputs, the same way every run.
+    """
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
+                     task_type="CAUSAL_LM", **lora_kwargs)
+    model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (scale if "lora_B" in name else 0.2))
+    model.save_pretrained(str(path))
+    return Path(path)

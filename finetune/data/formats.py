@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from finetune.errors import UsageError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 # ShareGPT speaker names seen in real dumps -> normalized role. `function_call` is an assistant
@@ -210,8 +212,7 @@ ADAPTERS: dict[str, Callable[..., Conversation]] = {
 
 
 def columns_for(fmt: str, overrides: Optional[dict] = None) -> dict[str, str]:
-    from finetune.errors import UsageError
-
+    """The column names of `fmt` with data.columns overrides applied (unknown names refused)."""
     if fmt not in ADAPTERS:
         raise UsageError(f"unknown data format '{fmt}' (expected one of {', '.join(ADAPTERS)})")
     cols = dict(DEFAULT_COLUMNS[fmt])

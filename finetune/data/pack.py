@@ -11,6 +11,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+import numpy as np
+import torch
+
 Example = tuple[list[int], list[int]]
 
 
@@ -73,8 +76,6 @@ def packing_efficiency(units: Sequence[dict], seq_len: int) -> float:
 def collate(units: Sequence[dict], pad_id: int) -> dict:
     """Units -> LongTensors [B, L], L = longest unit. The padded tail gets labels -100 and
     position ids restarting at 0, so it is a segment of its own that nothing attends to."""
-    import torch
-
     L = max(len(u["input_ids"]) for u in units)
     B = len(units)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -98,8 +99,6 @@ class PackedUnits(Sequence):
     the cache loads them in well under a second."""
 
     def __init__(self, ids, labels, ex_lens, per_unit):
-        import numpy as np
-
         self.ids = np.asarray(ids, dtype=np.int32)
         self.labels = np.asarray(labels, dtype=np.int32)
         self.ex_lens = np.asarray(ex_lens, dtype=np.int64)
@@ -138,8 +137,6 @@ class PackedUnits(Sequence):
     @classmethod
     def build(cls, ids, labels, lens, seq_len: int, packing: bool) -> "PackedUnits":
         """From flat example arrays (example j = ids[off_j:off_j + lens_j]) to packed units."""
-        import numpy as np
-
         lens = np.asarray(lens, dtype=np.int64)
         if packing:
             bins = best_fit_bins(lens.tolist(), seq_len)

@@ -13,20 +13,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing as mp
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from finetune.data.formats import BadRow, Conversation, columns_for, to_conversation
 from finetune.data.pack import PackedUnits, packing_efficiency
-from finetune.data.sources import Rows, Source, load_rows, resolve
+from finetune.data.sources import Rows, Source, load_rows, read_card, resolve
 from finetune.data.tokenize import IGNORE, Renderer
 from finetune.errors import UsageError
+from finetune.fs import atomic_file, cache_root
 
 CACHE_VERSION = "1"
 CHUNK = 2000            # conversations per tokenization task
@@ -243,8 +251,6 @@ def _tokenize_all(convs: list, wheres: list, renderer: Renderer, data_cfg, stats
             if prog is not None:
                 prog.advance(task_id, n)
 
-        import multiprocessing as mp
-
         if nproc > 1 and len(convs) >= PARALLEL_MIN and "fork" in mp.get_all_start_methods():
             old = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; avoid fork warnings
@@ -281,14 +287,6 @@ class _bar:
     def __enter__(self):
         if not self.enabled:
             return None, None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
         self.p = Progress(TextColumn(f"[bold]{self.desc}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           transient=True)
         self.p.__enter__()
@@ -317,8 +315,6 @@ def cache_key(data_cfg, tokenizer, seed: int) -> str:
     src = resolve(data_cfg)
     card = None
     if data_cfg.card:
-        from finetune.data.sources import read_card
-
         card = read_card(data_cfg.card)[0]
     relevant = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("cache", "num_proc")}
     parts = [CACHE_VERSION, src.fingerprint(), tokenizer_fingerprint(tokenizer),
@@ -330,27 +326,18 @@ def cache_key(data_cfg, tokenizer, seed: int) -> str:
 
 
 def _cache_dir() -> Path:
-    from finetune.fs import cache_root
-
     return cache_root() / "data"
 
 
 def _save_cache(path: Path, bundle: DataBundle) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for name, units in (("train", bundle.train), ("val", bundle.val)):
         for k in ("ids", "labels", "ex_lens", "per_unit"):
             arrays[f"{name}_{k}"] = getattr(units, k)
     stats = dataclasses.asdict(bundle.stats)
     arrays["stats"] = np.frombuffer(json.dumps(stats).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as f:  # a concurrent run reads the old cache file or the new one
+        np.savez(f, **arrays)
 
 
 def _load_cache(path: Path) -> Optional[DataBundle]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from finetune.errors import FinetuneError, UsageError
+from finetune.resources import find_resource, read_yaml_mapping
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -62,8 +63,7 @@ class Rows:
 
 
 def read_card(name: str) -> tuple[dict, Path]:
-    from finetune.resources import find_resource, read_yaml_mapping
-
+    """A dataset card (datasets/NAME.yaml or a path), its keys checked, and where it was found."""
     path = find_resource("datasets", name)
     card = read_yaml_mapping(path, "dataset card")
     known = {"name", "description", "source", "format", "split", "subset", "revision", "data_files", "columns",
@@ -171,6 +171,7 @@ def _read_json(path: Path, out: Rows, strict: bool) -> None:
 
 
 def _read_with_datasets(path: Path, kind: str, out: Rows) -> None:
+    # `datasets` takes seconds to import; only parquet/csv files and hub ids need it.
     import datasets
 
     try:
@@ -183,7 +184,7 @@ def _read_with_datasets(path: Path, kind: str, out: Rows) -> None:
 
 
 def _read_hub(src: Source, out: Rows) -> None:
-    import datasets
+    import datasets  # slow import, see _read_with_datasets
 
     try:
         ds = datasets.load_dataset(src.hub_id, name=src.subset, split=src.split, revision=src.revision,

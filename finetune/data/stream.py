@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from finetune.data.pack import collate
 
 
@@ -29,8 +31,6 @@ class BatchStream:
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
-            import torch
-
             g = torch.Generator().manual_seed(self.seed + epoch)
             if len(self._perms) > 4:  # only the epochs around the current step are ever needed
                 self._perms.clear()

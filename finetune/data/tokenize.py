@@ -26,6 +26,13 @@ from finetune.errors import FinetuneError, UsageError, did_you_mean
 
 IGNORE = -100
 TOOLS_PREAMBLE = "You have access to the following tools:\n"
+# prompt_style=chatml: ChatML for tokenizers without a chat template of their own (the tiny one too).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 class AlpacaStyle:
@@ -76,8 +83,6 @@ class Renderer:
             raise UsageError("data.prompt_style=template but the tokenizer has no chat template; "
                              "use data.prompt_style=alpaca, chatml or a litgpt prompt style")
         if style == "chatml":
-            from finetune.models.tiny import CHATML_TEMPLATE
-
             style, template = "template", CHATML_TEMPLATE
         self.style = style
         self.template = template if style == "template" else None
@@ -109,6 +114,8 @@ class Renderer:
     # ------------------------------------------------------------------ rendering to text
 
     def _render(self, messages: list[dict], tools: Optional[list], generation: bool) -> str:
+        # Not at the top: it imports torch, and this module must not (finetune.models.tiny takes
+        # CHATML_TEMPLATE from here, and `finetune plan` imports that without torch).
         from transformers.utils.chat_template_utils import render_jinja_template
 
         try:

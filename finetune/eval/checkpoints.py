@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from finetune.errors import UsageError
+from finetune.models.adapters import check_adapter_fits, load_for_inference
+from finetune.models.load import resolve_model_path
 
 
 @dataclass
@@ -40,8 +45,6 @@ def _resolve_name(name: str) -> str:
     p = Path(os.path.expanduser(name))
     if p.is_dir():
         return str(p.resolve())
-    from finetune.models.load import resolve_model_path
-
     resolved = str(resolve_model_path(name))
     rp = Path(resolved)
     return str(rp.resolve()) if rp.is_dir() else resolved
@@ -138,11 +141,6 @@ def _name_columns(ckpts: list[Checkpoint]) -> None:
 def check_adapters_fit(ckpts: list[Checkpoint]) -> None:
     """Fail before any scoring when an adapter's tensors do not fit its base (shapes checked on a
     weightless meta-device copy of the base, so this costs no memory)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from finetune.models.adapters import check_adapter_fits
-
     skeletons: dict[str, torch.nn.Module] = {}
     for c in ckpts:
         if c.kind != "adapter":
@@ -158,10 +156,8 @@ def check_adapters_fit(ckpts: list[Checkpoint]) -> None:
 
 
 def load(ckpt: Checkpoint, device: str, dtype):
-    """(model in eval mode, tokenizer) for one checkpoint: finetune.model.load_for_inference, which
-    puts an adapter on its base after the same fit check."""
-    from finetune.models.adapters import load_for_inference
-
+    """(model in eval mode, tokenizer) for one checkpoint: finetune.models.adapters.load_for_inference,
+    which puts an adapter on its base after the same fit check."""
     model, tok = load_for_inference(ckpt.path, dtype=dtype, device=device)
     model.eval()
     return model, tok

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from finetune.data.pack import collate, single_units
 from finetune.eval.suites import GenerationSpec
 
 # End-of-turn markers of common chat templates: generation stops at any of them, not only at eos.
@@ -19,8 +21,6 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoft
 
 
 def progress(total: int, desc: str, enabled: bool = True):
-    from tqdm.auto import tqdm
-
     # disable=None: a bar on a terminal, silence in logs and pipes.
     return tqdm(total=total, desc=desc, unit="ex", leave=False, disable=None if enabled else True)
 
@@ -59,8 +59,6 @@ def sequence_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id
     Labels are -100 where a token is not scored (the training convention); the sum is taken in
     fp32 over the scored positions only, so full-vocabulary fp32 logits never exist for a batch.
     """
-    from finetune.data import collate, single_units
-
     device = _device(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from finetune.errors import FinetuneError, UsageError
+from finetune.errors import FinetuneError, UsageError, did_you_mean
 
 
 def require_lm_eval():
+    # lm-eval is an optional extra (and a slow import): only suites with lm_eval tasks need it.
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -65,7 +66,7 @@ def _local_task(path: Path, tmp: Path) -> tuple[str, Path]:
 def run_lm_eval_task(model, tokenizer, task, device: str, show: bool = True) -> dict[str, float]:
     """Scores of one harness task: {metric: value}, stderr columns dropped, fractions as 0-100."""
     require_lm_eval()
-    import lm_eval
+    import lm_eval  # the optional extra, present now (require_lm_eval)
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -77,7 +78,6 @@ def run_lm_eval_task(model, tokenizer, task, device: str, show: bool = True) -> 
         else:
             name, manager = task.lm_eval, TaskManager()
         if name not in manager.all_tasks:
-            from finetune.errors import did_you_mean
             raise UsageError(f"unknown lm_eval task '{name}'{did_you_mean(name, manager.all_tasks)}")
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=task.batch_size, device=device)
         try:

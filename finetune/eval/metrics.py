@@ -62,7 +62,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure x 100 (rouge-score, with its Porter stemmer)."""
     global _ROUGE
     if _ROUGE is None:
-        try:
+        try:  # an optional extra (finetune[eval]), so imported where a suite asks for it
             from rouge_score import rouge_scorer
         except ImportError:
             raise UsageError("metric rouge_l needs rouge-score: pip install 'finetune[eval]'") from None
@@ -71,7 +71,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 def _sacrebleu():
-    try:
+    try:  # an optional extra (finetune[eval]), so imported where a suite asks for it
         import sacrebleu
     except ImportError:
         raise UsageError("metrics chrf/bleu need sacrebleu: pip install 'finetune[eval]'") from None

@@ -11,6 +11,12 @@ import dataclasses
 from typing import Optional
 
 from finetune.config import DataConfig
+from finetune.data.formats import Conversation
+from finetune.data.pipeline import (
+    load_conversations,
+    render_prompt,
+    tokenize_conversation,
+)
 from finetune.errors import UsageError
 from finetune.eval.suites import (
     Example,
@@ -55,8 +61,6 @@ def load_examples(task: TaskSpec, data_cfg: DataConfig, seed: int = 42) -> list[
             raise UsageError(f"task '{task.name}': format eval needs a file, got '{task.data}'")
         rows = select_rows(read_eval_rows(task.data_path), task)
         return [example_from_row(r, f"{task.data_path} row {i + 1}") for i, r in enumerate(rows)]
-    from finetune.data import load_conversations
-
     # "heldout": the validation rows training set aside (same shuffle seed and val_fraction).
     convs, _ = load_conversations(data_cfg, seed=seed, split="val" if task.rows == "heldout" else "all")
     convs = select_rows(list(convs), task)
@@ -79,8 +83,6 @@ def _chat(conv) -> list[dict]:
 def to_conversation(messages: list[dict], data_cfg: DataConfig):
     """Chat messages (maybe with a leading system turn) -> finetune.data Conversation; the
     configured system prompt fills in where a row has none, as in training."""
-    from finetune.data.formats import Conversation
-
     msgs = [dict(m) for m in messages]
     system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else data_cfg.system_prompt
     return Conversation(messages=msgs, system=system or None)
@@ -88,15 +90,11 @@ def to_conversation(messages: list[dict], data_cfg: DataConfig):
 
 def prompt_ids(example: Example, tokenizer, data_cfg: DataConfig) -> list[int]:
     """Prompt tokens up to and including the assistant generation header."""
-    from finetune.data import render_prompt
-
     return list(render_prompt(to_conversation(example.messages, data_cfg), tokenizer, data_cfg))
 
 
 def loss_ids(example: Example, tokenizer, data_cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with the training masking: only the answer (+ end of turn) is scored."""
-    from finetune.data import tokenize_conversation
-
     ids, labels = tokenize_conversation(to_conversation(example.conversation(), data_cfg), tokenizer, data_cfg)
     if len(ids) > data_cfg.seq_len:  # same policy as training, but a held-out row is never dropped
         ids, labels = ids[:data_cfg.seq_len], labels[:data_cfg.seq_len]

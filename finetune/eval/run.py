@@ -10,14 +10,32 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+import torch
+
 from finetune.config import Config, DataConfig
 from finetune.errors import FinetuneError, UsageError
+from finetune.eval import generate as G
+from finetune.eval.checkpoints import check_adapters_fit, load, resolve_checkpoints
+from finetune.eval.lm_eval_bridge import require_lm_eval, run_lm_eval_task
+from finetune.eval.metrics import GENERATION_METRICS, perplexity, score_generations
+from finetune.eval.prompting import (
+    load_examples,
+    loss_ids,
+    prompt_ids,
+    task_data_config,
+)
+from finetune.eval.scorecard import build_scorecard, write_scorecard
+from finetune.eval.suites import load_suite
+from finetune.fs import atomic_write
+from finetune.resources import list_resources
+from finetune.runtime import inference_device, inference_dtype
 
 
 @dataclass
@@ -55,7 +73,6 @@ class Args:
 
 def run(args: Args, cfg: Optional[Config] = None) -> int:
     if not args.suite:
-        from finetune.resources import list_resources
         raise UsageError(f"no suite given: finetune eval suite=NAME models=[...]; suites: "
                          f"{', '.join(list_resources('eval'))}")
     evaluate(args.suite, args.models, args.out_dir, data_cfg=cfg.data if cfg is not None else None,
@@ -77,31 +94,11 @@ def run_suite_after_training(suite: str, adapter_dir, out_dir, cfg: Optional[Con
                     seed=cfg.train.seed if cfg is not None else 42)
 
 
-def _device_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device={device} but no CUDA device is available; use device=cpu")
-    if dtype == "auto":
-        # bf16 matmuls on CPU are very slow; fp32 there.
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else (
-            "float16" if device.startswith("cuda") else "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
-    return device, getattr(torch, dtype)
-
-
 def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[DataConfig] = None,
              base_model: Optional[str] = None, data: Optional[str] = None, n: Optional[int] = None,
              max_new_tokens: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
              dtype: str = "auto", overwrite: bool = False, show: bool = True, seed: int = 42) -> dict:
     """Run a suite on several checkpoints and write the scorecard; returns scores.json's content."""
-    from finetune.eval.checkpoints import check_adapters_fit, resolve_checkpoints
-    from finetune.eval.scorecard import build_scorecard, write_scorecard
-    from finetune.eval.suites import load_suite
-
     suite = load_suite(suite_name, data=data, n=n, max_new_tokens=max_new_tokens)
     if batch_size is not None:
         if batch_size < 1:
@@ -111,14 +108,14 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     ckpts = resolve_checkpoints(list(models), base_model)
     check_adapters_fit(ckpts)
     out = Path(out_dir)
+    # Not finetune.fs.check_out_dir: eval's out_dir (a run's eval/, say) may hold other files;
+    # only an existing scorecard is protected.
     if (out / "scores.json").exists() and not overwrite:
         raise UsageError(f"{out} already holds a scorecard; pick another out_dir or pass overwrite=true")
-    device, torch_dtype = _device_dtype(device, dtype)
+    device = inference_device(device)
+    torch_dtype = inference_dtype(device, dtype)
     if any(t.lm_eval for t in suite.tasks):
-        from finetune.eval.lm_eval_bridge import require_lm_eval
         require_lm_eval()
-
-    from finetune.eval.prompting import load_examples, task_data_config
 
     # Data is read once, before any model loads: a bad file fails fast.
     task_cfgs = {t.name: task_data_config(t, data_cfg) for t in suite.tasks if not t.lm_eval}
@@ -139,7 +136,6 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
         records: list[dict] = []
         for task in suite.tasks:
             if task.lm_eval:
-                from finetune.eval.lm_eval_bridge import run_lm_eval_task
                 res = run_lm_eval_task(model, tok, task, device=device, show=show)
                 scores[ck.name].update({f"{task.name}/{k}": v for k, v in res.items()})
                 continue
@@ -147,10 +143,8 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
             scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
             records += recs
         if records:
-            gen_dir.mkdir(parents=True, exist_ok=True)
-            with open(gen_dir / f"{_file_name(ck.name)}.jsonl", "w") as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
+                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         timings[ck.name] = round(time.perf_counter() - t0, 2)
         del model
         _free(device)
@@ -167,12 +161,6 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
 
 def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple[dict, list[dict]]:
     """One task on one loaded model: aggregate scores and per-example records."""
-    import math
-
-    from finetune.eval import generate as G
-    from finetune.eval.metrics import GENERATION_METRICS, perplexity, score_generations
-    from finetune.eval.prompting import loss_ids, prompt_ids
-
     scores: dict[str, float] = {}
     records = [{"task": task.name, "index": i, "id": ex.id, "prompt": ex.messages[-1]["content"] if ex.messages else "",
                 "answer": ex.answer} for i, ex in enumerate(examples)]
@@ -220,8 +208,6 @@ def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple
 
 
 def _load(ck, device, dtype):
-    from finetune.eval.checkpoints import load
-
     try:
         return load(ck, device, dtype)
     except FinetuneError:
@@ -238,5 +224,4 @@ def _file_name(name: str) -> str:
 def _free(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
-        import torch
         torch.cuda.empty_cache()

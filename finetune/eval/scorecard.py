@@ -1,6 +1,7 @@
 """The scorecard: scores.json for machines, scores.md and the terminal table for people,
 scores.png as a chart. Checkpoints are columns (base first), task/metric pairs are rows, and
-every non-base cell shows its delta against the base."""
+every non-base cell shows its delta against the base. Each file is written whole or not at all
+(finetune.fs), so an interrupted run never leaves a half scorecard."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from matplotlib import rcParams
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+
 from finetune.eval.metrics import LOWER_IS_BETTER
+from finetune.fs import atomic_file, atomic_write
 
 
 def build_scorecard(suite, models: list[dict], scores: dict[str, dict[str, float]], tasks: dict[str, dict]) -> dict:
@@ -80,9 +87,6 @@ def to_markdown(card: dict) -> str:
 
 
 def print_table(card: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     header, body = table_rows(card)
     table = Table(title=f"eval: {card['suite']}")
     for i, h in enumerate(header):
@@ -94,18 +98,15 @@ def print_table(card: dict) -> None:
 
 def plot(card: dict, path: Path) -> None:
     """One small bar chart per task/metric (their scales differ), one bar per checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = card["rows"]
     names = [m["name"] for m in card["models"]]
     n = max(len(rows), 1)
     cols = min(4, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols + 0.5, 2.8 * nrows + 0.6), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # A bare Figure, not pyplot: no global backend switch in the caller's process, nothing to close.
+    fig = Figure(figsize=(3.2 * cols + 0.5, 2.8 * nrows + 0.6))
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, r in zip(axes.flat, rows):
         vals = [card["scores"].get(name, {}).get(r["key"]) for name in names]
         shown = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
@@ -125,15 +126,15 @@ def plot(card: dict, path: Path) -> None:
         ax.axis("off")
     fig.suptitle(f"eval suite: {card['suite']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def write_scorecard(card: dict, out_dir: Path, show: bool = True) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """scores.json, scores.md and scores.png in out_dir (and the table on the terminal)."""
     paths = {"json": out_dir / "scores.json", "md": out_dir / "scores.md", "png": out_dir / "scores.png"}
-    paths["json"].write_text(json.dumps(card, indent=2, allow_nan=True) + "\n")
-    paths["md"].write_text(to_markdown(card))
+    atomic_write(paths["json"], json.dumps(card, indent=2, allow_nan=True) + "\n")
+    atomic_write(paths["md"], to_markdown(card))
     plot(card, paths["png"])
     if show:
         print_table(card)

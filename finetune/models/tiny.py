@@ -14,18 +14,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune.data.tokenize import CHATML_TEMPLATE
 from finetune.fs import cache_root
 
 PAD, BOS_UNUSED, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIALS = [PAD, BOS_UNUSED, EOS]
 BYTE_OFFSET = len(SPECIALS)
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 TINY_CONFIG = dict(
     hidden_size=64,

@@ -1,7 +1,5 @@
-"""`finetune moe`: assemble a Mixtral-style MoE from fine-tunes of one base (mergekit-moe style).
-
-    finetune moe config=moe.yaml out_dir=OUT          build the MoE
-    finetune moe report=MOE_DIR data=FILE out_dir=DIR  per-layer routing report (moe_report.py)
+"""Build a Mixtral-style MoE from fine-tunes of one base (mergekit-moe style):
+`finetune moe config=moe.yaml out_dir=OUT` (the YAML is parsed by finetune.moe.spec).
 
 The YAML uses mergekit-moe's keys, so existing configs work:
 
@@ -17,8 +15,8 @@ The YAML uses mergekit-moe's keys, so existing configs work:
         residual_scale: 1.0      # multiplies this expert's down_proj (its residual contribution)
       - adapter: path            # ... or (beyond mergekit) a LoRA adapter on the base, merged on the fly
 
-plus `prompt_format: raw|chat` (see moe_gates.py), `quantize_prompting: true` (run the base in
-bitsandbytes NF4 while computing hidden-mode gates, so a 7B base fits 12 GB) and `seed`.
+plus `prompt_format: raw|chat` (see finetune.moe.gates), `quantize_prompting: true` (run the base
+in bitsandbytes NF4 while computing hidden-mode gates, so a 7B base fits 12 GB) and `seed`.
 
 What the output holds: embeddings, attention, norms and lm_head come from the base; expert e's MLP
 in every layer comes from expert e (Llama gate_proj/up_proj/down_proj = Mixtral w1/w3/w2). In
@@ -35,11 +33,8 @@ warning per adapter listing the dropped modules and records them in `moe_info.js
 
 Routing: Mixtral in transformers 5.3 softmaxes the router logits, takes the top-k and renormalises
 the k weights to sum to 1. So a MoE whose experts all equal the base reproduces the base exactly.
-
-Router training (issue section 4) gets `load_balancing_loss` and `router_trainable_params` here:
-transformers 5.3's `MixtralTopKRouter` returns softmax *probabilities* (recorded as
-`router_logits`), and `load_balancing_loss_func` softmaxes them again (huggingface/transformers#45120),
-which squashes P_e towards uniform. `load_balancing_loss` applies the softmax exactly once."""
+Training the router afterwards is finetune.moe.routing's part.
+"""
 
 from __future__ import annotations
 
@@ -49,17 +44,26 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
+from peft import PeftModel
+from rich.progress import track
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    MixtralConfig,
+)
+
 from finetune.errors import UsageError
 from finetune.fs import atomic_out_dir, check_out_dir
-from finetune.merge import (
-    copy_tokenizer,
-    load_base_full_precision,
-    torch_dtype,
-)
+from finetune.merge import copy_tokenizer, load_base_full_precision
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import resolve_model_path
 from finetune.moe.gates import compute_gates, warn_parallel
 from finetune.moe.spec import SUPPORTED_BASES, ExpertSpec, MoESpec
+from finetune.runtime import checkpoint_dtype, inference_device
 
 log = logging.getLogger(__name__)
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -68,15 +72,17 @@ MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 # --------------------------------------------------------------------------- checks
 
 
+def _read_config(path: str, what: str):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise UsageError(f"{what}: {str(err).splitlines()[0]}") from None
+
+
 def _check_sources(spec: MoESpec):
     """Resolve every path and refuse incompatible experts before any heavy loading."""
-    from transformers import AutoConfig
-
     base_path = resolve_model_path(spec.base_model)
-    try:
-        base_cfg = AutoConfig.from_pretrained(base_path)
-    except OSError as err:
-        raise UsageError(f"base_model {spec.base_model}: {str(err).splitlines()[0]}") from None
+    base_cfg = _read_config(base_path, f"base_model {spec.base_model}")
     if base_cfg.model_type not in SUPPORTED_BASES:
         raise UsageError(f"base_model {spec.base_model} is a {base_cfg.model_type} model; "
                          f"a Mixtral MoE needs a {' or '.join(SUPPORTED_BASES)} base")
@@ -94,10 +100,7 @@ def _check_sources(spec: MoESpec):
             sources.append(e.adapter)
             continue
         src = resolve_model_path(e.source_model)
-        try:
-            ecfg = AutoConfig.from_pretrained(src)
-        except OSError as err:
-            raise UsageError(f"experts[{i}] source_model {e.source_model}: {str(err).splitlines()[0]}") from None
+        ecfg = _read_config(src, f"experts[{i}] source_model {e.source_model}")
         if ecfg.model_type != base_cfg.model_type:
             raise UsageError(f"experts[{i}] {e.source_model} is a {ecfg.model_type} model, base is {base_cfg.model_type}")
         for k in shape_keys:
@@ -109,8 +112,7 @@ def _check_sources(spec: MoESpec):
 
 
 def mixtral_config(base_cfg, num_experts: int, experts_per_token: int, dtype):
-    from transformers import MixtralConfig
-
+    """A MixtralConfig with the base's shapes, tokens and rope, E experts and top-k routing."""
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
             "rms_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
@@ -134,8 +136,6 @@ def _mlp_weights(model) -> list[dict]:
 
 def adapter_expert_mlp(base_path: str, adapter_dir: str) -> tuple[list[dict], list[str]]:
     """Merge an adapter into a fresh fp32 base; return its MLP weights and the dropped modules."""
-    from peft import PeftModel
-
     base = load_base_full_precision(base_path)
     model = PeftModel.from_pretrained(base, adapter_dir)
     dropped = set()
@@ -149,8 +149,6 @@ def adapter_expert_mlp(base_path: str, adapter_dir: str) -> tuple[list[dict], li
 
 
 def _apply_noise_and_scale(mlp: list[dict], e: ExpertSpec, gen) -> None:
-    import torch
-
     for layer in mlp:
         for p, w in layer.items():
             if e.noise_scale:
@@ -163,31 +161,25 @@ def _apply_noise_and_scale(mlp: list[dict], e: ExpertSpec, gen) -> None:
 
 
 def _load_prompting_model(base_path: str, quantize: bool):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
+    """The base that computes hidden-mode gates: NF4 when asked (and bnb can), on the GPU if any."""
+    device = inference_device()
     if quantize:
         try:
             q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-            return AutoModelForCausalLM.from_pretrained(base_path, quantization_config=q,
-                                                        device_map="cuda" if torch.cuda.is_available() else "cpu")
+                                   bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+            return AutoModelForCausalLM.from_pretrained(base_path, quantization_config=q, device_map=device)
         except Exception as err:  # bnb without a usable backend: the full-precision base still works
             log.warning("quantize_prompting: NF4 load failed (%s); using the full-precision base", err)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    return model.to("cuda") if torch.cuda.is_available() else model
+    return model.to(device) if device != "cpu" else model
 
 
 def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_size: str = "2GB",
               config_text: Optional[str] = None) -> Path:
     """Assemble and save the MoE described by `spec`; returns out_dir."""
-    import torch
-    from rich.progress import track
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     check_out_dir(out_dir, overwrite)
     base_path, base_cfg, sources = _check_sources(spec)
-    out_dtype = torch_dtype(str(spec.dtype or "auto"), base_cfg)
+    out_dtype = checkpoint_dtype(str(spec.dtype or "auto"), base_cfg)
     tok_src = next((e.adapter for e in spec.experts if e.adapter and
                     (Path(e.adapter) / "tokenizer_config.json").is_file()), base_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
@@ -198,7 +190,7 @@ def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_si
     model = embed = None
     base = load_base_full_precision(base_path)
     if spec.gate_mode == "hidden":
-        on_cpu_fp32 = not spec.quantize_prompting and not torch.cuda.is_available()
+        on_cpu_fp32 = not spec.quantize_prompting and inference_device() == "cpu"
         model = base if on_cpu_fp32 else _load_prompting_model(base_path, spec.quantize_prompting)
     if spec.gate_mode == "cheap_embed":
         embed = base.get_input_embeddings().weight.detach()

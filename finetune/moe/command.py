@@ -12,6 +12,7 @@ from typing import Optional
 
 from finetune.errors import UsageError
 from finetune.moe.build import build_moe
+from finetune.moe.report import routing_report
 from finetune.moe.spec import load_moe_config
 
 
@@ -35,15 +36,10 @@ class Args:
     """Largest safetensors shard of the MoE checkpoint."""
 
 
-# --------------------------------------------------------------------------- command
-
-
 def run(args: Args, cfg=None) -> int:
     if bool(args.config) == bool(args.report):
         raise UsageError("give exactly one of config=MOE.yaml (build) or report=MOE_DIR (routing report)")
     if args.report:
-        from finetune.moe.report import routing_report
-
         if not args.data:
             raise UsageError("report= needs data=FILE (json/jsonl rows to route)")
         res = routing_report(args.report, args.data, args.out_dir, max_rows=args.max_rows,

@@ -30,9 +30,7 @@ from finetune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-GATE_MODES = ["hidden", "cheap_embed", "random", "uniform_random"]
-PROMPT_FORMATS = ["raw", "chat"]
-PARALLEL_COS = 0.95
+PARALLEL_COS = 0.95  # gate rows closer than this route their experts alike
 
 
 def prompt_ids(tokenizer, prompt: str, prompt_format: str = "raw") -> list[int]:

@@ -16,11 +16,18 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
+from matplotlib.figure import Figure
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from finetune.errors import UsageError
 from finetune.fs import atomic_out_dir, check_out_dir
+from finetune.moe.routing import router_probs
+from finetune.runtime import inference_device
 
 
 def read_rows(path: str, max_rows: Optional[int] = None) -> list:
+    """The rows of a .json (a list, or an object holding one) or .jsonl file, at most max_rows."""
     p = Path(os.path.expanduser(path))
     if not p.is_file():
         raise UsageError(f"report data file not found: {path}")
@@ -67,10 +74,7 @@ def row_text(row, tokenizer) -> str:
 
 
 def routing_stats(model, tokenizer, texts: list[str], max_tokens: int = 512) -> dict:
-    import torch
-
-    from finetune.moe.routing import router_probs
-
+    """Per layer and expert: top-k utilisation, top-1 share and mean router probability."""
     cfg = model.config
     L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
     util = torch.zeros(L, E)
@@ -100,13 +104,10 @@ def routing_stats(model, tokenizer, texts: list[str], max_tokens: int = 512) -> 
 
 
 def plot_heatmap(stats: dict, path: Path, expert_names: Optional[list[str]] = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # A bare Figure, not pyplot: no global backend switch in the caller's process, nothing to close.
     E, L = stats["experts"], stats["layers"]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * E, 1.5 + 0.3 * L), squeeze=False)
+    fig = Figure(figsize=(4 + 1.2 * E, 1.5 + 0.3 * L))
+    axes = fig.subplots(1, 2, squeeze=False)
     for ax, key, title, vmax in ((axes[0][0], "utilisation", f"top-{stats['top_k']} utilisation", stats["top_k"]),
                                  (axes[0][1], "top1_share", "top-1 share", 1.0)):
         im = ax.imshow(stats[key], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
@@ -120,15 +121,11 @@ def plot_heatmap(stats: dict, path: Path, expert_names: Optional[list[str]] = No
     fig.suptitle(f"routing over {stats['tokens']} tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def routing_report(moe_dir: str, data: str, out_dir: str, max_rows: Optional[int] = 200,
                    max_tokens: int = 512, overwrite: bool = False) -> dict:
     """Route `data` through the MoE at `moe_dir`; write routing.json + routing.png into out_dir."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     d = Path(os.path.expanduser(moe_dir))
     if not (d / "config.json").is_file():
         raise UsageError(f"report: {moe_dir} is not a model directory (no config.json)")
@@ -138,9 +135,7 @@ def routing_report(moe_dir: str, data: str, out_dir: str, max_rows: Optional[int
     check_out_dir(out_dir, overwrite)
     rows = read_rows(data, max_rows)
     tokenizer = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(inference_device())
     stats = routing_stats(model, tokenizer, [row_text(r, tokenizer) for r in rows], max_tokens)
     names = None
     if (d / "moe_info.json").is_file():

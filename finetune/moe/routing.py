@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from finetune.errors import UsageError
+import torch
 
-# --------------------------------------------------------------------------- router training
+from finetune.errors import UsageError
 
 
 def router_probs(router_outputs, inputs: str = "auto"):
@@ -21,8 +21,6 @@ def router_probs(router_outputs, inputs: str = "auto"):
     inputs: "probs", "logits", or "auto" (rows that are non-negative and sum to 1 are taken as
     probabilities: transformers 5.3 Mixtral returns probabilities under the name router_logits).
     """
-    import torch
-
     t = router_outputs if isinstance(router_outputs, torch.Tensor) else \
         torch.cat([x.reshape(-1, x.shape[-1]).to(router_outputs[0].device) for x in router_outputs], dim=0)
     t = t.float()
@@ -43,8 +41,6 @@ def load_balancing_loss(router_logits_per_layer: Sequence, num_experts: int, top
     exactly once (see `router_probs`), so perfect balance gives top_k whatever `inputs` are.
     attention_mask (batch, seq) drops padding; each layer's output is then (batch * seq, E).
     """
-    import torch
-
     probs = router_probs(router_logits_per_layer, inputs)
     _, selected = torch.topk(probs, top_k, dim=-1)
     routed = torch.nn.functional.one_hot(selected, num_experts).float().sum(1)  # (T, E), 0/1 per expert

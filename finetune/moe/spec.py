@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import UsageError, did_you_mean
-from finetune.moe.gates import GATE_MODES, PROMPT_FORMATS
+from finetune.resources import read_yaml_mapping
 
 SUPPORTED_BASES = ("llama", "mistral")
+GATE_MODES = ["hidden", "cheap_embed", "random", "uniform_random"]  # finetune.moe.gates computes them
+PROMPT_FORMATS = ["raw", "chat"]
 
 
 @dataclass
@@ -102,8 +104,7 @@ def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
 
 
 def load_moe_config(path: str) -> MoESpec:
-    from finetune.resources import read_yaml_mapping
-
+    """Read and check a MoE YAML; relative paths in it resolve against the YAML's folder."""
     p = Path(os.path.expanduser(path))
     if not p.is_file():
         raise UsageError(f"moe config not found: {path}")

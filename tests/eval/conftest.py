@@ -1,28 +1,23 @@
+"""Eval fixtures: LoRA adapters on the tiny model (built by tests/tiny_peft.py)."""
+
 import pytest
+from tiny_peft import random_lora_adapter
+
+# q/v (attention) and down_proj (MLP): an adapter shaped like a real fine-tune's, small and quick.
+EVAL_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def make_adapter(base_dir, out_dir, seed=1, scale=0.5):
-    """A LoRA adapter for `base_dir` with non-zero lora_B, so it changes the outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    peft_model.save_pretrained(str(out_dir))
-    return out_dir
+def eval_adapter(base_dir, out_dir, seed=1):
+    """A LoRA adapter for `base_dir` that changes the outputs enough to move every score."""
+    return random_lora_adapter(out_dir, base_dir, seed=seed, scale=0.2, target_modules=EVAL_TARGETS)
 
 
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_model, tmp_path_factory):
-    return make_adapter(tiny_model, tmp_path_factory.mktemp("run") / "final")
+    return eval_adapter(tiny_model, tmp_path_factory.mktemp("run") / "final")
 
 
 @pytest.fixture
 def adapter_factory():
-    return make_adapter
+    """eval_adapter(base_dir, out_dir, seed=1), for tests that need adapters on other bases."""
+    return eval_adapter

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from finetune import cli
-from finetune.errors import FinetuneError, UsageError
+from finetune.errors import UsageError
 
 
 def test_acceptance_base_vs_adapter(tiny_adapter, tmp_path):
@@ -71,10 +71,9 @@ def test_base_without_adapter(tmp_path):
 
 def test_adapters_on_different_bases(tiny_adapter, adapter_factory, tmp_path):
     from finetune.models.tiny import make_tiny_model
-    make_adapter = adapter_factory
 
     other = make_tiny_model(tmp_path / "other-base", seed=3)
-    a2 = make_adapter(other, tmp_path / "b" / "final")
+    a2 = adapter_factory(other, tmp_path / "b" / "final")
     with pytest.raises(UsageError, match="different base models"):
         cli.run(["eval", "suite=tiny", f"models=[base,{tiny_adapter},{a2}]", f"out_dir={tmp_path / 'o'}"])
 
@@ -82,10 +81,9 @@ def test_adapters_on_different_bases(tiny_adapter, adapter_factory, tmp_path):
 def test_adapter_for_a_different_base_is_one_line(adapter_factory, tmp_path):
     """An adapter whose config names the tiny model but whose tensors were made for a wider one."""
     from finetune.models.tiny import make_tiny_model, tiny_model_dir
-    make_adapter = adapter_factory
 
     wide = make_tiny_model(tmp_path / "wide", seed=0, hidden_size=96, intermediate_size=160)
-    bad = make_adapter(wide, tmp_path / "bad" / "final")
+    bad = adapter_factory(wide, tmp_path / "bad" / "final")
     cfg_path = bad / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(tiny_model_dir())

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from finetune.resources import list_resources
 from finetune.errors import UsageError
 from finetune.eval.scorecard import to_markdown, write_scorecard
 from finetune.eval.suites import load_suite
+from finetune.resources import list_resources
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "moe-geo", "moe-units", "moe-verdict", "moe-mixed"])

@@ -6,14 +6,18 @@ import logging
 import pytest
 import torch
 import yaml
+from tiny_peft import random_lora_adapter
 
 from finetune.errors import UsageError
-from finetune.merge import random_lora_adapter
-from finetune.moe.command import Args, run
-from finetune.moe.build import build_moe
-from finetune.moe.routing import load_balancing_loss, router_probs, router_trainable_params
-from finetune.moe.spec import parse_moe_config
 from finetune.models.tiny import BYTE_OFFSET, make_tiny_model
+from finetune.moe.build import build_moe
+from finetune.moe.command import Args, run
+from finetune.moe.routing import (
+    load_balancing_loss,
+    router_probs,
+    router_trainable_params,
+)
+from finetune.moe.spec import parse_moe_config
 
 IDS = torch.tensor([[1, 75, 108, 3 + ord("h"), 3 + ord("i"), 2, 40, 50, 60, 70]])
 

@@ -2,16 +2,16 @@
 
 The MoE is built from two random LoRA experts on the tiny Llama; the router (each layer's
 mlp.gate, a MixtralTopKRouter) trains in full via peft modules_to_save. The transformers
-double-softmax finding itself (huggingface/transformers#45120) is tested in tests/test_moe.py.
+double-softmax finding itself (huggingface/transformers#45120) is tested in tests/moe/test_build.py.
 """
 
 import json
 
 import pytest
 import torch
+from tiny_peft import random_lora_adapter
 
 from finetune.config import load_config
-from finetune.merge import random_lora_adapter
 from finetune.moe.build import build_moe
 from finetune.moe.routing import load_balancing_loss
 from finetune.moe.spec import parse_moe_config
