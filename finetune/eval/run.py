@@ -86,8 +86,10 @@ def run_suite_after_training(suite: str, adapter_dir, out_dir, cfg: Optional[Con
     """Score base vs the freshly trained adapter (the recipe's eval.suite) into out_dir.
 
     Prompts are rendered with the recipe's data settings; eval.max_new_tokens sets the length.
+    A scorecard already in out_dir is replaced: it scored an adapter that this run has just replaced
+    (a run with overwrite=true or resume into the same out_dir would otherwise fail at the very end).
     """
-    return evaluate(suite, ["base", str(adapter_dir)], out_dir,
+    return evaluate(suite, ["base", str(adapter_dir)], out_dir, overwrite=True,
                     data_cfg=cfg.data if cfg is not None else None,
                     max_new_tokens=cfg.eval.max_new_tokens if cfg is not None else None,
                     device="cpu" if cfg is not None and cfg.accelerator == "cpu" else "auto",

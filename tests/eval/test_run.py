@@ -128,3 +128,6 @@ def test_run_suite_after_training_writes_beside_adapter(tiny_adapter, tmp_path):
     card = run_suite_after_training("tiny", tiny_adapter, tmp_path / "eval", cfg)
     assert [m["kind"] for m in card["models"]] == ["base", "adapter"]
     assert (tmp_path / "eval" / "scores.md").is_file()
+    # training again into the same out_dir (overwrite=true, resume) scores the new adapter
+    again = run_suite_after_training("tiny", tiny_adapter, tmp_path / "eval", cfg)
+    assert again["scores"] == card["scores"]
