@@ -89,15 +89,16 @@ class Recorder:
 
 
 def worker_ours(args, rec: Recorder, tmp: Path) -> dict:
-    import importlib
-
+    # Imported in the worker, not at the top: each worker process measures its own trainer's peak
+    # RSS, so it must not load the other trainers' libraries.
     import torch
 
     from finetune.config import load_config
+    from finetune.training import loop
+    from finetune.training.loss import CausalLMLoss
     from finetune.training.progress import TrainProgress
 
-    train_mod = importlib.import_module("finetune.training.loop")
-    real_forward = train_mod.CausalLMLoss._forward
+    real_forward = CausalLMLoss._forward
 
     def counting_forward(self, input_ids, labels, position_ids):
         if torch.is_grad_enabled():
@@ -110,12 +111,12 @@ def worker_ours(args, rec: Recorder, tmp: Path) -> dict:
         rec.ends.append(time.perf_counter())
         rec.losses.append(float(loss))
 
-    train_mod.CausalLMLoss._forward = counting_forward
+    CausalLMLoss._forward = counting_forward
     TrainProgress.update = step_end
     overrides = {**ours_overrides(), "out_dir": str(tmp / "ours"), "train.max_steps": str(args.steps),
                  **dict(kv.split("=", 1) for kv in args.ours_override)}
     cfg = load_config(None, overrides)
-    train_mod.main(train_mod.make_fabric(cfg), cfg)
+    loop.main(loop.make_fabric(cfg), cfg)
     return {"settings": {k: v for k, v in overrides.items() if k != "out_dir"}}
 
 

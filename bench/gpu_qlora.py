@@ -5,14 +5,14 @@
 Needs a CUDA GPU (exits with a message otherwise; CI never runs it). Models are random-init from
 the real configs (the shapes and therefore the memory and compute are real; nothing is
 downloaded): Llama-2-7B and Llama-3.1-8B, written once in bf16 to --model_cache with the byte-level
-tokenizer of finetune.tiny. Data are synthetic text rows (byte tokens), packed to the sequence
+tokenizer of finetune.models.tiny. Data are synthetic text rows (byte tokens), packed to the sequence
 length, so every step trains on full 2048-token sequences. Every measurement runs in its own
 subprocess that first calls torch.cuda.set_per_process_memory_fraction(12 GiB / device memory),
 so an over-budget configuration fails with OOM exactly as it would on a 12 GiB card.
 
 Parts:
 - speed: Llama-2-7B NF4 (double quant, bf16 compute), LoRA r=16 all-linear, seq 2048 packed,
-  micro-batch 1. Ours = finetune.train.main (the real loop) in two settings: the recipe default
+  micro-batch 1. Ours = finetune.training.loop.main (the real loop) in two settings: the recipe default
   (gradient checkpointing + chunked loss) and activation offload without checkpointing. Baseline =
   a plain loop: from_pretrained(BitsAndBytesConfig) -> prepare_model_for_kbit_training(gradient
   checkpointing) -> get_peft_model -> model(input_ids, labels) -> backward -> paged AdamW 8-bit,
@@ -146,16 +146,17 @@ def ours_cfg(model_dir: Path, data: Path, seq: int, micro: int, steps: int, out_
 
 def worker_ours(spec: dict) -> dict:
     """Our real training loop; step ends and trained tokens recorded from inside it."""
-    import importlib
-
+    # Imported in the worker, not at the top: each worker process measures its own trainer's GPU
+    # memory, so it must not load the other trainer's libraries.
     import torch
 
+    from finetune.training import loop
+    from finetune.training.loss import CausalLMLoss
     from finetune.training.progress import TrainProgress
 
     ctx = cap_memory()
-    train_mod = importlib.import_module("finetune.training.loop")
     tokens, ends = [], []
-    real_forward = train_mod.CausalLMLoss._forward
+    real_forward = CausalLMLoss._forward
 
     load_peak = {}
 
@@ -171,12 +172,12 @@ def worker_ours(spec: dict) -> dict:
         torch.cuda.synchronize()
         ends.append(time.perf_counter())
 
-    train_mod.CausalLMLoss._forward = counting_forward
+    CausalLMLoss._forward = counting_forward
     TrainProgress.update = step_end
     with tempfile.TemporaryDirectory() as tmp:
         cfg, overrides = ours_cfg(Path(spec["model_dir"]), Path(spec["data"]), spec["seq"], spec["micro"],
                                   spec["steps"], Path(tmp) / "run", **spec.get("overrides", {}))
-        train_mod.main(train_mod.make_fabric(cfg), cfg)
+        loop.main(loop.make_fabric(cfg), cfg)
     return {**ctx, **_timing(tokens, ends, spec["warmup"]), **_peaks(), **load_peak}
 
 

@@ -23,14 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import importlib  # noqa: E402
-
 import psutil  # noqa: E402
 
 from finetune.config import load_config  # noqa: E402
-
-# finetune/__init__ re-exports the train() function under the module's name.
-train_mod = importlib.import_module("finetune.training.loop")
+from finetune.training import loop  # noqa: E402
+from finetune.training.state import Saver  # noqa: E402
 
 
 def main() -> None:
@@ -51,22 +48,22 @@ def main() -> None:
                         "elapsed_s": round(time.perf_counter() - t0, 1)})
 
     # Sample at each periodic checkpoint: wrap the loop's own save, so the run is the real one.
-    real_save = train_mod._save_step
+    real_save = Saver.save_step
 
     def save_and_sample(saver, state):
         path = real_save(saver, state)
         sample(state.step)
         return path
 
-    train_mod._save_step = save_and_sample
+    Saver.save_step = save_and_sample
     with tempfile.TemporaryDirectory(prefix="rss_soak_") as tmp:
         out_dir = Path(tmp) / "run"
         overrides = {"out_dir": str(out_dir), "train.max_steps": str(a.steps), "train.save_every": str(a.save_every),
                      "train.keep_last": str(a.keep_last), "output.progress": "false", "output.plot": "false",
                      "train.log_every": "100"}
         cfg = load_config("tiny-lora", overrides)
-        fabric = train_mod.make_fabric(cfg)
-        train_mod.main(fabric, cfg)
+        fabric = loop.make_fabric(cfg)
+        loop.main(fabric, cfg)
         sample(a.steps)  # after the final save
         step_dirs = sorted(p.name for p in out_dir.glob("step-*"))
 

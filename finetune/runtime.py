@@ -75,6 +75,19 @@ def fsdp_param_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dty
     return storage_dtype(cfg, device) if cfg.quant.mode == "nf4" else base_dtype(cfg, device)
 
 
+def resolve_precision(cfg: Config) -> tuple[str, str]:
+    """(accelerator, precision) for Lightning Fabric: the accelerator `auto` resolves to, and the
+    recipe's precision or the default for it: 32-true on CPU (bf16 there is pathologically slow),
+    bf16-mixed on GPU."""
+    accelerator = cfg.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise UsageError(f"accelerator={cfg.accelerator} but no CUDA GPU is visible; use accelerator=cpu")
+    precision = cfg.precision or ("32-true" if accelerator == "cpu" else "bf16-mixed")
+    return accelerator, precision
+
+
 # --------------------------------------------------------------------------- eval, merge and moe
 
 # Names a saved checkpoint's dtype may be given by (merge dtype=, a MoE config's dtype:).

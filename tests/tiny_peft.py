@@ -7,7 +7,29 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from finetune.config import load_config
+from finetune.config import Config, load_config
+from finetune.memory.apply import apply_memory_features
+from finetune.models.load import load_model
+
+
+# "Hi!" <eos> "ab" in the tiny model's byte-level ids.
+PROBE = torch.tensor([[1, 3 + ord("H"), 3 + ord("i"), 3 + ord("!"), 2, 3 + ord("a"), 3 + ord("b")]])
+
+
+def lora_cfg(**lora) -> Config:
+    """The default Config on the tiny model, no LoRA dropout, with `lora` section overrides."""
+    cfg = Config()
+    cfg.model.name = "tiny"
+    cfg.lora.dropout = 0.0
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    return cfg
+
+
+def logits(model, ids=PROBE):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
 
 
 def make_cfg(**overrides):
@@ -16,11 +38,12 @@ def make_cfg(**overrides):
 
 
 def make_model(**overrides):
-    """The tiny Llama as a peft model with non-zero LoRA B (so every LoRA weight gets a gradient)."""
-    from finetune.models.load import load_model
-
+    """The tiny Llama as a peft model with the recipe's memory features, as training builds it, and
+    non-zero LoRA B (so every LoRA weight gets a gradient)."""
+    cfg = make_cfg(**overrides)
     torch.manual_seed(0)
-    model = load_model(make_cfg(**overrides), "cpu")
+    model = load_model(cfg, "cpu", gradient_checkpointing=cfg.train.gradient_checkpointing)
+    apply_memory_features(model, cfg.train, "cpu")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():

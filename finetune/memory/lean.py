@@ -22,7 +22,7 @@ Two places save more than they need:
   transformers' own sdpa function unchanged.
 
 All give the same loss and gradients as the plain path within floating-point rounding
-(tests/test_lean.py).
+(tests/memory/test_lean.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.activations import SiLUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +138,7 @@ _SWIGLU_CLASSES: dict[type, bool] = {}
 
 
 def _is_silu(act: nn.Module) -> bool:
-    if isinstance(act, nn.SiLU):
-        return True
-    try:
-        from transformers.activations import SiLUActivation
-    except ImportError:
-        return False
-    return isinstance(act, SiLUActivation)
+    return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
 def _forward_is_swiglu(cls: type) -> bool:
@@ -226,8 +224,6 @@ def lean_sdpa_attention_forward(module, query, key, value, attention_mask, dropo
                                 is_causal=None, **kwargs):
     """transformers' sdpa attention function, minus the k/v repeat and the per-layer mask
     conversion, for a boolean mask on the CPU; everything else is passed to it unchanged."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if (query.device.type != "cpu" or attention_mask is None or attention_mask.dtype != torch.bool
             or kwargs.get("output_attentions") or query.dim() != 4 or key.shape[1] == 0
             or query.shape[1] % key.shape[1]):
@@ -240,15 +236,9 @@ def lean_sdpa_attention_forward(module, query, key, value, attention_mask, dropo
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_lean_sdpa() -> bool:
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:
-        return False
+def _register_lean_sdpa() -> None:
     AttentionInterface.register(LEAN_SDPA, lean_sdpa_attention_forward)
     AttentionMaskInterface.register(LEAN_SDPA, sdpa_mask)  # the masks transformers makes for sdpa
-    return True
 
 
 def patch_attention(model: nn.Module) -> bool:
@@ -262,8 +252,9 @@ def patch_attention(model: nn.Module) -> bool:
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(base, "set_attn_implementation"):
         return False
     can_set = getattr(base, "_can_set_attn_implementation", None)
-    if can_set is None or not can_set() or not _register_lean_sdpa():
+    if can_set is None or not can_set():
         return False
+    _register_lean_sdpa()
     try:
         base.set_attn_implementation(LEAN_SDPA)
     except (ValueError, ImportError, KeyError) as e:

@@ -14,7 +14,7 @@ the ambient saved-tensor hooks: under HF gradient checkpointing (a non-reentrant
 the decoder layer) the tile inputs are dropped and recomputed with the layer, under
 `train.offload_activations` (save_on_cpu) they wait in CPU RAM. Its RNG stash makes LoRA dropout
 draw the same masks when a tile is recomputed. Each tile runs the forward the MLP had before
-tiling (the class's, finetune.lean's SwiGLU or Liger's), so tile last.
+tiling (the class's, finetune.memory.lean's SwiGLU or Liger's), so tile last (finetune.memory.apply).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ def decoder_mlps(model: nn.Module) -> Iterator[nn.Module]:
     (classes ending in MLP too) sit one level deeper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_names = set(getattr(base, "_no_split_modules", None) or ())
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:
-        GradientCheckpointingLayer = ()  # noqa: N806
     for layer in base.modules():
         if isinstance(layer, GradientCheckpointingLayer) or type(layer).__name__ in layer_names:
             for child in layer.children():

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from peft import PeftModel
+from safetensors import safe_open
 
 from finetune.errors import UsageError
 from finetune.models.load import (
@@ -25,7 +27,6 @@ from finetune.models.load import (
     tokenizer_from,
 )
 
-# --------------------------------------------------------------------------- adapters and inference
 log = logging.getLogger(__name__)
 
 
@@ -55,8 +56,6 @@ def adapter_shapes(adapter_dir: Union[str, Path]) -> dict[str, tuple]:
     d = Path(adapter_dir)
     st = d / "adapter_model.safetensors"
     if st.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(st), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     binf = d / "adapter_model.bin"
@@ -98,8 +97,6 @@ def load_for_inference(path: str, dtype: torch.dtype = torch.float32, device: Un
     it fits. The tokenizer is the adapter's own copy when it has one; it pads on the left, for
     batched generation.
     """
-    from peft import PeftModel
-
     device = torch.device(device)
     p = Path(str(path)).expanduser()
     if _is_adapter_dir(p):

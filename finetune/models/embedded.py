@@ -27,7 +27,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+from huggingface_hub import snapshot_download
+from tokenizers import Tokenizer, processors
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
 from finetune.errors import FinetuneError
+from finetune.fs import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,8 @@ _PROBES = [
 def hub_cache_dir(revision: Optional[str] = None) -> Optional[str]:
     """The hub-cache snapshot of SmolLM2-135M-Instruct if it is fully there, else None."""
     try:
-        from huggingface_hub import snapshot_download
         path = snapshot_download(HUB_ID, revision=revision, local_files_only=True)
-    except Exception:  # not cached, or huggingface_hub missing: both mean "use the GGUF"
+    except Exception:  # not cached (or a partial snapshot): use the GGUF
         return None
     p = Path(path)
     has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
@@ -75,8 +80,6 @@ def gguf_path() -> Path:
 
 
 def cache_dir() -> Path:
-    from finetune.fs import cache_root
-
     return cache_root() / "models" / CACHE_NAME
 
 
@@ -95,9 +98,6 @@ def embedded_model_dir() -> Path:
 
 def convert(gguf: Path, target: Path) -> None:
     """GGUF -> safetensors model dir + repaired tokenizer, published atomically at `target`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.time()
     log.warning("converting the embedded SmolLM2-135M-Instruct GGUF to %s (once, about a minute)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,9 +138,6 @@ def convert(gguf: Path, target: Path) -> None:
 
 def repaired_tokenizer(gguf_tok, vocab_size: int, max_len: int):
     """A plain fast tokenizer with hub-equivalent specials and no prepended bos."""
-    from tokenizers import Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
     data = json.loads(gguf_tok.backend_tokenizer.to_str())
     data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < vocab_size]
     backend = Tokenizer.from_str(json.dumps(data))
@@ -162,8 +159,6 @@ def _portable_tokenizer_class(path: Path) -> None:
 
 
 def _reload_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(path))
 
 

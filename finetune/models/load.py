@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from finetune.config import Config, ModelConfig, QuantConfig
 from finetune.errors import FinetuneError, UsageError
 from finetune.models import embedded
+from finetune.models.tiny import tiny_model_dir
 from finetune.runtime import (
     base_dtype,
     compute_dtype,
@@ -27,9 +32,6 @@ from finetune.runtime import (
 )
 
 log = logging.getLogger(__name__)
-# bitsandbytes' CPU backend logs a warning at import (whoever imports it first: peft does) about an
-# optional hub-downloaded kernel that is never used here.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 TINY_ALIAS = "tiny"
 ALIASES = (TINY_ALIAS, embedded.ALIAS)
@@ -66,8 +68,6 @@ def resolve_model_path(name: str, revision: Optional[str] = None) -> str:
                          f"({', '.join(ALIASES)})")
     key = name.lower()
     if key == TINY_ALIAS:
-        from finetune.models.tiny import tiny_model_dir
-
         return str(tiny_model_dir())
     if key == embedded.ALIAS:
         return embedded.hub_cache_dir(revision) or str(embedded.embedded_model_dir())
@@ -86,8 +86,6 @@ def resolve_model_path(name: str, revision: Optional[str] = None) -> str:
                                  "(its adapter_config.json says which) or merge it first")
             raise UsageError(f"model directory {name} has no config.json")
         return os.path.abspath(path)
-
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(name)
@@ -179,8 +177,6 @@ def ensure_pad_token(tok) -> Optional[str]:
 
 
 def tokenizer_from(path: str, kw: dict, padding_side: str):
-    from transformers import AutoTokenizer
-
     with loading_errors(path, kw.get("revision")):
         tok = AutoTokenizer.from_pretrained(path, **kw)
     ensure_pad_token(tok)
@@ -200,6 +196,8 @@ def load_tokenizer(model_cfg: Union[ModelConfig, str], padding_side: str = "righ
 
 
 def _import_bnb():
+    # Imported on first use, not at the top: bitsandbytes is needed only for quantized models and
+    # may be missing or unable to load on a machine; that is a one-line error (see _probe_bnb).
     import bitsandbytes
 
     return bitsandbytes
@@ -243,8 +241,6 @@ def bnb_config(quant: Optional[QuantConfig], device: Union[str, torch.device],
     """transformers BitsAndBytesConfig for `quant` (None for mode none), after probing the device."""
     if quant is None or quant.mode == "none":
         return None
-    from transformers import BitsAndBytesConfig
-
     device = torch.device(device)
     _probe_bnb(quant.mode, device, compute)
     if quant.mode == "nf4":
@@ -277,8 +273,6 @@ def _device_map(device: torch.device) -> dict:
 
 def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, quant=None, revision=None,
                      trust_remote_code=False, attn_implementation: Optional[str] = None):
-    from transformers import AutoModelForCausalLM
-
     kw = hub_kwargs(revision, trust_remote_code)
     kw["dtype"] = dtype
     if attn_implementation:
@@ -321,8 +315,6 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 def lora_config(cfg: Config):
     """peft.LoraConfig from the recipe's lora section."""
-    from peft import LoraConfig as PeftLoraConfig
-
     targets = list(cfg.lora.target_modules or [])
     if not targets:
         raise UsageError("lora.target_modules is empty: list module names, e.g. [q_proj,v_proj], or [all-linear]")
@@ -335,19 +327,17 @@ def lora_config(cfg: Config):
         modules_to_save=list(cfg.lora.modules_to_save) or None, bias="none", task_type="CAUSAL_LM")
 
 
-def load_model(cfg: Config, device: Union[str, torch.device, None] = None, tokenizer=None):
+def load_model(cfg: Config, device: Union[str, torch.device, None] = None, tokenizer=None, *,
+               gradient_checkpointing: bool = True):
     """The base model (quantized per cfg.quant) wrapped as a peft PeftModel, ready to train.
 
-    Only LoRA (and modules_to_save) parameters are trainable. The caller seeds the RNG first:
-    the LoRA init draws from the global generator, so the same seed gives the same adapter.
+    Reads the model, quant, lora sections and the device/dtype policy of `cfg`, never its train
+    section: the memory features are finetune.memory.apply's, the rest of a training step is
+    finetune.training.build's. Only LoRA (and modules_to_save) parameters are trainable. The
+    caller seeds the RNG first: the LoRA init draws from the global generator, so the same seed
+    gives the same adapter.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     device = torch.device(device) if device is not None else default_device(cfg.accelerator)
-    if device.type == "cpu" and cfg.train.fixed_mmap_threshold:
-        from finetune.memory.malloc import fix_mmap_threshold
-
-        fix_mmap_threshold()  # activations are malloc'd on the CPU: see finetune/malloc.py
     m = cfg.model
     path = resolve_model_path(m.name, m.revision)
     if tokenizer is None:
@@ -363,9 +353,9 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
 
     no_reentrant = {"use_reentrant": False}
     if quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=no_reentrant)
-    elif cfg.train.gradient_checkpointing:
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
         model.enable_input_require_grads()
     model.config.use_cache = False
@@ -382,15 +372,6 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     _check_modules_to_save(model, cfg)
     if cfg.strategy == "fsdp":
         _one_float_dtype(model, fsdp_param_dtype(cfg, device))
-    if cfg.train.lean_activations:
-        from finetune.memory.lean import patch_attention, patch_swiglu
-
-        patch_swiglu(model)
-        patch_attention(model)
-    if cfg.train.mlp_tile_size:
-        from finetune.memory.tiled import tile_mlps
-
-        tile_mlps(model, cfg.train.mlp_tile_size)  # after the lean SwiGLU forward, which each tile runs
     return model
 
 

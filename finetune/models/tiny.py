@@ -48,6 +48,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def byte_tokenizer():
     """A PreTrainedTokenizerFast over raw bytes with ChatML specials (pad != eos)."""
+    # Imported here, not at the top: the torch-free planner reads TINY_CONFIG from this module.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,6 +68,7 @@ def byte_tokenizer():
 
 def make_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a random tiny causal LM + tokenizer to `path` (atomically) and return it."""
+    # Imported here, not at the top: the torch-free planner reads TINY_CONFIG from this module.
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -1,7 +1,8 @@
 """`finetune plan ... measure=true`: run real training steps and measure the memory the planner predicts.
 
 The planner (finetune.plan) is arithmetic; this is the check. It builds the recipe's model, loss and
-optimizer exactly as training does, runs one step so the optimizer state exists, then measures the
+optimizer with training's own `finetune.training.build.build_step` (memory features, chunked loss,
+MoE router term and optimizer included), runs one step so the optimizer state exists, then measures the
 next step: the bytes torch's allocator holds at its peak. That is the planner's "allocated" sum
 (every part but the CUDA context and the allocator slack), so the two compare directly.
 
@@ -27,8 +28,12 @@ import time
 from typing import Optional
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from finetune.config import Config
+from finetune.models.load import load_tokenizer
+from finetune.runtime import default_device
+from finetune.training.build import build_step
 
 
 def _storages_bytes(tensors) -> int:
@@ -82,8 +87,6 @@ def _quiet_fd2():
 
 def _cpu_step_peak(step) -> int:
     """Peak bytes allocated by torch on the CPU while `step()` runs, above what was live before."""
-    from torch.profiler import ProfilerActivity, profile
-
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_fd2():
         prof.__enter__()
@@ -105,25 +108,15 @@ def _cpu_step_peak(step) -> int:
 def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
             device: Optional[torch.device] = None) -> dict:
     """Peak bytes of one training step of `cfg` (the second: optimizer state exists by then)."""
-    from finetune.models.load import load_model, load_tokenizer
-    from finetune.runtime import default_device
-    from finetune.training.loop import _apply_liger, _loss_chunk, make_optimizer
-    from finetune.training.loss import CausalLMLoss
-
     device = device or default_device(cfg.accelerator)
     micro = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
     seq = seq_len or cfg.data.seq_len
     torch.manual_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg, device, tokenizer=tokenizer)
-    _apply_liger(cfg, model, device)
-    lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model), offload=cfg.train.offload_activations)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    model, lossmod, optimizer, _, _ = build_step(cfg, device, load_tokenizer(cfg.model))
     vocab = model.get_output_embeddings().weight.shape[0]
     # Packed like training packs when the recipe packs (the planner counts the mask that brings).
     batch = synthetic_batch(vocab, micro, seq, cfg.train.seed, packed=cfg.data.packing)
     batch = {k: v.to(device) for k, v in batch.items()}
-    model.train()
     tokens = micro * (seq - 1)
 
     def step() -> float:

@@ -8,7 +8,8 @@ checksummed into `manifest.json`, fsynced, marked `COMPLETE` last, then renamed 
 truncated file is reported instead of silently resuming from garbage.
 
 Training state is a plain dict of tensors / numbers / strings / lists / dicts saved with
-`torch.save` and loaded with `weights_only=True`: nothing in a checkpoint is ever unpickled.
+`torch.save` and loaded with `weights_only=True`: nothing in a checkpoint is ever unpickled. What
+it holds and where a run resumes from is finetune.training.state's.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ import hashlib
 import io
 import json
 import os
-import random
 import re
 import shutil
 import socket
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from finetune.errors import FinetuneError, UsageError
 
@@ -53,7 +55,7 @@ def _host() -> str:
     return socket.gethostname().replace(".", "_") or "host"
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     """Notes and warnings go to stderr as one line, like the CLI's errors."""
     print(msg, file=sys.stderr, flush=True)
 
@@ -192,7 +194,7 @@ def recover(out_dir: Path | str) -> None:
             if not target.exists() and is_complete(p):
                 os.rename(p, target)
                 _fsync_path(out_dir)
-                _say(f"note: restored {target} from an interrupted save")
+                say(f"note: restored {target} from an interrupted save")
             elif is_complete(target):
                 shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(TMP_PREFIX):
@@ -237,7 +239,7 @@ def save_checkpoint(
 
     `model` is a peft PeftModel (saved with save_pretrained: adapter_config.json +
     adapter_model.safetensors); `adapter_weights`, already in peft's saved form (e.g. gathered
-    from FSDP shards, see finetune.distributed), replace the tensors it would read from the model.
+    from FSDP shards, see finetune.training.distributed), replace the tensors it would read from the model.
     `state` is the resumable training state (see `load_state`). On any
     failure the temp dir is removed, existing checkpoints are untouched, and FinetuneError says
     which complete checkpoint is still there.
@@ -262,8 +264,6 @@ def save_checkpoint(
         if adapter_weights is None:
             model.save_pretrained(str(tmp), safe_serialization=True)
         else:  # save_pretrained would read the (sharded) model; write its two files from what we have
-            from safetensors.torch import save_file
-
             peft_config = copy.copy(model.peft_config["default"])
             peft_config.inference_mode = True  # as save_pretrained records it
             peft_config.save_pretrained(str(tmp))
@@ -364,7 +364,7 @@ def latest_checkpoint(out_dir: Path | str, quiet: bool = False) -> Optional[Path
         if problem is None:
             return p
         if not quiet and (p / MARKER).exists():
-            _say(f"warning: skipping checkpoint {problem}")
+            say(f"warning: skipping checkpoint {problem}")
     return None
 
 
@@ -412,9 +412,6 @@ def load_state(path: Path | str) -> dict:
 
 def load_adapter_weights(model, path: Path | str, adapter_name: str = "default") -> None:
     """Load the checkpoint's adapter_model.safetensors into a PeftModel's adapter in place."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     path = Path(path)
     verify(path)
     f = path / ADAPTER_WEIGHTS
@@ -431,88 +428,3 @@ def load_adapter_weights(model, path: Path | str, adapter_name: str = "default")
     if lora_missing:
         raise FinetuneError(
             f"adapter {f} does not fit this model: {len(lora_missing)} LoRA tensor(s) missing, e.g. {lora_missing[0]}")
-
-
-# --------------------------------------------------------------------------- RNG
-
-
-def capture_rng() -> dict:
-    """Every RNG that shapes a run (python, numpy, torch CPU, CUDA), as weights_only-safe values."""
-    version, internal, gauss = random.getstate()
-    out: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        out["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def restore_rng(state: dict) -> None:
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        n = state["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-    if state.get("cuda") and torch.cuda.is_available():
-        saved = list(state["cuda"])
-        count = torch.cuda.device_count()
-        if len(saved) != count:
-            _say(f"warning: checkpoint has CUDA RNG states for {len(saved)} device(s), this run sees {count}; "
-                 "restoring the first min() of them")
-        for i in range(min(len(saved), count)):
-            torch.cuda.set_rng_state(saved[i], i)
-
-
-# --------------------------------------------------------------------------- out_dir policy
-
-
-def check_out_dir(out_dir: Path | str, resume: str, overwrite: bool) -> Optional[Path]:
-    """Decide what a run does with out_dir; returns the checkpoint to resume from, or None.
-
-    Refuses to train into a non-empty out_dir unless resuming or overwrite=true. Never deletes.
-    """
-    out_dir = Path(out_dir)
-    nonempty = out_dir.is_dir() and any(out_dir.iterdir())
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"out_dir {out_dir} exists and is not a directory")
-    if resume == "no":
-        if nonempty and not overwrite:
-            raise UsageError(
-                f"out_dir {out_dir} is not empty; pass resume=auto to continue or overwrite=true to "
-                "train into it (nothing is deleted)")
-        return None
-    if resume == "auto":
-        if not nonempty:
-            _say(f"note: resume=auto: {out_dir} has no checkpoint yet; starting from step 0")
-            return None
-        recover(out_dir)
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            _say(f"note: resume=auto: no complete checkpoint in {out_dir}; starting from step 0")
-            return None
-        _say(f"note: resuming from {ckpt}")
-        return ckpt
-    ckpt = Path(resume)
-    problem = _problem(ckpt)
-    if problem:
-        raise UsageError(f"resume: checkpoint {problem}")
-    if not (ckpt / STATE_FILE).is_file():
-        raise UsageError(f"resume: {ckpt} has no {STATE_FILE} (an adapter-only save cannot be resumed)")
-    if nonempty and not overwrite and ckpt.resolve().parent != out_dir.resolve():
-        raise UsageError(
-            f"out_dir {out_dir} is not empty and {ckpt} is not one of its checkpoints; pick an empty "
-            "out_dir or pass overwrite=true (nothing is deleted)")
-    _say(f"note: resuming from {ckpt}")
-    return ckpt

@@ -19,8 +19,17 @@ from functools import partial
 from typing import Optional
 
 import torch
-from lightning.fabric.strategies import FSDPStrategy
+from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+from peft import get_peft_model_state_dict
 from torch import nn
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    ShardingStrategy,
+    StateDictType,
+)
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from finetune.config import Config
 from finetune.errors import UsageError
@@ -29,8 +38,6 @@ from finetune.errors import UsageError
 def make_strategy(cfg: Config, accelerator: str):
     """The Fabric strategy for cfg.strategy (a name Fabric resolves itself where no setting is ours)."""
     if cfg.strategy == "fsdp":
-        from torch.distributed.fsdp import ShardingStrategy
-
         if cfg.devices * cfg.num_nodes < 2:
             raise UsageError("strategy=fsdp shards over processes and needs devices x num_nodes >= 2; "
                              "on one device use strategy=auto")
@@ -50,16 +57,12 @@ def make_strategy(cfg: Config, accelerator: str):
                                state_dict_type="full", use_orig_params=True, cpu_offload=False,
                                limit_all_gathers=True, process_group_backend="gloo" if accelerator == "cpu" else None)
     if cfg.strategy == "ddp" and accelerator == "cpu":
-        from lightning.fabric.strategies import DDPStrategy
-
         return DDPStrategy(process_group_backend="gloo")
     return cfg.strategy
 
 
 def decoder_layer_policy():
     """Wrap each decoder layer, so FSDP shards per block (LoRA and 4-bit weights alike)."""
-    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
-
     def is_block(module: nn.Module) -> bool:
         return type(module).__name__.endswith("DecoderLayer")
 
@@ -74,8 +77,6 @@ class FSDPOnAnyDevice(FSDPStrategy):
     def setup_module(self, module: nn.Module) -> nn.Module:
         if self.root_device.type != "cpu":
             return super().setup_module(module)
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         return FullyShardedDataParallel(module=module, cpu_offload=self.cpu_offload,
                                         mixed_precision=self.mixed_precision_config,
                                         sharding_strategy=self.sharding_strategy,
@@ -87,8 +88,6 @@ class FSDPOnAnyDevice(FSDPStrategy):
 
 def fsdp_root(module: nn.Module) -> Optional[nn.Module]:
     """The outermost FullyShardedDataParallel inside a Fabric-wrapped module, or None without FSDP."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     inner = getattr(module, "_forward_module", module)
     return inner if isinstance(inner, FullyShardedDataParallel) else None
 
@@ -103,13 +102,6 @@ def _full_state(root: nn.Module):
     """FSDP's full (unsharded) state-dict mode, received by rank 0 alone. Each unit is gathered
     in turn, so no rank ever holds the whole model unsharded; on GPU the gathered tensors go
     straight to CPU RAM (offloading is GPU-only in torch's FSDP)."""
-    from torch.distributed.fsdp import (
-        FullOptimStateDictConfig,
-        FullStateDictConfig,
-        FullyShardedDataParallel,
-        StateDictType,
-    )
-
     offload = next(root.parameters()).device.type != "cpu"
     with FullyShardedDataParallel.state_dict_type(
             root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
@@ -129,8 +121,6 @@ class CheckpointState:
     """
 
     def __init__(self, lossmod: nn.Module, peft_model: nn.Module, optimizer):
-        from peft import get_peft_model_state_dict
-
         name_of = {id(p): n for n, p in lossmod.named_parameters()}
         params = peft_model.state_dict(keep_vars=True)  # the Parameter objects, not copies
         tensor_name = {id(v): k for k, v in params.items()}
@@ -157,8 +147,6 @@ class CheckpointState:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # Fabric's wrapper
         if root is None:
             return optimizer.state_dict()
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         with _full_state(root):
             return FullyShardedDataParallel.optim_state_dict(root, optimizer)
 
@@ -170,8 +158,6 @@ class CheckpointState:
         if root is None:
             optimizer.load_state_dict(self._by_position(saved) if by_name else saved)
             return
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         saved = saved if by_name else self._by_name(saved)
         with _full_state(root):
             optimizer.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(root, optimizer, saved))

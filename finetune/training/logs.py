@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
+
+from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from matplotlib.figure import Figure
 
 from finetune.config import Config
 from finetune.errors import UsageError
+from finetune.fs import atomic_write
 
 
 def make_loggers(cfg: Config, out_dir: Path) -> list:
-    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-
+    """Fabric loggers for output.loggers, writing under out_dir."""
     loggers = []
     for name in cfg.output.loggers:
         if name == "csv":
@@ -19,7 +22,7 @@ def make_loggers(cfg: Config, out_dir: Path) -> list:
         elif name == "tensorboard":
             loggers.append(TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version=""))
         elif name == "wandb":
-            try:
+            try:  # optional: wandb (and lightning.pytorch) only for runs that log there
                 from lightning.pytorch.loggers import WandbLogger
             except ImportError:
                 raise UsageError("output.loggers has wandb but wandb/lightning.pytorch is not installed") from None
@@ -47,21 +50,18 @@ def logger_flush(fabric) -> None:
 
 def plot_losses(state, path: Path) -> None:
     """loss.png: training loss per step, validation loss where it was measured (state: a RunState)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    # A bare Figure, not pyplot: no GUI backend and no process-wide figure state to switch or close.
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     if state.losses:
         ax.plot(*zip(*state.losses), label="train")
     if state.val_losses:
         ax.plot(*zip(*state.val_losses), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per trained token)")
-    ax.legend()
+    if state.losses or state.val_losses:  # an empty legend only warns (train.max_steps=0)
+        ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    atomic_write(path, png.getvalue())

@@ -5,91 +5,68 @@ Invariants this file keeps (each has a test):
   4 x micro-batch 1 equals 1 x micro-batch 4 and 2 processes equal 1;
 - the data order is a function of (seed, step) only, so resume needs just the step number and
   reproduces the uninterrupted run exactly on CPU;
-- a checkpoint is complete or invisible (finetune.checkpoint), and Ctrl-C / SIGTERM / NaN never
-  cost more than the steps since the last one."""
+- a checkpoint is complete or invisible (finetune.training.checkpoint), and Ctrl-C / SIGTERM / NaN
+  never cost more than the steps since the last one;
+- nothing of a run stays in memory once `train` returns (what follows, e.g. the eval suite, needs it).
+
+What a step is built from is finetune.training.build's; saving and resuming, .state's; the lines
+about memory, .report's.
+"""
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import lightning as L
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
-from finetune.config import Config, gradient_accumulation, to_yaml
-from finetune.errors import FinetuneError, UsageError
-from finetune.training import checkpoint
-from finetune.training.distributed import (
-    CheckpointState,
-    fsdp_root,
-    make_strategy,
-    param_bytes,
-)
+from finetune.config import Config, gradient_accumulation
+from finetune.data import BatchStream, collate, prepare
+from finetune.errors import FinetuneError
+from finetune.models.load import load_tokenizer
+from finetune.runtime import resolve_precision
+from finetune.training import checkpoint, report
+from finetune.training.build import build_step, lr_lambda
+from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
 from finetune.training.logs import logger_flush, make_loggers, plot_losses
-from finetune.training.loss import CausalLMLoss
+from finetune.training.progress import TrainProgress
+from finetune.training.state import RunState, Saver, resume_source
 
 # --------------------------------------------------------------------------- setup
 
 
-def resolve_precision(cfg: Config) -> tuple[str, str]:
-    """(accelerator, precision): fp32 on CPU (bf16 there is pathologically slow), bf16 on GPU."""
-    accelerator = cfg.accelerator
-    if accelerator == "auto":
-        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
-        raise UsageError(f"accelerator={cfg.accelerator} but no CUDA GPU is visible; use accelerator=cpu")
-    precision = cfg.precision or ("32-true" if accelerator == "cpu" else "bf16-mixed")
-    return accelerator, precision
+def train(cfg: Config) -> Optional[Path]:
+    """Train and return the final adapter directory on global rank 0 (None on the other ranks).
+
+    The model, optimizer and data are released before it returns (and the GPU cache emptied), so
+    the caller can load other models, e.g. to evaluate the adapter it just saved.
+    """
+    _preflight(cfg)
+    fabric = make_fabric(cfg)
+    fabric.launch()
+    final_dir = main(fabric, cfg).final_dir
+    rank0 = fabric.global_rank == 0
+    del fabric
+    gc.collect()  # peft and transformers modules hold reference cycles: free them now, not later
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    return final_dir if rank0 else None
 
 
-def make_fabric(cfg: Config):
-    import lightning as L
-
+def make_fabric(cfg: Config) -> L.Fabric:
     accelerator, precision = resolve_precision(cfg)
     loggers = make_loggers(cfg, Path(cfg.out_dir))
     return L.Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                     strategy=make_strategy(cfg, accelerator), precision=precision, loggers=loggers)
-
-
-def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    t = cfg.train
-    kwargs = dict(lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
-    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw": bnb.optim.PagedAdamW}[t.optimizer]
-    return cls(params, **kwargs)
-
-
-def lr_lambda(cfg: Config):
-    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at max_steps."""
-    t = cfg.train
-
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def train(cfg: Config) -> Path:
-    """Python API of `finetune recipe=...`: train and return the final adapter directory."""
-    _preflight(cfg)
-    fabric = make_fabric(cfg)
-    fabric.launch()
-    return main(fabric, cfg).final_dir
 
 
 def _preflight(cfg: Config) -> None:
@@ -98,10 +75,8 @@ def _preflight(cfg: Config) -> None:
     After launch, a mistake seen by rank 0 alone would leave the other ranks waiting in a
     collective until the store times out; before it, no rank has started and nothing is written.
     """
-    if cfg.resume == "no":
-        checkpoint.check_out_dir(Path(cfg.out_dir), "no", cfg.overwrite)
-    elif cfg.resume != "auto" and not checkpoint.is_complete(cfg.resume):
-        raise UsageError(f"resume={cfg.resume} is not a complete checkpoint directory")
+    if cfg.resume != "auto":  # auto repairs out_dir: rank 0 alone does that, after launch
+        resume_source(cfg.out_dir, cfg.resume, cfg.overwrite)
     if cfg.train.micro_batch_size != "auto" and cfg.devices > 0:
         gradient_accumulation(cfg, cfg.devices * cfg.num_nodes, int(cfg.train.micro_batch_size))
 
@@ -110,26 +85,17 @@ def _preflight(cfg: Config) -> None:
 class TrainResult:
     final_dir: Path
     model: Optional[nn.Module] = None  # the trained peft model, for tests and notebooks
-    state: Optional["RunState"] = None
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    losses: list = field(default_factory=list)  # (step, train loss) for the loss curve
-    val_losses: list = field(default_factory=list)
+    state: Optional[RunState] = None
 
 
 def main(fabric, cfg: Config) -> TrainResult:
-    from finetune.data import BatchStream, prepare
-    from finetune.models.load import load_model, load_tokenizer
-
+    """One run on a launched Fabric: data, model, optimizer, resume, fit, final adapter."""
     out_dir = Path(cfg.out_dir)
     rank0 = fabric.global_rank == 0
     final_dir = out_dir / "final"
 
     # Rank 0 alone repairs out_dir and picks the checkpoint; the others must not look while it does.
-    resume_from = fabric.broadcast(_resume_source(cfg, out_dir, rank0) if rank0 else None)
+    resume_from = fabric.broadcast(resume_source(out_dir, cfg.resume, cfg.overwrite) if rank0 else None)
     if resume_from is not None and resume_from.name == "final":
         fabric.print(f"{final_dir} is already complete; nothing to resume. Use a new out_dir to train again.")
         return TrainResult(final_dir)
@@ -138,8 +104,6 @@ def main(fabric, cfg: Config) -> TrainResult:
 
     fabric.seed_everything(cfg.train.seed, verbose=False)  # one less stderr line per rank
     if not rank0:  # progress bars from rank 0 only (transformers shows one while loading weights)
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(cfg.model)
     with fabric.rank_zero_first():  # rank 0 fills the tokenized cache, the others read it
@@ -147,201 +111,56 @@ def main(fabric, cfg: Config) -> TrainResult:
     if rank0:
         fabric.print(str(data.stats))
 
-    model = load_model(cfg, fabric.device, tokenizer=tokenizer)
-    # from_pretrained leaves the base in eval mode; until the first validation switched it, LoRA
-    # dropout was off and transformers skipped gradient checkpointing (it checkpoints only in training).
-    model.train()
-    micro = cfg.train.micro_batch_size
-    if micro == "auto":
-        from finetune.plan.predict import auto_micro_batch
-
-        # The planner sizes for the device's memory; a CPU has no such budget, the planner caps it.
-        budget = (torch.cuda.get_device_properties(fabric.device).total_memory
-                  if fabric.device.type == "cuda" else 12 * 2**30)
-        micro = auto_micro_batch(cfg, budget)
+    step = build_step(cfg, fabric.device, tokenizer)
+    micro = report.micro_batch(cfg, fabric.device)
+    if cfg.train.micro_batch_size == "auto":
         fabric.print(f"train.micro_batch_size=auto -> {micro}")
     accum = gradient_accumulation(cfg, fabric.world_size, micro)
     stream = BatchStream(data.train, global_batch_size=cfg.train.global_batch_size, micro_batch_size=micro,
                          world_size=fabric.world_size, rank=fabric.global_rank, seed=cfg.train.seed,
                          group_by_length=not cfg.data.packing, pad_id=tokenizer.pad_token_id)
     val_batches = _val_batches(data.val, micro, fabric, tokenizer.pad_token_id, cfg.train.eval_batches)
+    n_trainable = sum(p.numel() for p in step.trainable)  # counted now: FSDP turns them into shards
+    _print_if(fabric, report.tiles_line(cfg.train, step.memory))
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)  # counted now: FSDP turns them into shards
-    _apply_liger(cfg, model, fabric.device)
-    if cfg.train.mlp_tile_size:
-        from finetune.memory.tiled import count_tiled
-
-        n_tiled = count_tiled(model)
-        fabric.print(f"train.mlp_tile_size={cfg.train.mlp_tile_size}: {n_tiled} MLPs run "
-                     f"{cfg.train.mlp_tile_size} tokens at a time" if n_tiled else
-                     "train.mlp_tile_size: no dense decoder MLP found to tile; training untiled")
-    lossmod = CausalLMLoss(model, chunk=_loss_chunk(cfg, model), offload=cfg.train.offload_activations,
-                           router_aux_coef=cfg.train.router_aux_loss_coef)
-    optimizer = make_optimizer(cfg, trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(step.optimizer, lr_lambda(cfg))
     if resume_from is not None:  # whole tensors, before FSDP shards them
-        checkpoint.load_adapter_weights(model, resume_from)
-    ckpt_state = CheckpointState(lossmod, model, optimizer)  # names, while the model is not yet wrapped
-    whole = param_bytes(model)
-    lossmod, optimizer = fabric.setup(lossmod, optimizer)
-    if fsdp_root(lossmod) is not None:
-        fabric.print(f"FSDP: rank 0 holds {param_bytes(lossmod) / 2**20:,.2f} MiB of the model's "
-                     f"{whole / 2**20:,.2f} MiB of parameters")
+        checkpoint.load_adapter_weights(step.model, resume_from)
+    ckpt_state = CheckpointState(step.lossmod, step.model, step.optimizer)  # names, while not yet wrapped
+    whole = param_bytes(step.model)
+    lossmod, optimizer = fabric.setup(step.lossmod, step.optimizer)
+    _print_if(fabric, report.fsdp_line(lossmod, whole))
 
     state = RunState()
+    saver = Saver(fabric, cfg, step.model, tokenizer, lossmod, optimizer, scheduler, ckpt_state)
     if resume_from is not None:
-        _restore(resume_from, ckpt_state, lossmod, optimizer, scheduler, state)
+        saver.restore(resume_from, state)
         fabric.print(f"resumed from {resume_from} at step {state.step}")
 
     fabric.print(f"training {n_trainable:,} parameters; {fabric.world_size} process(es), "
                  f"micro-batch {micro} x accumulation {accum} x {fabric.world_size} = global {cfg.train.global_batch_size}")
-    saver = Saver(fabric, cfg, model, tokenizer, lossmod, optimizer, scheduler, ckpt_state)
     fit(fabric, cfg, lossmod, optimizer, scheduler, stream, val_batches, state, saver)
-    fabric.print(_peak_memory_line(cfg, fabric.device, micro))
+    fabric.print(report.peak_memory_line(cfg, fabric.device, micro))
 
     saver.save(final_dir, state)
     if rank0:
         if cfg.output.plot:
             plot_losses(state, out_dir / "loss.png")
         fabric.print(f"saved adapter to {final_dir}")
-    if cfg.eval.suite and rank0:
-        from finetune.eval.run import run_suite_after_training
-
-        run_suite_after_training(cfg.eval.suite, final_dir, out_dir / "eval", cfg=cfg)
-    return TrainResult(final_dir, model, state)
+    return TrainResult(final_dir, step.model, state)
 
 
-def _peak_memory_line(cfg: Config, device: torch.device, micro: int) -> str:
-    """What this run's peak memory was, next to the planner's prediction on a GPU (the check on
-    `finetune plan`, on the user's own card). A CPU has no allocator peak: report resident memory."""
-    if device.type != "cuda":
-        import resource
-
-        return f"peak resident memory (this process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-    from finetune.plan.predict import CUDA_CONTEXT_BYTES, predict
-
-    reserved = torch.cuda.max_memory_reserved(device) + CUDA_CONTEXT_BYTES
-    line = (f"peak GPU memory (device {device.index}): {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
-            f"allocated, ~{reserved / 2**30:.2f} GiB with reserve and CUDA context")
-    try:
-        planned = predict(cfg, micro_batch=micro).peak_bytes
-    except UsageError:  # a model the planner cannot size: the measurement stands alone
-        return line
-    return line + f"; `finetune plan` predicted {planned / 2**30:.2f} GiB"
-
-
-def _resume_source(cfg: Config, out_dir: Path, rank0: bool) -> Optional[Path]:
-    if cfg.resume == "no":
-        checkpoint.check_out_dir(out_dir, cfg.resume, cfg.overwrite) if rank0 else None
-        return None
-    if cfg.resume == "auto":
-        if rank0 and out_dir.is_dir():
-            checkpoint.recover(out_dir)  # finish or undo a save that a kill interrupted
-        final = out_dir / "final"
-        if checkpoint.is_complete(final):
-            return final
-        return checkpoint.latest_checkpoint(out_dir)
-    path = Path(cfg.resume)
-    if not checkpoint.is_complete(path):
-        raise UsageError(f"resume={cfg.resume} is not a complete checkpoint directory")
-    return path
-
-
-def _apply_liger(cfg: Config, model: nn.Module, device: torch.device) -> None:
-    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the base model, GPU only."""
-    if not cfg.train.liger:
-        return
-    if device.type != "cuda":
-        raise UsageError("train.liger=true needs a CUDA GPU (Liger kernels are Triton); set train.liger=false")
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        raise UsageError("train.liger=true but liger-kernel is not installed: pip install liger-kernel") from None
-    # The cross-entropy kernels stay off: the chunked loss above already avoids full logits.
-    _apply_liger_kernel_to_instance(model=model.get_base_model(), cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
-    if cfg.train.mlp_tile_size:  # Liger replaced the MLP forwards load_model had tiled: tile Liger's
-        from finetune.memory.tiled import tile_mlps
-
-        tile_mlps(model, cfg.train.mlp_tile_size)
-
-
-def _loss_chunk(cfg: Config, model: nn.Module) -> int:
-    # The chunked head runs outside the model's own forward; a trained lm_head would then miss
-    # DDP's gradient sync, so it falls back to the plain loss.
-    head_trained = any(p.requires_grad for p in model.get_output_embeddings().parameters())
-    return 0 if head_trained else cfg.train.loss_chunk_size
-
-
-@dataclass
-class Saver:
-    """Writes a checkpoint of the run. Every rank calls `save`: under FSDP the adapter and optimizer
-    state are gathered collectively to rank 0, which writes; the others wait until it is complete."""
-
-    fabric: object
-    cfg: Config
-    model: nn.Module  # the PeftModel (its config and save_pretrained)
-    tokenizer: object
-    lossmod: nn.Module  # what Fabric wrapped (FSDP's shards live here)
-    optimizer: object
-    scheduler: object
-    ckpt_state: CheckpointState
-
-    def save(self, path: Path, state: "RunState") -> None:
-        adapter = self.ckpt_state.adapter_weights(self.lossmod)
-        optim = self.ckpt_state.optimizer_state(self.lossmod, self.optimizer)
-        if self.fabric.global_rank == 0:
-            checkpoint.save_checkpoint(
-                path, model=self.model, tokenizer=self.tokenizer, config_yaml=to_yaml(self.cfg),
-                adapter_weights=adapter,
-                state={"optimizer": optim, "scheduler": self.scheduler.state_dict(), "step": state.step,
-                       "losses": state.losses, "val_losses": state.val_losses, "rng": checkpoint.capture_rng()})
-        self.fabric.barrier()
-
-
-def _restore(path: Path, ckpt_state: CheckpointState, lossmod, optimizer, scheduler, state: RunState) -> None:
-    """Optimizer, schedule, step and RNG (the adapter weights were loaded before setup)."""
-    saved = checkpoint.load_state(path)
-    ckpt_state.load_optimizer_state(lossmod, optimizer, saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    state.step = int(saved["step"])
-    state.losses = [tuple(x) for x in saved.get("losses", [])]
-    state.val_losses = [tuple(x) for x in saved.get("val_losses", [])]
-    checkpoint.restore_rng(saved["rng"])
+def _print_if(fabric, line: Optional[str]) -> None:
+    if line:
+        fabric.print(line)
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary and exits cleanly."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches, state: RunState, saver: Saver):
-    from finetune.training.progress import TrainProgress
-
+    """Train from state.step to train.max_steps: one optimizer step per iteration, validation and
+    checkpoints on their schedules, a clean save-and-exit on SIGINT/SIGTERM."""
     t = cfg.train
     out_dir = Path(cfg.out_dir)
     rank0 = fabric.global_rank == 0
@@ -391,13 +210,13 @@ def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches,
             if val_batches is not None and t.eval_every and state.step % t.eval_every == 0:
                 _validate(fabric, lossmod, val_batches, state, progress)
             if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
-                _save_step(saver, state)
+                saver.save_step(state)
             stopping = stop.signal is not None
             if fabric.world_size > 1:  # ranks may get the signal a step apart; all must stop at the same one
                 flag = torch.tensor(int(stopping), device=fabric.device)
                 stopping = fabric.all_reduce(flag, reduce_op="sum").item() > 0
             if stopping and state.step < t.max_steps:
-                path = _save_step(saver, state)
+                path = saver.save_step(state)
                 sig = stop.signal or signal.SIGTERM
                 logger_flush(fabric)  # the CSV logger buffers rows in memory: write them before exiting
                 fabric.print(f"\n{signal.Signals(sig).name} received: saved {path} at step {state.step}. "
@@ -409,15 +228,6 @@ def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches,
     logger_flush(fabric)
 
 
-def _save_step(saver: Saver, state: RunState) -> Path:
-    out_dir = Path(saver.cfg.out_dir)
-    path = checkpoint.step_dir(out_dir, state.step)
-    saver.save(path, state)
-    if saver.fabric.global_rank == 0 and saver.cfg.train.keep_last:
-        checkpoint.prune(out_dir, saver.cfg.train.keep_last)
-    return path
-
-
 def _val_batches(units: list, micro: int, fabric, pad_id: int, max_batches: int) -> Optional[list[dict]]:
     """The same validation micro-batches every time: units in order, split over ranks, collated once.
 
@@ -426,8 +236,6 @@ def _val_batches(units: list, micro: int, fabric, pad_id: int, max_batches: int)
     ones, worth 0 loss and 0 tokens): DDP syncs buffers and FSDP gathers weights in a forward,
     so ranks must run equally many. None = no validation data at all.
     """
-    from finetune.data import collate
-
     units = units[:max_batches * micro]
     if not len(units):
         return None
@@ -457,3 +265,28 @@ def _validate(fabric, lossmod, val_batches: list[dict], state: RunState, progres
     fabric.log_dict({"val_loss": val}, step=state.step)
     progress.note(f"step {state.step}: val_loss {val:.4f}")
     return val
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.memory import lean
+from finetune.moe.routing import load_balancing_loss
 
 # --------------------------------------------------------------------------- the loss
 
@@ -21,7 +22,7 @@ class CausalLMLoss(nn.Module):
     Running the head inside this forward lets the loss be computed `chunk` positions at a time,
     so full-sequence fp32 logits (seq x vocab x 4 bytes: 1 GiB for Llama-3 at 2k tokens) never
     exist at once. A frozen plain nn.Linear head (the usual LoRA case) goes through
-    finetune.lean.linear_cross_entropy, which forms d loss / d hidden in forward and keeps only
+    finetune.memory.lean.linear_cross_entropy, which forms d loss / d hidden in forward and keeps only
     that; any other head runs each chunk under activation checkpointing (recomputed in backward).
     """
 
@@ -71,8 +72,6 @@ class CausalLMLoss(nn.Module):
                     loss = loss + torch.utils.checkpoint.checkpoint(
                         _head_ce, head, hidden[i:i + self.chunk], flat_targets[i:i + self.chunk], use_reentrant=False)
         if self.router_aux_coef:
-            from finetune.moe.routing import load_balancing_loss
-
             # transformers' own aux_loss softmaxes router probabilities a second time
             # (huggingface/transformers#45120); ours forms probabilities exactly once. It is a
             # per-token mean, so weighting it by this micro-batch's tokens keeps the step's

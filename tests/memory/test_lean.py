@@ -1,7 +1,5 @@
-"""finetune.lean gives the plain path's loss and gradients (CPU, tiny model), and patches only what
-it recognises; finetune.malloc sets glibc's mmap threshold once and respects the user's choice."""
-
-import importlib
+"""finetune.memory.lean gives the plain path's loss and gradients (CPU, tiny model), and patches only what
+it recognises; finetune.memory.malloc sets glibc's mmap threshold once and respects the user's choice."""
 
 import pytest
 import torch
@@ -10,10 +8,8 @@ from torch import nn
 
 from finetune.memory import lean
 from finetune.data.pack import collate, pack
+from finetune.training.loss import CausalLMLoss
 from tiny_peft import make_model
-
-train_mod = importlib.import_module("finetune.training.loop")
-CausalLMLoss = train_mod.CausalLMLoss
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -270,10 +266,8 @@ def test_lean_attention_keeps_one_mask_and_unrepeated_kv():
 
 
 def test_lean_attention_defers_to_transformers_without_a_boolean_mask(monkeypatch):
-    import transformers.integrations.sdpa_attention as sdpa_mod
-
     seen = []
-    monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", lambda *a, **k: seen.append(a[4]) or ("stock", None))
+    monkeypatch.setattr(lean, "sdpa_attention_forward", lambda *a, **k: seen.append(a[4]) or ("stock", None))
     q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
     for mask in (None, torch.zeros(1, 1, 3, 3)):
         assert lean.lean_sdpa_attention_forward(nn.Module(), q, k, k, mask)[0] == "stock"

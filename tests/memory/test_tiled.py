@@ -1,4 +1,4 @@
-"""finetune.tiled: tiled MLPs give the untiled loss and LoRA gradients (CPU, tiny models), with
+"""finetune.memory.tiled: tiled MLPs give the untiled loss and LoRA gradients (CPU, tiny models), with
 LoRA dropout, nested in gradient checkpointing, under activation offload and on real NF4, and keep
 less for backward."""
 
@@ -87,7 +87,7 @@ def test_tiles_run_the_lean_swiglu_forward():
 
 
 def test_a_forward_replaced_after_tiling_is_tiled_again():
-    # What Liger does to each MLP (an instance forward); _apply_liger tiles again after it.
+    # What Liger does to each MLP (an instance forward); tiles wrap whatever forward an MLP has.
     model = make_model(**{"train.lean_activations": "false", "train.mlp_tile_size": TILE})
     mlp = next(tiled.decoder_mlps(model))
     mlp.forward = types.MethodType(lambda self, x: self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), mlp)

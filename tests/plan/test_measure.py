@@ -61,3 +61,22 @@ def test_measure_refuses_a_7b_on_the_cpu():
                         "measure=true"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "too big to measure" in r.stderr
+
+
+def test_measure_runs_the_training_step_router_term_included(tmp_path, monkeypatch):
+    # measure=true builds model, loss and optimizer with training's build_step, so a MoE recipe's
+    # load-balancing term is part of the measured step as it is of training's.
+    from finetune.training import build, loss
+
+    moe = make_tiny_model(tmp_path / "moe", arch="mixtral", num_local_experts=2, num_experts_per_tok=1)
+    built, aux_calls = [], []
+    real_build, real_aux = build.build_step, loss.load_balancing_loss
+    monkeypatch.setattr("finetune.plan.measure.build_step",
+                        lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    monkeypatch.setattr(loss, "load_balancing_loss", lambda *a, **k: aux_calls.append(1) or real_aux(*a, **k))
+    cfg = load_config("tiny-lora", {"model.name": str(moe), "data.seq_len": "32", "lora.target_modules": "[q_proj]",
+                                    "train.router_aux_loss_coef": "0.02"})
+    m = measure(cfg)
+    assert m["peak_allocated_bytes"] > 0
+    assert built and built[0].lossmod.router_aux_coef == 0.02
+    assert len(aux_calls) == 2  # one forward per measured step (the warm-up and the measured one)

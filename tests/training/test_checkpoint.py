@@ -1,9 +1,8 @@
-"""Checkpoints: atomic, verified, resumable; nothing lost on a full disk or a refused out_dir."""
+"""Checkpoints: atomic, verified, resumable; nothing lost on a full disk or a kill."""
 
 from __future__ import annotations
 
 import errno
-import io
 import os
 import random
 import subprocess
@@ -11,11 +10,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from finetune.training import checkpoint as ck
+from finetune.training.state import capture_rng
 from finetune.errors import FinetuneError, UsageError
 
 CONFIG_YAML = "lora:\n  r: 4\n"
@@ -61,7 +60,7 @@ def model(base_dir):
 
 def _state(step=5):
     return {"step": step, "tokens": 1234, "lr": 1.5e-4, "data": {"epoch": 0, "position": [3, 1, 2]},
-            "note": "x", "optimizer": {"m": torch.arange(6.0)}, "rng": ck.capture_rng()}
+            "note": "x", "optimizer": {"m": torch.arange(6.0)}, "rng": capture_rng()}
 
 
 def _save(out, step, model, tokenizer, state=True):
@@ -316,69 +315,6 @@ def test_prune_never_trades_the_last_good_checkpoint_for_a_corrupt_one(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003"]
 
 
-# --------------------------------------------------------------------------- out_dir policy
-
-
-def test_check_out_dir_refuses_nonempty_and_touches_nothing(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    (out / "sub").mkdir()
-    (out / "sub" / "x.bin").write_bytes(b"\x00\x01")
-    before = _snapshot(out)
-    with pytest.raises(UsageError, match=r"out_dir .*run is not empty; pass resume=auto .* overwrite=true .*nothing is deleted"):
-        ck.check_out_dir(out, "no", False)
-    assert _snapshot(out) == before
-    assert ck.check_out_dir(out, "no", True) is None and _snapshot(out) == before
-    assert ck.check_out_dir(tmp_path / "missing", "no", False) is None
-    assert not (tmp_path / "missing").exists()
-
-
-def test_check_out_dir_resume(tmp_path, model, capsys):
-    out = tmp_path / "run"
-    assert ck.check_out_dir(out, "auto", False) is None
-    assert "starting from step 0" in capsys.readouterr().err
-    out.mkdir()
-    (out / "log.csv").write_text("x")  # killed before the first checkpoint
-    assert ck.check_out_dir(out, "auto", False) is None
-    p = ck.save_checkpoint(ck.step_dir(out, 3), model=model, config_yaml="", state={"step": 3})
-    assert ck.check_out_dir(out, "auto", False) == p
-    assert ck.check_out_dir(out, str(p), False) == p
-    adapter_only = ck.save_checkpoint(out / "final", model=model, config_yaml="", state=None)
-    with pytest.raises(UsageError, match="no training_state.pt"):
-        ck.check_out_dir(out, str(adapter_only), False)
-    (out / "step-000004").mkdir()
-    with pytest.raises(UsageError, match="incomplete"):
-        ck.check_out_dir(out, str(out / "step-000004"), False)
-    # Resuming another run's checkpoint into a third, non-empty folder would mix two runs.
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "f").write_text("x")
-    with pytest.raises(UsageError, match="not empty"):
-        ck.check_out_dir(elsewhere, str(p), False)
-
-
-# --------------------------------------------------------------------------- RNG
-
-
-def test_rng_roundtrip_through_weights_only_file(tmp_path):
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
-    random.gauss(0, 1)
-    state = ck.capture_rng()
-    expect = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(),
-              torch.rand(3).tolist(), torch.randn(2).tolist())
-    buf = io.BytesIO()
-    torch.save({"rng": state}, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)["rng"]
-    random.seed(99), np.random.seed(99), torch.manual_seed(99)
-    ck.restore_rng(loaded)
-    got = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(),
-           torch.rand(3).tolist(), torch.randn(2).tolist())
-    assert got == expect
-
-
 # --------------------------------------------------------------------------- bitsandbytes optimizers
 
 
@@ -444,6 +380,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from finetune.training import checkpoint as ck
+from finetune.training.state import capture_rng
 
     class Fake:  # duck-typed PeftModel: keeps torch/peft model building out of the timing
         def save_pretrained(self, d, **kw):

@@ -1,22 +1,28 @@
 """End to end on the tiny model: LoRA and real NF4 QLoRA, the saved adapter loads with plain peft,
 gradient accumulation is exact, and resume reproduces the uninterrupted run."""
 
+import gc
 import json
+import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import finetune
 from finetune.config import load_config
 from finetune.errors import FinetuneError, UsageError
+from finetune.training import build, loop, report
+from finetune.training.checkpoint import is_complete
+from finetune.training.loss import CausalLMLoss
+from finetune.training.loop import main, make_fabric
 
 
 def run_in_process(recipe, out_dir, **overrides):
-    from finetune.training.loop import main, make_fabric
-
     cfg = load_config(recipe, {"out_dir": str(out_dir), "output.progress": "false",
                                **{k: str(v) for k, v in overrides.items()}})
     fabric = make_fabric(cfg)
@@ -54,7 +60,7 @@ def test_end_to_end_adapter_loads_with_plain_peft(recipe, tmp_path):
     weights = load_file(final / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     if recipe == "tiny-qlora":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # only the QLoRA case needs it
 
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
         return  # 4-bit base vs fp32 base logits differ by quantization error; the LoRA test covers parity
@@ -73,11 +79,9 @@ def test_loss_goes_down_and_logs(tmp_path, capsys):
 
 
 def test_peak_memory_line_on_a_gpu_names_the_prediction(monkeypatch):
-    from finetune.training import loop as train
-
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 9 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 8 * 2**30)
-    line = train._peak_memory_line(load_config("qlora-7b-alpaca", {}), torch.device("cuda", 0), 2)
+    line = report.peak_memory_line(load_config("qlora-7b-alpaca", {}), torch.device("cuda", 0), 2)
     assert line.startswith("peak GPU memory (device 0): 8.00 GiB allocated, ~9.49 GiB with reserve and CUDA context")
     assert "`finetune plan` predicted 6.12 GiB" in line
 
@@ -100,8 +104,6 @@ def test_gradient_accumulation_equivalence(tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-    import shutil
-
     cfg = {"train.max_steps": 6, "train.save_every": 2}
     full = run_in_process("tiny-lora", tmp_path / "full", **cfg)
     # A run that stopped after step 4: only its checkpoints exist.
@@ -124,9 +126,7 @@ def test_refuses_non_empty_out_dir(tmp_path):
 
 
 def test_nan_loss_stops_and_names_step(tmp_path, monkeypatch):
-    from finetune.training import loop as train_mod
-
-    real_forward = train_mod.CausalLMLoss.forward
+    real_forward = CausalLMLoss.forward
     calls = {"n": 0}
 
     def poisoned(self, *args):
@@ -135,11 +135,9 @@ def test_nan_loss_stops_and_names_step(tmp_path, monkeypatch):
         # micro-batch 2 of 2 per step with micro 2 / global 4: step 3 starts at call 5
         return (loss * float("nan"), n) if calls["n"] >= 5 else (loss, n)
 
-    monkeypatch.setattr(train_mod.CausalLMLoss, "forward", poisoned)
+    monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
     with pytest.raises(FinetuneError, match="at step 3.*step-000002"):
         run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 6, "train.save_every": 2})
-    from finetune.training.checkpoint import is_complete
-
     assert is_complete(tmp_path / "run" / "step-000002")
     assert not (tmp_path / "run" / "final").exists()
 
@@ -157,11 +155,8 @@ def test_micro_batch_auto_asks_the_planner(tmp_path):
 def test_first_step_trains_in_training_mode_with_checkpointing(tmp_path, monkeypatch):
     # from_pretrained returns the base in eval mode, where transformers skips gradient checkpointing
     # and LoRA dropout is off: every training forward, the first included, must see training mode.
-    import importlib
-
-    train_mod = importlib.import_module("finetune.training.loop")  # finetune.train is also the function
     seen = []
-    real = train_mod.CausalLMLoss._forward
+    real = CausalLMLoss._forward
 
     def spy(self, *args):
         if torch.is_grad_enabled():
@@ -169,6 +164,32 @@ def test_first_step_trains_in_training_mode_with_checkpointing(tmp_path, monkeyp
             seen.append((layer.training, layer.gradient_checkpointing))
         return real(self, *args)
 
-    monkeypatch.setattr(train_mod.CausalLMLoss, "_forward", spy)
+    monkeypatch.setattr(CausalLMLoss, "_forward", spy)
     run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 2, "train.gradient_checkpointing": "true"})
     assert seen and all(s == (True, True) for s in seen), seen
+
+
+def test_finetune_train_twice_in_one_process_returns_each_final_dir_and_frees_the_model(tmp_path, monkeypatch):
+    # The API is the CLI's `finetune recipe=...`: callable again in the same process (a notebook,
+    # a sweep), each call returning its own final adapter, the same seed giving the same adapter,
+    # and nothing of the run left alive for what follows (the eval suite loads other models).
+    models = []
+    real_build = build.build_step
+
+    def remember(*args, **kwargs):
+        step = real_build(*args, **kwargs)
+        models.append(weakref.ref(step.model))
+        return step
+
+    monkeypatch.setattr(loop, "build_step", remember)
+    finals = []
+    for name in ("a", "b"):
+        cfg = finetune.load_config("tiny-lora", {"out_dir": str(tmp_path / name), "train.max_steps": "2",
+                                                 "output.progress": "false"})
+        finals.append(finetune.train(cfg))
+        gc.collect()
+        assert models[-1]() is None, "the trained model is still referenced after finetune.train returned"
+    assert finals == [tmp_path / "a" / "final", tmp_path / "b" / "final"]
+    assert all(is_complete(f) for f in finals)
+    wa, wb = _adapter(finals[0]), _adapter(finals[1])
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

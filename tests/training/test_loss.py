@@ -2,22 +2,15 @@
 
 Covered: the chunked lm_head + cross-entropy (train.loss_chunk_size), activation offload
 (train.offload_activations), packing (the per-token loss sum over the same examples is the same
-packed or not: nothing leaks across examples), sdpa vs eager attention under packing, and the
-one-line error for train.liger=true on a CPU.
+packed or not: nothing leaks across examples) and sdpa vs eager attention under packing.
 """
-
-import importlib
 
 import pytest
 import torch
 
-from finetune.config import load_config
 from finetune.data.pack import collate, pack, single_units
-from finetune.errors import UsageError
-from tiny_peft import make_cfg, make_model
-
-train_mod = importlib.import_module("finetune.training.loop")  # finetune/__init__ re-exports train() under this name
-CausalLMLoss = train_mod.CausalLMLoss
+from finetune.training.loss import CausalLMLoss
+from tiny_peft import make_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -109,11 +102,3 @@ def test_sdpa_and_eager_agree_under_packing(packed_batch):
     torch.testing.assert_close(loss_s, loss_e, atol=1e-4, rtol=1e-5)
     for k in grads_s:
         torch.testing.assert_close(grads_s[k], grads_e[k], atol=1e-4, rtol=1e-4, msg=k)
-
-
-def test_liger_on_cpu_is_one_line_usage_error(model):
-    cfg = make_cfg(**{"train.liger": "true"})
-    with pytest.raises(UsageError) as e:
-        train_mod._apply_liger(cfg, model, torch.device("cpu"))
-    msg = str(e.value)
-    assert "\n" not in msg and "train.liger" in msg and "GPU" in msg

@@ -1,0 +1,150 @@
+"""A run's resumable state: where a run resumes from, and what a checkpoint of it holds.
+
+`resume_source` is the one resume decision (resume=no | auto | PATH against out_dir). A checkpoint
+(written by finetune.training.checkpoint, complete or invisible) holds the adapter and, in
+training_state.pt, the optimizer and schedule state, the step, the loss history and every RNG
+that shapes the run, so a resumed run continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.config import Config, to_yaml
+from finetune.errors import UsageError
+from finetune.fs import check_out_dir
+from finetune.training import checkpoint
+from finetune.training.distributed import CheckpointState
+
+# What a refusal to train into a non-empty out_dir suggests.
+RESUME_HINT = "pass resume=auto to continue or overwrite=true to train into it (nothing is deleted)"
+
+
+def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional[Path]:
+    """The checkpoint a run continues from, or None to start at step 0.
+
+    - resume=no: a fresh run; a non-empty out_dir is refused unless overwrite=true.
+    - resume=auto: out_dir/final when it is complete (nothing is left to train), else the newest
+      complete step checkpoint in out_dir, else None. First finishes or undoes a save that a kill
+      interrupted, so only rank 0 calls it, after launch.
+    - resume=PATH: that checkpoint, which must be complete and hold training state; into a
+      non-empty out_dir only when it is one of out_dir's own checkpoints or with overwrite=true.
+
+    Nothing is ever deleted. resume=no and resume=PATH only check, so every process can ask them
+    before launch.
+    """
+    out_dir = Path(out_dir)
+    if resume == "no":
+        check_out_dir(out_dir, overwrite, hint=RESUME_HINT)
+        return None
+    if resume == "auto":
+        checkpoint.recover(out_dir)
+        final = out_dir / "final"
+        return final if checkpoint.is_complete(final) else checkpoint.latest_checkpoint(out_dir)
+    path = Path(resume)
+    if not checkpoint.is_complete(path):
+        raise UsageError(f"resume={resume} is not a complete checkpoint directory")
+    if not (path / checkpoint.STATE_FILE).is_file():
+        raise UsageError(f"resume={resume} has no {checkpoint.STATE_FILE} (an adapter-only save cannot be resumed)")
+    # Resuming another run's checkpoint into a third, non-empty folder would mix two runs.
+    own = path.resolve().parent == out_dir.resolve()
+    check_out_dir(out_dir, overwrite or own, hint=f"{resume} is not one of its checkpoints; pick an empty "
+                                                  "out_dir or pass overwrite=true (nothing is deleted)")
+    return path
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    losses: list = field(default_factory=list)  # (step, train loss) for the loss curve
+    val_losses: list = field(default_factory=list)
+
+
+@dataclass
+class Saver:
+    """Saves and restores the run's checkpoints. Every rank calls `save`: under FSDP the adapter and
+    optimizer state are gathered collectively to rank 0, which writes; the others wait until it is
+    complete. Every rank calls `restore` too, each reading the same files."""
+
+    fabric: object
+    cfg: Config
+    model: nn.Module  # the PeftModel (its config and save_pretrained)
+    tokenizer: object
+    lossmod: nn.Module  # what Fabric wrapped (FSDP's shards live here)
+    optimizer: object
+    scheduler: object
+    ckpt_state: CheckpointState
+
+    def save(self, path: Path, state: RunState) -> None:
+        adapter = self.ckpt_state.adapter_weights(self.lossmod)
+        optim = self.ckpt_state.optimizer_state(self.lossmod, self.optimizer)
+        if self.fabric.global_rank == 0:
+            checkpoint.save_checkpoint(
+                path, model=self.model, tokenizer=self.tokenizer, config_yaml=to_yaml(self.cfg),
+                adapter_weights=adapter,
+                state={"optimizer": optim, "scheduler": self.scheduler.state_dict(), "step": state.step,
+                       "losses": state.losses, "val_losses": state.val_losses, "rng": capture_rng()})
+        self.fabric.barrier()
+
+    def save_step(self, state: RunState) -> Path:
+        """out_dir/step-NNNNNN, then the oldest step checkpoints beyond train.keep_last go."""
+        out_dir = Path(self.cfg.out_dir)
+        path = checkpoint.step_dir(out_dir, state.step)
+        self.save(path, state)
+        if self.fabric.global_rank == 0 and self.cfg.train.keep_last:
+            checkpoint.prune(out_dir, self.cfg.train.keep_last)
+        return path
+
+    def restore(self, path: Path, state: RunState) -> None:
+        """Optimizer, schedule, step, losses and RNG from `path` (the adapter weights are loaded
+        before Fabric's setup, as whole tensors: see checkpoint.load_adapter_weights)."""
+        saved = checkpoint.load_state(path)
+        self.ckpt_state.load_optimizer_state(self.lossmod, self.optimizer, saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        state.step = int(saved["step"])
+        state.losses = [tuple(x) for x in saved.get("losses", [])]
+        state.val_losses = [tuple(x) for x in saved.get("val_losses", [])]
+        restore_rng(saved["rng"])
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict:
+    """Every RNG that shapes a run (python, numpy, torch CPU, CUDA), as weights_only-safe values."""
+    version, internal, gauss = random.getstate()
+    out: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict) -> None:
+    """Set every RNG `capture_rng` recorded (CUDA: as many devices as both runs have)."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        saved = list(state["cuda"])
+        count = torch.cuda.device_count()
+        if len(saved) != count:
+            checkpoint.say(f"warning: checkpoint has CUDA RNG states for {len(saved)} device(s), this run sees "
+                           f"{count}; restoring the first min() of them")
+        for i in range(min(len(saved), count)):
+            torch.cuda.set_rng_state(saved[i], i)
