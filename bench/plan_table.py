@@ -46,7 +46,7 @@ def main() -> None:
             cfg = load_config("qlora-7b-alpaca", {
                 "model.name": name, "devices": str(n), "strategy": "fsdp" if n > 1 else "auto",
                 "train.micro_batch_size": "1",
-                # what strategy=fsdp requires (finetune.distributed); one GPU keeps the recipe's 8-bit
+                # what strategy=fsdp requires (finetune.training.distributed); one GPU keeps the recipe's 8-bit
                 "train.optimizer": "adamw" if n > 1 else "paged_adamw_8bit"})
             peaks = {s: predict(cfg, 1, s).peak_bytes for s in SEQ_LENS}
             longest = max_seq_len(cfg, budget, micro_batch=1)

@@ -1,6 +1,6 @@
 """`finetune plan ... measure=true`: run real training steps and measure the memory the planner predicts.
 
-The planner (finetune.plan) is arithmetic; this is the check. It builds the recipe's model, loss and
+The planner (finetune.plan.predict) is arithmetic; this is the check. It builds the recipe's model, loss and
 optimizer with training's own `finetune.training.build.build_step` (memory features, chunked loss,
 MoE router term and optimizer included), runs one step so the optimizer state exists, then measures the
 next step: the bytes torch's allocator holds at its peak. That is the planner's "allocated" sum

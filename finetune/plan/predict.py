@@ -6,8 +6,8 @@ without downloading it and without importing torch. The shape comes from a local
 file so litgpt's torch-importing package __init__ never runs).
 
 What autograd keeps and when the step peaks is checked against measured training steps on the
-CPU (`finetune plan ... measure=true`, finetune.memcheck; bench/plan_vs_measured.py: 8 SmolLM2
-configs within +3%; tests/test_memcheck.py). The GPU-only constants are not measured yet
+CPU (`finetune plan ... measure=true`, finetune.plan.measure; bench/plan_vs_measured.py: 8 SmolLM2
+configs within +3%; tests/plan/test_measure.py). The GPU-only constants are not measured yet
 (bench/gpu_qlora.py compares against a GPU when one is available). Sources for those:
 - bitsandbytes 0.50 NF4 layout (read from its source): 4-bit codes packed 2 per byte, one fp32
   absmax per 64 weights; with double quant the absmax become uint8 with one fp32 absmax per 256
@@ -129,7 +129,7 @@ def _opt_bytes(numel: int, optimizer: str) -> int:
 
 
 def _mlp_tiled(s: Shape, cfg, tokens: int) -> bool:
-    """Whether train.mlp_tile_size splits this micro-batch (finetune.tiled leaves MoE blocks and
+    """Whether train.mlp_tile_size splits this micro-batch (finetune.memory.tiled leaves MoE blocks and
     micro-batches of at most one tile untiled)."""
     return 0 < cfg.train.mlp_tile_size < tokens and not s.n_expert
 
@@ -165,12 +165,12 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     # transformers' sdpa path repeats k/v to n_head when a mask is passed (packing), and torch turns
     # the boolean mask into an additive one in the compute dtype in every layer, which the
     # attention's backward keeps (seq keys per token). flash_attention_2 takes neither; nor does
-    # finetune.lean's CPU attention (k/v unrepeated, one float mask per forward: _mask_bytes).
+    # finetune.memory.lean's CPU attention (k/v unrepeated, one float mask per forward: _mask_bytes).
     attn = cfg.model.attn_implementation
     lean_cpu = _lean_cpu_attention(cfg)
     kv = s.kv_dim if attn == "flash_attention_2" or lean_cpu else qd
     layer_mask = c * seq if (attn == "sdpa" and cfg.data.packing and not lean_cpu) else 0
-    # gate, up and silu(gate) for a SwiGLU MLP; two with finetune.lean (silu recomputed in backward),
+    # gate, up and silu(gate) for a SwiGLU MLP; two with finetune.memory.lean (silu recomputed in backward),
     # unless Liger's kernels replace the MLP.
     mlp_saved = (2 if cfg.train.lean_activations and not cfg.train.liger else 3) if s.gated_mlp else 1
     mlp_linears = ("gate", "up", "down")
@@ -205,7 +205,7 @@ def _lean_cpu_attention(cfg) -> bool:
 
 def _mask_bytes(cfg, micro_batch: int, seq: int, c: int) -> int:
     """Attention masks kept for backward once per forward, for packed rows (position ids
-    restarting): finetune.lean's CPU attention keeps one float micro_batch x seq x seq mask.
+    restarting): finetune.memory.lean's CPU attention keeps one float micro_batch x seq x seq mask.
     transformers' own mask (boolean for sdpa, compute dtype for eager) is gone by the time the loss
     or backward peaks, and sdpa's per-layer float copies count with the layer."""
     if not cfg.data.packing or not _lean_cpu_attention(cfg):
@@ -214,8 +214,8 @@ def _mask_bytes(cfg, micro_batch: int, seq: int, c: int) -> int:
 
 
 def _fused_head(cfg, targets: set[str]) -> bool:
-    """Whether training's loss takes finetune.lean's fused frozen-head cross-entropy: a chunked loss
-    and a head that neither LoRA nor modules_to_save trains (finetune.train.CausalLMLoss)."""
+    """Whether training's loss takes finetune.memory.lean's fused frozen-head cross-entropy: a chunked loss
+    and a head that neither LoRA nor modules_to_save trains (finetune.training.loss.CausalLMLoss)."""
     return (cfg.train.loss_chunk_size > 0 and "lm_head" not in targets
             and "lm_head" not in cfg.lora.modules_to_save)
 
@@ -263,7 +263,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         if m in ("lm_head", "embed_tokens"):
             trainable.append(V * h)
     n_train = sum(trainable)
-    lora_bytes = c if fsdp else 4  # under FSDP every parameter takes the compute dtype (finetune.model)
+    lora_bytes = c if fsdp else 4  # under FSDP every parameter takes the compute dtype (finetune.models.load)
     opt = sum(_opt_bytes(t, cfg.train.optimizer) for t in trainable)
     if cfg.train.optimizer.startswith("paged"):
         notes["optimizer_state"] = "paged: can spill to CPU RAM under pressure"
@@ -305,7 +305,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     workspace = c * (2 * s.intermediate * max(s.expert_top_k, 1) * mlp_tokens + 2 * h * tokens)
     workspace += biggest * c if mode != "none" else 0
 
-    # Logits. The fused frozen head (finetune.lean) holds one chunk of logits in fp32 (+ their
+    # Logits. The fused frozen head (finetune.memory.lean) holds one chunk of logits in fp32 (+ their
     # compute-dtype form when that is not fp32) and keeps d loss / d hidden for backward; any other
     # head: logits, their fp32 upcast, the log-softmax output and its grads, for the whole sequence
     # or one chunk of train.loss_chunk_size tokens (recomputed in backward).
