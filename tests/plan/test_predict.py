@@ -43,6 +43,8 @@ def test_gpu_recipes_plan_offline_without_torch():
         for r in {GPU_RECIPES!r}:
             p = predict(load_config(r, {{}}))
             assert p.peak_bytes > 2 * 2**30, (r, p.peak_bytes)
+        from finetune.cli import run
+        assert run(["plan", "recipe=qlora-8b-sharegpt"]) == 0  # the whole command, table and all
         assert "torch" not in sys.modules, "planner imported torch"
         print("ok")
     """)
