@@ -11,6 +11,9 @@ import json
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from rich.console import Console
+from rich.table import Table
+
 from finetune.errors import UsageError
 from finetune.plan.predict import CUDA_CONTEXT_BYTES, GiB, MiB, parse_bytes, report
 from finetune.plan.shapes import model_shape
@@ -51,15 +54,6 @@ def print_table(rep: dict) -> None:
     if "max_seq_len_with_mlp_tiles" in rep:
         hint = rep["max_seq_len_with_mlp_tiles"]
         footer.append(f"with train.mlp_tile_size={hint['mlp_tile_size']}: largest seq_len {hint['max_seq_len']}")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        for name, gib, note in rows:
-            print(f"  {name:<22} {gib:>8} GiB  {note}")
-        print("\n".join(footer))
-        return
     table = Table(title=title)
     table.add_column("part")
     table.add_column("GiB", justify="right")
@@ -100,7 +94,9 @@ CPU_MEASURE_MAX_PARAMS = 2_000_000_000  # beyond this a CPU step takes too long 
 def _measured_device_cfg(cfg):
     """cfg with accelerator set to the device the measurement will run on, so the prediction it is
     compared with is for that device (dtype, dropout masks, CPU attention, no CUDA context)."""
-    from finetune.runtime import default_device
+    from finetune.runtime import (
+        default_device,  # torch: loaded only when measure=true asks for it
+    )
 
     device = default_device(cfg.accelerator)
     if device.type == "cpu" and model_shape(cfg.model.name, cfg.model.revision).n_params() > CPU_MEASURE_MAX_PARAMS:
@@ -110,7 +106,9 @@ def _measured_device_cfg(cfg):
 
 
 def _measure(cfg, rep: dict) -> dict:
-    from finetune.plan.measure import measure
+    from finetune.plan.measure import (
+        measure,  # torch and the model: only for measure=true
+    )
 
     m = measure(cfg, micro_batch=rep["micro_batch"], seq_len=rep["seq_len"])
     parts = rep["parts"]

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from huggingface_hub import try_to_load_from_cache
+
 from finetune.errors import UsageError
+from finetune.fs import cache_root
+from finetune.models.tiny import BYTE_OFFSET, TINY_CONFIG
 
 _ALIASES = {"tiny", "smollm2-135m"}
 # litgpt's registry does not record tied embeddings; these families tie them in their HF configs.
@@ -137,9 +141,6 @@ def _shape_from_litgpt(c: dict) -> Shape:
 def model_shape(name: str, revision: Optional[str] = None) -> Shape:
     """Shape of `name`: alias, local dir, HF hub cache, else litgpt's registry; offline always."""
     if name == "tiny":
-        from finetune.fs import cache_root
-        from finetune.models.tiny import BYTE_OFFSET, TINY_CONFIG
-
         cached = cache_root() / "models" / "tiny-llama-v1" / "config.json"
         if cached.is_file():  # the real one, if built; else the same numbers without building it
             return _shape_from_hf(json.loads(cached.read_text()), "tiny")
@@ -155,12 +156,10 @@ def model_shape(name: str, revision: Optional[str] = None) -> Shape:
         return _shape_from_hf(json.loads((local / "config.json").read_text()), name)
     if name.count("/") == 1:
         try:
-            from huggingface_hub import try_to_load_from_cache
-
             hit = try_to_load_from_cache(name, "config.json", revision=revision)
             if isinstance(hit, str):
                 return _shape_from_hf(json.loads(Path(hit).read_text()), name)
-        except (ImportError, OSError, ValueError):
+        except (OSError, ValueError):
             pass
     reg = _registry()
     key = name.lower()
