@@ -380,7 +380,6 @@ KILL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from finetune.training import checkpoint as ck
-from finetune.training.state import capture_rng
 
     class Fake:  # duck-typed PeftModel: keeps torch/peft model building out of the timing
         def save_pretrained(self, d, **kw):
