@@ -22,6 +22,13 @@ class UsageError(FinetuneError):
     exit_code = 2
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): library
+    messages can run to hundreds of lines, and a user gets one."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean a, b?)' for the closest choices, or '' when none is close."""
     choices = list(choices)

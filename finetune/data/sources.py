@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from finetune.errors import FinetuneError, UsageError
+from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.resources import find_resource, read_yaml_mapping
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
@@ -177,7 +177,7 @@ def _read_with_datasets(path: Path, kind: str, out: Rows) -> None:
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:
-        raise UsageError(f"cannot read {kind} file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UsageError(f"cannot read {kind} file {path}: {first_line(e)}") from None
     rows = ds.to_list()
     out.rows.extend(rows)
     out.where.extend(f"{path} row {i + 1}" for i in range(len(rows)))
@@ -190,8 +190,8 @@ def _read_hub(src: Source, out: Rows) -> None:
         ds = datasets.load_dataset(src.hub_id, name=src.subset, split=src.split, revision=src.revision,
                                    data_files=src.data_files)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FinetuneError(f"cannot load dataset '{src.hub_id}' (split {src.split}) from the hub: {msg[:200]}") from None
+        raise FinetuneError(f"cannot load dataset '{src.hub_id}' (split {src.split}) from the hub: "
+                            f"{first_line(e)[:200]}") from None
     rows = ds.to_list()
     out.rows.extend(rows)
     out.where.extend(f"{src.hub_id} row {i + 1}" for i in range(len(rows)))

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 import torch
 
 from finetune.config import Config, DataConfig
-from finetune.errors import FinetuneError, UsageError
+from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.eval import generate as G
 from finetune.eval.checkpoints import check_adapters_fit, load, resolve_checkpoints
 from finetune.eval.lm_eval_bridge import require_lm_eval, run_lm_eval_task
@@ -215,8 +215,7 @@ def _load(ck, device, dtype):
     except FinetuneError:
         raise
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load checkpoint {ck.name} ({ck.path}): {first}") from None
+        raise UsageError(f"cannot load checkpoint {ck.name} ({ck.path}): {first_line(e)}") from None
 
 
 def _file_name(name: str) -> str:

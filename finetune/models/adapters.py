@@ -16,9 +16,8 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
-from finetune.errors import UsageError
+from finetune.errors import UsageError, first_line
 from finetune.models.load import (
-    first_line,
     hub_kwargs,
     load_pretrained,
     loading_errors,

@@ -20,7 +20,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from finetune.config import Config, ModelConfig, QuantConfig
-from finetune.errors import FinetuneError, UsageError
+from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.models import embedded
 from finetune.models.tiny import tiny_model_dir
 from finetune.runtime import (
@@ -44,11 +44,6 @@ NEW_PAD = "<|pad|>"
 
 
 # --------------------------------------------------------------------------- names and devices
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _looks_local(name: str) -> bool:

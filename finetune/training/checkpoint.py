@@ -32,7 +32,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from finetune.errors import FinetuneError, UsageError
+from finetune.errors import FinetuneError, UsageError, first_line
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -298,7 +298,7 @@ def _weights_only_refusal(e: Exception) -> str:
     m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if m:
         return f"it holds a pickled {m.group(1)}"
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first_line(e)
 
 
 def _check_weights_only(buf: io.BytesIO, path: Path) -> None:
