@@ -6,9 +6,12 @@ Messy-data policy (ShareGPT dumps in the wild):
   - a leading system turn becomes `Conversation.system`;
   - leading assistant turns (a conversation that starts with gpt) are dropped and counted as a fix
     ("fixed: leading assistant turn dropped"): the rest of the dialogue is still good data;
-  - trailing user/tool turns are trimmed and counted ("fixed: trailing user turn trimmed"):
-    they have no answer to train on;
+  - trailing user/tool turns are trimmed and counted ("fixed: trailing user turn trimmed",
+    "fixed: trailing tool turn trimmed"): they have no answer to train on;
   - anything else malformed drops the row with a reason.
+Tool calls stay structured: a ShareGPT `function_call` turn and an OpenAI `tool_calls` list both
+become the assistant message's `tool_calls` ([{type: function, function: {name, arguments}}],
+arguments decoded to an object), so the chat template renders them in its own format.
 """
 
 from __future__ import annotations
@@ -48,10 +51,12 @@ class Conversation:
     """A normalized training example.
 
     `messages` holds {role, content} dicts with roles user/assistant/tool (and system only where a
-    dataset puts one mid-dialogue); the leading system prompt lives in `system`. `text` is set
-    instead for plain continued pre-training rows (every token is trained)."""
+    dataset puts one mid-dialogue); the leading system prompt lives in `system`. An assistant
+    message may carry `tool_calls` (OpenAI form), a tool message `name`/`tool_call_id`, an alpaca
+    user message its `instruction` and `input` apart. `text` is set instead for plain continued
+    pre-training rows (every token is trained)."""
 
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
     system: Optional[str] = None
     tools: Optional[list] = None
     text: Optional[str] = None
@@ -101,27 +106,29 @@ def _tools(row: dict, col: str) -> Optional[list]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
         raise BadRow("wrong type", col, "expected a list of tool schemas")
-    return v or None
+    # Bare {name, description, parameters} schemas (glaive, LLaMA-Factory) in the OpenAI form
+    # {type: function, function: ...} that chat templates are written for.
+    return [t if "function" in t or "name" not in t else {"type": "function", "function": t} for t in v] or None
 
 
 def _finish(messages: list[dict], system: Optional[str], tools: Optional[list], fixes: list[str]) -> Conversation:
     """Apply the messy-dialogue policy and check there is something to train on."""
     if messages and messages[0]["role"] == "system":
-        if system:
-            raise BadRow("wrong type", "system", "two system prompts")
-        system = messages.pop(0)["content"]
+        lead = messages.pop(0)["content"]
+        if system and system.strip() != lead.strip():
+            raise BadRow("two system prompts", "system", "a system column and a different leading system turn")
+        system = system or lead
     dropped_lead = 0
     while messages and messages[0]["role"] == "assistant":
         messages.pop(0)
         dropped_lead += 1
     if dropped_lead:
         fixes.append("fixed: leading assistant turn dropped")
-    trimmed = 0
+    trimmed = set()
     while messages and messages[-1]["role"] != "assistant":
-        messages.pop()
-        trimmed += 1
-    if trimmed:
-        fixes.append("fixed: trailing user turn trimmed")
+        trimmed.add(messages.pop()["role"])
+    for role in sorted(trimmed):
+        fixes.append(f"fixed: trailing {role} turn trimmed")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow("no assistant turn", "")
     return Conversation(messages=messages, system=system or None, tools=tools)
@@ -148,13 +155,81 @@ def from_alpaca(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
             raise BadRow("wrong type", cols["history"], "expected [instruction, output] string pairs")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    prompt = f"{instruction}\n\n{inp}" if inp.strip() else instruction
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    user = {"role": "user", "content": instruction}
+    if inp.strip():
+        # Chat templates get one user message; the alpaca prompt style renders `input` under its
+        # own "### Input:" header (the Stanford template), so it is kept apart as well.
+        user = {"role": "user", "content": f"{instruction}\n\n{inp}", "instruction": instruction, "input": inp}
+    messages += [user, {"role": "assistant", "content": output}]
     return Conversation(messages=messages, system=system or None)
 
 
-def _turns_to_messages(turns: list, col: str, role_key: str, content_key: str, role_map: dict) -> list[dict]:
-    messages = []
+def _arguments(args: Any, where: str) -> Any:
+    """Call arguments as an object: templates render them with `tojson`, so a JSON string would
+    be rendered as a quoted string. A string that is not a JSON object is kept as it is."""
+    if isinstance(args, str):
+        try:
+            decoded = json.loads(args)
+        except json.JSONDecodeError:
+            return args
+        return decoded if isinstance(decoded, dict) else args
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise BadRow("bad tool call", where, f"arguments must be an object, got {type(args).__name__}")
+    return args
+
+
+def _tool_call(call: Any, where: str) -> dict:
+    """{name, arguments} or OpenAI {id?, type, function: {name, arguments}} -> the OpenAI form."""
+    if not isinstance(call, dict):
+        raise BadRow("bad tool call", where, f"expected an object, got {type(call).__name__}")
+    fn = call.get("function") if isinstance(call.get("function"), dict) else call
+    name = fn.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise BadRow("bad tool call", where, "no function name")
+    out = {"type": "function", "function": {"name": name, "arguments": _arguments(fn.get("arguments"), where)}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def _function_call_turn(content: Any, where: str) -> list[dict]:
+    """A ShareGPT function_call value (JSON text or object, one call or a list) -> tool_calls."""
+    if isinstance(content, str):
+        try:
+            content = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise BadRow("bad tool call", where, f"function_call is not JSON ({e.msg})") from None
+    calls = content if isinstance(content, list) else [content]
+    if not calls:
+        raise BadRow("bad tool call", where, "empty list of calls")
+    return [_tool_call(c, where) for c in calls]
+
+
+def _content(content: Any, where: str, fixes: list) -> str:
+    """Message content: a string, or OpenAI content parts (text parts joined, the rest dropped)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts, other = [], set()
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                other.add(kind if isinstance(kind, str) else type(part).__name__)
+        for kind in sorted(other):
+            fixes.append(f"fixed: {kind} content part dropped")
+        if other and not "".join(texts).strip():
+            raise BadRow("only non-text content", where, ", ".join(sorted(other)))
+        return "\n".join(texts)
+    raise BadRow("wrong type", where, f"expected a string or a list of content parts, got {type(content).__name__}")
+
+
+def _turns_to_messages(turns: list, col: str, role_key: str, content_key: str, role_map: dict,
+                       fixes: list) -> list[dict]:
+    messages: list[dict] = []
     for i, turn in enumerate(turns):
         where = f"{col}[{i}]"
         if not isinstance(turn, dict):
@@ -166,23 +241,40 @@ def _turns_to_messages(turns: list, col: str, role_key: str, content_key: str, r
         if role is None:
             raise BadRow("unknown role", f"{where}.{role_key}", repr(raw_role))
         content = turn.get(content_key)
-        if content is None:
-            raise BadRow("missing field", f"{where}.{content_key}")
-        if not isinstance(content, str):
-            if isinstance(content, (dict, list)) and raw_role.lower() in ("function_call", "observation", "tool"):
-                content = json.dumps(content, ensure_ascii=False)
-            else:
-                raise BadRow("wrong type", f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
-        if not content.strip():
-            raise BadRow("empty turn", f"{where}.{content_key}")
-        messages.append({"role": role, "content": content})
+        msg: dict = {"role": role}
+        if raw_role.lower() == "function_call":  # ShareGPT: the call itself is the turn's value
+            if content is None:
+                raise BadRow("missing field", f"{where}.{content_key}")
+            msg["content"], msg["tool_calls"] = "", _function_call_turn(content, f"{where}.{content_key}")
+        else:
+            calls = turn.get("tool_calls") if role == "assistant" else None
+            if calls is not None:  # OpenAI: content may be null or "" next to the calls
+                if not isinstance(calls, list):
+                    raise BadRow("bad tool call", f"{where}.tool_calls", f"expected a list, got {type(calls).__name__}")
+                msg["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{k}]") for k, c in enumerate(calls)]
+            if content is None and not msg.get("tool_calls"):
+                raise BadRow("missing field", f"{where}.{content_key}")
+            if isinstance(content, (dict, list)) and role == "tool":
+                content = json.dumps(content, ensure_ascii=False)  # a structured tool result
+            text = "" if content is None else _content(content, f"{where}.{content_key}", fixes)
+            if not text.strip() and not msg.get("tool_calls"):
+                raise BadRow("empty turn", f"{where}.{content_key}")
+            msg["content"] = text
+            for key in ("name", "tool_call_id"):  # which call a tool result answers: templates use them
+                if role == "tool" and isinstance(turn.get(key), str):
+                    msg[key] = turn[key]
+        prev = messages[-1] if messages else None
+        if msg.get("tool_calls") and prev is not None and prev["role"] == "assistant" and not prev.get("tool_calls"):
+            prev["tool_calls"] = msg["tool_calls"]  # text then a call: one assistant message
+            continue
+        messages.append(msg)
     return messages
 
 
 def from_sharegpt(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
     turns = _check_turns(_get(row, cols["conversations"]), cols["conversations"])
     role_map = {**SHAREGPT_ROLES, **{k.lower(): v for k, v in roles.items()}}
-    messages = _turns_to_messages(turns, cols["conversations"], cols["from"], cols["value"], role_map)
+    messages = _turns_to_messages(turns, cols["conversations"], cols["from"], cols["value"], role_map, fixes)
     return _finish(messages, _text(row, cols["system"], required=False), _tools(row, cols["tools"]), fixes)
 
 
@@ -190,7 +282,7 @@ def from_messages(row: dict, cols: dict, roles: dict, fixes: list) -> Conversati
     turns = _check_turns(_get(row, cols["messages"]), cols["messages"])
     role_map = {r: r for r in ROLES}
     role_map.update({k.lower(): v for k, v in roles.items()})
-    messages = _turns_to_messages(turns, cols["messages"], cols["role"], cols["content"], role_map)
+    messages = _turns_to_messages(turns, cols["messages"], cols["role"], cols["content"], role_map, fixes)
     return _finish(messages, None, _tools(row, cols["tools"]), fixes)
 
 

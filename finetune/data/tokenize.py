@@ -15,17 +15,18 @@ predict the next example's first.
 
 from __future__ import annotations
 
-import json
+import os
 import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from finetune.data.formats import BadRow, Conversation
+from finetune.data.styles import StyleRenderer, calls_as_text, tools_in_system
 from finetune.errors import FinetuneError, UsageError, did_you_mean
 
 IGNORE = -100
-TOOLS_PREAMBLE = "You have access to the following tools:\n"
 # prompt_style=chatml: ChatML for tokenizers without a chat template of their own (the tiny one too).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -33,15 +34,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class AlpacaStyle:
-    """litgpt's Alpaca prompt (same text), without importing all of litgpt for it."""
-
-    def apply(self, prompt: str, *, sys_prompt: Optional[str] = None, **kwargs) -> str:
-        sys_prompt = sys_prompt or ("Below is an instruction that describes a task. "
-                                    "Write a response that appropriately completes the request.\n\n")
-        return f"{sys_prompt}### Instruction:\n{prompt}\n\n### Response:\n"
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 
 def _lcp(a: str, b: str) -> int:
@@ -63,11 +56,50 @@ def check_pad(tokenizer) -> None:
                             "indistinguishable from stopping (the model loader must set a distinct pad token)")
 
 
+def chat_template_text(name: str, tokenizer=None) -> str:
+    """data.chat_template -> jinja text: a file path, a built-in name (chatml), one of the
+    tokenizer's own named templates (e.g. tool_use), or the jinja text itself."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict) and name in own:
+        return own[name]
+    if name in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[name]
+    if "{{" in name or "{%" in name:
+        return name
+    path = Path(os.path.expanduser(name))
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"data.chat_template: cannot read {path}: {e}") from None
+    names = [*NAMED_TEMPLATES, *(own if isinstance(own, dict) else {})]
+    raise UsageError(f"data.chat_template: '{name}' is neither a file nor a named template "
+                     f"(one of {', '.join(names)}){did_you_mean(name, names)}")
+
+
+def use_chat_template(tokenizer, chat_template: Optional[str], prompt_style: str = "auto") -> None:
+    """Set data.chat_template on the tokenizer itself, so the tokenizer saved with the adapter
+    renders prompts at inference exactly as they were trained."""
+    if not chat_template:
+        return
+    if (prompt_style or "auto") not in ("auto", "template"):
+        raise UsageError(f"data.chat_template and data.prompt_style={prompt_style} both say how to render prompts; "
+                         "set only one")
+    text = chat_template_text(chat_template, tokenizer)
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        ImmutableSandboxedEnvironment().parse(text)
+    except Exception as e:  # a template that cannot compile would fail on every row
+        raise UsageError(f"data.chat_template: not a valid jinja template: {str(e).splitlines()[0][:160]}") from None
+    tokenizer.chat_template = text
+
+
 class Renderer:
     """Turns Conversations into (text, trained character spans) and then (input_ids, labels).
 
     `style` is 'template' (the tokenizer's chat template), 'chatml', or a litgpt prompt style
-    name ('alpaca', 'llama3', ...) for base models without a template."""
+    name ('alpaca', 'llama3', ...) for base models without a template (see finetune.data.styles)."""
 
     def __init__(self, tokenizer, prompt_style: str = "auto", train_on_prompt: bool = False):
         check_pad(tokenizer)
@@ -86,19 +118,9 @@ class Renderer:
             style, template = "template", CHATML_TEMPLATE
         self.style = style
         self.template = template if style == "template" else None
-        self.litgpt_style = None
-        if style == "alpaca":
-            self.litgpt_style = AlpacaStyle()
-        elif style != "template":
-            from litgpt.prompts import (
-                prompt_styles,  # slow import (all of litgpt): only when asked for
-            )
-
-            if style not in prompt_styles:
-                raise UsageError(f"unknown data.prompt_style '{prompt_style}'"
-                                 f"{did_you_mean(style, ['auto', 'chatml', *prompt_styles])}")
-            self.litgpt_style = prompt_styles[style]()
+        # The tools a template can place and the calls it can render: otherwise the fallback.
         self.template_tools = bool(self.template and re.search(r"\btools\b", self.template))
+        self.template_calls = bool(self.template and "tool_calls" in self.template)
         self.special_map = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         specials = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         specials.update(s for s in tokenizer.all_special_tokens if s)
@@ -110,6 +132,19 @@ class Renderer:
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         # Fallback styles build raw text, so they add the bos the tokenizer would have added.
         self.bos = tokenizer.bos_token if bos_id is not None and probe and probe[0] == bos_id else ""
+        self.styled = None
+        if style != "template":
+            self.styled = StyleRenderer(_prompt_style(style, prompt_style), self.bos, self.eos, self.special_re)
+
+    @property
+    def used(self) -> str:
+        """What renders prompts: the jinja text of the template, or the prompt style's name."""
+        return self.template if self.template is not None else f"prompt_style:{self.style}"
+
+    def tool_fallback(self, conv: Conversation) -> bool:
+        """True when `conv` has tools or tool calls that this template cannot render itself."""
+        calls = any(m.get("tool_calls") for m in conv.messages)
+        return bool((conv.tools and not self.template_tools) or (calls and not self.template_calls))
 
     # ------------------------------------------------------------------ rendering to text
 
@@ -126,16 +161,20 @@ class Renderer:
         return out[0]
 
     def _chat(self, conv: Conversation) -> tuple[list[dict], Optional[list]]:
-        msgs = conv.chat()
-        tools = conv.tools
+        """Messages for the template: tool calls structured when it renders them, else as JSON
+        text; tools passed as `tools=` when it places them, else described in the system prompt."""
+        system, tools = conv.system, conv.tools
         if tools and not self.template_tools:
-            # The template cannot place tools itself: describe them in the system prompt.
-            desc = TOOLS_PREAMBLE + json.dumps(tools, ensure_ascii=False)
-            if msgs and msgs[0]["role"] == "system":
-                msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + desc}
-            else:
-                msgs.insert(0, {"role": "system", "content": desc})
-            tools = None
+            system, tools = tools_in_system(system, tools), None
+        msgs = [{"role": "system", "content": system}] if system else []
+        for m in conv.messages:
+            out = {k: v for k, v in m.items() if k in ("role", "content", "name", "tool_call_id")}
+            if m.get("tool_calls"):
+                if self.template_calls:
+                    out["tool_calls"] = m["tool_calls"]
+                else:
+                    out["content"] = calls_as_text(m)
+            msgs.append(out)
         return msgs, tools
 
     def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
@@ -143,8 +182,8 @@ class Renderer:
         if conv.text is not None:
             text = self.bos + conv.text + self.eos
             return text, [(0, len(text))]
-        if self.litgpt_style is not None:
-            text, spans = self._render_litgpt(conv)
+        if self.styled is not None:
+            text, spans = self.styled.render(conv)
         else:
             msgs, tools = self._chat(conv)
             text = self._render(msgs, tools, False)
@@ -166,25 +205,6 @@ class Renderer:
             spans = [(0, len(text))]
         return text, spans
 
-    def _render_litgpt(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-        system = conv.system
-        if conv.tools:
-            system = ((system + "\n\n") if system else "") + TOOLS_PREAMBLE + json.dumps(conv.tools, ensure_ascii=False)
-        text, spans, pending = self.bos, [], []
-        for m in conv.messages:
-            if m["role"] == "assistant":
-                prompt = "\n\n".join(pending)
-                if text and not text.endswith(self.bos or "\0"):
-                    text += "\n\n"  # keep turns apart after the previous eos
-                text += (self.litgpt_style.apply(prompt, sys_prompt=system.rstrip("\n") + "\n\n") if system
-                         else self.litgpt_style.apply(prompt))
-                system, pending = None, []  # the system prompt is said once, before the first turn
-                spans.append((len(text), len(text) + len(m["content"]) + len(self.eos)))
-                text += m["content"] + self.eos
-            else:
-                pending.append(m["content"] if m["role"] != "tool" else f"Tool result:\n{m['content']}")
-        return text, spans
-
     def prompt_text(self, conv_or_messages) -> str:
         """The prompt up to and including the assistant generation header."""
         conv = conv_or_messages
@@ -195,12 +215,11 @@ class Renderer:
         msgs = list(conv.messages)
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
-        conv = Conversation(messages=msgs, system=conv.system, tools=conv.tools)
-        if self.litgpt_style is not None:
-            text, _ = self._render_litgpt(Conversation(messages=msgs + [{"role": "assistant", "content": ""}],
-                                                       system=conv.system, tools=conv.tools))
-            return text[:len(text) - len(self.eos)] if self.eos else text
-        full, tools = self._chat(conv)
+        if self.styled is not None:  # the text before an (empty) answer
+            text, spans = self.styled.render(Conversation(messages=msgs + [{"role": "assistant", "content": ""}],
+                                                          system=conv.system, tools=conv.tools))
+            return text[:spans[-1][0]]
+        full, tools = self._chat(Conversation(messages=msgs, system=conv.system, tools=conv.tools))
         return self._render(full, tools, True)
 
     # ------------------------------------------------------------------ tokens and labels
@@ -241,8 +260,14 @@ class Renderer:
 
 
 def _token_range(enc, a: int, b: int, n_chars: int, n_tokens: int) -> tuple[int, int]:
-    """Tokens overlapping characters [a, b): two lookups instead of the whole offsets list."""
+    """Tokens starting in characters [a, b): two lookups instead of the whole offsets list.
+
+    A token that starts before `a` is not trained even when it reaches into the span: when an
+    answer starts with whitespace, BPE merges the header's last newline with it, and training
+    that token would train a character of the prompt."""
     first = enc.char_to_token(a) if a < n_chars else n_tokens
+    if first is not None and first < n_tokens and enc.token_to_chars(first)[0] < a:
+        first += 1
     if b >= n_chars:
         stop = n_tokens
     else:
@@ -250,7 +275,7 @@ def _token_range(enc, a: int, b: int, n_chars: int, n_tokens: int) -> tuple[int,
         stop = None if t is None else (t + 1 if enc.token_to_chars(t)[0] < b else t)
     if first is None or stop is None:  # a character no token covers (normalizer): use all offsets
         off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-        hit = np.flatnonzero((off[:, 0] < b) & (off[:, 1] > a))
+        hit = np.flatnonzero((off[:, 0] < b) & (off[:, 0] >= a) & (off[:, 1] > a))
         return (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
     return first, stop
 
@@ -265,3 +290,16 @@ def fit_length(ids: list[int], labels: list[int], seq_len: int, mode: str) -> tu
     if all(x == IGNORE for x in labels):
         raise BadRow("no trained tokens after truncation" if truncated else "no trained tokens")
     return ids, labels, truncated
+
+
+def _prompt_style(style: str, asked: str):
+    """A prompt style object by name: alpaca is ours (litgpt's text), the rest litgpt's."""
+    from finetune.data.styles import AlpacaStyle
+
+    if style == "alpaca":
+        return AlpacaStyle()
+    from litgpt.prompts import prompt_styles  # slow import (all of litgpt): only when asked for
+
+    if style not in prompt_styles:
+        raise UsageError(f"unknown data.prompt_style '{asked}'{did_you_mean(style, ['auto', 'chatml', *prompt_styles])}")
+    return prompt_styles[style]()

@@ -13,7 +13,8 @@ def test_alpaca_with_input_system_history():
               "history": [["Hi", "Hello"]]}, "alpaca")
     assert c.system == "Be brief"
     assert c.messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                          {"role": "user", "content": "Add\n\n1 and 2"}, {"role": "assistant", "content": "3"}]
+                          {"role": "user", "content": "Add\n\n1 and 2", "instruction": "Add", "input": "1 and 2"},
+                          {"role": "assistant", "content": "3"}]
 
 
 def test_alpaca_column_mapping():
@@ -29,9 +30,10 @@ def test_sharegpt_roles_tools_and_function_call():
                              {"from": "observation", "value": '{"t": 3}'}, {"from": "chatgpt", "value": "3 C"}],
            "tools": '[{"name": "w"}]'}
     c = conv(row, "sharegpt")
-    assert c.system == "S" and c.tools == [{"name": "w"}]
+    assert c.system == "S" and c.tools == [{"type": "function", "function": {"name": "w"}}]
     assert [m["role"] for m in c.messages] == ["user", "assistant", "tool", "assistant"]
-    assert c.messages[1]["content"] == '{"name": "w"}'
+    assert c.messages[1] == {"role": "assistant", "content": "",
+                             "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {}}}]}
 
 
 def test_sharegpt_custom_role():

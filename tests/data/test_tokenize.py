@@ -39,12 +39,14 @@ def test_sharegpt_multi_turn_every_assistant_turn_trained(tok):
 
 
 def test_sharegpt_tools_go_into_system_when_template_has_no_tools(tok):
-    row = {"conversations": [{"from": "human", "value": "w?"}, {"from": "function_call", "value": "CALL"},
+    row = {"conversations": [{"from": "human", "value": "w?"},
+                             {"from": "function_call", "value": '{"name": "w", "arguments": "{}"}'},
                              {"from": "observation", "value": "OBS"}, {"from": "gpt", "value": "ok"}],
            "tools": [{"name": "w"}]}
     ids, labels = tok_row(tok, row, "sharegpt")
-    system = 'You have access to the following tools:\n[{"name": "w"}]'
-    exp = build(*chatml_turn("system", system), *chatml_turn("user", "w?"), *chatml_turn("assistant", "CALL", True),
+    system = 'You have access to the following tools:\n[{"type": "function", "function": {"name": "w"}}]'
+    exp = build(*chatml_turn("system", system), *chatml_turn("user", "w?"),
+                *chatml_turn("assistant", '{"name": "w", "arguments": {}}', True),
                 *chatml_turn("tool", "OBS"), *chatml_turn("assistant", "ok", True))
     assert (ids, labels) == exp
 
@@ -101,14 +103,15 @@ def test_litgpt_prompt_styles():
     from finetune.models.tiny import byte_tokenizer
     from litgpt.prompts import Alpaca
 
-    from finetune.data.tokenize import AlpacaStyle
+    from finetune.data.styles import AlpacaStyle
 
     assert AlpacaStyle().apply("x") == Alpaca().apply("x")
+    assert AlpacaStyle().apply("x", input="y") == Alpaca().apply("x", input="y")
     tk = byte_tokenizer()
     tk.chat_template = None
     with pytest.raises(UsageError, match="did you mean"):
         Renderer(tk, prompt_style="alpacca")
-    assert Renderer(tk, prompt_style="llama3").litgpt_style is not None
+    assert Renderer(tk, prompt_style="llama3").styled is not None
 
 
 def test_pad_equal_eos_is_refused():
