@@ -89,7 +89,9 @@ class DataConfig:
     format: Optional[Format] = None
     """Row format: alpaca, sharegpt, messages, text or prompt_completion (default: the card's)."""
     split: str = "train"
-    """Split to read from a hub dataset or folder."""
+    """Split to read from a hub dataset or folder (folder files are matched as `datasets` does)."""
+    data_files: Optional[Union[str, list[str]]] = None
+    """Files (or globs) to read from a folder or hub dataset, instead of matching the split."""
     subset: Optional[str] = None
     """Hub dataset configuration (subset) name."""
     revision: Optional[str] = None
@@ -113,6 +115,9 @@ class DataConfig:
     prompt_style: str = "auto"
     """Fallback prompt style for tokenizers without a chat template: auto (use the template,
     else alpaca), chatml, alpaca, or a litgpt prompt style name."""
+    chat_template: Optional[str] = None
+    """Chat template replacing the tokenizer's: a jinja file, chatml, or one of the tokenizer's
+    named templates; saved with the adapter's tokenizer."""
     system_prompt: Optional[str] = None
     """System prompt added to every conversation that has none."""
     columns: dict[str, str] = field(default_factory=dict)

@@ -5,12 +5,14 @@ load rows; shuffle row indices (numpy, seeded); keep `max_rows`; hold out the va
 (or read `val_path`); convert rows with the format adapter (bad rows counted by reason);
 render + tokenize + mask (in a process pool when large); apply the length policy; pack.
 The result is cached under cache_root()/data/ keyed by the data's content hash (or hub id +
-revision), the tokenizer (vocab + template) and every setting that changes the output.
+resolved revision), the tokenizer (vocab + specials), the template or prompt style actually used,
+a hash of this package's code, and every setting that changes the output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -31,12 +33,13 @@ from rich.progress import (
 
 from finetune.data.formats import BadRow, Conversation, columns_for, to_conversation
 from finetune.data.pack import PackedUnits, packing_efficiency
-from finetune.data.sources import Rows, Source, load_rows, read_card, resolve
-from finetune.data.tokenize import IGNORE, Renderer
+from finetune.data.sources import Rows, Source, load_rows, pin_revision, read_card, resolve
+from finetune.data.tokenize import IGNORE, Renderer, use_chat_template
 from finetune.errors import UsageError
 from finetune.fs import atomic_file, cache_root
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
+CODE_FILES = ("formats.py", "styles.py", "tokenize.py", "pack.py", "sources.py", "pipeline.py")
 CHUNK = 2000            # conversations per tokenization task
 PARALLEL_MIN = 4000     # below this many conversations a process pool costs more than it saves
 
@@ -56,6 +59,10 @@ class DataStats:
     seq_len: int = 0
     packing_efficiency: float = 0.0
     source: str = ""
+    files: list = field(default_factory=list)        # the files read, for a local source
+    notes: list = field(default_factory=list)        # e.g. which hub revision was read
+    tool_rows: int = 0                               # examples with tools or tool calls
+    tool_fallback: int = 0                           # ... rendered by the fallback, not the template
     cached: bool = False
     seconds: float = 0.0
 
@@ -73,8 +80,12 @@ class DataStats:
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs: the statistics table."""
-        out = [("source", self.source), ("rows loaded", f"{self.rows_loaded:,}"),
-               ("rows dropped", f"{self.dropped_total:,}")]
+        out = [("source", self.source)]
+        if self.files and (len(self.files) > 1 or self.files[0] != self.source):
+            more = f" (+{len(self.files) - 5} more)" if len(self.files) > 5 else ""
+            out.append(("files read", ", ".join(self.files[:5]) + more))
+        out += [("note", n) for n in self.notes]
+        out += [("rows loaded", f"{self.rows_loaded:,}"), ("rows dropped", f"{self.dropped_total:,}")]
         for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
             where = self.first_where.get(reason)
             out.append((f"  {reason}", f"{n:,}" + (f"  (first: {where})" if where else "")))
@@ -83,7 +94,12 @@ class DataStats:
         out += [("train examples", f"{self.examples:,}"), ("val examples", f"{self.val_examples:,}"),
                 ("tokens", f"{self.tokens:,}"),
                 ("trained tokens", f"{self.trained_tokens:,} ({self.trained_fraction:.1%})"),
-                ("truncated", f"{self.truncated:,} (seq_len {self.seq_len})"),
+                ("truncated", f"{self.truncated:,} (seq_len {self.seq_len})")]
+        if self.tool_rows:
+            out.append(("tool use", f"{self.tool_rows:,} examples, " + (
+                f"{self.tool_fallback:,} by the fallback (tools in the system prompt, calls as JSON text: "
+                "the template has no tool support)" if self.tool_fallback else "all in the template's own format")))
+        out += [
                 ("units", f"{self.units:,}"), ("packing efficiency", f"{self.packing_efficiency:.1%}")]
         return out
 
@@ -139,9 +155,10 @@ def _split_indices(n: int, data_cfg, seed: int, has_val_file: bool) -> tuple[np.
     return order[n_val:], order[:n_val]
 
 
-def _load(data_cfg, seed: int, stats: DataStats):
-    src = resolve(data_cfg)
+def _load(data_cfg, seed: int, stats: DataStats, src: Optional[Source] = None):
+    src = src or resolve(data_cfg)
     stats.source = src.name
+    stats.files = [str(f) for f in src.files]
     rows = load_rows(src, strict=data_cfg.strict)
     stats.rows_loaded = len(rows.rows) + len(rows.broken)
     for where, _ in rows.broken:
@@ -182,7 +199,12 @@ _WORKER: dict = {}
 
 
 def get_renderer(tokenizer, data_cfg) -> Renderer:
-    key = (id(tokenizer), data_cfg.prompt_style, data_cfg.train_on_prompt)
+    """The renderer of `tokenizer` under data_cfg; data.chat_template is set on the tokenizer
+    first (so the tokenizer saved with the adapter has it). Memoised per tokenizer object and
+    template text: a tokenizer whose chat_template changes gets a new renderer."""
+    use_chat_template(tokenizer, getattr(data_cfg, "chat_template", None), data_cfg.prompt_style)
+    key = (id(tokenizer), json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True),
+           data_cfg.prompt_style, data_cfg.train_on_prompt)
     hit = _RENDERERS.get(key)
     if hit is None or hit.tokenizer is not tokenizer:
         hit = _RENDERERS[key] = Renderer(tokenizer, data_cfg.prompt_style, data_cfg.train_on_prompt)
@@ -311,13 +333,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(data_cfg, tokenizer, seed: int) -> str:
-    src = resolve(data_cfg)
+@functools.lru_cache(None)
+def code_fingerprint() -> str:
+    """A hash of the data code: a change to how rows are read, rendered or packed is a cache miss
+    without anyone remembering to bump CACHE_VERSION."""
+    h = hashlib.sha256()
+    for name in CODE_FILES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(data_cfg, tokenizer, seed: int, src: Optional[Source] = None) -> str:
+    src = src or resolve(data_cfg)
     card = None
     if data_cfg.card:
         card = read_card(data_cfg.card)[0]
     relevant = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("cache", "num_proc")}
-    parts = [CACHE_VERSION, src.fingerprint(), tokenizer_fingerprint(tokenizer),
+    parts = [CACHE_VERSION, code_fingerprint(), get_renderer(tokenizer, data_cfg).used,
+             src.fingerprint(), tokenizer_fingerprint(tokenizer),
              json.dumps([relevant, card, seed, dataclasses.asdict(src) | {"files": [str(f) for f in src.files]}],
                         sort_keys=True, default=str)]
     if data_cfg.val_path:
@@ -359,18 +392,22 @@ def prepare(data_cfg, tokenizer, seed: int, progress: bool = True) -> DataBundle
     """Load, convert, tokenize, mask and pack the data of `data_cfg` (cached)."""
     t0 = time.perf_counter()
     renderer = get_renderer(tokenizer, data_cfg)  # checks pad != eos and the prompt style first
+    src = resolve(data_cfg)
+    note = pin_revision(src)
     path = None
     if data_cfg.cache:
-        path = _cache_dir() / f"{cache_key(data_cfg, tokenizer, seed)}.npz"
+        path = _cache_dir() / f"{cache_key(data_cfg, tokenizer, seed, src)}.npz"
         if path.is_file():
             hit = _load_cache(path)
             if hit is not None:
                 hit.stats.seconds = time.perf_counter() - t0
                 return hit
-    stats = DataStats(seq_len=data_cfg.seq_len)
-    src, train_c, train_w, val_c, val_w = _load(data_cfg, seed, stats)
+    stats = DataStats(seq_len=data_cfg.seq_len, notes=[note] if note else [])
+    src, train_c, train_w, val_c, val_w = _load(data_cfg, seed, stats, src)
     if not train_c:
         raise UsageError(f"{src.name}: no usable rows after filtering ({_drop_summary(stats)})")
+    tooled = [c for c in train_c + val_c if c.tools or any(m.get("tool_calls") for m in c.messages)]
+    stats.tool_rows, stats.tool_fallback = len(tooled), sum(map(renderer.tool_fallback, tooled))
     ids, labels, lens = _tokenize_all(train_c, train_w, renderer, data_cfg, stats, progress, "train")
     v_ids, v_labels, v_lens = _tokenize_all(val_c, val_w, renderer, data_cfg, stats, progress, "val")
     if not len(lens):

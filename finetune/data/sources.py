@@ -4,12 +4,18 @@ Local JSON and JSON Lines are parsed with the json module rather than `datasets`
 schema per column, so a single malformed row (a conversation that is a string, a number where
 text belongs) makes `datasets` fail the whole file with an error that names neither file nor
 line. Here each row stays a Python object, bad ones are counted by the format adapters, and a
-broken JSONL line is reported with its line number. Parquet, CSV and the hub go through `datasets`.
+broken JSONL line is reported with its line number. CSV is read with the csv module, every cell
+as the text it is (pandas would turn "None", "null" and "N/A" into missing values and an
+all-number column into ints). A UTF-8 byte order mark is accepted. Parquet and the hub go
+through `datasets`; so does choosing a folder's split files (its own filename patterns: train.*,
+*-train-*, train/..., never a test or validation file for training).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -76,29 +82,47 @@ def read_card(name: str) -> tuple[dict, Path]:
     return card, path
 
 
-def _local_or_hub(spec: str, base: Optional[Path], split: str = "train") -> tuple[list[Path], Optional[str]]:
+def _local_or_hub(spec: str, base: Optional[Path], split: str = "train",
+                  data_files: Any = None) -> tuple[list[Path], Optional[str]]:
     p = Path(os.path.expanduser(spec))
     if not p.is_absolute() and base is not None and (base / p).exists():
         p = base / p
     if p.exists():
-        return _files_of(p, split), None
+        return _files_of(p, split, data_files), None
     if HUB_ID.match(spec) and Path(spec).suffix.lower() not in EXTENSIONS and not spec.startswith("."):
         return [], spec
     raise UsageError(f"data path not found: {spec}")
 
 
-def _files_of(p: Path, split: str = "train") -> list[Path]:
+def _files_of(p: Path, split: str = "train", data_files: Any = None) -> list[Path]:
     if not os.access(p, os.R_OK):
         raise UsageError(f"cannot read data {p}: permission denied")
     if p.is_file():
         if p.suffix.lower() not in EXTENSIONS:
             raise UsageError(f"data file {p}: unsupported type '{p.suffix}' (expected {', '.join(EXTENSIONS)})")
         return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
-    split_files = [f for f in files if f.stem.startswith(split) or f.parent.name == split]
-    files = split_files or files
+    # `datasets` takes seconds to import; only folders need its split patterns.
+    from datasets.data_files import get_data_patterns, resolve_pattern
+
+    if data_files:
+        patterns, what = ([data_files] if isinstance(data_files, str) else list(data_files)), "data.data_files"
+    else:
+        found = get_data_patterns(str(p))
+        if split not in found:
+            raise UsageError(f"data folder {p}: no '{split}' files (its file names give the splits "
+                             f"{', '.join(map(str, found))}); name them like {split}.jsonl or {split}-00000.parquet, "
+                             "or list them in data.data_files")
+        patterns, what = found[split], f"split '{split}'"
+    files = []
+    for pattern in patterns:
+        try:
+            files += [Path(f) for f in resolve_pattern(pattern, base_path=str(p))]
+        except FileNotFoundError:
+            if data_files:  # a pattern the user wrote must match; the split's own patterns may not
+                raise UsageError(f"data.data_files: '{pattern}' matches no file in {p}") from None
+    files = sorted({f for f in files if f.is_file() and f.suffix.lower() in EXTENSIONS})
     if not files:
-        raise UsageError(f"data folder {p} has no {'/'.join(EXTENSIONS)} files")
+        raise UsageError(f"data folder {p} has no {'/'.join(EXTENSIONS)} files for {what}")
     return files
 
 
@@ -112,22 +136,41 @@ def resolve(data_cfg, val: bool = False) -> Source:
         raise UsageError("no data given: set data.card (a dataset card) or data.path (a file, folder or hub id)")
     base = card_path.parent if card_path is not None and not (val or data_cfg.path) else Path.cwd()
     split = card.get("split", data_cfg.split) if data_cfg.split == "train" else data_cfg.split
-    files, hub_id = _local_or_hub(str(spec), base, split)
+    data_files = None if val else (data_cfg.data_files or (card.get("data_files") if not data_cfg.path else None))
+    files, hub_id = _local_or_hub(str(spec), base, split, data_files)
     fmt = data_cfg.format or card.get("format")
     if not fmt:
         raise UsageError(f"data.format is not set and {'card ' + str(card_path) if card_path else 'there is no card'} "
                          "names none (alpaca, sharegpt, messages, text, prompt_completion)")
     return Source(format=fmt, files=files, hub_id=hub_id, split=split,
                   subset=data_cfg.subset or card.get("subset"), revision=data_cfg.revision or card.get("revision"),
-                  data_files=card.get("data_files") if not data_cfg.path else None,
+                  data_files=data_files,
                   columns={**(card.get("columns") or {}), **(data_cfg.columns or {})},
                   roles={**(card.get("roles") or {}), **(data_cfg.roles or {})},
                   name=hub_id or (str(files[0]) if len(files) == 1 else str(spec)))
 
 
+def pin_revision(src: Source) -> Optional[str]:
+    """Give a hub dataset without a revision the commit it resolves to now, so the cache key and
+    the rows read agree; offline, say that the local copy is used (its commit unknown)."""
+    if not src.hub_id or src.revision:
+        return None
+    from huggingface_hub import HfApi, constants
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            src.revision = HfApi().dataset_info(src.hub_id).sha
+            return f"hub dataset {src.hub_id}: revision {src.revision} (data.revision pins it)"
+        except Exception:  # unreachable hub: fall through to the local copy
+            pass
+    return (f"hub dataset {src.hub_id}: no data.revision and the hub is not reachable: using the local copy "
+            "as it is (set data.revision to pin a commit)")
+
+
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte order mark is not part of the first row
     except PermissionError:
         raise UsageError(f"cannot read data {path}: permission denied") from None
     except UnicodeDecodeError as e:
@@ -170,6 +213,17 @@ def _read_json(path: Path, out: Rows, strict: bool) -> None:
     out.where.extend(f"{path} row {i + 1}" for i in range(len(data)))
 
 
+def _read_csv(path: Path, out: Rows) -> None:
+    try:
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        for row in reader:
+            row.pop(None, None)  # cells beyond the header: no column to name them
+            out.rows.append(row)
+            out.where.append(f"{path} line {reader.line_num}")
+    except csv.Error as e:
+        raise UsageError(f"cannot read csv file {path}: {e}") from None
+
+
 def _read_with_datasets(path: Path, kind: str, out: Rows) -> None:
     # `datasets` takes seconds to import; only parquet/csv files and hub ids need it.
     import datasets
@@ -210,6 +264,8 @@ def load_rows(src: Source, strict: bool = False) -> Rows:
             _read_json(f, out, strict)
         elif kind == "jsonl":
             _read_jsonl(f, _read_text(f), out, strict)
+        elif kind == "csv":
+            _read_csv(f, out)
         else:
             _read_with_datasets(f, kind, out)
     return out
