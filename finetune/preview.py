@@ -2,6 +2,7 @@
 
 Shows n rendered examples with the trained tokens highlighted, then the statistics: rows
 loaded, rows dropped per reason, tokens, trained-token fraction, truncation, packing efficiency.
+With dump=PATH every training example is also written to PATH as a JSON line (see finetune.data.dump).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from finetune.data.dump import dump_examples, unpacked
 from finetune.data.pipeline import prepare
 from finetune.errors import UsageError
 from finetune.models.load import load_tokenizer
@@ -25,6 +27,9 @@ class Args:
     """Recipe whose data section to preview (name from recipes/ or a path); data.* keys override it."""
     n: int = 3
     """How many rendered training examples to show."""
+    dump: Optional[str] = None
+    """Write every training example (packing undone) to this file, one JSON object a line:
+    text, input_ids, labels and trained (the decoded trained segments)."""
 
 
 def _show_example(console, tokenizer, ids: list[int], labels: list[int], title: str) -> None:
@@ -45,19 +50,11 @@ def run(args: Args, cfg) -> int:
     console = Console()
     tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
     bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=cfg.output.progress)
-    shown = 0
-    for unit in bundle.train:
-        pos = unit["position_ids"]
-        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-        for a, b in zip(starts, starts[1:]):
-            if shown >= args.n:
-                break
-            trained = sum(1 for x in unit["labels"][a:b] if x != -100)
-            _show_example(console, tokenizer, unit["input_ids"][a:b], unit["labels"][a:b],
-                          f"example {shown + 1}: {b - a} tokens, {trained} trained")
-            shown += 1
+    for shown, (ids, labels) in enumerate(unpacked(bundle.train)):
         if shown >= args.n:
             break
+        trained = sum(1 for x in labels if x != -100)
+        _show_example(console, tokenizer, ids, labels, f"example {shown + 1}: {len(ids)} tokens, {trained} trained")
     table = Table(title="data statistics", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -66,4 +63,7 @@ def run(args: Args, cfg) -> int:
     console.print(table)
     if bundle.stats.cached:
         console.print("[dim](tokenized data read from cache; data.cache=false recomputes it)[/]")
+    if args.dump:
+        n = dump_examples(bundle.train, tokenizer, args.dump)
+        console.print(f"wrote {n:,} training examples to {args.dump}")
     return 0
