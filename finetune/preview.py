@@ -15,7 +15,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from finetune.data.dump import dump_examples, unpacked
+from finetune.data.dump import check_dump_path, dump_examples, unpacked
 from finetune.data.pipeline import prepare
 from finetune.errors import UsageError
 from finetune.models.load import load_tokenizer
@@ -47,6 +47,8 @@ def _show_example(console, tokenizer, ids: list[int], labels: list[int], title: 
 def run(args: Args, cfg) -> int:
     if args.n < 0:
         raise UsageError(f"n must be >= 0, got {args.n}")
+    if args.dump:
+        check_dump_path(args.dump)
     console = Console()
     tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
     bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=cfg.output.progress)

@@ -9,6 +9,7 @@ what is trained without reading code; the tests read it too.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
@@ -44,11 +45,20 @@ def record(tokenizer, ids: list[int], labels: list[int]) -> dict:
             "trained": [decode(run) for run in trained_runs(ids, labels)]}
 
 
-def dump_examples(units: Sequence[dict], tokenizer, path: Union[str, Path]) -> int:
-    """Write one JSON line per example of `units` to `path` (atomically); returns how many."""
+def check_dump_path(path: Union[str, Path]) -> Path:
+    """Refuse a dump path that cannot be written, before any data is prepared."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise UsageError(f"dump={path} is a folder; give a file path such as {path / 'train.jsonl'}")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise UsageError(f"dump={path}: cannot write into {parent}")
+    return path
+
+
+def dump_examples(units: Sequence[dict], tokenizer, path: Union[str, Path]) -> int:
+    """Write one JSON line per example of `units` to `path` (atomically); returns how many."""
+    path = check_dump_path(path)
     n = 0
     try:
         with atomic_file(path) as f:
