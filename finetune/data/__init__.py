@@ -13,6 +13,7 @@ import importlib
 _EXPORTS = {
     "Conversation": "formats", "BadRow": "formats", "to_conversation": "formats", "columns_for": "formats",
     "Renderer": "tokenize", "IGNORE": "tokenize", "fit_length": "tokenize", "check_pad": "tokenize",
+    "use_chat_template": "tokenize", "dump_examples": "dump", "unpacked": "dump",
     "pack": "pack", "single_units": "pack", "make_units": "pack", "collate": "pack",
     "best_fit_bins": "pack", "packing_efficiency": "pack",
     "BatchStream": "stream",
