@@ -72,3 +72,24 @@ def test_utf8_bom_is_accepted(tmp_path, tok):
         assert got[0] == first and stats.dropped == {}, name
     assert prepare(DataConfig(path=str(tmp_path / "a.jsonl"), format="alpaca", val_fraction=0.0), tok, seed=0,
                    progress=False).stats.examples == 2
+
+
+def test_hub_dataset_revision_is_pinned_online_and_noted_offline(monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from finetune.data.sources import Source, pin_revision
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo: SimpleNamespace(sha="abc123"))
+    src = Source(format="alpaca", hub_id="someone/data")
+    before = src.fingerprint()
+    assert "abc123" in pin_revision(src) and src.revision == "abc123"
+    assert src.fingerprint() != before  # a new commit on the hub is a new cache key
+    assert pin_revision(Source(format="alpaca", hub_id="someone/data", revision="v1")) is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = Source(format="alpaca", hub_id="someone/data")
+    assert "local copy" in pin_revision(offline) and offline.revision is None
