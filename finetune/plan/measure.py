@@ -160,6 +160,12 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
             device: Optional[torch.device] = None) -> dict:
     """Peak bytes of one training step of `cfg` (the second: optimizer state exists by then)."""
     device = device or default_device(cfg.accelerator)
+    context = None
+    if device.type == "cuda":  # the CUDA context (+ whatever else holds this GPU) before any tensor
+        torch.cuda.init()
+        torch.zeros(1, device=device)
+        free, total = torch.cuda.mem_get_info(device)
+        context = total - free - torch.cuda.memory_reserved(device)
     micro = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
     seq = seq_len or cfg.data.seq_len
     torch.manual_seed(cfg.train.seed)
@@ -189,6 +195,7 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
         torch.cuda.synchronize(device)
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        out["context_bytes"] = context
     else:
         before = _storages_bytes(_live_tensors(model, optimizer, batch))
         out["live_before_step_bytes"] = before
