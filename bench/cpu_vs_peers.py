@@ -350,8 +350,11 @@ def main() -> None:
     line = "cpu_vs_peers: " + " | ".join(
         f"{r['trainer']} {r['trained_tokens_per_s']:.1f} tok/s, {r['peak_rss_bytes'] / 2**20:.0f} MiB, "
         f"loss {r['final_loss']}" for r in results)
-    if summary:
+    if "best_peer" in summary:
         line += f" | speedup_vs_best_peer ({summary['best_peer']}) {summary['speedup_vs_best_peer']:.2f}x"
+    if "loss_vs_fp32" in summary:
+        line += (f" | final loss vs fp32 {summary['loss_vs_fp32']:+.2%}, "
+                 f"{summary['speedup_vs_ours_fp32']:.2f}x ours-fp32's tok/s")
     print(line)
 
     out = {

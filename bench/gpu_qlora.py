@@ -42,14 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from common import versions
-from gpu_runner import BUDGET, SMOKE, SMOKE_ENV, Runner, fits, hardware
+from gpu_runner import BUDGET, SMOKE, SMOKE_ENV, Runner, fits, hardware, synthetic_data  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -107,19 +106,6 @@ def random_model_dir(shape: str, cache: Path) -> Path:
     if not SMOKE:
         torch.cuda.empty_cache()
     os.replace(tmp, path)
-    return path
-
-
-def synthetic_data(path: Path, rows: int = 400, lo: int = 300, hi: int = 1800, seed: int = 0) -> Path:
-    """Text rows of lo-hi bytes (= byte tokens). Short rows: packing fills 2048-token sequences;
-    rows longer than the seq len: every sequence is one example, truncated (one causal block)."""
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "memory", "adapter", "quantized", "token", "layer", "the"]
-    with path.open("w") as f:
-        for _ in range(rows):
-            n = rng.randint(lo, hi)
-            text = " ".join(rng.choice(words) for _ in range(n // 5))[:n]
-            f.write(json.dumps({"text": text}) + "\n")
     return path
 
 

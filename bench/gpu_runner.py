@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -117,3 +118,16 @@ def hardware() -> dict:
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         out["nvidia_smi_error"] = str(e)[:200]
     return out
+
+
+def synthetic_data(path: Path, rows: int = 400, lo: int = 300, hi: int = 1800, seed: int = 0) -> Path:
+    """Text rows of lo-hi bytes (= byte tokens). Short rows: packing fills 2048-token sequences;
+    rows longer than the seq len: every sequence is one example, truncated (one causal block)."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "memory", "adapter", "quantized", "token", "layer", "the"]
+    with path.open("w") as f:
+        for _ in range(rows):
+            n = rng.randint(lo, hi)
+            text = " ".join(rng.choice(words) for _ in range(n // 5))[:n]
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
