@@ -36,8 +36,19 @@ if [ ${#SMOKE[@]} -eq 0 ] && ls "$WHL"/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 
-echo "== gpu_check $(date -u +%FT%TZ) repo=$REPO results=$RESULTS ${SMOKE[*]:-}"
+# The random 7B checkpoints (13.5 GB each, two at the peak) go to RAM when /dev/shm has room.
+if [ -z "${GPU_CHECK_CACHE:-}" ]; then
+  GPU_CHECK_CACHE=/tmp/gpucheck-cache
+  SHM_FREE=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
+  if [ -n "$SHM_FREE" ] && [ "$SHM_FREE" -gt $((40 * 1024 * 1024 * 1024)) ] 2>/dev/null; then
+    GPU_CHECK_CACHE=/dev/shm/gpucheck-cache
+  fi
+fi
+export GPU_CHECK_CACHE
+
+echo "== gpu_check $(date -u +%FT%TZ) repo=$REPO results=$RESULTS cache=$GPU_CHECK_CACHE ${SMOKE[*]:-}"
 "$PY" bench/gpu_check.py --out "$RESULTS" "${SMOKE[@]}" 2>&1 | tee -a "$RESULTS/log.txt"
 rc=${PIPESTATUS[0]}
+[ "$GPU_CHECK_CACHE" = /dev/shm/gpucheck-cache ] && rm -rf /dev/shm/gpucheck-cache
 echo "== gpu_check rc=$rc; files in $RESULTS: $(ls "$RESULTS" | tr '\n' ' ')"
 exit "$rc"
