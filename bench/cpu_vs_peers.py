@@ -1,11 +1,17 @@
 """Our trainer vs TRL's SFTTrainer + peft vs litgpt's finetune_lora, back to back, on the CPU.
 
-    python bench/cpu_vs_peers.py [--steps 12] [--warmup 2] [--only ours,trl,litgpt] [--out bench/results/cpu-vs-peers.json]
+    python bench/cpu_vs_peers.py [--steps 12] [--warmup 2] [--only ours,ours-fp32,trl,litgpt] [--precision auto]
+                                 [--out bench/results/cpu-vs-peers.json]
 
 Same model (SmolLM2-135M-Instruct: the embedded copy, converted once to litgpt's format in a temp
 dir), same data (../shared/data/alpaca/alpaca_cleaned_1000.json), LoRA r=16 alpha=32 dropout 0 on
-every linear layer but the head, seq len 512, micro = global batch 4, fp32, no gradient
-checkpointing, AdamW lr 2e-4, the same number of optimizer steps. All three train on the response
+every linear layer but the head, seq len 512, micro = global batch 4, no gradient checkpointing,
+AdamW lr 2e-4, the same number of optimizer steps. Precision (--precision): auto (default) = bf16
+where finetune.runtime's CPU probe measures a bf16 matmul faster than fp32, else fp32, for every
+trainer: ours with precision=auto (frozen weights bf16, LoRA and AdamW state fp32), TRL with its
+bf16=True (CPU autocast), litgpt with --precision bf16-true (its documented bf16 setting); fp32 or
+bf16 force one for all. `ours-fp32` is ours at precision=32-true on the same batches: the loss
+parity reference (`loss_vs_fp32` = final loss / ours-fp32's final loss - 1, target within 2 %). All three train on the response
 tokens only (ours: data.train_on_prompt=false; TRL: prompt-completion data, completion-only loss;
 litgpt: --data.mask_prompt true), so "trained tokens" (label != -100) mean the same thing. The
 peers run at their documented fastest CPU settings: TRL packing=True (best-fit + padding-free),
@@ -41,15 +47,15 @@ DATA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_cleaned_1000.json"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RANK, ALPHA, DROPOUT, LR = 16, 32, 0.0, 2e-4  # dropout 0 (peft's default) for all three
 SEQ_LEN, BATCH = 512, 4  # --seq_len / --batch (smaller only for a quick smoke run)
-TRAINERS = ("ours", "trl", "litgpt")
+TRAINERS = ("ours", "ours-fp32", "trl", "litgpt")
 
 
-def ours_overrides() -> dict:
+def ours_overrides(precision: str = "auto") -> dict:
     """Ours, tuned honestly for this CPU: packing, head + loss only on trained positions (in one
-    chunk, so no recompute), no checkpointing, fp32, torch AdamW (bitsandbytes' 8-bit optimizers
-    are a GPU memory feature)."""
+    chunk, so no recompute), no checkpointing, precision=auto (bf16 frozen weights where this CPU
+    measures bf16 faster), torch AdamW (bitsandbytes' 8-bit optimizers are a GPU memory feature)."""
     return {
-        "model.name": "smollm2-135m", "accelerator": "cpu", "precision": "32-true",
+        "model.name": "smollm2-135m", "accelerator": "cpu", "precision": precision,
         "data.path": str(DATA), "data.format": "alpaca", "data.seq_len": str(SEQ_LEN), "data.packing": "true",
         "data.train_on_prompt": "false", "data.val_fraction": "0.05",
         "lora.r": str(RANK), "lora.alpha": str(ALPHA), "lora.dropout": str(DROPOUT), "lora.target_modules": "[all-linear]",
@@ -113,11 +119,16 @@ def worker_ours(args, rec: Recorder, tmp: Path) -> dict:
 
     CausalLMLoss._forward = counting_forward
     TrainProgress.update = step_end
-    overrides = {**ours_overrides(), "out_dir": str(tmp / "ours"), "train.max_steps": str(args.steps),
-                 **dict(kv.split("=", 1) for kv in args.ours_override)}
+    from finetune.runtime import CPU_PRECISION_ENV, base_dtype
+
+    fp32 = args.worker == "ours-fp32"
+    os.environ[CPU_PRECISION_ENV] = "bf16" if args.bf16 else "fp32"  # the driver's resolved choice
+    overrides = {**ours_overrides("32-true" if fp32 else "auto"), "out_dir": str(tmp / "ours"),
+                 "train.max_steps": str(args.steps), **dict(kv.split("=", 1) for kv in args.ours_override)}
     cfg = load_config(None, overrides)
     loop.main(loop.make_fabric(cfg), cfg)
-    return {"settings": {k: v for k, v in overrides.items() if k != "out_dir"}}
+    return {"settings": {k: v for k, v in overrides.items() if k != "out_dir"},
+            "frozen_weights_dtype": str(base_dtype(cfg, "cpu")).replace("torch.", "")}
 
 
 def alpaca_prompt_completion(path: Path) -> list[dict]:
@@ -147,7 +158,7 @@ def worker_trl(args, rec: Recorder, tmp: Path) -> dict:
     config = SFTConfig(
         output_dir=str(tmp / "trl"), max_steps=args.steps, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1, learning_rate=LR, warmup_steps=2, max_length=SEQ_LEN,
-        packing=True, completion_only_loss=True, gradient_checkpointing=False, bf16=False, fp16=False,
+        packing=True, completion_only_loss=True, gradient_checkpointing=False, bf16=args.bf16, fp16=False,
         use_cpu=True, report_to="none", logging_steps=1, save_strategy="no", eval_strategy="no",
         dataloader_num_workers=0, seed=42, disable_tqdm=True)
     peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear",
@@ -175,7 +186,7 @@ def worker_trl(args, rec: Recorder, tmp: Path) -> dict:
     return {"settings": {"packing": True, "packing_strategy": config.packing_strategy,
                          "padding_free": bool(config.padding_free or config.packing_strategy == "bfd"),
                          "completion_only_loss": True, "max_length": SEQ_LEN, "gradient_checkpointing": False,
-                         "loss_type": config.loss_type, "optim": str(config.optim),
+                         "loss_type": config.loss_type, "optim": str(config.optim), "bf16": args.bf16,
                          "attn_implementation": model.config._attn_implementation}}
 
 
@@ -227,7 +238,7 @@ def worker_litgpt(args, rec: Recorder, tmp: Path) -> dict:
         return s
 
     lora.chunked_cross_entropy, lora.get_lr_scheduler, GPT.forward = counting_ce, scheduler, counting_forward
-    argv = [str(ckpt), "--out_dir", str(tmp / "litgpt"), "--precision", "32-true",
+    argv = [str(ckpt), "--out_dir", str(tmp / "litgpt"), "--precision", "bf16-true" if args.bf16 else "32-true",
             "--data", "JSON", "--data.json_path", str(DATA), "--data.mask_prompt", "true",
             "--data.val_split_fraction", "0.05",
             "--lora_r", str(RANK), "--lora_alpha", str(ALPHA), "--lora_dropout", str(DROPOUT),
@@ -255,7 +266,8 @@ def run_worker(args) -> None:
 
     rec = Recorder()
     with tempfile.TemporaryDirectory(prefix=f"bench_{args.worker}_") as tmp:
-        extra = {"ours": worker_ours, "trl": worker_trl, "litgpt": worker_litgpt}[args.worker](args, rec, Path(tmp))
+        extra = {"ours": worker_ours, "ours-fp32": worker_ours, "trl": worker_trl,
+                 "litgpt": worker_litgpt}[args.worker](args, rec, Path(tmp))
     res = {"trainer": args.worker, **rec.result(args.warmup), **extra, "torch_threads": torch.get_num_threads(),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     Path(args.result).write_text(json.dumps(res))
@@ -269,7 +281,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per trainer")
     ap.add_argument("--warmup", type=int, default=2, help="first steps excluded from the timing")
-    ap.add_argument("--only", default=",".join(TRAINERS), help="comma-separated subset of ours,trl,litgpt")
+    ap.add_argument("--only", default=",".join(TRAINERS), help="comma-separated subset of " + ",".join(TRAINERS))
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 for every trainer where finetune.runtime's CPU probe finds bf16 faster")
+    ap.add_argument("--bf16", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu-vs-peers.json"))
     ap.add_argument("--ours_override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra training-config override for our trainer (repeatable)")
@@ -286,13 +301,19 @@ def main() -> None:
     if not 0 < args.warmup < args.steps:
         sys.exit("cpu_vs_peers: need 0 < --warmup < --steps")
 
+    from finetune.runtime import cpu_probe
+
+    probe = cpu_probe()
+    bf16 = {"fp32": False, "bf16": True, "auto": probe["bf16_faster"]}[args.precision]
+    print(f"cpu_vs_peers: {'bf16' if bf16 else 'fp32'} (probe: fp32 {probe['fp32_gflops']} GFLOP/s, "
+          f"bf16 {probe['bf16_gflops']} GFLOP/s at {probe['shape']})", flush=True)
     results = []
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result_path = Path(f.name)
         cmd = [sys.executable, __file__, "--worker", name, "--result", str(result_path),
                "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--seq_len", str(SEQ_LEN), "--batch", str(BATCH)]
+               "--seq_len", str(SEQ_LEN), "--batch", str(BATCH), "--bf16", str(int(bf16))]
         cmd += [f"--ours_override={kv}" for kv in args.ours_override]
         load_before = os.getloadavg()
         t0 = time.perf_counter()
@@ -306,7 +327,7 @@ def main() -> None:
         res.update(wall_s=round(wall, 1), loadavg_before=[round(x, 2) for x in load_before],
                    loadavg_after=[round(x, 2) for x in os.getloadavg()])
         results.append(res)
-        print(f"  {name:7s} {res['trained_tokens_per_s']:7.1f} trained tok/s  {res['nonpad_tokens_per_s']:7.1f} "
+        print(f"  {name:9s} {res['trained_tokens_per_s']:7.1f} trained tok/s  {res['nonpad_tokens_per_s']:7.1f} "
               f"non-pad tok/s  {res['s_per_step']:6.2f} s/step  peak RSS {res['peak_rss_bytes'] / 2**20:6.0f} MiB  "
               f"final loss {res['final_loss']}  (load {res['loadavg_before'][0]:.1f})", flush=True)
 
@@ -321,21 +342,29 @@ def main() -> None:
                    "nonpad_speedup_vs_best_peer": round(
                        ours["nonpad_tokens_per_s"] / max(p["nonpad_tokens_per_s"] for p in peers), 3),
                    "rss_vs_min_peer": round(ours["peak_rss_bytes"] / min(p["peak_rss_bytes"] for p in peers), 3),
-                   "target_speedup": 1.5}
+                   "target_speedup": 3.0}
+    if "ours" in by and "ours-fp32" in by and by["ours-fp32"]["final_loss"]:
+        summary["loss_vs_fp32"] = round(by["ours"]["final_loss"] / by["ours-fp32"]["final_loss"] - 1, 4)
+        summary["speedup_vs_ours_fp32"] = round(by["ours"]["trained_tokens_per_s"]
+                                                / by["ours-fp32"]["trained_tokens_per_s"], 3)
     line = "cpu_vs_peers: " + " | ".join(
         f"{r['trainer']} {r['trained_tokens_per_s']:.1f} tok/s, {r['peak_rss_bytes'] / 2**20:.0f} MiB, "
         f"loss {r['final_loss']}" for r in results)
-    if summary:
+    if "best_peer" in summary:
         line += f" | speedup_vs_best_peer ({summary['best_peer']}) {summary['speedup_vs_best_peer']:.2f}x"
+    if "loss_vs_fp32" in summary:
+        line += (f" | final loss vs fp32 {summary['loss_vs_fp32']:+.2%}, "
+                 f"{summary['speedup_vs_ours_fp32']:.2f}x ours-fp32's tok/s")
     print(line)
 
     out = {
-        "what": "trained (label != -100) tokens/s of LoRA fine-tuning SmolLM2-135M-Instruct on alpaca, CPU fp32",
+        "what": "trained (label != -100) tokens/s of LoRA fine-tuning SmolLM2-135M-Instruct on alpaca, CPU",
         "command": "python " + " ".join([Path(sys.argv[0]).resolve().relative_to(REPO).as_posix(), *sys.argv[1:]]),
         "setup": {"model": HUB_ID + " (embedded copy)", "data": "../shared/data/alpaca/alpaca_cleaned_1000.json",
                   "seq_len": SEQ_LEN, "micro_batch": BATCH, "global_batch": BATCH, "lora_r": RANK,
                   "lora_alpha": ALPHA, "lora_dropout": DROPOUT, "lora_targets": "all linear layers except lm_head",
-                  "precision": "fp32", "gradient_checkpointing": False, "optimizer": f"AdamW lr {LR}",
+                  "precision": "bf16" if bf16 else "fp32", "precision_arg": args.precision, "cpu_probe": probe,
+                  "gradient_checkpointing": False, "optimizer": f"AdamW lr {LR}",
                   "steps": args.steps, "warmup_steps_excluded_from_timing": args.warmup,
                   "loss_on": "response tokens only, for all three"},
         "hardware": {"cpu": cpu_model(), "nproc": os.cpu_count(), "platform": platform.platform()},

@@ -1,33 +1,40 @@
-"""7B/8B QLoRA on one GPU capped to 12 GiB: our trainer vs a plain transformers+peft+bitsandbytes loop.
+"""7B/8B QLoRA on one GPU capped to 12 GiB: our trainer vs a fair transformers+peft+bitsandbytes loop.
 
-    python bench/gpu_qlora.py [--parts speed,longest,planner] [--steps 6] [--warmup 2] [--out bench/results/gpu-qlora.json]
+    python bench/gpu_qlora.py [--parts speed,longest,planner] [--steps 6] [--warmup 2] [--budget_s 3000]
+                              [--out bench/results/gpu-qlora.json] [--logs DIR] [--cpu-smoke]
 
-Needs a CUDA GPU (exits with a message otherwise; CI never runs it). Models are random-init from
-the real configs (the shapes and therefore the memory and compute are real; nothing is
-downloaded): Llama-2-7B and Llama-3.1-8B, written once in bf16 to --model_cache with the byte-level
-tokenizer of finetune.models.tiny. Data are synthetic text rows (byte tokens), packed to the sequence
-length, so every step trains on full 2048-token sequences. Every measurement runs in its own
-subprocess that first calls torch.cuda.set_per_process_memory_fraction(12 GiB / device memory),
-so an over-budget configuration fails with OOM exactly as it would on a 12 GiB card.
+Needs a CUDA GPU, except with --cpu-smoke: every code path on a tiny shape on the CPU (bf16
+compute, no memory cap; its numbers mean nothing). Models are random-init from the real configs (the shapes and therefore the memory
+and compute are real; nothing is downloaded): Llama-2-7B and Llama-3.1-8B, written once in bf16 to
+--model_cache with the byte-level tokenizer of finetune.models.tiny. Data are synthetic text rows
+(byte tokens). Every measurement runs in its own subprocess that first calls
+torch.cuda.set_per_process_memory_fraction(12 GiB / device memory), so an over-budget
+configuration fails with OOM as it would on a 12 GiB card; the parent never initialises CUDA,
+so a worker's context is its own. "fits a 12 GiB card" = peak reserved + that process's memory
+outside torch's allocator (CUDA context, cuBLAS workspaces, bitsandbytes' pages) <= 12 GiB.
 
-Parts:
+Parts (the JSON is rewritten the moment each part, and each worker, ends; every worker's whole
+output goes to --logs; --budget_s bounds the whole run, every worker's timeout included):
 - speed: Llama-2-7B NF4 (double quant, bf16 compute), LoRA r=16 all-linear, seq 2048 packed,
-  micro-batch 1. Ours = finetune.training.loop.main (the real loop) in two settings: the recipe default
-  (gradient checkpointing + chunked loss) and activation offload without checkpointing. Baseline =
-  a plain loop: from_pretrained(BitsAndBytesConfig) -> prepare_model_for_kbit_training(gradient
-  checkpointing) -> get_peft_model -> model(input_ids, labels) -> backward -> paged AdamW 8-bit,
-  on the same packed batches. Reports peak allocated/reserved memory and trained tokens/s
-  (steps after --warmup). Targets: ours peak <= 9 GiB and >= 2x the baseline's tokens/s.
+  micro-batch 1. Ours = finetune.training.loop.main (the real loop) in two settings: the recipe
+  default (gradient checkpointing + chunked loss) and activation offload without checkpointing.
+  Baseline = what HF Trainer/TRL users run: from_pretrained(BitsAndBytesConfig) ->
+  prepare_model_for_kbit_training(non-reentrant gradient checkpointing) -> get_peft_model ->
+  model(input_ids, labels) under bf16 autocast -> backward -> paged AdamW 8-bit, on the very
+  batches ours trains on (same data pipeline, same seed). Reports peak allocated/reserved memory
+  and trained tokens/s (steps after --warmup; 0 times from the first forward). Targets: ours
+  reserved + context <= 9 GiB and >= 2x the baseline's tokens/s.
 - longest: Llama-3.1-8B shape, micro-batch 1, with recipes/qlora-8b-longctx.yaml's memory settings
   (checkpointing, activation offload, MLP tiles, loss chunks of 256, LoRA dropout 0,
-  flash_attention_2 when flash-attn is installed, else sdpa, which needs no mask here: one example
-  per sequence): the longest seq len that trains (forward + backward + optimizer step) within
-  12 GiB, trying increasing lengths in fresh processes, each with the planner's prediction. Target >= 24k.
-- planner: finetune.plan.predict against the measured peak for >= 6 configs (seq len, micro-batch,
+  flash_attention_2 when flash-attn is installed, else sdpa), one example per sequence
+  (data.packing=false, the rows are longer than any length tried), planned with those same
+  settings: the longest seq len that trains (forward + backward + optimizer step) within 12 GiB,
+  trying increasing lengths in fresh processes. Target >= 32k.
+- planner: finetune.plan.predict against the measured peak for 8 configs (seq len, micro-batch,
   checkpointing, offload) of the 7B; error = predicted / measured - 1, target within +-10%.
 
-Prints one line per part and writes JSON with the command, hardware and versions. Imports nothing
-GPU-only at module level.
+Records the command, GPU, driver, CUDA, flash-attn and package versions. Imports nothing
+GPU-only at module level; bench/gpu_check.sh runs these workers as the one-call device check.
 """
 
 from __future__ import annotations
@@ -35,22 +42,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from common import versions
+from gpu_runner import BUDGET, SMOKE, SMOKE_ENV, Runner, fits, hardware, synthetic_data  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 GiB = 1024 ** 3
-BUDGET = 12 * GiB
 SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, rope_theta=10000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False),
     # The published configs' shape fields (random init: nothing else matters for memory/speed).
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
@@ -91,44 +98,83 @@ def random_model_dir(shape: str, cache: Path) -> Path:
     config = LlamaConfig(**fields, pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id)
     tmp = path.with_name(path.name + ".tmp")
     torch.manual_seed(0)
-    with torch.device("cuda"):  # initialising 7B parameters on the GPU takes seconds, on CPU minutes
+    with torch.device("cpu" if SMOKE else "cuda"):  # 7B parameters: seconds on the GPU, minutes on a CPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     del model
-    torch.cuda.empty_cache()
+    if not SMOKE:
+        torch.cuda.empty_cache()
     os.replace(tmp, path)
     return path
 
 
-def synthetic_data(path: Path, rows: int = 400, lo: int = 300, hi: int = 1800, seed: int = 0) -> Path:
-    """Text rows of lo-hi bytes (= byte tokens). Short rows: packing fills 2048-token sequences;
-    rows longer than the seq len: every sequence is one example, truncated (one causal block)."""
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "memory", "adapter", "quantized", "token", "layer", "the"]
-    with path.open("w") as f:
-        for _ in range(rows):
-            n = rng.randint(lo, hi)
-            text = " ".join(rng.choice(words) for _ in range(n // 5))[:n]
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
+def _own_gpu_bytes(spec: dict) -> int:
+    """Device memory this process holds (the CUDA context included): NVML's per-process figure
+    where pynvml is importable, else all used memory less what the parent saw used before it
+    started this worker (spec["others_used_bytes"])."""
+    import torch
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory)
+    except Exception:  # noqa: BLE001 - no NVML (or no per-process accounting in a container)
+        pass
+    free, total = torch.cuda.mem_get_info()
+    return total - free - int(spec.get("others_used_bytes") or 0)
 
 
-def cap_memory() -> dict:
+def cap_memory(spec: dict) -> dict:
+    """Cap this process to 12 GiB of the device; its CUDA context, before any tensor."""
+    if SMOKE:
+        return {"context_bytes": 0}
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, BUDGET / total), 0)
     torch.cuda.init()
-    free, total = torch.cuda.mem_get_info()
-    return {"device_total_bytes": total, "context_bytes": total - free - torch.cuda.memory_reserved()}
+    torch.zeros(1, device="cuda")  # the context exists from here on
+    return {"device_total_bytes": total, "context_bytes": _own_gpu_bytes(spec) - torch.cuda.memory_reserved()}
+
+
+def _end_memory(spec: dict) -> dict:
+    """Peaks, and what the process holds outside torch's allocator at the end (the context grows:
+    cuBLAS workspaces, kernels loaded on first use, bitsandbytes' managed pages if resident)."""
+    if SMOKE:
+        return {"peak_allocated_bytes": 0, "peak_reserved_bytes": 0, "end_non_torch_bytes": 0}
+    import torch
+
+    torch.cuda.synchronize()
+    st = torch.cuda.memory_stats()
+    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+            "end_non_torch_bytes": _own_gpu_bytes(spec) - torch.cuda.memory_reserved(),
+            "num_alloc_retries": st.get("num_alloc_retries"), "num_ooms": st.get("num_ooms")}
+
+
+def _sync() -> None:
+    if not SMOKE:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _dtypes(model) -> dict:
+    from finetune.plan.measure import static_bytes
+
+    return static_bytes(model)
 
 
 def ours_cfg(model_dir: Path, data: Path, seq: int, micro: int, steps: int, out_dir: Path, **extra):
     from finetune.config import load_config
 
     overrides = {
-        "model.name": str(model_dir), "accelerator": "cuda", "out_dir": str(out_dir),
+        "model.name": str(model_dir), "accelerator": "cpu" if SMOKE else "cuda", "out_dir": str(out_dir),
         "data.path": str(data), "data.format": "text", "data.seq_len": str(seq), "data.packing": "true",
         "data.val_fraction": "0.0", "data.cache": "false",
         "quant.mode": "nf4", "quant.double_quant": "true", "quant.compute_dtype": "bfloat16",
@@ -154,35 +200,60 @@ def worker_ours(spec: dict) -> dict:
     from finetune.training.loss import CausalLMLoss
     from finetune.training.progress import TrainProgress
 
-    ctx = cap_memory()
-    tokens, ends = [], []
-    real_forward = CausalLMLoss._forward
-
-    load_peak = {}
+    ctx = cap_memory(spec)
+    tokens, ends, start = [], [], []
+    real_forward, real_build = CausalLMLoss._forward, loop.build_step
+    extra = {}
 
     def counting_forward(self, input_ids, labels, position_ids):
         if torch.is_grad_enabled():
             if not tokens:  # the training peak, not the model-loading one
-                load_peak["load_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
+                _sync()
+                start.append(time.perf_counter())
+                if not SMOKE:
+                    extra["load_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
             tokens.append(int((labels[:, 1:] != -100).sum()))
         return real_forward(self, input_ids, labels, position_ids)
 
     def step_end(self, step, loss, lr, tok_s):
-        torch.cuda.synchronize()
+        _sync()
         ends.append(time.perf_counter())
+        extra.setdefault("losses", []).append(round(float(loss), 4))
 
-    CausalLMLoss._forward = counting_forward
-    TrainProgress.update = step_end
+    def build_step(cfg, device, tokenizer):  # which tensors hold which dtype, as loaded
+        step = real_build(cfg, device, tokenizer)
+        extra["static_bytes_by_dtype"] = _dtypes(step.model)
+        if not SMOKE:
+            extra["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
+        return step
+
+    CausalLMLoss._forward, TrainProgress.update, loop.build_step = counting_forward, step_end, build_step
     with tempfile.TemporaryDirectory() as tmp:
         cfg, overrides = ours_cfg(Path(spec["model_dir"]), Path(spec["data"]), spec["seq"], spec["micro"],
                                   spec["steps"], Path(tmp) / "run", **spec.get("overrides", {}))
         loop.main(loop.make_fabric(cfg), cfg)
-    return {**ctx, **_timing(tokens, ends, spec["warmup"]), **_peaks(), **load_peak}
+    return {**ctx, **_timing(tokens, ends, start, spec["warmup"]), **_end_memory(spec), **extra}
+
+
+def worker_build(spec: dict) -> dict:
+    """random_model_dir in a worker: building on the GPU would leave a CUDA context in the parent."""
+    path = random_model_dir(spec["shape"], Path(spec["cache"]))
+    return {"model_dir": str(path), "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+
+
+def model_dir(run: Runner, shape: str, cache: Path) -> Path:
+    res = run.worker(f"build-{shape}", "build", {"shape": shape, "cache": str(cache)}, min_s=10)
+    run.out.setdefault("builds", {})[shape] = res
+    run.save()
+    if not res.get("ok"):
+        raise SystemExit(f"gpu_qlora: building the random {shape} failed: {res.get('error') or res.get('skipped')}")
+    return Path(res["model_dir"])
 
 
 def worker_baseline(spec: dict) -> dict:
-    """The plain loop most QLoRA scripts use: HF loss on full logits, gradient checkpointing."""
+    """What HF Trainer / TRL users run: bf16 autocast, non-reentrant checkpointing, HF loss on full
+    logits, paged AdamW 8-bit; on the batches our loop trains on (same pipeline, same seed)."""
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -191,104 +262,93 @@ def worker_baseline(spec: dict) -> dict:
     from finetune.data import BatchStream, prepare
     from finetune.models.load import load_tokenizer
 
-    ctx = cap_memory()
+    ctx = cap_memory(spec)
+    device = "cpu" if SMOKE else "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         cfg, _ = ours_cfg(Path(spec["model_dir"]), Path(spec["data"]), spec["seq"], spec["micro"], spec["steps"],
-                          Path(tmp) / "run")
+                          Path(tmp) / "run", **spec.get("overrides", {}))
     tok = load_tokenizer(cfg.model)
-    units = prepare(cfg.data, tok, seed=0, progress=False).train
+    units = prepare(cfg.data, tok, seed=cfg.train.seed, progress=False).train
     stream = BatchStream(units, global_batch_size=spec["micro"], micro_batch_size=spec["micro"], world_size=1, rank=0,
-                         seed=0, group_by_length=False, pad_id=tok.pad_token_id)
+                         seed=cfg.train.seed, group_by_length=not cfg.data.packing, pad_id=tok.pad_token_id)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+                                                 device_map={"": "cpu" if SMOKE else 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    extra = {"static_bytes_by_dtype": _dtypes(model), "losses": []}
     model.train()
-    torch.cuda.reset_peak_memory_stats()
-    tokens, ends = [], []
+    if not SMOKE:
+        torch.cuda.reset_peak_memory_stats()
+    tokens, ends, start = [], [], []
     for step in range(spec["steps"]):
         for b in stream.step_batches(step):
-            b = {k: v.cuda() for k, v in b.items()}
-            out = model(input_ids=b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+            b = {k: v.to(device) for k, v in b.items()}
+            if not start:
+                _sync()
+                start.append(time.perf_counter())
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = model(input_ids=b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
             out.loss.backward()
             tokens.append(int((b["labels"][:, 1:] != -100).sum()))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _sync()
         ends.append(time.perf_counter())
-    return {**ctx, **_timing(tokens, ends, spec["warmup"]), **_peaks()}
+        extra["losses"].append(round(float(out.loss.detach()), 4))
+    return {**ctx, **_timing(tokens, ends, start, spec["warmup"]), **_end_memory(spec), **extra}
 
 
-def _timing(tokens: list, ends: list, warmup: int) -> dict:
-    if len(ends) <= warmup:
+def _timing(tokens: list, ends: list, start: list, warmup: int) -> dict:
+    """Trained tokens/s over the steps after `warmup` (warmup 0: from the first forward)."""
+    if len(ends) <= warmup or (not warmup and not start):
         return {"steps": len(ends)}
-    dt = ends[-1] - ends[warmup - 1] if warmup else None
-    n = sum(tokens[warmup:len(ends)])
+    dt = ends[-1] - (ends[warmup - 1] if warmup else start[0])
+    n = sum(tokens[warmup:len(ends)])  # one micro-batch per step here
     return {"steps": len(ends), "measured_s": round(dt, 3), "trained_tokens": n, "tokens_per_s": round(n / dt, 1)}
-
-
-def _peaks() -> dict:
-    import torch
-
-    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
-
-
-def run_worker(kind: str, spec: dict, timeout: int) -> dict:
-    """One measurement in a fresh process; OOM (or any failure) comes back as ok=False."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-        spec_path = f.name
-    cmd = [sys.executable, __file__, "--worker", kind, "--spec", spec_path]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timeout after {timeout}s"}
-    finally:
-        wall = time.perf_counter() - t0
-    result_path = Path(spec_path + ".result")
-    if proc.returncode == 0 and result_path.is_file():
-        res = {"ok": True, **json.loads(result_path.read_text()), "wall_s": round(wall, 1)}
-        result_path.unlink()
-        return res
-    text = proc.stderr + proc.stdout
-    oom = "OutOfMemoryError" in text or "out of memory" in text.lower()
-    last = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["?"]
-    return {"ok": False, "oom": oom, "error": last[0][:300], "wall_s": round(wall, 1)}
 
 
 # --------------------------------------------------------------------------- parts
 
 
-def part_speed(a, model_dir: Path, data: Path) -> dict:
-    base = {"model_dir": str(model_dir), "data": str(data), "seq": 2048, "micro": 1, "steps": a.steps,
+BASELINE = "baseline-hf-peft-bnb-fair"
+
+
+def part_speed(a, run: Runner, model_dir: Path, data: Path, seq: int = 2048) -> dict:
+    base = {"model_dir": str(model_dir), "data": str(data), "seq": seq, "micro": 1, "steps": a.steps,
             "warmup": a.warmup}
-    runs = {"baseline-hf-peft-bnb-ckpt": run_worker("baseline", base, a.timeout)}
-    for name, ov in OURS_VARIANTS.items():
-        runs[name] = run_worker("ours", {**base, "overrides": ov}, a.timeout)
-    ok = {k: v for k, v in runs.items() if v.get("ok") and "tokens_per_s" in v}
-    ours_ok = {k: v for k, v in ok.items() if k.startswith("ours") and v["peak_reserved_bytes"] <= 9 * GiB}
-    summary = {}
-    if ours_ok and "baseline-hf-peft-bnb-ckpt" in ok:
-        best = max(ours_ok, key=lambda k: ours_ok[k]["tokens_per_s"])
-        summary = {"best_ours": best, "speedup_vs_baseline": round(
-            ok[best]["tokens_per_s"] / ok["baseline-hf-peft-bnb-ckpt"]["tokens_per_s"], 3)}
-    for k, v in runs.items():
-        if v.get("ok"):
-            print(f"  speed {k:26s} {v.get('tokens_per_s', 0):8.1f} tok/s  peak alloc "
-                  f"{v['peak_allocated_bytes'] / GiB:5.2f} GiB  reserved {v['peak_reserved_bytes'] / GiB:5.2f} GiB")
+    part = run.out.setdefault("speed", {"runs": {}, "targets": {"reserved_plus_context_GiB": 9,
+                                                                "speedup_vs_baseline": 2.0}})
+    todo = [(name, "ours", {**base, "overrides": ov}) for name, ov in OURS_VARIANTS.items()]
+    todo.insert(1, (BASELINE, "baseline", base))
+    for name, kind, spec in todo:
+        res = run.worker(name, kind, spec)
+        part["runs"][name] = {**res, **fits(res)}
+        run.save()
+        if res.get("ok"):
+            print(f"  speed {name:26s} {res.get('tokens_per_s', 0):8.1f} tok/s  peak alloc "
+                  f"{res['peak_allocated_bytes'] / GiB:5.2f} GiB  reserved+context "
+                  f"{part['runs'][name]['reserved_plus_context_bytes'] / GiB:5.2f} GiB", flush=True)
         else:
-            print(f"  speed {k:26s} failed: {v.get('error')}")
-    return {"runs": runs, **summary, "targets": {"peak_GiB": 9, "speedup_vs_baseline": 2.0}}
+            print(f"  speed {name:26s} failed: {res.get('error') or res.get('skipped')}", flush=True)
+    runs = part["runs"]
+    ok = {k: v for k, v in runs.items() if v.get("ok") and "tokens_per_s" in v}
+    ours_ok = {k: v for k, v in ok.items() if k.startswith("ours") and v["reserved_plus_context_bytes"] <= 9 * GiB}
+    if ours_ok and BASELINE in ok:
+        best = max(ours_ok, key=lambda k: ours_ok[k]["tokens_per_s"])
+        part.update(best_ours=best, speedup_vs_baseline=round(ok[best]["tokens_per_s"] / ok[BASELINE]["tokens_per_s"], 3))
+    run.save()
+    return part
 
 
 def longctx_overrides() -> dict:
-    """The long-context recipe's memory settings as overrides (sdpa where flash-attn is missing)."""
+    """The long-context recipe's memory settings as overrides (sdpa where flash-attn is missing),
+    one example per sequence (no packing: the rows are longer than any length tried)."""
     import importlib.util
 
     from finetune.config import load_config, to_dict
@@ -297,57 +357,61 @@ def longctx_overrides() -> dict:
     out = {key: str(recipe[key.split(".")[0]][key.split(".")[1]]) for key in LONGCTX_KEYS}
     if out["model.attn_implementation"] == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         out["model.attn_implementation"] = "sdpa"
+    out["data.packing"] = "false"
     return out
 
 
-def part_longest(a, model_dir: Path, data: Path) -> dict:
+def part_longest(a, run: Runner, model_dir: Path, data: Path) -> dict:
     from finetune.plan import predict as plan
 
-    tried = {}
-    longest = 0
     overrides = longctx_overrides()
+    part = run.out.setdefault("longest", {"longest_seq_len": 0, "overrides": overrides, "tried": {}, "target": 32768})
     for seq in a.seq_lens:
-        res = run_worker("ours", {"model_dir": str(model_dir), "data": str(data), "seq": seq, "micro": 1,
-                                  "steps": 2, "warmup": 1, "overrides": overrides}, a.timeout)
-        cfg, _ = ours_cfg(model_dir, data, seq, 1, 2, Path("unused"), **overrides)
-        res["predicted_peak_bytes"] = plan.predict(cfg, 1, seq).peak_bytes
-        tried[seq] = res
-        outcome = (f"ok, peak reserved {res['peak_reserved_bytes'] / GiB:.2f} GiB" if res.get("ok")
-                   else f"failed: {res.get('error')}")
-        print(f"  longest llama-3.1-8b seq {seq:6d} (predicted {res['predicted_peak_bytes'] / GiB:.2f} GiB): {outcome}")
-        if not res.get("ok"):
+        cfg, _ = ours_cfg(model_dir, data, seq, 1, 2, Path("unused"), **overrides)  # what the worker trains
+        predicted = plan.predict(cfg, 1, seq).peak_bytes
+        res = run.worker(f"longest-{seq}", "ours", {"model_dir": str(model_dir), "data": str(data), "seq": seq,
+                                                   "micro": 1, "steps": 2, "warmup": 1, "overrides": overrides})
+        res = {**res, **fits(res), "predicted_peak_bytes": predicted}
+        part["tried"][seq] = res
+        outcome = (f"ok, reserved + context {res['reserved_plus_context_bytes'] / GiB:.2f} GiB" if res.get("ok")
+                   else f"failed: {res.get('error') or res.get('skipped')}")
+        print(f"  longest seq {seq:6d} (predicted {predicted / GiB:.2f} GiB): {outcome}", flush=True)
+        if not res.get("ok") or not res.get("fits_12GiB_card", SMOKE):
             break
-        longest = seq
-    return {"longest_seq_len": longest, "overrides": overrides, "tried": tried, "target": 24576}
+        part["longest_seq_len"] = seq
+        run.save()
+    run.save()
+    return part
 
 
-def part_planner(a, model_dir: Path, data: Path) -> dict:
+def part_planner(a, run: Runner, model_dir: Path, data: Path, configs=None) -> dict:
     from finetune.plan import predict as plan
 
-    rows = []
-    for seq, micro, ckpt, offload in PLANNER_CONFIGS:
+    part = run.out.setdefault("planner", {"configs": [], "target": 0.10})
+    for seq, micro, ckpt, offload in configs or PLANNER_CONFIGS:
         ov = {"train.gradient_checkpointing": str(ckpt).lower(), "train.offload_activations": str(offload).lower()}
-        res = run_worker("ours", {"model_dir": str(model_dir), "data": str(data), "seq": seq, "micro": micro,
-                                  "steps": 2, "warmup": 1, "overrides": ov}, a.timeout)
         cfg, _ = ours_cfg(model_dir, data, seq, micro, 2, Path("unused"), **ov)  # shape from its config.json
         p = plan.predict(cfg, micro, seq)
-        predicted = p.peak_bytes
-        predicted_alloc = predicted - p.parts.get("cuda_context", 0) - p.parts.get("allocator_slack", 0)
+        predicted_alloc = p.peak_bytes - p.parts.get("cuda_context", 0) - p.parts.get("allocator_slack", 0)
+        res = run.worker(f"planner-{seq}-{micro}-{int(ckpt)}{int(offload)}", "ours",
+                         {"model_dir": str(model_dir), "data": str(data), "seq": seq, "micro": micro, "steps": 2,
+                          "warmup": 1, "overrides": ov})
         row = {"seq_len": seq, "micro_batch": micro, "gradient_checkpointing": ckpt, "offload": offload,
-               "predicted_peak_bytes": predicted, "predicted_allocated_bytes": predicted_alloc, "measured": res}
-        if res.get("ok"):
-            measured = res["peak_reserved_bytes"] + res["context_bytes"]
-            row["measured_peak_bytes"] = measured
-            row["error"] = round(predicted / measured - 1, 4)
-            row["error_allocated"] = round(predicted_alloc / res["peak_allocated_bytes"] - 1, 4)
+               "predicted_peak_bytes": p.peak_bytes, "predicted_allocated_bytes": predicted_alloc,
+               "measured": {**res, **fits(res)}}
+        if res.get("ok") and res["peak_allocated_bytes"]:
+            measured = row["measured"]["reserved_plus_context_bytes"]
+            row.update(measured_peak_bytes=measured, error=round(p.peak_bytes / measured - 1, 4),
+                       error_allocated=round(predicted_alloc / res["peak_allocated_bytes"] - 1, 4))
             print(f"  planner seq {seq:5d} mb {micro} ckpt {ckpt!s:5} offload {offload!s:5}: predicted "
-                  f"{predicted / GiB:5.2f} GiB, measured {measured / GiB:5.2f} GiB ({row['error']:+.1%})")
-        else:
-            print(f"  planner seq {seq:5d} mb {micro} ckpt {ckpt} offload {offload}: {res.get('error')}")
-        rows.append(row)
-    errors = [abs(r["error"]) for r in rows if "error" in r]
-    return {"configs": rows, "max_abs_error": max(errors) if errors else None,
-            "within_10_percent": sum(e <= 0.10 for e in errors), "measured_configs": len(errors), "target": 0.10}
+                  f"{p.peak_bytes / GiB:5.2f} GiB, measured {measured / GiB:5.2f} GiB ({row['error']:+.1%})", flush=True)
+        part["configs"].append(row)
+        run.save()
+    errors = [abs(r["error"]) for r in part["configs"] if "error" in r]
+    part.update(max_abs_error=max(errors) if errors else None, within_10_percent=sum(e <= 0.10 for e in errors),
+                measured_configs=len(errors))
+    run.save()
+    return part
 
 
 # --------------------------------------------------------------------------- driver
@@ -357,26 +421,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="speed,longest,planner")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per speed run")
-    ap.add_argument("--warmup", type=int, default=2, help="first steps excluded from the timing")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps excluded from the timing (0: none)")
     ap.add_argument("--seq_lens", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[4096, 8192, 12288, 16384, 24576, 28672, 32768], help="lengths tried for the 8B, ascending")
+                    default=[8192, 16384, 24576, 32768, 40960, 49152], help="lengths tried for the 8B, ascending")
     ap.add_argument("--model_cache", default=os.path.join(tempfile.gettempdir(), "finetune-bench-models"))
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per measurement process")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per measurement process at most")
+    ap.add_argument("--budget_s", type=int, default=3000, help="seconds for the whole run, workers included")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu-qlora.json"))
-    ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--logs", help="directory for every worker's whole output (default: next to --out)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU: rehearse every path")
+    ap.add_argument("--worker", choices=["ours", "baseline", "build"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.worker:
         spec = json.loads(Path(a.spec).read_text())
-        res = {"ours": worker_ours, "baseline": worker_baseline}[a.worker](spec)
+        res = {"ours": worker_ours, "baseline": worker_baseline, "build": worker_build}[a.worker](spec)
         Path(a.spec + ".result").write_text(json.dumps(res))
         return
+    if a.warmup < 0 or a.warmup >= a.steps:
+        sys.exit("gpu_qlora: need 0 <= --warmup < --steps")
+    if a.cpu_smoke:  # the workers inherit these: GPU dtypes (bf16 base and compute), one thread
+        os.environ.update({SMOKE_ENV: "1", "FINETUNE_CPU_PRECISION": "bf16", "OMP_NUM_THREADS": "1"})
+        os.execv(sys.executable, [sys.executable, __file__, *[x for x in sys.argv[1:] if x != "--cpu-smoke"]])
+    # The CUDA check through NVML: the parent must not create a context (a worker would count it).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
 
-    import torch  # the CPU build is fine here; only the check below decides
-
-    if not torch.cuda.is_available():
-        sys.exit("gpu_qlora: no CUDA GPU visible; this benchmark needs one (run it on a GPU machine)")
+    if not SMOKE and not torch.cuda.is_available():
+        sys.exit("gpu_qlora: no CUDA GPU visible; this benchmark needs one (or --cpu-smoke)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cache = Path(a.model_cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -384,33 +457,37 @@ def main() -> None:
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     out = {"what": "QLoRA peak GPU memory and tokens/s under a 12 GiB cap, random-init real shapes",
            "command": "python " + " ".join([Path(sys.argv[0]).resolve().relative_to(REPO).as_posix(), *sys.argv[1:]]),
-           "hardware": {"gpu": torch.cuda.get_device_name(0),
-                        "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
-                        "cap_bytes": BUDGET, "cpu_count": os.cpu_count(), "platform": platform.platform()},
-           "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "lightning")), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if "speed" in parts or "planner" in parts:
-        llama2 = random_model_dir("llama2-7b", cache)
+           "smoke": SMOKE, "hardware": hardware(),
+           "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "lightning", "flash-attn",
+                                 "liger-kernel", "triton")),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out_path = Path(a.out)
+    run = Runner(Path(__file__), out_path,
+                 Path(a.logs) if a.logs else out_path.with_suffix("").with_name(out_path.stem + "-logs"),
+                 a.budget_s, a.timeout, out)
+    run.save()
+    seven, eight = ("tiny", "tiny") if SMOKE else ("llama2-7b", "llama31-8b")
     if "speed" in parts:
-        out["speed"] = part_speed(a, llama2, data)
+        part_speed(a, run, model_dir(run, seven, cache), data, 256 if SMOKE else 2048)
     if "longest" in parts:  # one long example per sequence, so attention really spans seq_len
         long_rows = synthetic_data(cache / "synthetic-long.jsonl", rows=6, lo=max(a.seq_lens) + 1024,
                                    hi=max(a.seq_lens) + 1024)
-        out["longest"] = part_longest(a, random_model_dir("llama31-8b", cache), long_rows)
+        part_longest(a, run, model_dir(run, eight, cache), long_rows)
     if "planner" in parts:
-        out["planner"] = part_planner(a, llama2, data)
+        part_planner(a, run, model_dir(run, seven, cache), data,
+                     [(256, 1, True, False), (128, 1, False, True)] if SMOKE else None)
 
     line = ["gpu_qlora:"]
     if "speed" in out:
-        s = out["speed"]
-        line.append(f"speedup_vs_baseline {s.get('speedup_vs_baseline')} ({s.get('best_ours')})")
+        line.append(f"speedup_vs_baseline {out['speed'].get('speedup_vs_baseline')} ({out['speed'].get('best_ours')})")
     if "longest" in out:
         line.append(f"longest 8B seq {out['longest']['longest_seq_len']}")
     if "planner" in out:
         line.append(f"planner max |error| {out['planner']['max_abs_error']}")
+    out["elapsed_s"] = round(a.budget_s - run.left(), 1)
+    run.save()
     print(" | ".join(line))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

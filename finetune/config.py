@@ -234,8 +234,9 @@ class Config:
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """Fabric strategy: auto, ddp, fsdp (shards weights, 4-bit too, over >= 2 processes; needs
     train.optimizer=adamw). See docs/scale-out.md."""
-    precision: Optional[Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]] = None
-    """Fabric precision; default (null) 32-true on CPU, bf16-mixed on GPU."""
+    precision: Optional[Literal["auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]] = "auto"
+    """Fabric precision. auto (or null): bf16-mixed on GPU; on CPU frozen weights in bf16 where a
+    short probe measures bf16 faster on this CPU, else fp32 (LoRA weights fp32 either way)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -1,17 +1,26 @@
 """Device and dtype policy, in one place: which device a run uses and which dtypes live there.
 
-fp32 on CPU (bf16 there depends on the CPU: measure before changing it), bf16 on GPU (fp16 where
-the GPU has no bf16). Training, planning's `measure=true`, eval and merge all ask here.
+GPU: frozen weights in bf16 (fp16 where the GPU has no bf16) under bf16 autocast. CPU: `precision=auto`
+(the default) measures once per CPU whether a bf16 matmul beats fp32 there (cpu_probe, cached in
+the cache root) and keeps the frozen weights in bf16 only where it does. Everywhere, fp32
+only where it earns its bytes: the LoRA weights and their optimizer state (kbit_frozen_dtypes says
+why not the norms). Training, planning's `measure=true`, eval and merge all ask here.
 """
 
 from __future__ import annotations
 
-from typing import Union
+import hashlib
+import json
+import os
+import platform
+import time
+from typing import Optional, Union
 
 import torch
 
 from finetune.config import Config
 from finetune.errors import UsageError, did_you_mean
+from finetune.fs import atomic_write, cache_root
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,13 +47,91 @@ def _gpu_half() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
 
 
+# FINETUNE_CPU_PRECISION=fp32|bf16 overrides the CPU probe (tests pin fp32: their expected losses are fp32's).
+CPU_PRECISION_ENV = "FINETUNE_CPU_PRECISION"
+
+
+def cpu_auto_dtype() -> torch.dtype:
+    """What `precision=auto` keeps the frozen weights in on this CPU: bf16 where a bf16 matmul
+    measures clearly faster than fp32 (AVX512-BF16, AMX), else fp32 (bf16 without hardware support
+    is emulated and several times slower). Measured once per CPU, torch version and thread count."""
+    forced = os.environ.get(CPU_PRECISION_ENV, "").strip().lower()
+    if forced in ("fp32", "float32", "32"):
+        return torch.float32
+    if forced in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if forced:
+        raise UsageError(f"{CPU_PRECISION_ENV}={forced}: expected fp32 or bf16 (or unset: measure)")
+    return torch.bfloat16 if cpu_probe()["bf16_faster"] else torch.float32
+
+
+# The probe's shape: SmolLM2-135M's MLP at 2048 tokens (the CPU bench's largest matmuls).
+PROBE_SHAPE = (2048, 576, 1536)
+# bf16 must win by this factor: the rest of a step (norms, softmax, casts, the fp32 LoRA branch)
+# gains less than the matmuls, so a marginal matmul win is no training win.
+PROBE_MARGIN = 1.3
+
+
+def _cpu_key() -> str:
+    """This CPU's identity for the probe cache: model name, ISA flags, torch version, threads."""
+    info = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        info = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), info)
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        info += " " + " ".join(sorted(f for f in flags if f.startswith(("avx512", "amx"))))
+    except OSError:
+        pass
+    return f"{info}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def _matmul_gflops(dtype: torch.dtype, reps: int = 5) -> float:
+    m, k, n = PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
+    a @ b  # first call: oneDNN picks and caches its kernel
+    best = float("inf")
+    for _ in range(reps):  # best of reps: other processes only ever slow a run down
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+
+def cpu_probe(refresh: bool = False) -> dict:
+    """fp32 and bf16 matmul GFLOP/s on this CPU at PROBE_SHAPE and whether bf16 wins by
+    PROBE_MARGIN; measured once (~0.5 s) and cached in <cache root>/cpu-precision/<key>.json."""
+    key = _cpu_key()
+    path = cache_root() / "cpu-precision" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    if path.is_file() and not refresh:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a torn or foreign file: measure again
+    fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
+    out = {"cpu": key, "shape": list(PROBE_SHAPE), "fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
+           "bf16_faster": bf16 > PROBE_MARGIN * fp32, "margin": PROBE_MARGIN,
+           "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _auto(cfg: Config) -> bool:
+    return cfg.precision in (None, "auto")
+
+
 def base_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
-    """Dtype of the frozen base weights: fp32 on CPU (bf16 there is pathologically slow) unless the
-    precision is an explicit '*-true' half type; on GPU bf16 (fp16 without bf16 support, fp32 for '32')."""
+    """Dtype of the frozen base weights. CPU: precision=auto -> cpu_auto_dtype(); an explicit
+    '*-true' half type is the user's call; anything else fp32. GPU: bf16 (fp16 without bf16
+    support, fp32 for '32')."""
     device = torch.device(device)
-    prec = (cfg.precision or "").lower()
+    prec = (cfg.precision or "auto").lower()
     half = torch.float16 if prec.startswith("16") else torch.bfloat16 if prec.startswith("bf16") else None
     if device.type == "cpu":
+        if _auto(cfg):
+            return cpu_auto_dtype()
         return half if half is not None and prec.endswith("-true") else torch.float32
     if prec.startswith("32") or prec.startswith("64"):
         return torch.float32
@@ -54,11 +141,33 @@ def base_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
 
 
 def compute_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
-    """Dtype the quantized layers compute in: quant.compute_dtype, auto = fp32 on CPU, bf16 on GPU."""
-    device = torch.device(device)
+    """Dtype the quantized layers compute in: quant.compute_dtype, auto = the base weights' dtype."""
     if cfg.quant.compute_dtype != "auto":
         return _DTYPES[cfg.quant.compute_dtype]
-    return torch.float32 if device.type == "cpu" else base_dtype(cfg, device)
+    return base_dtype(cfg, device)
+
+
+def kbit_frozen_dtypes(cfg: Config, device: Union[str, torch.device]) -> dict[str, Optional[torch.dtype]]:
+    """Dtypes the frozen, unquantized weights of a k-bit model take after peft's
+    prepare_model_for_kbit_training, which upcasts all of them (embeddings, head, norms) to fp32:
+    {"embeddings": dtype, "norms": dtype}, None = leave peft's fp32 (a compute dtype of fp32).
+
+    - Embeddings and head: the compute dtype. They are frozen, stored in half precision in the
+      checkpoint, and fp32 doubles them (Llama-3.1-8B: +2 GiB) without adding a bit to them.
+    - Norms, under bf16: the compute dtype too. Their bytes are nothing (2 x hidden per layer);
+      their output dtype is everything: an fp32 weight promotes the norm's output to fp32, and
+      bitsandbytes' Linear4bit returns its input's dtype, so under autocast the residual stream
+      and every checkpointed layer input stay fp32 (twice the activations). RMSNorm computes its
+      statistics in fp32 internally whatever the weight's dtype, so nothing is lost.
+    - Norms, under fp16: fp32, as peft keeps them: fp16's range (65504) is why peft upcasts, and
+      a norm's output times an fp16 weight can overflow it. The residual then runs in fp32
+      (finetune.plan.predict counts it so).
+    The trained tensors (LoRA weights, modules_to_save copies) stay fp32 with fp32 optimizer state:
+    those are the bytes that earn their precision (small updates vanish in a bf16 weight)."""
+    c = compute_dtype(cfg, device)
+    if c == torch.float32:
+        return {"embeddings": None, "norms": None}
+    return {"embeddings": c, "norms": c if c == torch.bfloat16 else None}
 
 
 def storage_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
@@ -77,15 +186,32 @@ def fsdp_param_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dty
 
 def resolve_precision(cfg: Config) -> tuple[str, str]:
     """(accelerator, precision) for Lightning Fabric: the accelerator `auto` resolves to, and the
-    recipe's precision or the default for it: 32-true on CPU (bf16 there is pathologically slow),
-    bf16-mixed on GPU."""
+    recipe's precision, for `auto`: bf16-mixed on GPU (16-mixed without bf16); 32-true on CPU,
+    where the frozen weights' dtype is base_dtype's (bf16 where this CPU measured it faster), so
+    Fabric neither autocasts nor casts the module (its bf16-true would turn the LoRA weights and
+    their optimizer state bf16 too)."""
     accelerator = cfg.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise UsageError(f"accelerator={cfg.accelerator} but no CUDA GPU is visible; use accelerator=cpu")
-    precision = cfg.precision or ("32-true" if accelerator == "cpu" else "bf16-mixed")
-    return accelerator, precision
+    if not _auto(cfg):
+        return accelerator, cfg.precision
+    if accelerator == "cpu":
+        return accelerator, "32-true"
+    return accelerator, "bf16-mixed" if _gpu_half() == torch.bfloat16 else "16-mixed"
+
+
+def planned_precision(cfg: Config, device: Union[str, torch.device]) -> str:
+    """A concrete precision naming the dtypes `cfg` gets on `device`, for the torch-free planner
+    (finetune.plan.predict reads the precision string, never the CPU probe): on a CPU where
+    precision=auto chose bf16 that is bf16-true (same frozen dtypes; the LoRA weights stay fp32)."""
+    device = torch.device(device)
+    if not _auto(cfg):
+        return cfg.precision
+    if device.type == "cpu":
+        return "bf16-true" if base_dtype(cfg, device) == torch.bfloat16 else "32-true"
+    return "bf16-mixed" if _gpu_half() == torch.bfloat16 else "16-mixed"
 
 
 # --------------------------------------------------------------------------- eval, merge and moe

@@ -28,3 +28,6 @@ def shared_data():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# precision=auto on a CPU with fast bf16 would train in bf16; the tests' expected losses are fp32's.
+# Tests of the auto policy itself set or unset this themselves (tests/test_runtime_precision.py).
+os.environ.setdefault("FINETUNE_CPU_PRECISION", "fp32")

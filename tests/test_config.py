@@ -49,7 +49,7 @@ def test_overrides_types_and_lists():
     ("quant.mode", "nf3", "command line: quant.mode must be one of none, nf4, int8, got 'nf3'"),
     ("model.attn_implementation", "flash", "must be one of sdpa, eager, flash_attention_2, got 'flash'"),
     ("accelerator", "tpu", "accelerator must be one of auto, cpu, cuda, gpu, mps, got 'tpu'"),
-    ("precision", "bf16", "precision must be one of 32-true, bf16-mixed,"),
+    ("precision", "bf16", "precision must be one of auto, 32-true, bf16-mixed,"),
     ("output.loggers", "[csv,mlflow]", "output.loggers must be one of csv, tensorboard, wandb, got 'mlflow'"),
     ("model", "{attn_implementation: flash}", "model.attn_implementation must be one of"),
     ("train", "3", 'Parser key "train"'),

@@ -28,6 +28,7 @@ from finetune.runtime import (
     compute_dtype,
     default_device,
     fsdp_param_dtype,
+    kbit_frozen_dtypes,
     storage_dtype,
 )
 
@@ -350,6 +351,7 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=no_reentrant)
+        _frozen_dtypes(model, kbit_frozen_dtypes(cfg, device))
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
         model.enable_input_require_grads()
@@ -365,9 +367,31 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
                              f"linear modules are: {', '.join(linear_module_names(model))}") from None
         raise UsageError(f"lora settings rejected by peft for {m.name}: {first_line(e)}") from e
     _check_modules_to_save(model, cfg)
+    _trained_in_fp32(model)
     if cfg.strategy == "fsdp":
         _one_float_dtype(model, fsdp_param_dtype(cfg, device))
     return model
+
+
+def _frozen_dtypes(model: torch.nn.Module, dtypes: dict) -> None:
+    """Undo prepare_model_for_kbit_training's fp32 upcast of the frozen, unquantized weights as
+    finetune.runtime.kbit_frozen_dtypes decides (norms: any module whose class name has 'Norm')."""
+    bnb = _import_bnb()
+    for module in model.modules():
+        kind = "norms" if "Norm" in type(module).__name__ else "embeddings"
+        dtype = dtypes[kind]
+        for p in module.parameters(recurse=False):
+            if dtype is not None and p.is_floating_point() and not isinstance(p, bnb.nn.Params4bit) \
+                    and not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def _trained_in_fp32(model: torch.nn.Module) -> None:
+    """Trained parameters in fp32 (peft does it for LoRA weights, not for modules_to_save copies of a
+    half-precision base): their updates are small against the weights, and bf16 rounds them away."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _no_cpu_repack(model: torch.nn.Module) -> None:

@@ -32,7 +32,10 @@ class Args:
     """Allocator slack / fragmentation added on top of what torch allocates, as a fraction."""
     measure: bool = False
     """Also run two real training steps (synthetic packed tokens) on this machine's device, CPU
-    or GPU, and print the measured peak next to the prediction for that device."""
+    or GPU, and print the measured peak next to the prediction for that device. JSON then has
+    predicted_/measured_static_bytes (weights, quantization constants, LoRA, optimizer state)
+    and predicted_/measured_peak_bytes (GPU: reserved + CUDA context vs the whole prediction;
+    CPU: torch's allocated peak vs the prediction without context and slack)."""
 
 
 def _gib(n: int) -> str:
@@ -77,12 +80,13 @@ def run(args: Args, cfg) -> int:
     rep = report(cfg, budget, args.slack)
     if args.measure:
         rep["measured"] = _measure(cfg, rep)
+        rep.update(_measured_summary(rep))
     if args.format == "json":
         print(json.dumps(rep, indent=2))
     else:
         print_table(rep)
         if args.measure:
-            _print_measured(rep["measured"])
+            _print_measured(rep)
     return 0
 
 
@@ -94,15 +98,32 @@ CPU_MEASURE_MAX_PARAMS = 2_000_000_000  # beyond this a CPU step takes too long 
 def _measured_device_cfg(cfg):
     """cfg with accelerator set to the device the measurement will run on, so the prediction it is
     compared with is for that device (dtype, dropout masks, CPU attention, no CUDA context)."""
-    from finetune.runtime import (
-        default_device,  # torch: loaded only when measure=true asks for it
+    from finetune.runtime import (  # torch: loaded only when measure=true asks for it
+        default_device,
+        planned_precision,
     )
 
     device = default_device(cfg.accelerator)
     if device.type == "cpu" and model_shape(cfg.model.name, cfg.model.revision).n_params() > CPU_MEASURE_MAX_PARAMS:
         raise UsageError(f"measure=true: {cfg.model.name} is too big to measure on this machine's CPU; "
                          "run it where a GPU is, or measure a smaller model")
-    return dataclasses.replace(cfg, accelerator=device.type)
+    # precision=auto resolved as the runtime resolves it here (on a CPU: its probe's choice)
+    return dataclasses.replace(cfg, accelerator=device.type, precision=planned_precision(cfg, device))
+
+
+STATIC_PARTS = ("quantized_weights", "base_weights", "unquantized_weights", "lora_params", "optimizer_state")
+
+
+def _measured_summary(rep: dict) -> dict:
+    """The four numbers `measure=true` is for, side by side (bytes)."""
+    m, parts = rep["measured"], rep["parts"]
+    gpu = "peak_reserved_bytes" in m
+    return {
+        "predicted_static_bytes": sum(parts.get(k, 0) for k in STATIC_PARTS),
+        "measured_static_bytes": m["static_bytes_total"],
+        "predicted_peak_bytes": rep["peak_bytes"] if gpu else m["predicted_allocated_bytes"],
+        "measured_peak_bytes": m["peak_with_context_bytes"] if gpu else m["peak_allocated_bytes"],
+    }
 
 
 def _measure(cfg, rep: dict) -> dict:
@@ -116,7 +137,7 @@ def _measure(cfg, rep: dict) -> dict:
     m["predicted_allocated_bytes"] = predicted
     m["error"] = round(predicted / m["peak_allocated_bytes"] - 1, 4)
     if "peak_reserved_bytes" in m:  # what nvidia-smi would show, against the whole prediction
-        m["peak_with_context_bytes"] = m["peak_reserved_bytes"] + CUDA_CONTEXT_BYTES
+        m["peak_with_context_bytes"] = m["peak_reserved_bytes"] + m.get("context_bytes", CUDA_CONTEXT_BYTES)
         m["error_with_context_and_slack"] = round(rep["peak_bytes"] / m["peak_with_context_bytes"] - 1, 4)
     return m
 
@@ -125,7 +146,10 @@ def _size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
 
 
-def _print_measured(m: dict) -> None:
+def _print_measured(rep: dict) -> None:
+    m = rep["measured"]
+    print(f"static (weights, quantization constants, LoRA, optimizer state): predicted "
+          f"{_size(rep['predicted_static_bytes'])}, measured {_size(rep['measured_static_bytes'])}")
     print(f"measured on {m['device']}, one training step at micro-batch {m['micro_batch']} x seq {m['seq_len']} "
           f"({m['step_seconds']:.1f} s): torch allocated peak {_size(m['peak_allocated_bytes'])}, "
           f"predicted {_size(m['predicted_allocated_bytes'])} (without CUDA context and slack): "

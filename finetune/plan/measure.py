@@ -49,16 +49,67 @@ def _storages_bytes(tensors) -> int:
 def _live_tensors(model, optimizer, batch: dict):
     yield from model.parameters()
     yield from model.buffers()
-    for m in model.modules():  # bitsandbytes keeps the 4-bit absmax/code outside parameters
-        qs = getattr(getattr(m, "weight", None), "quant_state", None)
-        if qs is not None:
-            yield from (v for v in vars(qs).values() if isinstance(v, torch.Tensor))
-            nested = getattr(qs, "state2", None)
-            if nested is not None:
-                yield from (v for v in vars(nested).values() if isinstance(v, torch.Tensor))
+    for m in model.modules():
+        yield from _quant_state_tensors(m)
     for state in optimizer.state.values():
         yield from (v for v in state.values() if isinstance(v, torch.Tensor))
     yield from batch.values()
+
+
+def _quant_state_tensors(module) -> list:
+    """bitsandbytes keeps a 4-bit weight's absmax/code (and the nested double-quant state) outside
+    the parameters."""
+    qs = getattr(getattr(module, "weight", None), "quant_state", None)
+    if qs is None:
+        return []
+    out = [v for v in vars(qs).values() if isinstance(v, torch.Tensor)]
+    nested = getattr(qs, "state2", None)
+    if nested is not None:
+        out += [v for v in vars(nested).values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def static_bytes(model, optimizer=None) -> dict[str, dict[str, int]]:
+    """What lives through the whole run, by the planner's part names and dtype: {part: {dtype: bytes}}.
+
+    quantized_weights (or base_weights without quantization): the frozen block linears, with
+    bitsandbytes' quantization constants; unquantized_weights: every other frozen parameter
+    (embeddings, head, norms); lora_params: the trained parameters; optimizer_state. Distinct
+    storages count once (tied embeddings, views)."""
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    quantized = any(hasattr(getattr(m, "weight", None), "quant_state") for m in model.modules())
+    linear_part = "quantized_weights" if quantized else "base_weights"
+    seen: set[int] = set()
+    out: dict[str, dict[str, int]] = {}
+
+    def add(part: str, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            return
+        seen.add(storage.data_ptr())
+        key = str(t.dtype).replace("torch.", "")
+        out.setdefault(part, {})
+        out[part][key] = out[part].get(key, 0) + storage.nbytes()
+
+    for m in model.modules():
+        is_linear = isinstance(m, torch.nn.Linear) or hasattr(getattr(m, "weight", None), "quant_state")
+        for p in m.parameters(recurse=False):
+            if p.requires_grad:
+                add("lora_params", p)
+            elif is_linear and id(p) not in head_params:
+                add(linear_part, p)
+            else:
+                add("unquantized_weights", p)
+        for t in _quant_state_tensors(m):
+            add(linear_part, t)
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                add("optimizer_state", v)
+    return out
 
 
 def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, seed: int = 0, packed: bool = True) -> dict:
@@ -109,6 +160,12 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
             device: Optional[torch.device] = None) -> dict:
     """Peak bytes of one training step of `cfg` (the second: optimizer state exists by then)."""
     device = device or default_device(cfg.accelerator)
+    context = None
+    if device.type == "cuda":  # the CUDA context (+ whatever else holds this GPU) before any tensor
+        torch.cuda.init()
+        torch.zeros(1, device=device)
+        free, total = torch.cuda.mem_get_info(device)
+        context = total - free - torch.cuda.memory_reserved(device)
     micro = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
     seq = seq_len or cfg.data.seq_len
     torch.manual_seed(cfg.train.seed)
@@ -127,7 +184,9 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
         return float(loss.detach() / n)
 
     step()  # creates the optimizer state
-    out = {"device": str(device), "micro_batch": micro, "seq_len": seq}
+    static = static_bytes(model, optimizer)
+    out = {"device": str(device), "micro_batch": micro, "seq_len": seq,
+           "static_bytes": static, "static_bytes_total": sum(sum(d.values()) for d in static.values())}
     t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,6 +195,7 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
         torch.cuda.synchronize(device)
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        out["context_bytes"] = context
     else:
         before = _storages_bytes(_live_tensors(model, optimizer, batch))
         out["live_before_step_bytes"] = before

@@ -102,10 +102,24 @@ def _targets(cfg) -> set[str]:
 
 
 def _compute_bytes(cfg) -> int:
+    """Bytes per value of the compute dtype, which finetune.runtime also gives the frozen
+    embeddings, head and norms (kbit_frozen_dtypes). precision=auto on a CPU counts as fp32 here:
+    this module never runs the CPU probe; `measure=true` plans with what it chose
+    (runtime.planned_precision)."""
     if cfg.quant.compute_dtype != "auto":
         return 4 if cfg.quant.compute_dtype == "float32" else 2
-    precision = cfg.precision or ("32-true" if cfg.accelerator == "cpu" else "bf16-mixed")
+    precision = cfg.precision if cfg.precision not in (None, "auto") else \
+        ("32-true" if cfg.accelerator == "cpu" else "bf16-mixed")
     return 4 if precision.startswith(("32", "64")) else 2
+
+
+def _fp32_norms(cfg, c: int) -> bool:
+    """Whether a k-bit model keeps peft's fp32 norms (finetune.runtime.kbit_frozen_dtypes: under
+    fp16 only). Their fp32 output then makes the residual stream, and with it every checkpointed
+    layer input, fp32 (bitsandbytes' Linear4bit returns its input's dtype)."""
+    fp16 = cfg.quant.compute_dtype == "float16" or (cfg.quant.compute_dtype == "auto" and c == 2
+                                                    and str(cfg.precision).startswith("16"))
+    return cfg.quant.mode != "none" and fp16
 
 
 def _quant_bytes(n: int, out_features: int, mode: str, double_quant: bool, c: int) -> tuple[int, int]:
@@ -247,7 +261,8 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         layer_weight += n * a
     embed = V * h * c
     head = 0 if s.tied else V * h * c
-    norms_bias = (L * (2 * h + (s.q_dim + 2 * s.kv_dim) * s.qkv_bias + h * s.n_expert) + h) * c
+    r = 4 if _fp32_norms(cfg, c) else c  # bytes per value of the residual stream and the norms
+    norms_bias = (L * 2 * h + h) * r + L * ((s.q_dim + 2 * s.kv_dim) * s.qkv_bias + h * s.n_expert) * c
     unquant = embed + head + norms_bias
 
     # Trainable tensors: LoRA A (r x in), B (out x r) per adapted linear, fp32 (peft upcasts
@@ -283,7 +298,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     chunked_plain = cfg.train.loss_chunk_size > 0 and not _fused_head(cfg, targets)
     final_norm = (4 * h + 4 + (c * h if chunked_plain else 0)) * tokens
     offload = cfg.train.offload_activations and not on_cpu  # on the CPU there is nowhere to offload to
-    ckpt_inputs = c * h * tokens * (2 if offload else L)
+    ckpt_inputs = r * h * tokens * (2 if offload else L)
     masks = _mask_bytes(cfg, mb, seq, c)
     with_ckpt = ckpt_inputs + layer_full + final_norm + masks  # all layer inputs + one layer recomputed
     without_ckpt = L * layer_kept + tile_live + final_norm + masks + (c * h * tokens if offload else 0)

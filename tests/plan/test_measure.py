@@ -50,8 +50,12 @@ def test_measure_cli_json_and_quiet():
     r = subprocess.run([sys.executable, "-m", "finetune.cli", "plan", "recipe=tiny-lora", "measure=true",
                         "format=json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    m = json.loads(r.stdout)["measured"]
+    rep = json.loads(r.stdout)
+    m = rep["measured"]
     assert m["device"] == "cpu" and m["peak_allocated_bytes"] > 0
+    # the four numbers side by side; static parts are counted tensor by tensor, so they agree closely
+    assert rep["measured_peak_bytes"] == m["peak_allocated_bytes"] and rep["predicted_peak_bytes"] > 0
+    assert abs(rep["predicted_static_bytes"] / rep["measured_static_bytes"] - 1) < 0.02, rep
     assert m["predicted_allocated_bytes"] > 0 and isinstance(m["error"], float)
     assert "profiler" not in r.stderr  # torch's profiler prints start/stop lines on fd 2
 

@@ -1,0 +1,178 @@
+"""The project's one-call device check (run through bench/gpu_check.sh), <= 9 minutes on an H200.
+
+    python bench/gpu_check.py [--out DIR] [--budget_s 480] [--steps 8] [--warmup 2] [--cpu-smoke]
+
+Parts, in order, each in its own process, `DIR/summary.json` rewritten after every one (a kill
+keeps what finished), every process's whole output in `DIR/logs/`:
+1. env: versions, the GPU, bitsandbytes' NF4 + paged AdamW 8-bit on it (bench/gpu_env.py);
+   nothing else runs if bitsandbytes cannot.
+2. planner: finetune.plan.predict for the configuration below (arithmetic on config.json only).
+3. build: a random-init Llama-2-7B-shape checkpoint in bf16 (bench/gpu_qlora.py's worker_build).
+4. ours-ckpt: NF4 + double quant, bf16 compute, LoRA r=16 all-linear, seq 2048 packed,
+   micro-batch 1, gradient checkpointing, paged AdamW 8-bit, --steps steps (--warmup not timed),
+   through the real trainer (worker_ours), capped to 12 GiB.
+5. baseline-fair: the same batches through plain transformers + peft + bitsandbytes as HF
+   Trainer/TRL users run it (bf16 autocast, non-reentrant checkpointing; worker_baseline).
+6. baseline-independent: bench/hf_qlora_baseline.py, which shares no code with the project
+   (a copy of ../shared/gpu/hf_qlora_baseline.py; its own random checkpoint and timing, unpacked).
+7. ours-offload: activation offload instead of checkpointing, if time is left.
+Then the verdict: tokens/s, peak allocated / reserved, reserved + the process's memory outside
+torch against 12 GiB, speedups, and the planner against what was measured (static and peak).
+`--cpu-smoke` rehearses all of it on a tiny shape on the CPU (its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(BENCH), str(REPO)]
+
+import gpu_qlora as gq  # noqa: E402 - after the path; imports nothing GPU-only
+from gpu_runner import SMOKE, SMOKE_ENV, Runner, fits, hardware  # noqa: E402
+
+GiB = 1024 ** 3
+STATIC_WEIGHTS = ("quantized_weights", "unquantized_weights", "lora_params")
+
+
+def _json_line(text: str, key: str):
+    lines = [ln for ln in text.splitlines() if ln.startswith("{") and f'"{key}"' in ln]
+    return json.loads(lines[-1]) if lines else None
+
+
+def planner_part(run: Runner, shape: str, cache: Path, data: Path, seq: int, steps: int) -> None:
+    from finetune.plan import predict as plan
+
+    cfg_dir = cache / f"config-only-{shape}"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    (cfg_dir / "config.json").write_text(json.dumps({**gq.SHAPES[shape], "model_type": "llama"}))
+    pred = {}
+    for variant, ov in gq.OURS_VARIANTS.items():
+        cfg, _ = gq.ours_cfg(cfg_dir, data, seq, 1, steps, Path("unused"), **ov)
+        p = plan.predict(cfg, 1, seq)
+        pred[variant] = {"peak_bytes": p.peak_bytes, "parts": p.parts,
+                         "allocated_bytes": p.peak_bytes - p.parts["cuda_context"] - p.parts["allocator_slack"],
+                         "static_weights_bytes": sum(p.parts.get(k, 0) for k in STATIC_WEIGHTS)}
+    run.out["planner"] = {"predictions": pred}
+    run.save()
+    print(f"-- planner: ours-ckpt predicted {pred['ours-ckpt']['peak_bytes'] / GiB:.2f} GiB", flush=True)
+
+
+def verdict(out: dict) -> dict:
+    parts, v = out["parts"], {}
+    ok = {k: r for k, r in parts.items() if r.get("ok")}
+    for name in ("ours-ckpt", "ours-offload", "baseline-fair"):
+        r = ok.get(name)
+        if r and "peak_reserved_bytes" in r:
+            v[name] = {"tokens_per_s": r.get("tokens_per_s"), "peak_allocated_GiB": round(r["peak_allocated_bytes"] / GiB, 3),
+                       "peak_reserved_GiB": round(r["peak_reserved_bytes"] / GiB, 3),
+                       "reserved_plus_context_GiB": round(r["reserved_plus_context_bytes"] / GiB, 3),
+                       "fits_12GiB_card": r["fits_12GiB_card"]}
+    indep = ok.get("baseline-independent")
+    if indep and indep.get("tokens_per_s"):
+        v["baseline-independent"] = {k: indep.get(k) for k in ("tokens_per_s", "peak_alloc_gib", "peak_reserved_gib")}
+    ours = (ok.get("ours-ckpt") or {}).get("tokens_per_s")
+    for name in ("baseline-fair", "baseline-independent"):
+        theirs = (ok.get(name) or {}).get("tokens_per_s")
+        if ours and theirs:
+            v[f"speedup_ours_ckpt_vs_{name}"] = round(ours / theirs, 3)
+    if "ours-ckpt" in v:
+        v["target_ours_reserved_plus_context_le_9GiB"] = v["ours-ckpt"]["reserved_plus_context_GiB"] <= 9
+    pred = out.get("planner", {}).get("predictions", {})
+    for name in ("ours-ckpt", "ours-offload"):
+        r = ok.get(name)
+        if name in pred and r and r.get("peak_allocated_bytes"):
+            p = pred[name]
+            static = sum(sum(d.values()) for k, d in r.get("static_bytes_by_dtype", {}).items() if k in STATIC_WEIGHTS)
+            v[f"planner_{name}"] = {
+                "predicted_peak_GiB": round(p["peak_bytes"] / GiB, 3),
+                "error_allocated": round(p["allocated_bytes"] / r["peak_allocated_bytes"] - 1, 4),
+                "error_peak_vs_reserved_plus_context": round(p["peak_bytes"] / r["reserved_plus_context_bytes"] - 1, 4),
+                "predicted_static_weights_bytes": p["static_weights_bytes"], "measured_static_weights_bytes": static,
+                "error_static": round(p["static_weights_bytes"] / static - 1, 4) if static else None}
+    return v
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu-check"))
+    ap.add_argument("--budget_s", type=int, default=int(os.environ.get("GPU_CHECK_BUDGET_S", 480)))
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--model_cache", default=os.environ.get("GPU_CHECK_CACHE", "/tmp/gpucheck-cache"))
+    ap.add_argument("--cpu-smoke", action="store_true")
+    a = ap.parse_args()
+    if a.cpu_smoke and not SMOKE:  # the workers inherit these: GPU dtypes (bf16 base and compute), one thread
+        os.environ.update({SMOKE_ENV: "1", "FINETUNE_CPU_PRECISION": "bf16", "OMP_NUM_THREADS": "1"})
+        os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # the parent never creates a CUDA context
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    shape, seq = ("tiny", 256) if SMOKE else ("llama2-7b", 2048)
+    steps, warmup = (3, 1) if SMOKE else (a.steps, a.warmup)
+    out_dir, cache = Path(a.out), Path(a.model_cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    summary = {"what": "finetune GPU check: Llama-2-7B-shape QLoRA seq 2048 mb 1, 12 GiB cap, ours vs HF+peft+bnb",
+               "command": " ".join(["python", "bench/gpu_check.py", *sys.argv[1:]]), "smoke": SMOKE, "shape": shape,
+               "seq": seq, "steps": steps, "warmup": warmup, "budget_s": a.budget_s,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": hardware(), "parts": {}}
+    run = Runner(BENCH / "gpu_qlora.py", out_dir / "summary.json", out_dir / "logs", a.budget_s, 300, summary)
+    run.save()
+
+    rc, wall, text = run.command("env", [sys.executable, str(BENCH / "gpu_env.py"), *(["--cpu-smoke"] * SMOKE)], 150)
+    summary["env"] = {**(_json_line(text, "bnb_ok") or {"error": "no JSON from gpu_env.py"}), "rc": rc, "wall_s": wall}
+    run.save()
+    print(f"-- env: rc={rc} {wall}s", flush=True)
+    if rc != 0:
+        summary["fatal"] = "bitsandbytes cannot run NF4 here; nothing else was run"
+        run.save()
+        print(f"FATAL: {summary['fatal']} (see {out_dir}/logs/env.log)")
+        return 4
+
+    data = gq.synthetic_data(cache / "synthetic-text.jsonl")
+    try:
+        planner_part(run, shape, cache, data, seq, steps)
+    except Exception as e:  # noqa: BLE001 - the measurements are worth running anyway
+        summary["planner"] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        run.save()
+    model_dir = gq.model_dir(run, shape, cache)
+    base = {"model_dir": str(model_dir), "data": str(data), "seq": seq, "micro": 1, "steps": steps, "warmup": warmup}
+
+    def worker(name: str, kind: str, spec: dict, min_s: float) -> None:
+        res = run.worker(name, kind, spec, min_s=min_s)
+        summary["parts"][name] = {**res, **fits(res)}
+        run.save()
+        print(f"-- {name}: {'ok' if res.get('ok') else res.get('error') or res.get('skipped')} "
+              f"{res.get('tokens_per_s', '')} tok/s", flush=True)
+
+    worker("ours-ckpt", "ours", {**base, "overrides": gq.OURS_VARIANTS["ours-ckpt"]}, 60)
+    worker("baseline-fair", "baseline", base, 60)
+    args = (["--shape", "tiny", "--device", "cpu", "--steps", "3"] if SMOKE else
+            ["--shape", shape, "--seq", str(seq), "--mb", "1", "--steps", str(steps), "--cap-gib", "12"])
+    if run.left() > 90:
+        rc, wall, text = run.command("baseline-independent", [sys.executable, str(BENCH / "hf_qlora_baseline.py"), *args],
+                                     min(240, run.left() - 5), env={**os.environ, "TMPDIR": str(cache)})
+        js = _json_line(text, "system")
+        summary["parts"]["baseline-independent"] = ({"ok": rc == 0 and "oom" not in js, **js, "wall_s": wall} if js else
+                                                    {"ok": False, "rc": rc, "wall_s": wall,
+                                                     "error": (text.strip().splitlines() or ["?"])[-1][:400]})
+    else:
+        summary["parts"]["baseline-independent"] = {"ok": False, "skipped": f"overall budget: {run.left():.0f}s left"}
+    run.save()
+    worker("ours-offload", "ours", {**base, "overrides": gq.OURS_VARIANTS["ours-offload"]}, 100)
+
+    summary["verdict"] = verdict(summary)
+    summary["elapsed_s"] = round(a.budget_s - run.left(), 1)
+    run.save()
+    print("== verdict ==")
+    print(json.dumps(summary["verdict"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

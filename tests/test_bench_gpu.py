@@ -1,0 +1,82 @@
+"""bench/gpu_check.sh and bench/gpu_qlora.py rehearsed on the CPU (tiny shape, bf16 compute, the
+GPU calls skipped): the whole one-call check (slow), and in the default run its workers in this
+process: our loop and the fair HF baseline on the same batches, --warmup 0, dtypes recorded."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+
+
+@pytest.fixture
+def smoke_bench(monkeypatch):
+    """bench/gpu_qlora.py imported fresh with --cpu-smoke's environment."""
+    monkeypatch.setenv("GPU_QLORA_CPU_SMOKE", "1")
+    monkeypatch.setenv("FINETUNE_CPU_PRECISION", "bf16")
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in ("gpu_runner", "gpu_qlora"):
+        sys.modules.pop(name, None)
+    gq = importlib.import_module("gpu_qlora")
+    # the workers patch these for timing; monkeypatch puts them back afterwards
+    from finetune.training import loop
+    from finetune.training.loss import CausalLMLoss
+    from finetune.training.progress import TrainProgress
+
+    monkeypatch.setattr(CausalLMLoss, "_forward", CausalLMLoss._forward)
+    monkeypatch.setattr(TrainProgress, "update", TrainProgress.update)
+    monkeypatch.setattr(loop, "build_step", loop.build_step)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield gq
+    torch.set_num_threads(n)
+    for name in ("gpu_runner", "gpu_qlora"):
+        sys.modules.pop(name, None)
+
+
+def test_workers_train_the_same_batches_with_warmup_0_and_record_dtypes(smoke_bench, tmp_path):
+    gq = smoke_bench
+    assert gq.SMOKE
+    model_dir = gq.worker_build({"shape": "tiny", "cache": str(tmp_path)})["model_dir"]
+    data = gq.synthetic_data(tmp_path / "data.jsonl", rows=40, lo=100, hi=300)
+    spec = {"model_dir": model_dir, "data": str(data), "seq": 128, "micro": 1, "steps": 2, "warmup": 0,
+            "overrides": gq.OURS_VARIANTS["ours-ckpt"]}
+    ours, base = gq.worker_ours(spec), gq.worker_baseline(spec)
+    for res in (ours, base):
+        assert res["steps"] == 2 and res["tokens_per_s"] > 0 and res["trained_tokens"] > 0  # warmup 0 timed
+        json.dumps(res)  # what the parent reads back
+    assert ours["trained_tokens"] == base["trained_tokens"]  # the same packed batches
+    # the same first batch, LoRA B = 0 at the start: the same loss within bf16 rounding
+    assert abs(ours["losses"][0] - base["losses"][0]) <= 0.02 * base["losses"][0], (ours["losses"], base["losses"])
+    # ours keeps the frozen embeddings/head/norms in bf16; peft's k-bit preparation (the baseline) in fp32
+    assert set(ours["static_bytes_by_dtype"]["unquantized_weights"]) == {"bfloat16"}
+    assert set(base["static_bytes_by_dtype"]["unquantized_weights"]) == {"float32"}
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")]).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
+    env = {**os.environ, "GPU_CHECK_PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out"),
+           "GPU_CHECK_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-smoke"], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["smoke"] and summary["env"]["bnb_ok"]
+    assert summary["planner"]["predictions"]["ours-ckpt"]["peak_bytes"] > 0
+    for part in ("ours-ckpt", "baseline-fair", "baseline-independent", "ours-offload"):
+        assert summary["parts"][part]["ok"], (part, summary["parts"][part])
+        assert summary["parts"][part]["tokens_per_s"] > 0
+    assert "speedup_ours_ckpt_vs_baseline-fair" in summary["verdict"]
+    logs = {p.name for p in (tmp_path / "out" / "logs").iterdir()}
+    assert {"env.log", "ours-ckpt.log", "baseline-fair.log", "baseline-independent.log"} <= logs
