@@ -145,3 +145,39 @@ def attach_adapter(model, adapter_dir: Union[str, Path], base_name: str, base_pa
     for name in old:
         model.delete_adapter(name)
     return model.eval(), tok
+
+
+# What vLLM's LoRA loader refuses (vllm/lora/peft_helper.py: "vLLM does not yet support DoRA",
+# "vLLM only supports modules_to_save being None", "Adapter bias is not supported"); it accepts
+# classification heads as modules_to_save.
+_VLLM_HEADS = ("classifier", "score")
+
+
+def serving_note(adapter_dir: Union[str, Path]) -> Optional[str]:
+    """One line when vLLM cannot serve the adapter at adapter_dir as a LoRA, else None."""
+    try:
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    why = []
+    if cfg.get("use_dora"):
+        why.append("DoRA")
+    extra = [m for m in cfg.get("modules_to_save") or [] if m not in _VLLM_HEADS]
+    if extra:
+        why.append(f"modules_to_save [{', '.join(extra)}]")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        why.append("a trained bias")
+    if not why:
+        return None
+    return (f"note: vLLM cannot serve this adapter as a LoRA ({', '.join(why)}); merge it "
+            f"(finetune merge adapter=DIR out_dir=...) and serve the merged model")
+
+
+def add_serving_note(adapter_dir: Union[str, Path]) -> Optional[str]:
+    """Append the serving note (if any) to the adapter's README.md, the model card a hub shows."""
+    note = serving_note(adapter_dir)
+    if note is not None:
+        readme = Path(adapter_dir) / "README.md"
+        text = readme.read_text() if readme.is_file() else ""
+        readme.write_text(text.rstrip("\n") + ("\n\n" if text else "") + "## Serving\n\n" + note[len("note: "):] + "\n")
+    return note

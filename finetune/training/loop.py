@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 from finetune.config import Config, gradient_accumulation
 from finetune.data import BatchStream, collate, prepare
 from finetune.errors import FinetuneError
+from finetune.models.adapters import serving_note
 from finetune.models.load import load_tokenizer
 from finetune.runtime import resolve_precision
 from finetune.training import checkpoint, report
@@ -150,6 +151,7 @@ def main(fabric, cfg: Config) -> TrainResult:
         if cfg.output.plot:
             plot_losses(state, out_dir / "loss.png")
         fabric.print(f"saved adapter to {final_dir}")
+        _print_if(fabric, serving_note(final_dir))
     return TrainResult(final_dir, step.model, state)
 
 
