@@ -26,10 +26,10 @@ class Progress:
     """Rows done in one phase of a task: tqdm's bar on a terminal; in a log (SLURM, a pipe) a plain
     line every few seconds, `[eval] alpaca generate: 40/100 rows  3.1 rows/s  eta 19s`."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True, every_s: float = 10.0):
+    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "rows", every_s: float = 10.0):
         live = enabled and on_terminal()
         self._bar = tqdm(total=total, desc=desc, unit="ex", leave=False, file=sys.stdout) if live else None
-        self._lines = PlainLines(total, f"[eval] {desc}: ", "rows", every_s=every_s) if enabled and not live else None
+        self._lines = PlainLines(total, f"[eval] {desc}: ", unit, every_s=every_s) if enabled and not live else None
         self._done = 0
 
     def __enter__(self):
@@ -72,7 +72,7 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def sequence_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-                 desc: str = "loss", show: bool = True) -> list[tuple[float, int]]:
+                 desc: str = "loss", show: bool = True, unit: str = "rows") -> list[tuple[float, int]]:
     """Per sequence (summed negative log-likelihood of the labelled tokens, number of those tokens).
 
     Batches go through the training collator (finetune.data.collate), so loss here is the loss
@@ -84,7 +84,7 @@ def sequence_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id
     device = _device(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    with Progress(len(sequences), desc, show) as bar:
+    with Progress(len(sequences), desc, show, unit) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = collate(single_units([sequences[i] for i in idx]), pad_id)
@@ -154,7 +154,7 @@ def choice_logprobs(model, tokenizer, prompts: Sequence[list[int]], choices: Seq
             o = tokenizer.encode(opt, add_special_tokens=False)
             seqs.append((list(p) + o, [-100] * len(p) + o))
             owner.append(i)
-    nll = sequence_nll(model, seqs, pad_id_of(tokenizer), batch_size, desc=desc, show=show)
+    nll = sequence_nll(model, seqs, pad_id_of(tokenizer), batch_size, desc=desc, show=show, unit="options")
     out: list[list[float]] = [[] for _ in prompts]
     for i, (s, _) in zip(owner, nll):
         out[i].append(-s)

@@ -89,7 +89,7 @@ def test_eval_prints_progress_lines_off_a_terminal(tiny_adapter, tmp_path, capsy
     for phase in ("qa loss", "qa generate", "mc choices"):
         done = [x for x in lines if x.startswith(f"[eval] {phase}: ")]
         assert done, phase
-        assert " rows/s  eta " in done[-1]
+        assert (" options/s  eta " if "choices" in phase else " rows/s  eta ") in done[-1]
     assert any(x.startswith("[eval] qa generate: 6/6 rows") for x in lines)
     assert not any("\r" in x for x in lines)  # no bar redraws in the log
 

@@ -71,6 +71,7 @@ def test_wandb_offline_run_has_the_config_project_and_name(tmp_path, monkeypatch
 @_needs("mlflow")
 def test_mlflow_file_store_has_params_and_metrics(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 reports usage unless told not to
     _train(tmp_path / "run", "mlflow")
     import mlflow
 
