@@ -205,8 +205,13 @@ class EvalConfig:
 class OutputConfig:
     """output.*: what a run reports besides checkpoints."""
 
-    loggers: list[Literal["csv", "tensorboard", "wandb"]] = field(default_factory=lambda: ["csv"])
-    """Fabric loggers: csv, tensorboard, wandb."""
+    loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["csv"])
+    """Fabric loggers: csv, tensorboard, wandb, mlflow (the last three are extras:
+    pip install 'finetune[tensorboard]' etc.). All but csv also record the resolved config."""
+    project: str = "finetune"
+    """W&B project / MLflow experiment the run is logged under."""
+    run_name: Optional[str] = None
+    """Run name shown by W&B and MLflow; default: the out_dir's name."""
     plot: bool = True
     """Write loss.png (the loss curve) to out_dir at the end."""
     progress: bool = True

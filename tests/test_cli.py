@@ -105,7 +105,7 @@ def test_import_cli_does_not_import_torch():
      "command line: Parser key \"train.max_steps\": Expected a <class 'int'>. Got value: abc"),
     (["recipe=tiny-lora", "quant.mode=nf3"], "command line: quant.mode must be one of none, nf4, int8, got 'nf3'"),
     (["recipe=tiny-lora", "output.loggers=[csv,wandbb]"],
-     "output.loggers must be one of csv, tensorboard, wandb, got 'wandbb'"),
+     "output.loggers must be one of csv, tensorboard, wandb, mlflow, got 'wandbb'"),
     (["recipe=tiny-lora", "max_steps"], "expected key=value"),
     (["evl"], "did you mean eval"),
     (["recipe=tiny-lora", "--print_confg"], "did you mean --print_config"),

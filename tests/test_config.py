@@ -50,7 +50,7 @@ def test_overrides_types_and_lists():
     ("model.attn_implementation", "flash", "must be one of sdpa, eager, flash_attention_2, got 'flash'"),
     ("accelerator", "tpu", "accelerator must be one of auto, cpu, cuda, gpu, mps, got 'tpu'"),
     ("precision", "bf16", "precision must be one of auto, 32-true, bf16-mixed,"),
-    ("output.loggers", "[csv,mlflow]", "output.loggers must be one of csv, tensorboard, wandb, got 'mlflow'"),
+    ("output.loggers", "[csv,neptune]", "output.loggers must be one of csv, tensorboard, wandb, mlflow, got 'neptune'"),
     ("model", "{attn_implementation: flash}", "model.attn_implementation must be one of"),
     ("train", "3", 'Parser key "train"'),
 ])

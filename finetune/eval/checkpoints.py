@@ -7,6 +7,7 @@ plain transformers model. Column names are short and unique: "base", then parent
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from finetune.errors import UsageError
-from finetune.models.adapters import check_adapter_fits, load_for_inference
+from finetune.models.adapters import attach_adapter, check_adapter_fits, load_for_inference
 from finetune.models.load import resolve_model_path
 
 
@@ -161,3 +162,52 @@ def load(ckpt: Checkpoint, device: str, dtype):
     model, tok = load_for_inference(ckpt.path, dtype=dtype, device=device)
     model.eval()
     return model, tok
+
+
+def eval_order(ckpts: list[Checkpoint]) -> list[Checkpoint]:
+    """The order to load checkpoints in so that their shared base loads once: the others first, then
+    the plain base (column 'base', or the same model named), then the adapters on it."""
+    base = next((c.base for c in ckpts if c.kind == "adapter"), None)
+    return sorted(ckpts, key=lambda c: (c.kind == "adapter" or c.path == base, c.kind == "adapter"))
+
+
+class Loader:
+    """One checkpoint in memory at a time, each base loaded once: an adapter whose base is the
+    model in memory (loaded plain, or under the previous adapter) is swapped onto it
+    (finetune.models.adapters.attach_adapter) instead of loading the base from disk again.
+    Minutes per adapter at 7B, and the same scores: a LoRA layer with only the new adapter
+    active computes what a fresh load computes."""
+
+    def __init__(self, device: str, dtype):
+        self.device, self.dtype = device, dtype
+        self.model = None
+        self.base: Optional[str] = None  # the base in self.model, while adapters may go on it
+        self._adapters = 0
+
+    def reuses_base(self, ckpt: Checkpoint) -> bool:
+        return ckpt.kind == "adapter" and self.model is not None and self.base == ckpt.base
+
+    def load(self, ckpt: Checkpoint):
+        """(model in eval mode, tokenizer) for `ckpt`; what `load` gives, without reloading a base."""
+        if ckpt.kind != "adapter":
+            self.release()
+            self.model, tok = load(ckpt, self.device, self.dtype)
+            self.base = ckpt.path
+            return self.model, tok
+        if not self.reuses_base(ckpt):
+            self.release()
+            self.model, _ = load_for_inference(ckpt.base, dtype=self.dtype, device=self.device)
+            self.base = ckpt.base
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        self._adapters += 1
+        self.model, tok = attach_adapter(self.model, ckpt.path, ckpt.base, str(resolve_model_path(ckpt.base)),
+                                         adapter_name=f"adapter{self._adapters}")
+        if self.model.get_input_embeddings().weight.shape[0] != vocab:
+            self.base = None  # grown for this adapter's tokenizer: no longer the base the next one expects
+        return self.model, tok
+
+    def release(self) -> None:
+        self.model, self.base = None, None
+        gc.collect()  # peft and transformers modules hold reference cycles
+        if str(self.device).startswith("cuda"):
+            torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ generating one prompt at a time.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -15,14 +16,35 @@ from tqdm.auto import tqdm
 
 from finetune.data.pack import collate, single_units
 from finetune.eval.suites import GenerationSpec
+from finetune.progress import PlainLines, on_terminal
 
 # End-of-turn markers of common chat templates: generation stops at any of them, not only at eos.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
-def progress(total: int, desc: str, enabled: bool = True):
-    # disable=None: a bar on a terminal, silence in logs and pipes.
-    return tqdm(total=total, desc=desc, unit="ex", leave=False, disable=None if enabled else True)
+class Progress:
+    """Rows done in one phase of a task: tqdm's bar on a terminal; in a log (SLURM, a pipe) a plain
+    line every few seconds, `[eval] alpaca generate: 40/100 rows  3.1 rows/s  eta 19s`."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "rows", every_s: float = 10.0):
+        live = enabled and on_terminal()
+        self._bar = tqdm(total=total, desc=desc, unit="ex", leave=False, file=sys.stdout) if live else None
+        self._lines = PlainLines(total, f"[eval] {desc}: ", unit, every_s=every_s) if enabled and not live else None
+        self._done = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.close()
+
+    def update(self, n: int) -> None:
+        self._done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._lines is not None:
+            self._lines.update(self._done)
 
 
 def _device(model) -> torch.device:
@@ -50,7 +72,7 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def sequence_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-                 desc: str = "loss", show: bool = True) -> list[tuple[float, int]]:
+                 desc: str = "loss", show: bool = True, unit: str = "rows") -> list[tuple[float, int]]:
     """Per sequence (summed negative log-likelihood of the labelled tokens, number of those tokens).
 
     Batches go through the training collator (finetune.data.collate), so loss here is the loss
@@ -62,7 +84,7 @@ def sequence_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id
     device = _device(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
-    with progress(len(sequences), desc, show) as bar:
+    with Progress(len(sequences), desc, show, unit) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = collate(single_units([sequences[i] for i in idx]), pad_id)
@@ -98,7 +120,7 @@ def generate(model, tokenizer, prompts: Sequence[list[int]], gen: GenerationSpec
         # Unset sampling knobs a checkpoint's generation_config may carry, so greedy stays greedy
         # without warnings.
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    with progress(len(prompts), desc, show) as bar:
+    with Progress(len(prompts), desc, show) as bar:
         for start in range(0, len(order), gen.batch_size):
             idx = order[start:start + gen.batch_size]
             width = max(len(prompts[i]) for i in idx)
@@ -124,7 +146,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def choice_logprobs(model, tokenizer, prompts: Sequence[list[int]], choices: Sequence[Sequence[str]],
-                    batch_size: int = 8, show: bool = True) -> list[list[float]]:
+                    batch_size: int = 8, show: bool = True, desc: str = "choices") -> list[list[float]]:
     """Log-likelihood of each option's tokens right after its prompt, per example."""
     seqs, owner = [], []
     for i, (p, opts) in enumerate(zip(prompts, choices)):
@@ -132,7 +154,7 @@ def choice_logprobs(model, tokenizer, prompts: Sequence[list[int]], choices: Seq
             o = tokenizer.encode(opt, add_special_tokens=False)
             seqs.append((list(p) + o, [-100] * len(p) + o))
             owner.append(i)
-    nll = sequence_nll(model, seqs, pad_id_of(tokenizer), batch_size, desc="choices", show=show)
+    nll = sequence_nll(model, seqs, pad_id_of(tokenizer), batch_size, desc=desc, show=show, unit="options")
     out: list[list[float]] = [[] for _ in prompts]
     for i, (s, _) in zip(owner, nll):
         out[i].append(-s)

@@ -3,12 +3,13 @@
     finetune eval suite=tiny models=[base,out/tiny-lora/final] out_dir=out/eval
 
 Models are evaluated one at a time (only one is in memory); each runs every task of the suite.
+Adapters on one base share one load of it (finetune.eval.checkpoints.Loader). Off a terminal
+(SLURM, a pipe) progress is plain lines: rows done, rows/s, ETA per task.
 Writes out_dir/scores.json, scores.md, scores.png and generations/<model>.jsonl.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import re
@@ -17,12 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
-
 from finetune.config import Config, DataConfig
 from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.eval import generate as G
-from finetune.eval.checkpoints import check_adapters_fit, load, resolve_checkpoints
+from finetune.eval.checkpoints import Loader, check_adapters_fit, eval_order, resolve_checkpoints
 from finetune.eval.lm_eval_bridge import require_lm_eval, run_lm_eval_task
 from finetune.eval.metrics import GENERATION_METRICS, perplexity, score_generations
 from finetune.eval.prompting import (
@@ -129,11 +128,13 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     gen_dir = out / "generations"
     scores: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
-    for ck in ckpts:
+    loader = Loader(device, torch_dtype)
+    for ck in eval_order(ckpts):  # scores.* keep the order given; loading in this one loads each base once
         t0 = time.perf_counter()
         if show:
-            print(f"[eval] {ck.name}: loading {ck.kind} {ck.path}", flush=True)
-        model, tok = _load(ck, device, torch_dtype)
+            how = f"adapter {ck.path} on the base already loaded" if loader.reuses_base(ck) else f"{ck.kind} {ck.path}"
+            print(f"[eval] {ck.name}: loading {how}", flush=True)
+        model, tok = _load(loader, ck)
         scores[ck.name] = {}
         records: list[dict] = []
         for task in suite.tasks:
@@ -149,7 +150,9 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         timings[ck.name] = round(time.perf_counter() - t0, 2)
         del model
-        _free(device)
+    loader.release()
+    scores = {c.name: scores[c.name] for c in ckpts}
+    timings = {c.name: timings[c.name] for c in ckpts}
 
     card = build_scorecard(suite, [c.to_dict() for c in ckpts], scores, tasks_info)
     card["seconds"] = timings
@@ -195,7 +198,8 @@ def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple
         if not mc:
             raise UsageError(f"task '{task.name}': metric 'choice' needs rows with 'choices'")
         prompts_mc = [prompt_ids(ex, tok, data_cfg) for _, ex in mc]
-        lps = G.choice_logprobs(model, tok, prompts_mc, [ex.choices for _, ex in mc], task.batch_size, show=show)
+        lps = G.choice_logprobs(model, tok, prompts_mc, [ex.choices for _, ex in mc], task.batch_size, show=show,
+                                desc=f"{task.name} choices")
         right = 0
         for (i, ex), lp in zip(mc, lps):
             pred = max(range(len(lp)), key=lambda k: lp[k])
@@ -209,9 +213,9 @@ def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple
     return scores, records
 
 
-def _load(ck, device, dtype):
+def _load(loader: Loader, ck):
     try:
-        return load(ck, device, dtype)
+        return loader.load(ck)
     except FinetuneError:
         raise
     except (OSError, ValueError) as e:
@@ -220,9 +224,3 @@ def _load(ck, device, dtype):
 
 def _file_name(name: str) -> str:
     return re.sub(r"[^\w.\-]+", "_", name).strip("_") or "model"
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()

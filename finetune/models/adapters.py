@@ -110,13 +110,7 @@ def load_for_inference(path: str, dtype: torch.dtype = torch.float32, device: Un
         except UsageError as e:
             raise UsageError(f"adapter {path}: its base model: {e}") from None
         model = load_pretrained(base_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        check_adapter_fits(p, model, base_name)
-        tok_src = str(p) if (p / "tokenizer_config.json").is_file() else base_path
-        tok = tokenizer_from(tok_src, hub_kwargs(None, trust_remote_code), "left")
-        sync_special_tokens(model, tok)
-        with loading_errors(str(p)):
-            model = PeftModel.from_pretrained(model, str(p), is_trainable=False)
-        return model.eval(), tok
+        return attach_adapter(model, p, base_name, base_path, trust_remote_code=trust_remote_code)
     if p.is_dir() and not (p / "config.json").is_file():
         raise UsageError(f"{path} is neither a LoRA adapter (adapter_config.json) nor a model directory (config.json)")
     resolved = resolve_model_path(str(path))
@@ -124,3 +118,66 @@ def load_for_inference(path: str, dtype: torch.dtype = torch.float32, device: Un
     tok = tokenizer_from(resolved, hub_kwargs(None, trust_remote_code), "left")
     sync_special_tokens(model, tok)
     return model.eval(), tok
+
+
+def attach_adapter(model, adapter_dir: Union[str, Path], base_name: str, base_path: str,
+                   trust_remote_code: bool = False, adapter_name: str = "default"):
+    """(PeftModel in eval mode, tokenizer): the LoRA adapter at adapter_dir on `model`, after the fit check.
+
+    `model` is the plain base, or a PeftModel from an earlier call on it: then the new adapter is
+    loaded beside the old one, made the active one, and the old one deleted (peft's load_adapter,
+    set_adapter, delete_adapter), so one loaded base serves adapter after adapter; each adapter
+    needs its own `adapter_name`. The tokenizer is the adapter's own copy when it has one, padding
+    on the left (batched generation).
+    """
+    p = Path(str(adapter_dir)).expanduser()
+    swapping = isinstance(model, PeftModel)
+    check_adapter_fits(p, model.get_base_model() if swapping else model, base_name)
+    tok_src = str(p) if (p / "tokenizer_config.json").is_file() else base_path
+    tok = tokenizer_from(tok_src, hub_kwargs(None, trust_remote_code), "left")
+    sync_special_tokens(model, tok)
+    with loading_errors(str(p)):
+        if not swapping:
+            return PeftModel.from_pretrained(model, str(p), adapter_name=adapter_name, is_trainable=False).eval(), tok
+        old = list(model.peft_config)
+        model.load_adapter(str(p), adapter_name=adapter_name, is_trainable=False)
+    model.set_adapter(adapter_name)
+    for name in old:
+        model.delete_adapter(name)
+    return model.eval(), tok
+
+
+# What vLLM's LoRA loader refuses (vllm/lora/peft_helper.py: "vLLM does not yet support DoRA",
+# "vLLM only supports modules_to_save being None", "Adapter bias is not supported"); it accepts
+# classification heads as modules_to_save.
+_VLLM_HEADS = ("classifier", "score")
+
+
+def serving_note(adapter_dir: Union[str, Path]) -> Optional[str]:
+    """One line when vLLM cannot serve the adapter at adapter_dir as a LoRA, else None."""
+    try:
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    why = []
+    if cfg.get("use_dora"):
+        why.append("DoRA")
+    extra = [m for m in cfg.get("modules_to_save") or [] if m not in _VLLM_HEADS]
+    if extra:
+        why.append(f"modules_to_save [{', '.join(extra)}]")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        why.append("a trained bias")
+    if not why:
+        return None
+    return (f"note: vLLM cannot serve this adapter as a LoRA ({', '.join(why)}); merge it "
+            f"(finetune merge adapter=DIR out_dir=...) and serve the merged model")
+
+
+def add_serving_note(adapter_dir: Union[str, Path]) -> Optional[str]:
+    """Append the serving note (if any) to the adapter's README.md, the model card a hub shows."""
+    note = serving_note(adapter_dir)
+    if note is not None:
+        readme = Path(adapter_dir) / "README.md"
+        text = readme.read_text() if readme.is_file() else ""
+        readme.write_text(text.rstrip("\n") + ("\n\n" if text else "") + "## Serving\n\n" + note[len("note: "):] + "\n")
+    return note

@@ -33,6 +33,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import FinetuneError, UsageError, first_line
+from finetune.models.adapters import add_serving_note
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -270,6 +271,7 @@ def save_checkpoint(
             save_file(adapter_weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        add_serving_note(tmp)  # DoRA, modules_to_save: said in the model card, before it is checksummed
         _write_bytes(tmp / CONFIG_FILE, config_yaml.encode())
         if state is not None:
             buf = io.BytesIO()

@@ -32,12 +32,13 @@ from transformers.utils import logging as hf_logging
 from finetune.config import Config, gradient_accumulation
 from finetune.data import BatchStream, collate, prepare
 from finetune.errors import FinetuneError
+from finetune.models.adapters import serving_note
 from finetune.models.load import load_tokenizer
 from finetune.runtime import resolve_precision
 from finetune.training import checkpoint, report
 from finetune.training.build import build_step, lr_lambda
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
-from finetune.training.logs import logger_flush, make_loggers, plot_losses
+from finetune.training.logs import log_config, logger_flush, make_loggers, plot_losses
 from finetune.training.progress import TrainProgress
 from finetune.training.state import RunState, Saver, resume_source
 
@@ -121,6 +122,9 @@ def main(fabric, cfg: Config) -> TrainResult:
                          group_by_length=not cfg.data.packing, pad_id=tokenizer.pad_token_id)
     val_batches = _val_batches(data.val, micro, fabric, tokenizer.pad_token_id, cfg.train.eval_batches)
     n_trainable = sum(p.numel() for p in step.trainable)  # counted now: FSDP turns them into shards
+    if rank0:
+        log_config(fabric, cfg, micro_batch_size=micro, gradient_accumulation=accum, world_size=fabric.world_size,
+                   trainable_parameters=n_trainable, train_units=len(data.train))
     _print_if(fabric, report.tiles_line(cfg.train, step.memory))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(step.optimizer, lr_lambda(cfg))
@@ -147,6 +151,7 @@ def main(fabric, cfg: Config) -> TrainResult:
         if cfg.output.plot:
             plot_losses(state, out_dir / "loss.png")
         fabric.print(f"saved adapter to {final_dir}")
+        _print_if(fabric, serving_note(final_dir))
     return TrainResult(final_dir, step.model, state)
 
 

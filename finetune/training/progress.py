@@ -1,16 +1,15 @@
 """The training progress bar: loss, lr, trained tokens/s, ETA and (on GPU) peak memory.
 
 On a terminal it is a live rich bar; in logs (CI, SLURM, pipes) it prints a plain line every
-few seconds instead, since a redrawn bar there is just noise.
+few seconds instead (finetune.progress, shared with eval), since a redrawn bar there is just noise.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from finetune.progress import PlainLines, on_terminal
 
 
 def _memory() -> str:
@@ -22,10 +21,8 @@ def _memory() -> str:
 class TrainProgress:
     def __init__(self, total: int, start: int = 0, enabled: bool = True, every_s: float = 10.0):
         self.total, self.start, self.enabled = total, start, enabled
-        self.every_s = every_s
-        self.live = enabled and sys.stdout.isatty()
-        self._last_print = 0.0
-        self._t0 = time.perf_counter()
+        self.live = enabled and on_terminal()
+        self._lines = PlainLines(total, "step ", start=start, every_s=every_s)
         self._progress = None
 
     def __enter__(self):
@@ -49,12 +46,7 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
             return
-        now = time.perf_counter()
-        if now - self._last_print >= self.every_s or step == self.total or step == self.start + 1:
-            self._last_print = now
-            done = step - self.start
-            eta = (now - self._t0) / done * (self.total - step) if done else 0.0
-            print(f"step {step}/{self.total}  {info}  eta {eta:,.0f}s", flush=True)
+        self._lines.update(step, info)
 
     def note(self, text: str) -> None:
         if not self.enabled:
