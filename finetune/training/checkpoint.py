@@ -33,6 +33,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import FinetuneError, UsageError, first_line
+from finetune.fs import follow_umask
 from finetune.portable import record_hub_base, save_tokenizer
 
 MARKER = "COMPLETE"
@@ -279,6 +280,7 @@ def save_checkpoint(
             _check_weights_only(buf, path)
             _write_bytes(tmp / STATE_FILE, buf.getbuffer())
             del buf
+        follow_umask(tmp)  # safetensors leaves 0600 files: a server running as another user reads these
         for f in _files(tmp):  # files written by peft / transformers are not fsynced by them
             _fsync_path(f)
         manifest = _build_manifest(tmp, step)
