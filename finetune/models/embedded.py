@@ -92,6 +92,7 @@ def embedded_model_dir() -> Path:
     """The converted SmolLM2 directory, converting the GGUF the first time (about a minute)."""
     target = cache_dir()
     if is_complete(target):
+        portable_model_dir(target)  # a copy converted before the 4.x keys were written gets them now
         return target
     convert(gguf_path(), target)
     return target
