@@ -97,7 +97,8 @@ def test_merged_model_portable_and_readable(tmp_path, tiny_model, umask_022):
     from transformers import AutoConfig, AutoTokenizer
 
     assert AutoConfig.from_pretrained(out).rope_parameters == cfg["rope_parameters"]
-    assert AutoTokenizer.from_pretrained(out)("hi")["input_ids"] == AutoTokenizer.from_pretrained(tiny_model)("hi")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(out)("hi")["input_ids"]
+    assert ids == AutoTokenizer.from_pretrained(tiny_model)("hi")["input_ids"]
 
 
 def test_merge_base_override(tmp_path, tiny_model):

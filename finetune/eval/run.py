@@ -78,7 +78,8 @@ def run(args: Args, cfg: Optional[Config] = None) -> int:
         raise UsageError(f"no suite given: finetune eval suite=NAME models=[...]; suites: "
                          f"{', '.join(list_resources('eval'))}")
     evaluate(args.suite, args.models, args.out_dir, data_cfg=cfg.data if cfg is not None else None,
-             base_model=args.base_model, base=args.base, data=args.data, n=args.n, max_new_tokens=args.max_new_tokens,
+             base_model=args.base_model, base=args.base, data=args.data, n=args.n,
+             max_new_tokens=args.max_new_tokens,
              batch_size=args.batch_size, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
              show=args.progress, seed=cfg.train.seed if cfg is not None else 42)
     return 0
