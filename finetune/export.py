@@ -12,8 +12,8 @@ llama.cpp's compiled `llama-quantize`, run on the f16 file this writes).
 
 The Modelfile points at the GGUF, and gives Ollama the chat template (as the Go template Ollama
 reads; the Jinja original is inside the GGUF as tokenizer.chat_template) and the stop tokens, for
-the chat formats we recognise (ChatML, Llama 3). For any other format it says so and leaves the
-template to Ollama, which reads it from the GGUF.
+the chat formats we recognise (ChatML, Llama 3), plus the system prompt an adapter was trained
+with. For any other format it says so and leaves the template to Ollama, which reads it from the GGUF.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import yaml
 from transformers import AutoTokenizer
 
 from finetune.errors import FinetuneError, UsageError
@@ -112,8 +113,9 @@ def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
 
-def modelfile(gguf_name: str, chat_template: Optional[str], eos: Optional[str]) -> str:
-    """The Ollama Modelfile text for `gguf_name` (in the same directory)."""
+def modelfile(gguf_name: str, chat_template: Optional[str], eos: Optional[str], system: Optional[str] = None) -> str:
+    """The Ollama Modelfile text for `gguf_name` (in the same directory); `system` is the default
+    system prompt (the one the adapter was trained with)."""
     fmt = chat_format(chat_template)
     lines = [f"# Ollama: ollama create NAME -f Modelfile (in this directory), then ollama run NAME",
              f"FROM ./{gguf_name}"]
@@ -124,12 +126,27 @@ def modelfile(gguf_name: str, chat_template: Optional[str], eos: Optional[str]) 
         lines.append(f"TEMPLATE {_quote(template)}")
     else:
         lines.append("# chat format not recognised: Ollama uses the chat template stored in the GGUF")
+    if system:
+        lines.append(f"SYSTEM {_quote(system)}")
     for stop in [*stops, *([eos] if eos and eos not in stops else [])]:
         lines.append(f'PARAMETER stop "{stop}"')
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- command
+
+
+def training_system_prompt(adapter_dir: Optional[str]) -> Optional[str]:
+    """data.system_prompt of the run that wrote `adapter_dir` (its config.yaml), if any: served
+    without it, the model sees no system turn where every training example had one."""
+    f = Path(os.path.expanduser(str(adapter_dir or ""))) / "config.yaml"
+    if not adapter_dir or not f.is_file():
+        return None
+    try:
+        data = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("system_prompt") if isinstance(data, dict) else None
 
 
 def _model_dir(name: str) -> Path:
@@ -174,7 +191,8 @@ def export(args: Args) -> Path:
         tok = AutoTokenizer.from_pretrained(str(src))
         with atomic_out_dir(out, args.overwrite) as tmp:
             convert(src, tmp / gguf_name, args.quant)
-            atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token))
+            atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,
+                                                      training_system_prompt(args.adapter)))
     return out / gguf_name
 
 

@@ -25,6 +25,16 @@ def test_modelfile_chatml():
     assert text.count('PARAMETER stop "<|im_end|>"') == 1 and 'PARAMETER stop "<|im_start|>"' in text
 
 
+def test_modelfile_system_prompt_from_training(tmp_path):
+    from finetune.export import training_system_prompt
+
+    (tmp_path / "config.yaml").write_text("data:\n  system_prompt: Answer briefly.\n")
+    system = training_system_prompt(str(tmp_path))
+    assert system == "Answer briefly."
+    assert 'SYSTEM """Answer briefly."""' in modelfile("m.gguf", CHATML_JINJA, "<|im_end|>", system)
+    assert training_system_prompt(None) is None and training_system_prompt(str(tmp_path / "no")) is None
+
+
 def test_modelfile_llama3_and_unknown():
     assert chat_format(LLAMA3_JINJA) == "llama3"
     assert 'PARAMETER stop "<|eot_id|>"' in modelfile("m.gguf", LLAMA3_JINJA, "<|eot_id|>")
