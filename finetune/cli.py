@@ -2,7 +2,7 @@
 
     finetune recipe=NAME|PATH [section.key=value ...] [--print_config]   train
     finetune recipes                                                     list recipes
-    finetune data|eval|merge|moe|plan [key=value ...]                    the other stages
+    finetune data|eval|merge|moe|plan|export [key=value ...]             the other stages
 
 No logic lives here: each sub-command is `run(args, cfg)` in its own module, with an `Args`
 dataclass whose field docstrings are its `--help`.
@@ -29,12 +29,13 @@ COMMANDS = {
     "merge": ("finetune.merge", "merge an adapter into its base, or combine several adapters"),
     "moe": ("finetune.moe.command", "assemble a Mixtral-style MoE from fine-tunes; routing report"),
     "plan": ("finetune.plan.command", "predict peak GPU memory for a recipe, and what fits a budget"),
+    "export": ("finetune.export", "write a model or adapter as one GGUF file and an Ollama Modelfile"),
 }
 FLAGS = ["--help", "-h", "--print_config", "--debug"]
 
 USAGE = """finetune recipe=NAME|PATH [section.key=value ...] [--print_config] [--debug]
        finetune recipes
-       finetune {data,eval,merge,moe,plan} [key=value ...] [--help]"""
+       finetune {data,eval,merge,moe,plan,export} [key=value ...] [--help]"""
 
 ABOUT = """\
 Train with a recipe (a YAML file in recipes/ or a path), overriding any field with dotted

@@ -51,6 +51,17 @@ def _umask_mode(full: int) -> int:
     return full & ~mask
 
 
+def follow_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain mkdir/open would have: writers that
+    go through mkstemp (safetensors shards in transformers 5) leave 0600 files, unreadable to a
+    serving container running as another user."""
+    dirs, files = _umask_mode(0o777), _umask_mode(0o666)
+    root.chmod(dirs)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(dirs if path.is_dir() else files)
+
+
 @contextlib.contextmanager
 def atomic_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Iterator[Path]:
     """Yield a temp dir next to out_dir; on success it becomes out_dir (rename), else it is removed.
@@ -62,8 +73,8 @@ def atomic_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Iterator[Path]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tmp.chmod(_umask_mode(0o777))
         yield tmp
+        follow_umask(tmp)
         if not out.exists() or not any(out.iterdir()):
             if out.exists():
                 out.rmdir()

@@ -36,6 +36,7 @@ from finetune.models.adapters import (
     read_adapter_config,
 )
 from finetune.models.load import resolve_model_path
+from finetune.portable import portable_config, save_tokenizer
 from finetune.runtime import checkpoint_dtype
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ DENSITY_METHODS = {m for m in METHODS if m.startswith(("ties", "dare", "magnitud
 class Args:
     adapter: Optional[str] = None
     """Adapter directory to merge into its base (writes a full model)."""
+    base: Optional[str] = None
+    """Merge into this base instead of the one the adapter records (a moved base, a hub id for a path)."""
     adapters: Optional[list[str]] = None
     """Several adapter directories to combine into one new adapter (writes a PEFT adapter)."""
     weights: Optional[list[float]] = None
@@ -98,7 +101,7 @@ def copy_tokenizer(dest: Path, *sources: str) -> str:
         if not src or (Path(src).is_dir() and not (Path(src) / "tokenizer_config.json").is_file()):
             continue
         try:
-            AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+            save_tokenizer(AutoTokenizer.from_pretrained(src), dest)
             return src
         except (OSError, ValueError) as e:
             log.warning("tokenizer in %s not usable (%s); trying the next source", src, e)
@@ -109,10 +112,10 @@ def copy_tokenizer(dest: Path, *sources: str) -> str:
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
-                  max_shard_size: str = "2GB") -> Path:
-    """Merge one LoRA adapter into its full-precision base and save a standalone checkpoint."""
+                  max_shard_size: str = "2GB", base: Optional[str] = None) -> Path:
+    """Merge one LoRA adapter into its full-precision base (or `base`) and save a standalone checkpoint."""
     check_out_dir(out_dir, overwrite)
-    base_path = adapter_base_path(adapter_dir)
+    base_path = resolve_model_path(base) if base else adapter_base_path(adapter_dir)
     base = load_base_full_precision(base_path)
     out_dtype = checkpoint_dtype(dtype, base.config)
     check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
@@ -122,6 +125,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     merged.config.dtype = out_dtype
     with atomic_out_dir(out_dir, overwrite) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        portable_config(tmp)
         copy_tokenizer(tmp, adapter_dir, base_path)
     log.info("merged %s into %s -> %s", adapter_dir, base_path, out_dir)
     return Path(out_dir)
@@ -227,9 +231,11 @@ def run(args: Args, cfg=None) -> int:
         raise UsageError("give exactly one of adapter=DIR (merge into the base) or adapters=[A,B,...] (combine)")
     if args.adapter:
         merge_adapter(args.adapter, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                      max_shard_size=args.max_shard_size)
+                      max_shard_size=args.max_shard_size, base=args.base)
         print(f"merged model written to {args.out_dir}")
     else:
+        if args.base:
+            raise UsageError("base= applies to adapter= merges; combined adapters keep their recorded base")
         if args.dtype != "auto":
             raise UsageError("dtype= applies to adapter= merges; a combined adapter keeps the adapters' dtype")
         combine_adapters(list(args.adapters), args.out_dir, weights=args.weights, method=args.method,

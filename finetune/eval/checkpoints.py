@@ -64,7 +64,9 @@ def adapter_base(adapter_dir: Path) -> str:
     return str(base)
 
 
-def resolve_checkpoints(models: list[str], base_model: Optional[str] = None) -> list[Checkpoint]:
+def resolve_checkpoints(models: list[str], base_model: Optional[str] = None,
+                        base: Optional[str] = None) -> list[Checkpoint]:
+    """`base` replaces the base every adapter records (it is then loaded onto that one)."""
     if not models:
         raise UsageError("models is empty: give e.g. models=[base,out/run/final]")
     ckpts: list[Checkpoint] = []
@@ -90,6 +92,8 @@ def resolve_checkpoints(models: list[str], base_model: Optional[str] = None) -> 
             ckpts.append(Checkpoint(entry, _resolve_name(entry), "model"))
 
     adapters = [c for c in ckpts if c.kind == "adapter"]
+    for c in adapters if base else ():
+        c.base = _resolve_name(base)
     bases = {c.base for c in adapters}
     if base_model is not None:
         want = _resolve_name(base_model)
@@ -159,7 +163,8 @@ def check_adapters_fit(ckpts: list[Checkpoint]) -> None:
 def load(ckpt: Checkpoint, device: str, dtype):
     """(model in eval mode, tokenizer) for one checkpoint: finetune.models.adapters.load_for_inference,
     which puts an adapter on its base after the same fit check."""
-    model, tok = load_for_inference(ckpt.path, dtype=dtype, device=device)
+    model, tok = load_for_inference(ckpt.path, dtype=dtype, device=device,
+                                    base=ckpt.base if ckpt.kind == "adapter" else None)
     model.eval()
     return model, tok
 

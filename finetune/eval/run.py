@@ -51,6 +51,8 @@ class Args:
     they match training; data.* keys can be overridden too."""
     base_model: Optional[str] = None
     """The base model, when it cannot be read from an adapter (or to check adapters against it)."""
+    base: Optional[str] = None
+    """Load every adapter onto this base instead of the one it records (a moved base, a hub id)."""
     data: Optional[str] = None
     """Replace every task's data: a local file (e.g. ../shared/data/alpaca/alpaca_cleaned_1000.json)
     or a dataset card; the task's format applies."""
@@ -75,7 +77,8 @@ def run(args: Args, cfg: Optional[Config] = None) -> int:
         raise UsageError(f"no suite given: finetune eval suite=NAME models=[...]; suites: "
                          f"{', '.join(list_resources('eval'))}")
     evaluate(args.suite, args.models, args.out_dir, data_cfg=cfg.data if cfg is not None else None,
-             base_model=args.base_model, data=args.data, n=args.n, max_new_tokens=args.max_new_tokens,
+             base_model=args.base_model, base=args.base, data=args.data, n=args.n,
+             max_new_tokens=args.max_new_tokens,
              batch_size=args.batch_size, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
              show=args.progress, seed=cfg.train.seed if cfg is not None else 42)
     return 0
@@ -96,7 +99,8 @@ def run_suite_after_training(suite: str, adapter_dir, out_dir, cfg: Optional[Con
 
 
 def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[DataConfig] = None,
-             base_model: Optional[str] = None, data: Optional[str] = None, n: Optional[int] = None,
+             base_model: Optional[str] = None, base: Optional[str] = None, data: Optional[str] = None,
+             n: Optional[int] = None,
              max_new_tokens: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
              dtype: str = "auto", overwrite: bool = False, show: bool = True, seed: int = 42) -> dict:
     """Run a suite on several checkpoints and write the scorecard; returns scores.json's content."""
@@ -106,7 +110,7 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         for t in suite.tasks:
             t.batch_size = t.generation.batch_size = batch_size
-    ckpts = resolve_checkpoints(list(models), base_model)
+    ckpts = resolve_checkpoints(list(models), base_model, base=base)
     check_adapters_fit(ckpts)
     out = Path(out_dir)
     # Not finetune.fs.check_out_dir: eval's out_dir (a run's eval/, say) may hold other files;

@@ -84,6 +84,14 @@ def check_adapter_fits(adapter_dir: Union[str, Path], base_model: torch.nn.Modul
                 raise UsageError(f"{where}: {mod_name} has {side} size {want} in the base, {shape[dim]} in the adapter")
 
 
+def _same_model(resolved: str, name: str) -> bool:
+    """Whether `name` (a recorded base: hub id, alias or path) resolves to `resolved`."""
+    try:
+        return os.path.realpath(resolve_model_path(name)) == os.path.realpath(resolved)
+    except UsageError:
+        return False
+
+
 def _is_adapter_dir(p: Path) -> bool:
     return (p / "adapter_config.json").is_file()
 
@@ -103,12 +111,12 @@ def load_for_inference(path: str, dtype: torch.dtype = torch.float32, device: Un
         base_name = base or recorded
         if not base_name:
             raise UsageError(f"adapter {path} does not name its base model (base_model_name_or_path); pass base=...")
-        if base and recorded and base != recorded:
-            log.warning("adapter %s was trained on '%s'; loading it onto '%s'", path, recorded, base)
         try:
             base_path = resolve_model_path(base_name)
         except UsageError as e:
             raise UsageError(f"adapter {path}: its base model: {e}") from None
+        if base and recorded and base != recorded and not _same_model(base_path, recorded):
+            log.warning("adapter %s was trained on '%s'; loading it onto '%s'", path, recorded, base)
         model = load_pretrained(base_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         return attach_adapter(model, p, base_name, base_path, trust_remote_code=trust_remote_code)
     if p.is_dir() and not (p / "config.json").is_file():

