@@ -71,7 +71,7 @@ from finetune.fs import atomic_out_dir, check_out_dir
 from finetune.merge import copy_tokenizer
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import resolve_model_path
-from finetune.moe.gates import compute_gates, warn_parallel
+from finetune.moe.gates import compute_gates, warn_gates
 from finetune.moe.spec import SUPPORTED_BASES, ExpertSpec, MoESpec
 from finetune.moe.stream import AdapterDeltas, ModelTensors, ShardWriter
 from finetune.runtime import checkpoint_dtype, inference_device
@@ -271,7 +271,7 @@ def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_si
     gates = _gates(spec, base_path, base_cfg, base, tokenizer)
     gc.collect()
     warnings = [] if spec.gate_mode in ("random", "uniform_random") else \
-        warn_parallel(gates, [e.name for e in spec.experts])
+        warn_gates(gates, [e.name for e in spec.experts])
 
     cfg = mixtral_config(base_cfg, len(spec.experts), spec.experts_per_token, out_dtype)
     layout = output_layout(cfg)
