@@ -15,6 +15,8 @@ by full name only, which `full_target_parameters` supplies from the short names 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -34,8 +36,9 @@ class NF4Stored(nn.Module):
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         import bitsandbytes.functional as F
 
-        packed, self.state = F.quantize_4bit(w.detach(), quant_type="nf4", blocksize=NF4_BLOCK)
-        self.register_buffer("packed", packed)
+        if self.state is None:  # re-registering (see unquantized_view) keeps the codes
+            packed, self.state = F.quantize_4bit(w.detach(), quant_type="nf4", blocksize=NF4_BLOCK)
+            self.register_buffer("packed", packed)
         # torch keeps `original` as a parameter of the same dtype; an empty one holds no memory
         return w.new_empty(0)
 
@@ -67,16 +70,31 @@ def quantize_fused_experts(model: nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
-def full_target_parameters(model: nn.Module, names: list[str]) -> list[str]:
-    """Recipe names of target parameters (e.g. mlp.experts.gate_up_proj) as peft needs them: full
-    names for parametrized (NF4) experts, the names unchanged otherwise."""
-    out = []
-    for name in names:
-        full = [f"{mname}.{name.rpartition('.')[2]}" for mname, m in fused_expert_modules(model)
-                if parametrize.is_parametrized(m, name.rpartition(".")[2])
-                and f"{mname}.{name.rpartition('.')[2]}".endswith(name)]
-        out += full or [name]
-    return out
+@contextmanager
+def unquantized_view(model: nn.Module):
+    """While peft wraps the model: every NF4 expert parameter as a plain zero-size-stride stub of
+    its real shape and dtype, then NF4Stored again underneath peft's wrappers.
+
+    peft matches an already parametrized parameter by full name only and nests the wrappers of
+    one module in another order than for a plain one (sorted names instead of definition order),
+    which puts `base_layer` infixes into other keys: an adapter trained on NF4 experts would not
+    load onto the plain MoE with PeftModel.from_pretrained. Wrapping the plain view gives the same
+    nesting, names and keys as there."""
+    held = []
+    for _, m in list(fused_expert_modules(model)):
+        for p in FUSED_EXPERT_PARAMS:
+            if parametrize.is_parametrized(m, p):
+                nf4 = m.parametrizations[p][0]
+                parametrize.remove_parametrizations(m, p, leave_parametrized=False)
+                stub = torch.zeros((), dtype=nf4.dtype, device=nf4.packed.device).expand(nf4.state.shape)
+                setattr(m, p, nn.Parameter(stub, requires_grad=False))
+                held.append((m, p, nf4))
+    try:
+        yield
+    finally:
+        for m, p, nf4 in held:
+            parametrize.register_parametrization(m, p, nf4, unsafe=True)
+            getattr(m.parametrizations, p).original.requires_grad_(False)
 
 
 def _remove_lora_proxy(wrapper) -> None:
@@ -88,11 +106,35 @@ def _remove_lora_proxy(wrapper) -> None:
             return
 
 
+def _nf4_param_stub(wrapper) -> torch.Tensor:
+    """What peft reads of the wrapped parameter (dtype, device, shape), without dequantizing."""
+    nf4 = wrapper.get_base_layer().parametrizations[wrapper.parameter_name][0]
+    return torch.zeros((), dtype=nf4.dtype, device=nf4.packed.device).expand(nf4.state.shape)
+
+
+def _activate_uncached(activate):
+    @contextmanager
+    def wrapped(self, active_adapters):
+        with activate(self, active_adapters):
+            # torch's parametrize cache is keyed by (id(module), name); see keep_nf4_under_lora
+            parametrize._cache.pop((id(self.get_base_layer()), self.parameter_name), None)
+            yield
+    return wrapped
+
+
 def keep_nf4_under_lora(model: nn.Module) -> None:
-    """peft 0.21's ParamWrapper removes its per-forward proxy from a stacked parametrization only
-    when it is a `_LoraParameterProxy`; with one adapter on a 3-D expert stack it registers a
-    `_LoraFactorsProxy`, which then stayed and piled up (the delta added again on every forward)
-    over NF4Stored. Each wrapper of an NF4 parameter gets a removal that drops the proxy."""
+    """Two fixes for peft 0.21's ParamWrapper over an NF4Stored parameter:
+
+    * it removes its per-forward proxy from a stacked parametrization only when that is a
+      `_LoraParameterProxy`; with one adapter on a 3-D expert stack it registers a
+      `_LoraFactorsProxy`, which stayed and piled up (the delta added again on every forward);
+    * the inner of two nested wrappers (gate_up_proj's around down_proj's) registers its proxy
+      inside the outer one's `parametrize.cached()` context, and registering on an already
+      parametrized tensor evaluates it: the value without LoRA was cached and used, so down_proj's
+      LoRA got no gradient. The stale cache entry is dropped right after the registration.
+    Each wrapper of an NF4 parameter also reads a zero-size stub for the parameter's dtype, device
+    and shape instead of dequantizing the stack for them.
+    """
     import types
 
     for m in model.modules():
@@ -101,3 +143,5 @@ def keep_nf4_under_lora(model: nn.Module) -> None:
             if parametrize.is_parametrized(base, m.parameter_name) and any(
                     isinstance(p, NF4Stored) for p in base.parametrizations[m.parameter_name]):
                 m._remove_parametrizations = types.MethodType(_remove_lora_proxy, m)
+                m.get_param = types.MethodType(_nf4_param_stub, m)
+                m._activate_lora = types.MethodType(_activate_uncached(type(m)._activate_lora), m)

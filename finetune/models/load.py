@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from finetune.config import Config, ModelConfig, QuantConfig
 from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.models import embedded
-from finetune.models.experts import full_target_parameters, keep_nf4_under_lora, quantize_fused_experts
+from finetune.models.experts import keep_nf4_under_lora, quantize_fused_experts, unquantized_view
 from finetune.models.tiny import tiny_model_dir
 from finetune.runtime import (
     base_dtype,
@@ -361,10 +361,9 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     model.config.use_cache = False
 
     lcfg = lora_config(cfg)
-    if lcfg.target_parameters:
-        lcfg.target_parameters = full_target_parameters(model, list(lcfg.target_parameters))
     try:
-        model = get_peft_model(model, lcfg)
+        with unquantized_view(model):
+            model = get_peft_model(model, lcfg)
         keep_nf4_under_lora(model)
     except ValueError as e:
         text = str(e)
