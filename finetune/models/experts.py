@@ -3,8 +3,8 @@
 transformers 5.x keeps a Mixtral layer's experts as two 3-D parameters (`mlp.experts.gate_up_proj`
 (E, 2I, H) and `mlp.experts.down_proj` (E, H, I)), not as nn.Linear modules, so bitsandbytes'
 `load_in_4bit` leaves them in the compute dtype: 8 experts of a 1B model stay 13 GB in bf16. Here
-each such parameter is stored as bitsandbytes NF4 (4-bit codes + one fp32 absmax per 64 values,
-quantized by `bitsandbytes.functional.quantize_4bit`) through a torch parametrization: reading
+each such parameter is stored as bitsandbytes NF4 (4-bit codes + one absmax per 64 values,
+quantized by `bitsandbytes.functional.quantize_4bit`, double-quantized with quant.double_quant) through a torch parametrization: reading
 `experts.gate_up_proj` dequantizes the stack to the compute dtype for that forward (and again when
 gradient checkpointing recomputes it), so only one layer's stack is ever unpacked.
 
@@ -28,16 +28,17 @@ FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 class NF4Stored(nn.Module):
     """Parametrization: the parameter lives as packed NF4 buffers; reading it dequantizes."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, double_quant: bool = False):
         super().__init__()
-        self.dtype = dtype
+        self.dtype, self.double_quant = dtype, double_quant
         self.state = None
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         import bitsandbytes.functional as F
 
         if self.state is None:  # re-registering (see unquantized_view) keeps the codes
-            packed, self.state = F.quantize_4bit(w.detach(), quant_type="nf4", blocksize=NF4_BLOCK)
+            packed, self.state = F.quantize_4bit(w.detach(), quant_type="nf4", blocksize=NF4_BLOCK,
+                                                  compress_statistics=self.double_quant)
             self.register_buffer("packed", packed)
         # torch keeps `original` as a parameter of the same dtype; an empty one holds no memory
         return w.new_empty(0)
@@ -56,15 +57,16 @@ def fused_expert_modules(model: nn.Module):
             yield name, m
 
 
-def quantize_fused_experts(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store every fused expert weight of `model` as NF4 (in place, one stack at a time); returns
+def quantize_fused_experts(model: nn.Module, dtype: torch.dtype, double_quant: bool = False) -> int:
+    """Store every fused expert weight of `model` as NF4 (in place, one stack at a time; with
+    double_quant the absmax are quantized too, as quant.double_quant does for Linear4bit); returns
     how many were quantized (0 for a dense model)."""
     n = 0
     for _, m in list(fused_expert_modules(model)):
         for p in FUSED_EXPERT_PARAMS:
             if parametrize.is_parametrized(m, p):
                 continue
-            parametrize.register_parametrization(m, p, NF4Stored(dtype), unsafe=True)
+            parametrize.register_parametrization(m, p, NF4Stored(dtype, double_quant), unsafe=True)
             getattr(m.parametrizations, p).original.requires_grad_(False)
             n += 1
     return n

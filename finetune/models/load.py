@@ -348,7 +348,7 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
         raise FinetuneError(f"quant.mode={cfg.quant.mode} was requested but no layer of {m.name} was quantized")
     _no_cpu_repack(model)
     if quant is not None and cfg.quant.mode == "nf4":  # fused MoE experts are no Linear: NF4 them here
-        quantize_fused_experts(model, compute_dtype(cfg, device))
+        quantize_fused_experts(model, compute_dtype(cfg, device), cfg.quant.double_quant)
     sync_special_tokens(model, tokenizer)
 
     no_reentrant = {"use_reentrant": False}
