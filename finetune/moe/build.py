@@ -222,7 +222,7 @@ def _prompting_dtype(base_cfg, base: ModelTensors) -> torch.dtype:
     The gates are a few prompts' hidden states, and an fp32 copy of a 1B base (5 GB) would be the
     whole build's peak memory; in the stored bf16 it is half that.
     """
-    stored = base.get("model.embed_tokens.weight").dtype
+    stored = base.dtype("model.embed_tokens.weight")
     n = base_cfg.num_hidden_layers * 4 * base_cfg.hidden_size * (base_cfg.hidden_size + base_cfg.intermediate_size)
     return torch.float32 if n * 4 <= FP32_PROMPTING_BYTES else stored
 

@@ -52,6 +52,12 @@ class ModelTensors:
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
+    def dtype(self, key: str) -> torch.dtype:
+        """A tensor's stored dtype, read from the header only."""
+        with safe_open(self.files[key], "pt") as f:
+            code = f.get_slice(key).get_dtype()
+        return {v: k for k, v in SAFETENSORS_DTYPES.items()}.get(code, torch.float32)
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self.files:
             raise FinetuneError(f"{self.what}: tensor {key} missing from its checkpoint")
