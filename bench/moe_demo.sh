@@ -63,14 +63,19 @@ fi
 if has eval; then
   t=$(stamp)
   models="base,out/moe-expert-geo/final,out/moe-expert-units/final,out/moe-expert-verdict/final,$MOE"
-  [[ -n "${MOE_ROUTER:-}" ]] && models="$models,$MOE_ROUTER"
-  # The four suites in parallel, one thread each: on a loaded 2-core machine a two-threaded
-  # eval spent ~10x the CPU time of a one-threaded one (threads waiting on each other).
+  # The suites in parallel, one thread each: on a loaded 2-core machine a two-threaded eval spent
+  # ~10x the CPU time of a one-threaded one (threads waiting on each other). The router adapter
+  # sits on the MoE, not on the base, so `finetune eval` takes it in a run of its own.
   pids=()
   for suite in moe-geo moe-units moe-verdict moe-mixed; do
     OMP_NUM_THREADS=1 $FT eval suite=$suite "models=[$models]" out_dir=out/moe-demo-eval/$suite overwrite=true \
       progress=false > "$LOGS/eval-$suite.log" 2>&1 &
     pids+=($!)
+    if [[ -n "${MOE_ROUTER:-}" ]]; then
+      OMP_NUM_THREADS=1 $FT eval suite=$suite "models=[$MOE_ROUTER]" out_dir=out/moe-demo-eval-router/$suite \
+        overwrite=true progress=false > "$LOGS/eval-router-$suite.log" 2>&1 &
+      pids+=($!)
+    fi
   done
   for p in "${pids[@]}"; do wait "$p"; done
   SECS[eval]=$(( $(stamp) - t ))
@@ -84,6 +89,9 @@ fi
 if has collect; then
   secs=""
   for k in "${!SECS[@]}"; do secs="$secs\"$k\": ${SECS[$k]}, "; done
-  $PY bench/moe_demo_collect.py --eval-dir out/moe-demo-eval --seconds "{${secs%, }}" --out bench/results/moe_demo.json
+  extra=()
+  [[ -f out/moe-demo-eval-router/moe-mixed/scores.json ]] && extra=(--extra moe+router=out/moe-demo-eval-router)
+  $PY bench/moe_demo_collect.py --eval-dir out/moe-demo-eval --seconds "{${secs%, }}" "${extra[@]}" \
+    --out bench/results/moe_demo.json
 fi
 echo "total $(( $(stamp) - T0 )) s"

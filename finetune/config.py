@@ -76,6 +76,9 @@ class LoraConfig:
     """Weight-decomposed LoRA (peft DoRA)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Extra modules trained in full and saved with the adapter (e.g. [lm_head])."""
+    target_parameters: list[str] = field(default_factory=list)
+    """Parameters (not modules) to adapt with peft's target_parameters, e.g. the fused MoE expert
+    weights [mlp.experts.gate_up_proj,mlp.experts.down_proj]; target_modules may then be []."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from finetune.config import Config, ModelConfig, QuantConfig
 from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.models import embedded
+from finetune.models.experts import keep_nf4_under_lora, quantize_fused_experts, unquantized_view
 from finetune.models.tiny import tiny_model_dir
 from finetune.runtime import (
     base_dtype,
@@ -312,13 +313,15 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 def lora_config(cfg: Config):
     """peft.LoraConfig from the recipe's lora section."""
     targets = list(cfg.lora.target_modules or [])
-    if not targets:
+    params = list(getattr(cfg.lora, "target_parameters", None) or [])
+    if not targets and not params:
         raise UsageError("lora.target_modules is empty: list module names, e.g. [q_proj,v_proj], or [all-linear]")
     if "all-linear" in targets and len(targets) > 1:
         raise UsageError(f"lora.target_modules {targets}: all-linear already covers every linear layer; use it alone")
     return PeftLoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_parameters=params or None,
         use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
         modules_to_save=list(cfg.lora.modules_to_save) or None, bias="none", task_type="CAUSAL_LM")
 
@@ -345,6 +348,8 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     if quant is not None and not quantized_modules(model):
         raise FinetuneError(f"quant.mode={cfg.quant.mode} was requested but no layer of {m.name} was quantized")
     _no_cpu_repack(model)
+    if quant is not None and cfg.quant.mode == "nf4":  # fused MoE experts are no Linear: NF4 them here
+        quantize_fused_experts(model, compute_dtype(cfg, device), cfg.quant.double_quant)
     sync_special_tokens(model, tokenizer)
 
     no_reentrant = {"use_reentrant": False}
@@ -359,7 +364,9 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
 
     lcfg = lora_config(cfg)
     try:
-        model = get_peft_model(model, lcfg)
+        with unquantized_view(model):
+            model = get_peft_model(model, lcfg)
+        keep_nf4_under_lora(model)
     except ValueError as e:
         text = str(e)
         if "arget module" in text or "not found in the base model" in text:

@@ -19,11 +19,20 @@ plus `prompt_format: raw|chat` (see finetune.moe.gates), `quantize_prompting: tr
 in bitsandbytes NF4 while computing hidden-mode gates, so a 7B base fits 12 GB) and `seed`.
 
 What the output holds: embeddings, attention, norms and lm_head come from the base; expert e's MLP
-in every layer comes from expert e (Llama gate_proj/up_proj/down_proj = Mixtral w1/w3/w2). In
-memory transformers 5.x stacks the experts as `mlp.experts.gate_up_proj` (E, 2I, H: gate rows then
-up rows) and `mlp.experts.down_proj` (E, H, I), with the router at `mlp.gate.weight` (E, H); we fill
-those tensors on a real MixtralForCausalLM and let `save_pretrained` write them, which stores the
-classic per-expert `block_sparse_moe.experts.N.w1/w2/w3` keys that every loader reads.
+in every layer comes from expert e (Llama gate_proj/up_proj/down_proj = Mixtral w1/w3/w2). The
+checkpoint uses the classic per-expert `block_sparse_moe.experts.N.w1/w2/w3` keys and
+`block_sparse_moe.gate.weight` (what transformers 5.x `save_pretrained` writes for its fused
+`mlp.experts.gate_up_proj`/`down_proj`, and what every loader reads).
+
+Streaming (the only build path): no model is ever whole in memory. Inputs are read a tensor at a
+time from safetensors, the output's shards are planned up front and each tensor is written at its
+place as soon as it exists (finetune.moe.stream); expert by expert, layer by layer, an adapter's
+LoRA delta is added to the base's MLP weight in fp32 (peft's merge arithmetic) and a full-model
+expert's MLP weight is read the same way. The result is bit-identical to loading everything in
+fp32, merging with peft and saving a filled MixtralForCausalLM (tests/moe/test_stream_equal.py).
+Peak memory is one layer's MLP in fp32 plus, for `gate_mode: hidden`, the prompting copy of the
+base (fp32 for small bases, the stored dtype beyond ~2 GB of fp32 weights), freed before the
+experts are read.
 
 Adapter experts: only the adapter's MLP deltas survive. A delta on attention (q/k/v/o_proj), on the
 embeddings/lm_head (modules_to_save) or on a norm has no per-expert place in a shared-attention MoE;
@@ -38,14 +47,15 @@ Training the router afterwards is finetune.moe.routing's part.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
 import torch
-from peft import PeftModel
 from rich.progress import track
 from transformers import (
     AutoConfig,
@@ -58,16 +68,18 @@ from transformers import (
 
 from finetune.errors import UsageError
 from finetune.fs import atomic_out_dir, check_out_dir
-from finetune.merge import copy_tokenizer, load_base_full_precision
+from finetune.merge import copy_tokenizer
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import resolve_model_path
-from finetune.moe.gates import compute_gates, warn_parallel
+from finetune.moe.gates import compute_gates, warn_gates
 from finetune.moe.spec import SUPPORTED_BASES, ExpertSpec, MoESpec
 from finetune.portable import portable_config
+from finetune.moe.stream import AdapterDeltas, ModelTensors, ShardWriter
 from finetune.runtime import checkpoint_dtype, inference_device
 
 log = logging.getLogger(__name__)
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+FP32_PROMPTING_BYTES = 2 << 30  # hidden-mode gates in fp32 up to this much decoder weight
 
 
 # --------------------------------------------------------------------------- checks
@@ -87,6 +99,8 @@ def _check_sources(spec: MoESpec):
     if base_cfg.model_type not in SUPPORTED_BASES:
         raise UsageError(f"base_model {spec.base_model} is a {base_cfg.model_type} model; "
                          f"a Mixtral MoE needs a {' or '.join(SUPPORTED_BASES)} base")
+    if getattr(base_cfg, "quantization_config", None):
+        raise UsageError(f"base_model {spec.base_model} is stored quantized; the MoE needs its full-precision weights")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(base_cfg, flag, False):
             raise UsageError(f"base_model {spec.base_model} has {flag}=true, which Mixtral cannot hold")
@@ -104,6 +118,8 @@ def _check_sources(spec: MoESpec):
         ecfg = _read_config(src, f"experts[{i}] source_model {e.source_model}")
         if ecfg.model_type != base_cfg.model_type:
             raise UsageError(f"experts[{i}] {e.source_model} is a {ecfg.model_type} model, base is {base_cfg.model_type}")
+        if getattr(ecfg, "quantization_config", None):
+            raise UsageError(f"experts[{i}] {e.source_model} is stored quantized; the MoE needs full-precision weights")
         for k in shape_keys:
             if getattr(ecfg, k, None) != getattr(base_cfg, k, None):
                 raise UsageError(f"experts[{i}] {e.source_model} has {k}={getattr(ecfg, k, None)}, "
@@ -127,41 +143,92 @@ def mixtral_config(base_cfg, num_experts: int, experts_per_token: int, dtype):
     return cfg
 
 
-# --------------------------------------------------------------------------- expert weights
+# --------------------------------------------------------------------------- layout
 
 
-def _mlp_weights(model) -> list[dict]:
-    return [{p: getattr(layer.mlp, p).weight.detach().float().clone() for p in MLP_PARTS}
-            for layer in model.model.layers]
+def _disk_name(key: str) -> str:
+    """The classic on-disk Mixtral name of a non-expert tensor (router included)."""
+    return key.replace(".mlp.gate.", ".block_sparse_moe.gate.")
 
 
-def adapter_expert_mlp(base_path: str, adapter_dir: str) -> tuple[list[dict], list[str]]:
-    """Merge an adapter into a fresh fp32 base; return its MLP weights and the dropped modules."""
-    base = load_base_full_precision(base_path)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    dropped = set()
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and name.rsplit(".", 1)[-1] not in MLP_PARTS and len(module.lora_A):
-            dropped.add(name.rsplit(".", 1)[-1])
-    for name in (model.peft_config["default"].modules_to_save or []):
-        dropped.add(f"{name} (modules_to_save)")
-    merged = model.merge_and_unload()
-    return _mlp_weights(merged), sorted(dropped)
+def output_layout(cfg) -> dict[str, torch.Tensor]:
+    """Every tensor the MoE checkpoint holds, as meta tensors in the output dtype, by on-disk name.
+
+    Taken from a MixtralForCausalLM built on the meta device, so the names and shapes are
+    transformers' own; the fused expert tensors are listed per expert as w1 (gate_proj),
+    w3 (up_proj) and w2 (down_proj), which is what `save_pretrained` writes for them.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=cfg.dtype)
+    layout = {}
+    for key, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and key == "lm_head.weight":
+            continue  # tied: save_pretrained stores the embedding once
+        m = re.match(r"(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", key)
+        if not m:
+            layout[_disk_name(key)] = t
+            continue
+        for ei in range(t.shape[0]):
+            pre = f"{m.group(1)}.block_sparse_moe.experts.{ei}"
+            if m.group(2) == "gate_up_proj":
+                half = t.shape[1] // 2
+                layout[f"{pre}.w1.weight"], layout[f"{pre}.w3.weight"] = t[ei, :half], t[ei, half:]
+            else:
+                layout[f"{pre}.w2.weight"] = t[ei]
+    return layout
 
 
-def _apply_noise_and_scale(mlp: list[dict], e: ExpertSpec, gen) -> None:
-    for layer in mlp:
-        for p, w in layer.items():
-            if e.noise_scale:
-                w += torch.randn(w.shape, generator=gen) * e.noise_scale
-            if p == "down_proj" and e.residual_scale is not None:
-                w *= e.residual_scale
+# Llama MLP projection -> Mixtral expert weight
+EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _expert_layers(e: ExpertSpec, src: str, base: ModelTensors, base_path: str, num_layers: int):
+    """Yield (layer, {part: fp32 weight}) of one expert, a layer at a time, and its dropped modules."""
+    deltas = reader = None
+    if e.adapter:
+        deltas = AdapterDeltas(src, read_adapter_config(src), MLP_PARTS)
+        reader = base
+    elif os.path.realpath(src) == os.path.realpath(base_path):
+        reader = base
+    else:
+        reader = ModelTensors(src, f"source_model {e.source_model}")
+    dropped = deltas.dropped if deltas else []
+
+    def layers():
+        for li in range(num_layers):
+            out = {}
+            for p in MLP_PARTS:
+                module = f"model.layers.{li}.mlp.{p}"
+                w = reader.get(f"{module}.weight").float()
+                d = deltas.delta(module) if deltas else None
+                out[p] = w if d is None else w + d
+            yield li, out
+    return layers(), dropped
+
+
+def _apply_noise_and_scale(weights: dict, e: ExpertSpec, gen) -> None:
+    for p, w in weights.items():
+        if e.noise_scale:
+            w += torch.randn(w.shape, generator=gen) * e.noise_scale
+        if p == "down_proj" and e.residual_scale is not None:
+            w *= e.residual_scale
 
 
 # --------------------------------------------------------------------------- build
 
 
-def _load_prompting_model(base_path: str, quantize: bool):
+def _prompting_dtype(base_cfg, base: ModelTensors) -> torch.dtype:
+    """fp32 for hidden-mode gates while that copy is small; bigger bases run in their stored dtype.
+
+    The gates are a few prompts' hidden states, and an fp32 copy of a 1B base (5 GB) would be the
+    whole build's peak memory; in the stored bf16 it is half that.
+    """
+    stored = base.dtype("model.embed_tokens.weight")
+    n = base_cfg.num_hidden_layers * 4 * base_cfg.hidden_size * (base_cfg.hidden_size + base_cfg.intermediate_size)
+    return torch.float32 if n * 4 <= FP32_PROMPTING_BYTES else stored
+
+
+def _load_prompting_model(base_path: str, quantize: bool, dtype: torch.dtype):
     """The base that computes hidden-mode gates: NF4 when asked (and bnb can), on the GPU if any."""
     device = inference_device()
     if quantize:
@@ -171,77 +238,75 @@ def _load_prompting_model(base_path: str, quantize: bool):
             return AutoModelForCausalLM.from_pretrained(base_path, quantization_config=q, device_map=device)
         except Exception as err:  # bnb without a usable backend: the full-precision base still works
             log.warning("quantize_prompting: NF4 load failed (%s); using the full-precision base", err)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     return model.to(device) if device != "cpu" else model
+
+
+def _gates(spec: MoESpec, base_path: str, base_cfg, base: ModelTensors, tokenizer) -> torch.Tensor:
+    L, H = base_cfg.num_hidden_layers, base_cfg.hidden_size
+    model = embed = None
+    if spec.gate_mode == "hidden":
+        model = _load_prompting_model(base_path, spec.quantize_prompting, _prompting_dtype(base_cfg, base))
+    if spec.gate_mode == "cheap_embed":
+        embed = base.get("model.embed_tokens.weight")
+    return compute_gates(spec.gate_mode, spec.experts, L, H, model=model, tokenizer=tokenizer, embed=embed,
+                         prompt_format=spec.prompt_format, seed=spec.seed)
+
+
+def write_moe_config(cfg, out_dir: Path) -> None:
+    """config.json of the MoE (the one place it is written), readable by transformers 4.x and 5.x."""
+    cfg.save_pretrained(out_dir)
+    portable_config(out_dir)
 
 
 def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_size: str = "2GB",
               config_text: Optional[str] = None) -> Path:
-    """Assemble and save the MoE described by `spec`; returns out_dir."""
+    """Assemble and save the MoE described by `spec`, streaming (module docstring); returns out_dir."""
     check_out_dir(out_dir, overwrite)
     base_path, base_cfg, sources = _check_sources(spec)
     out_dtype = checkpoint_dtype(str(spec.dtype or "auto"), base_cfg)
     tok_src = next((e.adapter for e in spec.experts if e.adapter and
                     (Path(e.adapter) / "tokenizer_config.json").is_file()), base_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
-
-    # Gates first: hidden mode may hold a (quantized) copy of the base on the GPU, freed before the
-    # experts load; on CPU in fp32 the base itself does the prompting.
-    L, H = base_cfg.num_hidden_layers, base_cfg.hidden_size
-    model = embed = None
-    base = load_base_full_precision(base_path)
-    if spec.gate_mode == "hidden":
-        on_cpu_fp32 = not spec.quantize_prompting and inference_device() == "cpu"
-        model = base if on_cpu_fp32 else _load_prompting_model(base_path, spec.quantize_prompting)
-    if spec.gate_mode == "cheap_embed":
-        embed = base.get_input_embeddings().weight.detach()
-    gates = compute_gates(spec.gate_mode, spec.experts, L, H, model=model, tokenizer=tokenizer, embed=embed,
-                          prompt_format=spec.prompt_format, seed=spec.seed)
-    del model
+    base = ModelTensors(base_path, f"base_model {spec.base_model}")
+    # Gates first: hidden mode holds a copy of the base (freed before any expert is read).
+    gates = _gates(spec, base_path, base_cfg, base, tokenizer)
+    gc.collect()
     warnings = [] if spec.gate_mode in ("random", "uniform_random") else \
-        warn_parallel(gates, [e.name for e in spec.experts])
+        warn_gates(gates, [e.name for e in spec.experts])
 
     cfg = mixtral_config(base_cfg, len(spec.experts), spec.experts_per_token, out_dtype)
-    moe = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    moe_sd = moe.state_dict()
-    with torch.no_grad():
-        for k, v in base.state_dict().items():  # everything but the MLPs is the base's
-            if ".mlp." not in k:
-                moe_sd[k].copy_(v)
-        for li, layer in enumerate(moe.model.layers):
-            layer.mlp.gate.weight.copy_(gates[li])
-        gen = torch.Generator().manual_seed(spec.seed)
-        dropped_by_expert = {}
-        for ei, (e, src) in enumerate(track(list(zip(spec.experts, sources)), description="experts")):
-            if e.adapter:
-                mlp, dropped = adapter_expert_mlp(base_path, src)
-                if dropped:
-                    log.warning("expert %d adapter %s: dropped non-MLP deltas on %s (attention, embeddings and "
-                                "norms come from the base)", ei, e.adapter, ", ".join(dropped))
-                    dropped_by_expert[e.name] = dropped
-            elif os.path.realpath(src) == os.path.realpath(base_path):
-                mlp = _mlp_weights(base)
-            else:
-                mlp = _mlp_weights(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32))
-            _apply_noise_and_scale(mlp, e, gen)
-            for li, layer in enumerate(moe.model.layers):
-                w = mlp[li]
-                layer.mlp.experts.gate_up_proj[ei].copy_(torch.cat([w["gate_proj"], w["up_proj"]], dim=0))
-                layer.mlp.experts.down_proj[ei].copy_(w["down_proj"])
-    del base
-    moe.to(out_dtype)
-    moe.config.dtype = out_dtype
-    try:
-        moe.generation_config = GenerationConfig.from_pretrained(base_path)
-    except OSError:
-        pass
-    info = {"base_model": spec.base_model, "gate_mode": spec.gate_mode, "prompt_format": spec.prompt_format,
-            "experts_per_token": spec.experts_per_token, "experts": [e.name for e in spec.experts],
-            "dropped_non_mlp_deltas": dropped_by_expert, "gate_warnings": warnings}
+    layout = output_layout(cfg)
+    dropped_by_expert = {}
     with atomic_out_dir(out_dir, overwrite) as tmp:
-        moe.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        portable_config(tmp)  # copy_tokenizer writes 4.x-readable tokenizer files too
+        writer = ShardWriter(tmp, layout, max_shard_size)
+        for key in layout:  # embeddings, attention, norms, lm_head: the base's
+            if ".block_sparse_moe." not in key:
+                writer.write(key, base.get(key).float().to(out_dtype))
+        for li in range(base_cfg.num_hidden_layers):
+            writer.write(f"model.layers.{li}.block_sparse_moe.gate.weight", gates[li].float().to(out_dtype))
+        gen = torch.Generator().manual_seed(spec.seed)  # noise: expert by expert, layer by layer
+        for ei, (e, src) in enumerate(track(list(zip(spec.experts, sources)), description="experts")):
+            layers, dropped = _expert_layers(e, src, base, base_path, base_cfg.num_hidden_layers)
+            if dropped:
+                log.warning("expert %d adapter %s: dropped non-MLP deltas on %s (attention, embeddings and "
+                            "norms come from the base)", ei, e.adapter, ", ".join(dropped))
+                dropped_by_expert[e.name] = dropped
+            for li, weights in layers:
+                _apply_noise_and_scale(weights, e, gen)
+                for p, w in weights.items():
+                    key = f"model.layers.{li}.block_sparse_moe.experts.{ei}.{EXPERT_NAMES[p]}.weight"
+                    writer.write(key, w.to(out_dtype))
+        writer.finish()
+        write_moe_config(cfg, tmp)
+        try:
+            GenerationConfig.from_pretrained(base_path).save_pretrained(tmp)
+        except OSError:
+            pass
         copy_tokenizer(tmp, tok_src, base_path)
+        info = {"base_model": spec.base_model, "gate_mode": spec.gate_mode, "prompt_format": spec.prompt_format,
+                "experts_per_token": spec.experts_per_token, "experts": [e.name for e in spec.experts],
+                "dropped_non_mlp_deltas": dropped_by_expert, "gate_warnings": warnings}
         (tmp / "moe_info.json").write_text(json.dumps(info, indent=2))
         if config_text is not None:
             (tmp / "mergekit_moe_config.yml").write_text(config_text)

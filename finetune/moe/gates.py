@@ -4,8 +4,9 @@ Every mode returns a tensor of shape (num_layers, num_experts, hidden_size): row
 the router weight of expert e in layer l (Mixtral's `mlp.gate.weight[l]`).
 
 * hidden: for each layer l, the residual-stream hidden state *entering* layer l
-  (`output_hidden_states[l]`) at the last token of each prompt, averaged over the expert's positive
-  prompts, minus the same average over its negative prompts, L2-normalised per layer.
+  (`output_hidden_states[l]`) at the last token of each prompt (raw format; with the chat format:
+  averaged over the prompt's own tokens, see below), averaged over the expert's positive prompts,
+  minus the same average over its negative prompts, L2-normalised per layer.
 * cheap_embed: input embeddings summed over each prompt's tokens and over the prompts, normalised;
   the same for the negative prompts; their difference normalised again (mergekit normalises the
   positive and the negative sums separately before subtracting). The row is the same in every layer.
@@ -17,6 +18,15 @@ Prompts are tokenized like mergekit does (`bos_token + prompt`, no other special
 renders each prompt as a user turn through the tokenizer's chat template with the generation
 prompt, which matches what a chat fine-tune sees at inference. Each prompt is run on its own, so
 "last token" never lands on padding.
+
+Why chat prompts do not use the last token: every chat-rendered prompt ends in the same template
+tokens ("<|im_start|>assistant\n"), so layer 0's input there is the same embedding for every
+prompt and positive minus negative is exactly zero (uniform routing in layer 0); in the next layers
+it is dominated by the template as well. So with `prompt_format: chat` the hidden state is averaged
+over the positions of the prompt's own text inside the rendered template (the user content), which
+differs between experts in every layer. A row whose positive-minus-negative difference vanishes
+(below ZERO_REL of the positive vector) is set to exactly zero and reported by `warn_gates`, like
+nearly parallel rows: such an expert is never preferred in that layer.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from finetune.errors import UsageError
 log = logging.getLogger(__name__)
 
 PARALLEL_COS = 0.95  # gate rows closer than this route their experts alike
+ZERO_REL = 1e-4  # a difference this small against the positive vector is rounding, not signal
 
 
 def prompt_ids(tokenizer, prompt: str, prompt_format: str = "raw") -> list[int]:
@@ -48,17 +59,35 @@ def prompt_ids(tokenizer, prompt: str, prompt_format: str = "raw") -> list[int]:
     return list(ids)
 
 
+def own_positions(tokenizer, prompt: str, prompt_format: str, num_ids: int) -> list[int]:
+    """Positions whose hidden states make a prompt's gate vector: the last one (raw), or those of
+    the prompt's own text inside the chat template (chat; all positions if the template rewrote it)."""
+    if prompt_format != "chat":
+        return [num_ids - 1]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    at = text.rfind(prompt)
+    if at < 0 or not prompt:
+        return list(range(num_ids))
+    def count(t):
+        return len(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else 0
+    start, end = count(text[:at]), min(count(text[:at + len(prompt)]), num_ids)
+    return list(range(start, end)) if end > start else list(range(num_ids))
+
+
 @torch.no_grad()
 def hidden_vector(model, tokenizer, prompts: Sequence[str], prompt_format: str = "raw") -> torch.Tensor:
-    """(num_layers, hidden): mean over prompts of each layer's input hidden state at the last token."""
+    """(num_layers, hidden): mean over prompts of each layer's input hidden state at the prompt's
+    gate positions (`own_positions`)."""
     device = next(model.parameters()).device
     acc = None
     for p in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, p, prompt_format)], device=device)
-        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        ids = prompt_ids(tokenizer, p, prompt_format)
+        pos = own_positions(tokenizer, p, prompt_format, len(ids))
+        out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True, use_cache=False)
         # hidden_states[0] is the embedding output = input of layer 0; the last entry is after
         # the final norm and feeds no layer, so it is dropped (as mergekit does).
-        h = torch.stack([hs[0, -1].float().cpu() for hs in out.hidden_states[:-1]])
+        h = torch.stack([hs[0, pos].float().mean(0).cpu() for hs in out.hidden_states[:-1]])
         acc = h if acc is None else acc + h
     return acc / len(prompts)
 
@@ -90,10 +119,11 @@ def compute_gates(mode: str, experts: Sequence, num_layers: int, hidden_size: in
     rows = []
     for e in experts:
         if mode == "hidden":
-            v = hidden_vector(model, tokenizer, e.positive_prompts, prompt_format)
-            if e.negative_prompts:
-                v = v - hidden_vector(model, tokenizer, e.negative_prompts, prompt_format)
-            rows.append(_normalise(v))
+            pos = hidden_vector(model, tokenizer, e.positive_prompts, prompt_format)
+            v = pos - hidden_vector(model, tokenizer, e.negative_prompts, prompt_format) \
+                if e.negative_prompts else pos
+            zero = v.norm(dim=-1) <= ZERO_REL * pos.norm(dim=-1)
+            rows.append(torch.where(zero[:, None], torch.zeros_like(v), _normalise(v)))
         elif mode == "cheap_embed":
             v = cheap_embed_vector(embed, tokenizer, e.positive_prompts, prompt_format)
             if e.negative_prompts:
@@ -116,6 +146,26 @@ def parallel_pairs(gates: torch.Tensor, threshold: float = PARALLEL_COS) -> list
             if layers:
                 found.append((i, j, layers, float(cos[:, i, j].max())))
     return found
+
+
+def zero_rows(gates: torch.Tensor) -> list[tuple[int, list[int]]]:
+    """(expert, layers) for every expert whose gate row is zero in some layers."""
+    zero = gates.float().norm(dim=-1) == 0  # (layers, experts)
+    return [(e, [int(l) for l in torch.nonzero(zero[:, e]).flatten()]) for e in range(gates.shape[1])
+            if bool(zero[:, e].any())]
+
+
+def warn_gates(gates: torch.Tensor, names: Sequence[str], threshold: float = PARALLEL_COS) -> list[str]:
+    """`warn_parallel`, plus one warning per expert whose gate row is zero in some layers."""
+    msgs = warn_parallel(gates, names, threshold)
+    for e, layers in zero_rows(gates):
+        where = "all layers" if len(layers) == gates.shape[0] else f"layers {layers}"
+        msg = (f"expert {e} ({names[e]}) has a zero gate row in {where}: its positive and negative prompts "
+               "give the same hidden state there (e.g. only the chat template's last token differs), so it is "
+               "never preferred in those layers")
+        log.warning(msg)
+        msgs.append(msg)
+    return msgs
 
 
 def warn_parallel(gates: torch.Tensor, names: Sequence[str], threshold: float = PARALLEL_COS) -> list[str]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from finetune.errors import UsageError
+from finetune.plan.moe import moe_parts
 from finetune.plan.shapes import Shape, model_shape
 
 GiB = 1024**3
@@ -351,6 +352,9 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     if fsdp:
         parts["fsdp_gather_buffers"] = max(parts["fsdp_gather_buffers"], embed, head)
         notes["fsdp_gather_buffers"] = "one layer in use + one prefetched, unsharded"
+    if s.n_expert:  # expert LoRA, trained routers, unpacked expert stacks (finetune.plan.moe)
+        for k, v in moe_parts(cfg, s, c, _opt_bytes).items():
+            parts[k] = parts.get(k, 0) + v
     allocated = sum(parts.values())
     parts["cuda_context"] = 0 if on_cpu else CUDA_CONTEXT_BYTES
     parts["allocator_slack"] = int(allocated * slack)

@@ -21,6 +21,7 @@ from huggingface_hub import try_to_load_from_cache
 from finetune.errors import UsageError
 from finetune.fs import cache_root
 from finetune.models.tiny import BYTE_OFFSET, TINY_CONFIG
+from finetune.plan.moe import planned_moe
 
 _ALIASES = {"tiny", "smollm2-135m"}
 # litgpt's registry does not record tied embeddings; these families tie them in their HF configs.
@@ -149,6 +150,9 @@ def model_shape(name: str, revision: Optional[str] = None) -> Shape:
         # HuggingFaceTB/SmolLM2-135M-Instruct config.json (same numbers as litgpt's SmolLM2-135M).
         return Shape("smollm2-135m", n_layer=30, hidden=576, n_head=9, n_kv_head=3, head_dim=64,
                      intermediate=1536, vocab=49152, tied=True)
+    moe = planned_moe(name, model_shape)  # "8x<base>": a MoE not built yet (finetune.plan.moe)
+    if moe is not None:
+        return moe
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
