@@ -15,15 +15,15 @@ from rich.table import Table
 from rich.text import Text
 
 from finetune.data.pipeline import prepare
-from finetune.errors import UsageError
 from finetune.models.load import load_tokenizer
+from finetune.ranges import ranged
 
 
 @dataclass
 class Args:
     recipe: Optional[str] = None
     """Recipe whose data section to preview (name from recipes/ or a path); data.* keys override it."""
-    n: int = 3
+    n: int = ranged(3, ge=0)
     """How many rendered training examples to show."""
 
 
@@ -40,8 +40,6 @@ def _show_example(console, tokenizer, ids: list[int], labels: list[int], title: 
 
 
 def run(args: Args, cfg) -> int:
-    if args.n < 0:
-        raise UsageError(f"n must be >= 0, got {args.n}")
     console = Console()
     tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
     bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=cfg.output.progress)

@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from finetune.errors import UsageError
 
@@ -76,3 +78,62 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
             check_ranges(value, key + ".")
         else:
             check_value(key, value, f.metadata.get(RANGE_KEY))
+
+
+_SCALE = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: Any, key: str) -> int:
+    """'12GiB' -> 12*2**30, '24GB' -> 24e9, '16000MiB', '1e10' or 16000000000 (bytes) -> bytes, for
+    `key` (gpu_memory, max_shard_size): one parser, so every size setting takes the same spellings."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e\+?[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(text), re.I)
+    if not m:
+        raise UsageError(f"{key}: expected a size like 12GiB, 24GB, 500MB or a number of bytes, got '{text}'")
+    size = float(m.group(1)) * _SCALE[(m.group(2) or "").lower()]
+    if not 1 <= size < 2**63:
+        raise UsageError(f"{key}: expected a size of at least 1 byte and below 8 EiB, got '{text}'")
+    return int(size)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a value read from YAML/JSON has the annotated type (bool is not an int here)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_words(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join(_type_words(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return f"a list of {_type_words(args[0])}s" if args else "a list"
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return words.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_fields(obj: Any, where: str) -> None:
+    """A dataclass filled from a file the user wrote (an eval suite's task): every field of the
+    annotated type and inside its range, else one line naming `where` and the field."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_fields(value, f"{where} {f.name}")
+            continue
+        if not _fits(value, hints[f.name]):
+            raise UsageError(f"{where}: {f.name} must be {_type_words(hints[f.name])}, got {value!r}")
+        check_value(f"{where}: {f.name}", value, f.metadata.get(RANGE_KEY))

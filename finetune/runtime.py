@@ -6,6 +6,7 @@ the GPU has no bf16). Training, planning's `measure=true`, eval and merge all as
 
 from __future__ import annotations
 
+import re
 from typing import Union
 
 import torch
@@ -99,8 +100,14 @@ def inference_device(device: str = "auto") -> str:
     """`device=` of eval and the MoE tools: auto = cuda when visible, else cpu; cuda[:N] must exist."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", device):
+        raise UsageError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{device}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device={device} but no CUDA device is available; use device=cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device=mps but MPS is not available here; use device=cpu")
     return device
 
 
