@@ -306,6 +306,9 @@ def split_overrides(args: list[str]) -> dict[str, str]:
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise UsageError(f"expected key=value, got '{a}'")
+        if key in out:  # the last would silently win (and a second `+=` drop the first)
+            shown, hint = (f"{key}=", f"; append several at once: {key}=[a,b]") if key.endswith("+") else (key, "")
+            raise UsageError(f"{shown} is given twice ('{out[key]}' and '{value}'){hint}")
         out[key] = value
     return out
 
@@ -355,6 +358,9 @@ def _plain(message: str) -> str:
     m = re.fullmatch(r"Parser key \"([^\"]+)\": Expected a <class '(\w+)'>\. Got value: (.*)", message)
     if m and m.group(2) in _TYPE_WORDS:
         return f"{m.group(1)}: expected {_TYPE_WORDS[m.group(2)]}, got '{m.group(3)}'"
+    m = re.fullmatch(r"Parser key \"([^\"]+)\": Unable to load config '(.*?)'.*", message)
+    if m:
+        return f"{m.group(1)}: expected a mapping like {{key: value}} or a YAML file, got '{m.group(2)}'"
     m = re.fullmatch(r"Parser key \"([^\"]+)\": Does not validate against any of the Union subtypes "
                      r"Subtypes: \[(.*?)\] Errors: .* Given value: (.*)", message)
     if m:
@@ -404,6 +410,14 @@ def validate(cfg: Config) -> None:
     # YAML reads no/yes/true/false (recipe files and key=value alike) as booleans: the words mean no / auto.
     if isinstance(cfg.resume, bool) or str(cfg.resume).lower() in RESUME_WORDS:
         cfg.resume = RESUME_WORDS[str(cfg.resume).lower()]
+    for key in ("target_modules", "modules_to_save"):
+        if any(not str(name).strip() for name in getattr(cfg.lora, key)):
+            raise UsageError(f"lora.{key} has an empty module name: {getattr(cfg.lora, key)}")
+    from finetune.data.formats import ROLES  # no torch: the data layer's own role names
+
+    bad_role = next((f"{k}: {v}" for k, v in cfg.data.roles.items() if v not in ROLES), None)
+    if bad_role:
+        raise UsageError(f"data.roles maps to a role that does not exist ({bad_role}); roles are {', '.join(ROLES)}")
     if not cfg.out_dir.strip():
         raise UsageError("out_dir is empty: give the directory the run writes to, e.g. out_dir=out/my-run")
     if cfg.resume not in ("no", "auto") and not (str(cfg.resume).strip() and Path(cfg.resume).is_dir()):
