@@ -136,6 +136,17 @@ def _one_line(e: BaseException) -> str:
     return lines[0] + (f" [+{len(lines) - 1} more lines; --debug shows them]" if len(lines) > 1 else "")
 
 
+def _unexpected(e: Exception) -> str:
+    """An exception no check turned into a FinetuneError: the machine's refusal (disk full, no
+    permission, out of memory) in words, anything else as a bug to report, never a bare type name."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}{f': {e.filename}' if e.filename else ''} (--debug shows the traceback)"
+    if isinstance(e, MemoryError):
+        return "out of memory (MemoryError); use a smaller model, batch or data.seq_len"
+    return (f"internal error, please report it with the command you ran: {type(e).__name__}: {_one_line(e)} "
+            "(--debug shows the traceback)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FINETUNE_DEBUG") == "1"
@@ -154,10 +165,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         # Python would report the failed flush of stdout at exit; point it at devnull instead.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
-    except Exception as e:  # an unexpected bug still gets one line (and a hint to see more)
+    except Exception as e:  # not a refusal of ours: still one line, worded as what it is
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {_unexpected(e)}", file=sys.stderr)
         code = 1
     sys.exit(code)
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,14 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
 from finetune.errors import UsageError, did_you_mean
+from finetune.ranges import check_ranges, ranged
 from finetune.resources import find_resource, read_yaml_mapping
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the help
+
+# Sequences per optimizer step: beyond this, accumulation runs to millions of micro-batches per step
+# (a typo'd 10**7), which no fine-tune wants; pretraining-scale batches stay far below it.
+MAX_GLOBAL_BATCH = 65536
 
 Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion"]
 
@@ -62,11 +68,11 @@ class QuantConfig:
 class LoraConfig:
     """lora.*: the trained adapter."""
 
-    r: int = 16
+    r: int = ranged(16, ge=1)
     """LoRA rank."""
-    alpha: int = 32
+    alpha: int = ranged(32, gt=0, hint="(0 would train an adapter that changes nothing)")
     """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."""
-    dropout: float = 0.05
+    dropout: float = ranged(0.05, ge=0, lt=1)
     """Dropout on the LoRA input. 0 makes runs on different device counts comparable exactly."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt, e.g. [q_proj,v_proj], or [all-linear] for every linear layer but the head."""
@@ -101,11 +107,11 @@ class DataConfig:
     """Hub dataset revision."""
     val_path: Optional[str] = None
     """Separate validation file; otherwise `val_fraction` of the rows are held out."""
-    val_fraction: float = 0.05
+    val_fraction: float = ranged(0.05, ge=0, lt=1)
     """Fraction of rows held out for validation loss when no `val_path` is given."""
-    max_rows: Optional[int] = None
+    max_rows: Optional[int] = ranged(None, ge=1, hint="(null = every row)")
     """Use at most this many rows (after shuffling)."""
-    seq_len: int = 512
+    seq_len: int = ranged(512, ge=8)
     """Maximum tokens per training sequence (and per pack)."""
     packing: bool = True
     """Best-fit pack examples into seq_len blocks; attention never crosses examples."""
@@ -129,7 +135,7 @@ class DataConfig:
     """Extra role-name mappings for sharegpt, e.g. {bot: assistant}."""
     cache: bool = True
     """Cache the tokenized dataset (keyed by data, tokenizer and these settings)."""
-    num_proc: Optional[int] = None
+    num_proc: Optional[int] = ranged(None, ge=1, hint="(null = all cores)")
     """Processes for tokenization (default: all cores)."""
 
 
@@ -137,29 +143,29 @@ class DataConfig:
 class TrainConfig:
     """train.*: optimisation, memory savers, checkpoints and logging cadence."""
 
-    max_steps: int = 100
+    max_steps: int = ranged(100, ge=1)
     """Optimizer steps to run."""
-    micro_batch_size: Union[int, Literal["auto"]] = 1
+    micro_batch_size: Union[int, Literal["auto"]] = ranged(1, ge=1, hint="(or auto)")
     """Sequences per forward pass per device; auto = the largest the planner fits in memory."""
-    global_batch_size: int = 8
+    global_batch_size: int = ranged(8, ge=1, le=MAX_GLOBAL_BATCH)
     """Sequences per optimizer step over all devices; gradient accumulation fills the gap."""
-    lr: float = 2e-4
+    lr: float = ranged(2e-4, gt=0, le=1)
     """Peak learning rate."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio."""
-    warmup_steps: int = 10
+    warmup_steps: int = ranged(10, ge=0)
     """Linear warmup steps."""
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, ge=0)
     """Decoupled weight decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, ge=0, hint="(0 disables clipping)")
     """Gradient clipping norm (0 disables)."""
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw"] = "paged_adamw_8bit"
     """Optimizer: bitsandbytes paged/8-bit AdamW variants, or torch AdamW."""
-    seed: int = 42
+    seed: int = ranged(42, ge=0, le=2**32 - 1)
     """Seed for everything: init, data order, dropout."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant) to save memory."""
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = ranged(1024, ge=0, hint="(0 = plain loss)")
     """Compute lm_head + cross-entropy this many tokens at a time, so full fp32 logits never
     exist at once (0 = plain loss)."""
     offload_activations: bool = False
@@ -168,7 +174,7 @@ class TrainConfig:
     """Save less for backward, same gradients: SwiGLU MLPs keep gate and up but not silu(gate)
     (recomputed in backward), and sdpa attention on the CPU keeps k/v unrepeated and one mask for
     all layers. Applies only to modules of the standard form; others keep their own forward."""
-    mlp_tile_size: int = 0
+    mlp_tile_size: int = ranged(0, ge=0, hint="(0 = off)")
     """Run each decoder MLP over the sequence this many tokens at a time, every tile under
     activation checkpointing: only one tile's MLP intermediates (gate/up outputs, 3.5x the hidden
     size on Llama) and their gradients exist at once, with the same results. For long sequences,
@@ -180,17 +186,17 @@ class TrainConfig:
     fragmented more: ~8% more peak RSS measured). Not applied if MALLOC_MMAP_THRESHOLD_ is set."""
     liger: bool = False
     """Use Liger kernels when installed (GPU only)."""
-    router_aux_loss_coef: float = 0.0
+    router_aux_loss_coef: float = ranged(0.0, ge=0)
     """MoE (Mixtral) models: weight of the load-balancing loss on router probabilities (0 = off)."""
-    save_every: int = 0
+    save_every: int = ranged(0, ge=0, hint="(0 = only the final adapter)")
     """Save a resumable checkpoint every N steps (0 = only the final adapter)."""
-    keep_last: Optional[int] = None
+    keep_last: Optional[int] = ranged(None, ge=1, hint="(null keeps every checkpoint)")
     """Keep only the N most recent step checkpoints."""
-    eval_every: int = 0
+    eval_every: int = ranged(0, ge=0, hint="(0 = only at the end)")
     """Validation loss every N steps (0 = only at the end)."""
-    eval_batches: int = 20
+    eval_batches: int = ranged(20, ge=1)
     """Validation micro-batches per evaluation."""
-    log_every: int = 1
+    log_every: int = ranged(1, ge=1)
     """Log metrics every N steps."""
 
 
@@ -200,7 +206,7 @@ class EvalConfig:
 
     suite: Optional[str] = None
     """Eval suite (name from eval/ or a path) scored on the final adapter after training."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = ranged(64, ge=1)
     """Generation length for the suite's generation tasks."""
 
 
@@ -229,15 +235,15 @@ class Config:
     """One line saying what this recipe trains (shown by `finetune recipes`)."""
     out_dir: str = "out/run"
     """Where checkpoints, logs and the final adapter go."""
-    resume: str = "no"
-    """no, auto (latest complete checkpoint in out_dir), or a checkpoint directory."""
+    resume: Union[bool, str] = "no"
+    """no (also false), auto (latest complete checkpoint in out_dir; also yes/true), or a checkpoint directory."""
     overwrite: bool = False
     """Allow training into a non-empty out_dir that is not being resumed (nothing is deleted)."""
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     """Fabric accelerator: auto (cuda when available, else cpu), cpu, cuda (or gpu), mps."""
-    devices: int = 1
+    devices: int = ranged(1, ge=1)
     """Devices (processes) per node."""
-    num_nodes: int = 1
+    num_nodes: int = ranged(1, ge=1)
     """Number of nodes."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """Fabric strategy: auto, ddp, fsdp (shards weights, 4-bit too, over >= 2 processes; needs
@@ -314,6 +320,9 @@ def split_overrides(args: list[str]) -> dict[str, str]:
         key = key.strip().lstrip("-")
         if not sep or not key:
             raise UsageError(f"expected key=value, got '{a}'")
+        if key in out:  # the last would silently win (and a second `+=` drop the first)
+            shown, hint = (f"{key}=", f"; append several at once: {key}=[a,b]") if key.endswith("+") else (key, "")
+            raise UsageError(f"{shown} is given twice ('{out[key]}' and '{value}'){hint}")
         out[key] = value
     return out
 
@@ -350,7 +359,29 @@ def _refused_as(where: str):
     try:
         yield
     except ArgumentError as e:
-        raise UsageError(f"{where}: {' '.join(str(e).split())}") from e
+        raise UsageError(f"{where}: {_plain(' '.join(str(e).split()))}") from e
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false",
+               "list": "a list like [a,b]", "dict": "a mapping like {key: value}", "NoneType": "null"}
+
+
+def _plain(message: str) -> str:
+    """jsonargparse's 'Parser key "train.lr": Expected a <class 'float'>. Got value: fast' in words:
+    'train.lr: expected a finite number, got 'fast''; a Union's refusal names each alternative."""
+    m = re.fullmatch(r"Parser key \"([^\"]+)\": Expected a <class '(\w+)'>\. Got value: (.*)", message)
+    if m and m.group(2) in _TYPE_WORDS:
+        return f"{m.group(1)}: expected {_TYPE_WORDS[m.group(2)]}, got '{m.group(3)}'"
+    m = re.fullmatch(r"Parser key \"([^\"]+)\": Unable to load config '(.*?)'.*", message)
+    if m:
+        return f"{m.group(1)}: expected a mapping like {{key: value}} or a YAML file, got '{m.group(2)}'"
+    m = re.fullmatch(r"Parser key \"([^\"]+)\": Does not validate against any of the Union subtypes "
+                     r"Subtypes: \[(.*?)\] Errors: .* Given value: (.*)", message)
+    if m:
+        alternatives = re.findall(r"<class '(\w+)'>|Literal\[([^\]]*)\]", m.group(2))
+        words = [_TYPE_WORDS.get(cls, cls) if cls else literal for cls, literal in alternatives]
+        return f"{m.group(1)}: expected {' or '.join(words)}, got '{m.group(3)}'"
+    return message
 
 
 def _parse(cls: type, values: dict[str, Any], where: str, base: Optional[Namespace] = None) -> Namespace:
@@ -361,7 +392,9 @@ def _parse(cls: type, values: dict[str, Any], where: str, base: Optional[Namespa
 
 def _instantiate(cls: type, ns: Namespace):
     init = _parser(cls).instantiate_classes(ns)  # nested sections come back as dataclasses
-    return cls(**{f.name: init[f.name] for f in dataclasses.fields(cls)})
+    obj = cls(**{f.name: init[f.name] for f in dataclasses.fields(cls)})
+    check_ranges(obj)  # every built config and sub-command Args: the ranges its fields declare
+    return obj
 
 
 def build(cls: type, values: dict[str, Any], where: str = "command line"):
@@ -383,26 +416,25 @@ def load_config(recipe: Optional[str], overrides: dict[str, Any]) -> Config:
     return cfg
 
 
+RESUME_WORDS = {"no": "no", "false": "no", "off": "no", "auto": "auto", "yes": "auto", "true": "auto", "on": "auto"}
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks jsonargparse cannot express."""
-    t = cfg.train
-    if t.max_steps < 1:
-        raise UsageError(f"train.max_steps must be >= 1, got {t.max_steps}")
-    if isinstance(t.micro_batch_size, int) and t.micro_batch_size < 1:
-        raise UsageError(f"train.micro_batch_size must be >= 1 or auto, got {t.micro_batch_size}")
-    if t.global_batch_size < 1:
-        raise UsageError(f"train.global_batch_size must be >= 1, got {t.global_batch_size}")
-    if cfg.data.seq_len < 8:
-        raise UsageError(f"data.seq_len must be >= 8, got {cfg.data.seq_len}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise UsageError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if t.mlp_tile_size < 0:
-        raise UsageError(f"train.mlp_tile_size must be >= 0 (0 = off), got {t.mlp_tile_size}")
-    if cfg.lora.r < 1:
-        raise UsageError(f"lora.r must be >= 1, got {cfg.lora.r}")
-    if cfg.devices < 1 or cfg.num_nodes < 1:
-        raise UsageError("devices and num_nodes must be >= 1")
-    if cfg.resume not in ("no", "auto") and not Path(cfg.resume).is_dir():
+    """Cross-field checks jsonargparse cannot express (single-field ranges are `ranged` fields)."""
+    # YAML reads no/yes/true/false (recipe files and key=value alike) as booleans: the words mean no / auto.
+    if isinstance(cfg.resume, bool) or str(cfg.resume).lower() in RESUME_WORDS:
+        cfg.resume = RESUME_WORDS[str(cfg.resume).lower()]
+    for key in ("target_modules", "modules_to_save"):
+        if any(not str(name).strip() for name in getattr(cfg.lora, key)):
+            raise UsageError(f"lora.{key} has an empty module name: {getattr(cfg.lora, key)}")
+    from finetune.data.formats import ROLES  # no torch: the data layer's own role names
+
+    bad_role = next((f"{k}: {v}" for k, v in cfg.data.roles.items() if v not in ROLES), None)
+    if bad_role:
+        raise UsageError(f"data.roles maps to a role that does not exist ({bad_role}); roles are {', '.join(ROLES)}")
+    if not cfg.out_dir.strip():
+        raise UsageError("out_dir is empty: give the directory the run writes to, e.g. out_dir=out/my-run")
+    if cfg.resume not in ("no", "auto") and not (str(cfg.resume).strip() and Path(cfg.resume).is_dir()):
         raise UsageError(f"resume: expected no, auto or a checkpoint directory, got '{cfg.resume}'")
 
 

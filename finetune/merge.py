@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from peft import PeftModel
@@ -37,6 +37,7 @@ from finetune.models.adapters import (
 )
 from finetune.models.load import resolve_model_path
 from finetune.portable import portable_config, save_tokenizer
+from finetune.ranges import check_value, parse_size, ranged
 from finetune.runtime import checkpoint_dtype
 
 log = logging.getLogger(__name__)
@@ -62,18 +63,18 @@ class Args:
                     "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"] = "linear"
     """Combination method (peft add_weighted_adapter): linear, cat, svd, ties, ties_svd, dare_linear,
     dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd."""
-    density: Optional[float] = None
+    density: Optional[float] = ranged(None, gt=0, le=1)
     """Fraction of delta entries kept, in (0, 1]; needed by ties*, dare* and magnitude_prune*."""
-    svd_rank: Optional[int] = None
+    svd_rank: Optional[int] = ranged(None, ge=1, hint="(null = the largest input rank)")
     """Rank of the combined adapter for *svd methods (default: the largest input rank)."""
     majority_sign_method: Literal["total", "frequency"] = "total"
     """ties/dare_ties sign election: total or frequency."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=2**32 - 1)
     """Seed for the random pruning of dare* methods."""
     dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = "auto"
     """Dtype of the merged model: auto (the base's), bf16, fp16 or fp32. Merging itself runs in fp32."""
     max_shard_size: str = "2GB"
-    """Largest safetensors shard of the merged model."""
+    """Largest safetensors shard of the merged model: 2GB, 500MiB or a number of bytes."""
     out_dir: str = "out/merged"
     """Where the merged model or combined adapter is written."""
     overwrite: bool = False
@@ -112,7 +113,7 @@ def copy_tokenizer(dest: Path, *sources: str) -> str:
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
-                  max_shard_size: str = "2GB", base: Optional[str] = None) -> Path:
+                  max_shard_size: Union[int, str] = "2GB", base: Optional[str] = None) -> Path:
     """Merge one LoRA adapter into its full-precision base (or `base`) and save a standalone checkpoint."""
     check_out_dir(out_dir, overwrite)
     base_path = resolve_model_path(base) if base else adapter_base_path(adapter_dir)
@@ -187,6 +188,14 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise UsageError(f"weights has {len(weights)} values for {len(adapters)} adapters")
+    for w in weights:
+        check_value("weights", w)  # nan/inf would write all-NaN tensors
+    if not any(weights):
+        raise UsageError(f"weights are all 0 ({weights}): the combined adapter would change nothing")
+    if density is not None and method not in DENSITY_METHODS:
+        raise UsageError(f"density= applies to the ties*, dare* and magnitude_prune* methods, not method={method}")
+    if svd_rank is not None and not method.endswith("svd"):
+        raise UsageError(f"svd_rank= applies to the *svd methods, not method={method}")
     if method in DENSITY_METHODS:
         if density is None:
             raise UsageError(f"method={method} needs density=... (fraction of delta entries kept, e.g. 0.5)")
@@ -196,6 +205,8 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
         raise UsageError(f"majority_sign_method must be total or frequency, got '{majority_sign_method}'")
     check_out_dir(out_dir, overwrite)
     cfgs = check_combinable(adapters, method)
+    if method.endswith("svd"):  # what peft uses when none is given; recorded, so merge_info says what ran
+        svd_rank = svd_rank or max(int(c.get("r") or 0) for c in cfgs)
     base = load_base_full_precision(resolve_model_path(cfgs[0]["base_model_name_or_path"]))
     names = [f"a{i}" for i in range(len(adapters))]
     model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
@@ -229,9 +240,10 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
 def run(args: Args, cfg=None) -> int:
     if bool(args.adapter) == bool(args.adapters):
         raise UsageError("give exactly one of adapter=DIR (merge into the base) or adapters=[A,B,...] (combine)")
+    shard_bytes = parse_size(args.max_shard_size, "max_shard_size")  # before any weight loads
     if args.adapter:
         merge_adapter(args.adapter, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                      max_shard_size=args.max_shard_size, base=args.base)
+                      max_shard_size=shard_bytes, base=args.base)
         print(f"merged model written to {args.out_dir}")
     else:
         if args.base:

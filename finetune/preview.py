@@ -17,15 +17,15 @@ from rich.text import Text
 
 from finetune.data.dump import check_dump_path, dump_examples, unpacked
 from finetune.data.pipeline import prepare
-from finetune.errors import UsageError
 from finetune.models.load import load_tokenizer
+from finetune.ranges import ranged
 
 
 @dataclass
 class Args:
     recipe: Optional[str] = None
     """Recipe whose data section to preview (name from recipes/ or a path); data.* keys override it."""
-    n: int = 3
+    n: int = ranged(3, ge=0)
     """How many rendered training examples to show."""
     dump: Optional[str] = None
     """Write every training example (packing undone) to this file, one JSON object a line:
@@ -45,8 +45,6 @@ def _show_example(console, tokenizer, ids: list[int], labels: list[int], title: 
 
 
 def run(args: Args, cfg) -> int:
-    if args.n < 0:
-        raise UsageError(f"n must be >= 0, got {args.n}")
     if args.dump:
         check_dump_path(args.dump)
     console = Console()

@@ -58,6 +58,8 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
         text = Path(path).read_text()
     except PermissionError:
         raise UsageError(f"cannot read {what} {path}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start}): is it the right file?") from None
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
     try:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from typing import Optional, Union
 
@@ -225,8 +226,14 @@ def inference_device(device: str = "auto") -> str:
     """`device=` of eval and the MoE tools: auto = cuda when visible, else cpu; cuda[:N] must exist."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", device):
+        raise UsageError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{device}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device={device} but no CUDA device is available; use device=cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device=mps but MPS is not available here; use device=cpu")
     return device
 
 

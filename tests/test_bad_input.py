@@ -282,8 +282,8 @@ def test_typo_key_did_you_mean(work, capsys):
 
 
 def test_wrong_value_type(work, capsys):
-    expect_error(train_args(work, "train.lr=fast"), 2, 'command line: Parser key "train.lr"', "float",
-                 "Got value: fast", capsys=capsys, root=work)
+    expect_error(train_args(work, "train.lr=fast"), 2, "command line: train.lr: expected a finite number",
+                 "got 'fast'", capsys=capsys, root=work)
 
 
 def test_value_not_among_choices(work, capsys):

@@ -102,7 +102,7 @@ def test_import_cli_does_not_import_torch():
 @pytest.mark.parametrize("args,expect", [
     (["recipe=nope-recipe"], "unknown recipe"),
     (["recipe=tiny-lora", "train.max_steps=abc"],
-     "command line: Parser key \"train.max_steps\": Expected a <class 'int'>. Got value: abc"),
+     "command line: train.max_steps: expected an integer, got 'abc'"),
     (["recipe=tiny-lora", "quant.mode=nf3"], "command line: quant.mode must be one of none, nf4, int8, got 'nf3'"),
     (["recipe=tiny-lora", "output.loggers=[csv,wandbb]"],
      "output.loggers must be one of csv, tensorboard, wandb, mlflow, got 'wandbb'"),

@@ -33,6 +33,7 @@ from finetune.eval.prompting import (
 from finetune.eval.scorecard import build_scorecard, write_scorecard
 from finetune.eval.suites import load_suite
 from finetune.fs import atomic_write
+from finetune.ranges import ranged
 from finetune.resources import list_resources
 from finetune.runtime import inference_device, inference_dtype
 
@@ -56,11 +57,11 @@ class Args:
     data: Optional[str] = None
     """Replace every task's data: a local file (e.g. ../shared/data/alpaca/alpaca_cleaned_1000.json)
     or a dataset card; the task's format applies."""
-    n: Optional[int] = None
+    n: Optional[int] = ranged(None, ge=1, hint="(null = every row)")
     """Use at most this many rows per task."""
-    max_new_tokens: Optional[int] = None
+    max_new_tokens: Optional[int] = ranged(None, ge=1)
     """Override the suite's generation length."""
-    batch_size: Optional[int] = None
+    batch_size: Optional[int] = ranged(None, ge=1)
     """Override the batch size of loss, choice and generation batches."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda, cuda:1, ..."""

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from finetune.errors import UsageError, did_you_mean
 from finetune.eval.metrics import check_metric
+from finetune.ranges import check_fields, ranged
 from finetune.resources import find_resource, list_resources, read_yaml_mapping
 
 TASK_KEYS = ("name", "data", "format", "split", "subset", "rows", "n", "select", "metrics", "generation",
@@ -38,14 +39,14 @@ SUITE_KEYS = ("name", "description", "tasks")
 
 @dataclass
 class GenerationSpec:
-    max_new_tokens: int = 64
-    batch_size: int = 8
+    max_new_tokens: int = ranged(64, ge=1)
+    batch_size: int = ranged(8, ge=1)
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = ranged(1.0, ge=0)
+    top_p: float = ranged(1.0, gt=0, le=1)
     stop: list[str] = field(default_factory=list)
     """Strings that end an answer early (the text is cut at the first one)."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=2**32 - 1)
 
 
 @dataclass
@@ -60,16 +61,16 @@ class TaskSpec:
     rows: str = "heldout"
     """Training-format data only: heldout = the validation rows training sets aside (same seed and
     val_fraction as the recipe), all = every row."""
-    n: Optional[int] = None
+    n: Optional[int] = ranged(None, ge=1)
     select: str = "head"
     metrics: list[str] = field(default_factory=list)
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     system_prompt: Optional[str] = None
     prompt_style: Optional[str] = None
-    seq_len: int = 1024
-    batch_size: int = 8
+    seq_len: int = ranged(1024, ge=8)
+    batch_size: int = ranged(8, ge=1)
     lm_eval: Optional[str] = None
-    num_fewshot: Optional[int] = None
+    num_fewshot: Optional[int] = ranged(None, ge=0)
 
 
 @dataclass
@@ -162,7 +163,8 @@ def _parse_task(t: Any, i: int, suite_path: Path, where: str) -> TaskSpec:
     except TypeError as e:
         raise UsageError(f"{where}: task {i + 1}: {e}") from None
     if "limit" in t and t["limit"] is not None:
-        spec.n = int(t["limit"])
+        spec.n = t["limit"]
+    check_fields(spec, f"{where}: task {i + 1}")  # types and ranges: YAML gives strings, 0, booleans
     if spec.lm_eval:
         spec.lm_eval = str(spec.lm_eval)
         local = _as_file(spec.lm_eval, suite_path.parent)

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
     """adapter_config.json of a PEFT LoRA adapter dir, with one-line errors for each way it is wrong."""
     d = Path(os.path.expanduser(str(adapter_dir)))
+    if d.exists() and not d.is_dir():
+        hint = f"; the adapter is the folder {d.parent}" if d.name == "adapter_config.json" or d.name.startswith("adapter_model.") else ""
+        raise UsageError(f"{adapter_dir} is a file, not an adapter directory{hint}")
     if not d.is_dir():
         raise UsageError(f"adapter directory not found: {adapter_dir}")
     f = d / "adapter_config.json"
@@ -41,8 +44,10 @@ def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
         raise UsageError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
     try:
         cfg = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
         raise UsageError(f"cannot read {f}: {first_line(e)}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{f} is not a JSON object of adapter settings")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UsageError(f"{adapter_dir}: only LoRA adapters are supported, got peft_type {cfg.get('peft_type')}")
     if not cfg.get("base_model_name_or_path"):

@@ -14,6 +14,7 @@ from finetune.errors import UsageError
 from finetune.moe.build import build_moe
 from finetune.moe.report import routing_report
 from finetune.moe.spec import load_moe_config
+from finetune.ranges import parse_size, ranged
 
 
 @dataclass
@@ -24,16 +25,16 @@ class Args:
     """A MoE checkpoint directory to write a routing report for (instead of building one)."""
     data: Optional[str] = None
     """Report: a json/jsonl file (text, messages, prompt/completion, alpaca or sharegpt rows)."""
-    max_rows: int = 200
+    max_rows: int = ranged(200, ge=1)
     """Report: use at most this many rows of `data`."""
-    max_tokens: int = 512
+    max_tokens: int = ranged(512, ge=1)
     """Report: truncate each row to this many tokens."""
     out_dir: str = "out/moe"
     """Where the MoE checkpoint (or the report's JSON + PNG) is written."""
     overwrite: bool = False
     """Write into an existing non-empty out_dir (files with the same names are replaced)."""
     max_shard_size: str = "2GB"
-    """Largest safetensors shard of the MoE checkpoint."""
+    """Largest safetensors shard of the MoE checkpoint: 2GB, 500MiB or a number of bytes."""
 
 
 def run(args: Args, cfg=None) -> int:
@@ -46,8 +47,9 @@ def run(args: Args, cfg=None) -> int:
                              max_tokens=args.max_tokens, overwrite=args.overwrite)
         print(f"routing report written to {res['json']} and {res['png']}")
         return 0
+    shard_bytes = parse_size(args.max_shard_size, "max_shard_size")
     spec = load_moe_config(args.config)
-    build_moe(spec, args.out_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+    build_moe(spec, args.out_dir, overwrite=args.overwrite, max_shard_size=shard_bytes,
               config_text=Path(args.config).read_text())
     print(f"MoE ({len(spec.experts)} experts, top-{spec.experts_per_token}, gate_mode {spec.gate_mode}) "
           f"written to {args.out_dir}")

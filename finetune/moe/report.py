@@ -31,7 +31,12 @@ def read_rows(path: str, max_rows: Optional[int] = None) -> list:
     p = Path(os.path.expanduser(path))
     if not p.is_file():
         raise UsageError(f"report data file not found: {path}")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"report data {path} is not UTF-8 text (byte {e.start}); give a json/jsonl file") from None
+    except OSError as e:
+        raise UsageError(f"cannot read report data {path}: {e.strerror}") from None
     try:
         if p.suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -41,9 +46,25 @@ def read_rows(path: str, max_rows: Optional[int] = None) -> list:
                 rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: not valid JSON{' lines' if p.suffix == '.jsonl' else ''} ({e})") from None
+    if not isinstance(rows, list):
+        raise UsageError(f"{path} holds a JSON {type(rows).__name__}, not rows (a list, or one object per line)")
     if not rows:
         raise UsageError(f"{path} holds no rows")
     return rows[:max_rows] if max_rows else rows
+
+
+def _check_row(row: dict) -> None:
+    """Refuse a row whose known fields have the wrong form (a number for text, a turn that is no
+    object), naming the field: routing it would fail deep inside the tokenizer."""
+    for key in ("messages", "conversations"):
+        turns = row.get(key)
+        if turns is not None and not (isinstance(turns, list) and all(
+                isinstance(m, dict) and all(isinstance(m.get(f, ""), str) for f in ("role", "content", "from", "value"))
+                for m in turns)):
+            raise UsageError(f"report row field '{key}' must be a list of turns with string fields: {str(turns)[:60]}")
+    for key in ("instruction", "input", "output", "text", "prompt", "completion", "response"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise UsageError(f"report row field '{key}' must be a string, got {type(row[key]).__name__}")
 
 
 def row_text(row, tokenizer) -> str:
@@ -52,6 +73,7 @@ def row_text(row, tokenizer) -> str:
         return row
     if not isinstance(row, dict):
         raise UsageError(f"report rows must be strings or objects, got {type(row).__name__}")
+    _check_row(row)
     messages = None
     if isinstance(row.get("messages"), list):
         messages = row["messages"]

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import UsageError, did_you_mean
+from finetune.ranges import Range, check_value
 from finetune.resources import read_yaml_mapping
 
 SUPPORTED_BASES = ("llama", "mistral")
 GATE_MODES = ["hidden", "cheap_embed", "random", "uniform_random"]  # finetune.moe.gates computes them
 PROMPT_FORMATS = ["raw", "chat"]
+DTYPES = ["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
 
 
 @dataclass
@@ -54,6 +56,32 @@ def _str_list(v, where: str) -> list[str]:
     return list(v)
 
 
+def _number(d: dict, key: str, where: str, rng: Optional[Range] = None) -> Optional[float]:
+    """d[key] as a finite float in `rng` (None when absent): YAML gives strings and booleans too."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UsageError(f"{where}.{key} must be a number, got {v!r}")
+    check_value(f"{where}.{key}", float(v), rng)
+    return float(v)
+
+
+def _integer(d: dict, key: str, where: str, rng: Range) -> int:
+    v = d.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UsageError(f"{where}: {key} must be an integer, got {v!r}")
+    check_value(f"{where}: {key}", v, rng)
+    return v
+
+
+def _flag(d: dict, key: str, where: str) -> bool:
+    v = d.get(key, False)
+    if not isinstance(v, bool):
+        raise UsageError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
+
+
 def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
     """Validate a mergekit-moe style mapping into a MoESpec (one-line UsageErrors)."""
     top = ["base_model", "experts", "gate_mode", "dtype", "experts_per_token", "prompt_format",
@@ -67,6 +95,10 @@ def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
         raise UsageError(f"{where}: architecture must be mixtral, got {data['architecture']}")
     if not data.get("base_model"):
         raise UsageError(f"{where}: base_model is required")
+    if not isinstance(data["base_model"], str):
+        raise UsageError(f"{where}: base_model must be a path or hub id, got {data['base_model']!r}")
+    if data.get("dtype") is not None and str(data["dtype"]) not in DTYPES:
+        raise UsageError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {data['dtype']!r}")
     mode = str(data.get("gate_mode", "hidden"))
     if mode not in GATE_MODES:
         raise UsageError(f"{where}: unknown gate_mode '{mode}'{did_you_mean(mode, GATE_MODES)}")
@@ -87,20 +119,24 @@ def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
                 raise UsageError(f"{where}: experts[{i}]: unknown key '{k}'{did_you_mean(k, keys)}")
         if bool(e.get("source_model")) == bool(e.get("adapter")):
             raise UsageError(f"{where}: experts[{i}] needs exactly one of source_model or adapter")
+        for k in ("source_model", "adapter"):
+            if e.get(k) is not None and not isinstance(e[k], str):
+                raise UsageError(f"{where}: experts[{i}].{k} must be a path or hub id, got {e[k]!r}")
         spec = ExpertSpec(source_model=e.get("source_model"), adapter=e.get("adapter"),
                           positive_prompts=_str_list(e.get("positive_prompts"), f"experts[{i}].positive_prompts"),
                           negative_prompts=_str_list(e.get("negative_prompts"), f"experts[{i}].negative_prompts"),
-                          noise_scale=e.get("noise_scale"), residual_scale=e.get("residual_scale"))
+                          noise_scale=_number(e, "noise_scale", f"{where}: experts[{i}]", Range(ge=0)),
+                          residual_scale=_number(e, "residual_scale", f"{where}: experts[{i}]"))
         if mode in ("hidden", "cheap_embed") and not spec.positive_prompts:
             raise UsageError(f"{where}: experts[{i}] ({spec.name}) has no positive_prompts, "
                              f"which gate_mode {mode} needs (or use gate_mode random)")
         experts.append(spec)
     k = data.get("experts_per_token", 2)
-    if not isinstance(k, int) or not 1 <= k <= len(experts):
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(experts):
         raise UsageError(f"{where}: experts_per_token must be an integer in [1, {len(experts)}], got {k!r}")
     return MoESpec(base_model=str(data["base_model"]), experts=experts, gate_mode=mode, dtype=data.get("dtype"),
-                   experts_per_token=k, prompt_format=fmt, quantize_prompting=bool(data.get("quantize_prompting")),
-                   seed=int(data.get("seed", 0)))
+                   experts_per_token=k, prompt_format=fmt, quantize_prompting=_flag(data, "quantize_prompting", where),
+                   seed=_integer(data, "seed", where, Range(ge=0, le=2**32 - 1)))
 
 
 def load_moe_config(path: str) -> MoESpec:

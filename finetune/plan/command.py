@@ -17,6 +17,7 @@ from rich.table import Table
 from finetune.errors import UsageError
 from finetune.plan.predict import CUDA_CONTEXT_BYTES, GiB, MiB, parse_bytes, report
 from finetune.plan.shapes import model_shape
+from finetune.ranges import check_ranges, ranged
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Args:
     """Memory budget per GPU: 12GiB, 24GB, 16000MiB or a number of bytes."""
     format: Literal["table", "json"] = "table"
     """table (human readable) or json (one object with peak_bytes and the itemised parts)."""
-    slack: float = 0.10
+    slack: float = ranged(0.10, ge=0, lt=1)
     """Allocator slack / fragmentation added on top of what torch allocates, as a fraction."""
     measure: bool = False
     """Also run two real training steps (synthetic packed tokens) on this machine's device, CPU
@@ -72,8 +73,7 @@ def print_table(rep: dict) -> None:
 
 
 def run(args: Args, cfg) -> int:
-    if not 0 <= args.slack < 1:
-        raise UsageError(f"slack: expected a fraction in [0, 1), got {args.slack}")
+    check_ranges(args)  # the CLI built Args checked; this is for Args made in Python
     budget = parse_bytes(args.gpu_memory)
     if args.measure:
         cfg = _measured_device_cfg(cfg)

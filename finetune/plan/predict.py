@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from finetune.errors import UsageError
 from finetune.plan.moe import moe_parts
 from finetune.plan.shapes import Shape, model_shape
+from finetune.ranges import parse_size
 
 GiB = 1024**3
 MiB = 1024**2
@@ -75,14 +75,8 @@ class Plan:
 
 
 def parse_bytes(text: str) -> int:
-    """'12GiB' -> 12*2**30, '24GB' -> 24e9, '16000MiB', '1e10' (bytes)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", str(text), re.I)
-    if not m:
-        raise UsageError(f"gpu_memory: expected a size like 12GiB or 24GB, got '{text}'")
-    unit = (m.group(2) or "b").lower().rstrip("b") or "b"
-    scale = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
-             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
+    """'12GiB' -> 12*2**30, '24GB' -> 24e9, '16000MiB', '1e10' (bytes): finetune.ranges.parse_size."""
+    return parse_size(text, "gpu_memory")
 
 
 def _targets(cfg) -> set[str]:

@@ -39,6 +39,7 @@ from finetune.training import checkpoint, report
 from finetune.training.build import build_step, lr_lambda
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
 from finetune.training.logs import log_config, logger_flush, make_loggers, plot_losses
+from finetune.training.preflight import check_run
 from finetune.training.progress import TrainProgress
 from finetune.training.state import RunState, Saver, resume_source
 
@@ -76,6 +77,7 @@ def _preflight(cfg: Config) -> None:
     After launch, a mistake seen by rank 0 alone would leave the other ranks waiting in a
     collective until the store times out; before it, no rank has started and nothing is written.
     """
+    check_run(cfg)  # launcher, loggers, the model's context: before data, model and out_dir
     if cfg.resume != "auto":  # auto repairs out_dir: rank 0 alone does that, after launch
         resume_source(cfg.out_dir, cfg.resume, cfg.overwrite)
     if cfg.train.micro_batch_size != "auto" and cfg.devices > 0:

@@ -1,0 +1,123 @@
+"""Checks of a run's settings against this machine and the model, before any work starts.
+
+`finetune.config` checks what a setting can be on its own (ranges, choices, types). What needs
+more than the config: the model's context length (its config.json, not its weights), whether the
+loggers asked for can be imported, and whether a multi-node run has a launcher to start the
+other nodes' processes. Each failure is one UsageError line, raised before data preparation,
+model loading or anything written to out_dir; every process that becomes a rank runs them, so
+none of them is left waiting for a rank that refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+from finetune.config import Config
+from finetune.errors import UsageError
+
+
+def check_run(cfg: Config) -> None:
+    check_device(cfg)
+    check_launch(cfg)
+    check_loggers(cfg)
+    check_context(cfg)
+
+
+# --------------------------------------------------------------------------- devices and launcher
+
+
+def check_device(cfg: Config) -> None:
+    """The accelerator exists here, with as many GPUs as `devices` asks for (Fabric's own refusals
+    are multi-line library errors)."""
+    import torch
+
+    from finetune.runtime import default_device
+
+    device = default_device(cfg.accelerator)
+    if device.type == "cuda" and cfg.devices > torch.cuda.device_count():
+        raise UsageError(f"devices={cfg.devices} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and cfg.devices > 1:
+        raise UsageError(f"devices={cfg.devices} but MPS is one device; use devices=1")
+
+
+LAUNCH_HELP = ("start one process per device on every node with a launcher: torchrun --nnodes={n} "
+               "--nproc-per-node={d} --rdzv-endpoint=HOST:29500 -m finetune.cli ..., or srun under SLURM "
+               "(docs/scale-out.md)")
+
+
+def check_launch(cfg: Config) -> None:
+    """num_nodes > 1 needs the other nodes' processes started by a launcher; Fabric alone starts
+    only this node's, and they would wait for the rest forever."""
+    if cfg.num_nodes > 1 and _launcher() is None:
+        raise UsageError(f"num_nodes={cfg.num_nodes} but no launcher started this process, so the other "
+                         f"node(s) would never join: " + LAUNCH_HELP.format(n=cfg.num_nodes, d=cfg.devices))
+
+
+def _launcher() -> Optional[str]:
+    """The cluster environment Fabric would use (its own detection), or None for a plain process."""
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    for env in (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, MPIEnvironment):
+        if env.detect():
+            return env.__name__
+    # Lightning's own environment: each node started by hand with NODE_RANK and MASTER_ADDR set.
+    if os.environ.get("NODE_RANK") and os.environ.get("MASTER_ADDR"):
+        return "LightningEnvironment"
+    return None
+
+
+# --------------------------------------------------------------------------- loggers
+
+LOGGER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_loggers(cfg: Config) -> None:
+    for name in cfg.output.loggers:
+        modules = LOGGER_MODULES.get(name, ())
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise UsageError(f"output.loggers has {name} but {modules[0]} is not installed "
+                             f"(pip install {modules[0]}), or drop it: output.loggers=[csv]")
+
+
+# --------------------------------------------------------------------------- model context
+
+
+def model_context(model_config) -> Optional[int]:
+    """Tokens the model's positions are trained for: max_position_embeddings, times the RoPE
+    scaling factor when the config scales beyond it (linear/dynamic/yarn without an
+    original_max_position_embeddings, i.e. max_position_embeddings is the unscaled length)."""
+    ctx = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(ctx, int) or ctx <= 0:
+        return None
+    scaling = getattr(model_config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("linear", "dynamic", "yarn") and "original_max_position_embeddings" not in scaling:
+        ctx = int(ctx * float(scaling.get("factor", 1.0)))
+    return ctx
+
+
+def check_context(cfg: Config) -> None:
+    """data.seq_len within the model's context: past it the positions were never trained and the
+    loss is nonsense. Reads config.json only (from the hub cache or the hub for a hub id)."""
+    from transformers import AutoConfig
+
+    from finetune.models.load import hub_kwargs, loading_errors, resolve_model_path
+
+    path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    local = cfg.model.name.strip().lower() == "tiny" or os.path.isdir(os.path.expanduser(cfg.model.name))
+    if cfg.model.revision and local:  # from_pretrained would ignore it: not the revision asked for
+        raise UsageError(f"model.revision={cfg.model.revision} applies to hub ids, but {cfg.model.name} is a local "
+                         "model; drop model.revision")
+    with loading_errors(cfg.model.name, cfg.model.revision):
+        model_config = AutoConfig.from_pretrained(path, **hub_kwargs(cfg.model.revision, cfg.model.trust_remote_code))
+    ctx = model_context(model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config)
+    if ctx is not None and cfg.data.seq_len > ctx:
+        raise UsageError(f"data.seq_len={cfg.data.seq_len} is past the context of {cfg.model.name} ({ctx} tokens, "
+                         f"max_position_embeddings in its config.json); use data.seq_len<={ctx}")
