@@ -36,9 +36,12 @@ def train(config: "Config | str", **overrides):
     from finetune.eval.run import run_suite_after_training
     from finetune.training import train as train_adapter
 
+    from finetune.fs import out_dir_lock
+
     if isinstance(config, str):
         config = load_config(config, overrides)
-    final_dir = train_adapter(config)
-    if final_dir is not None and config.eval.suite:
-        run_suite_after_training(config.eval.suite, final_dir, Path(config.out_dir) / "eval", cfg=config)
+    with out_dir_lock(config.out_dir):  # held through the eval suite, which writes out_dir/eval
+        final_dir = train_adapter(config)
+        if final_dir is not None and config.eval.suite:
+            run_suite_after_training(config.eval.suite, final_dir, Path(config.out_dir) / "eval", cfg=config)
     return final_dir
