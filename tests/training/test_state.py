@@ -107,6 +107,10 @@ def test_resume_path_into_another_nonempty_out_dir_is_refused(tmp_path, model):
     (elsewhere / "f").write_text("x")
     with pytest.raises(UsageError, match="is not empty; .* is not one of its checkpoints"):
         resume_source(elsewhere, str(p), False)
+    with pytest.raises(UsageError, match="holds files finetune did not write: f;"):  # user files
+        resume_source(elsewhere, str(p), True)
+    (elsewhere / "f").unlink()
+    (elsewhere / "logs").mkdir()  # another run's folder, overwrite=true: allowed
     assert resume_source(elsewhere, str(p), True) == p
     assert resume_source(tmp_path / "fresh", str(p), False) == p
 
