@@ -162,3 +162,14 @@ def test_unwritable_home_names_finetune_cache(tmp_path, capsys, monkeypatch):
     err = expect_error(train_args(tmp_path, f"out_dir={tmp_path / 'out'}"), 2, "is not writable",
                        "set FINETUNE_CACHE to a writable directory", capsys=capsys, root=tmp_path)
     assert str(tmp_path / "home") in err
+
+
+def test_relative_finetune_cache_gives_adapters_an_absolute_base_path(tmp_path, capsys, monkeypatch):
+    from test_bad_input import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINETUNE_CACHE", "cache")
+    rc, _, err = run_cli(train_args(tmp_path, "output.plot=false"), capsys)
+    assert rc == 0, err
+    base = json.loads((tmp_path / "out" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and Path(base).is_relative_to(tmp_path / "cache"), base
