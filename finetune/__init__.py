@@ -37,11 +37,14 @@ def train(config: "Config | str", **overrides):
     from finetune.eval.suites import load_suite
     from finetune.training import train as train_adapter
 
+    from finetune.fs import out_dir_lock
+
     if isinstance(config, str):
         config = load_config(config, overrides)
     if config.eval.suite:  # a bad suite is refused now, not after hours of training
         load_suite(config.eval.suite, max_new_tokens=config.eval.max_new_tokens)
-    final_dir = train_adapter(config)
-    if final_dir is not None and config.eval.suite:
-        run_suite_after_training(config.eval.suite, final_dir, Path(config.out_dir) / "eval", cfg=config)
+    with out_dir_lock(config.out_dir):  # held through the eval suite, which writes out_dir/eval
+        final_dir = train_adapter(config)
+        if final_dir is not None and config.eval.suite:
+            run_suite_after_training(config.eval.suite, final_dir, Path(config.out_dir) / "eval", cfg=config)
     return final_dir

@@ -20,6 +20,7 @@ from jsonargparse import DefaultHelpFormatter
 
 from finetune.config import Config, build, field_paths, load_config, make_parser, split_overrides, to_yaml
 from finetune.errors import FinetuneError, UsageError, did_you_mean
+from finetune.fs import cache_error
 from finetune.resources import find_resource, list_resources, read_yaml_mapping
 
 # name -> (module, one-line description). Each module defines `Args` and `run(args, cfg)`.
@@ -168,6 +169,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as e:  # not a refusal of ours: still one line, worded as what it is
         if debug:
             raise
+        cache_problem = cache_error(e)  # e.g. an unwritable HOME: a setting to change, not a bug
+        if cache_problem:
+            print(f"error: {cache_problem}", file=sys.stderr)
+            sys.exit(2)
         print(f"error: {_unexpected(e)}", file=sys.stderr)
         code = 1
     sys.exit(code)

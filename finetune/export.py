@@ -117,7 +117,7 @@ def modelfile(gguf_name: str, chat_template: Optional[str], eos: Optional[str], 
     """The Ollama Modelfile text for `gguf_name` (in the same directory); `system` is the default
     system prompt (the one the adapter was trained with)."""
     fmt = chat_format(chat_template)
-    lines = [f"# Ollama: ollama create NAME -f Modelfile (in this directory), then ollama run NAME",
+    lines = ["# Ollama: ollama create NAME -f Modelfile (in this directory), then ollama run NAME",
              f"FROM ./{gguf_name}"]
     stops: list[str] = []
     if fmt:

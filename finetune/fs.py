@@ -9,12 +9,17 @@ everything else a command writes goes through `atomic_out_dir` (a directory of o
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterable, Iterator, Optional, Union
 
 from finetune.errors import UsageError
 
@@ -22,10 +27,27 @@ log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
-    """Where converted/generated models are cached: $FINETUNE_CACHE or ~/.cache/finetune."""
+    """Where converted/generated models are cached: $FINETUNE_CACHE or ~/.cache/finetune.
+
+    Always absolute: adapters record the base's path, and a relative one would only resolve from
+    the directory the run happened to start in."""
     root = os.environ.get("FINETUNE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "finetune")
-    return Path(root)
+    return Path(os.path.abspath(os.path.expanduser(root)))
+
+
+def cache_error(e: BaseException) -> Optional[str]:
+    """The one line for an OSError raised while writing under the cache root (say an unwritable
+    HOME), naming the setting that moves it; None for any other error."""
+    name = getattr(e, "filename", None)
+    if not isinstance(e, OSError) or not name:
+        return None
+    root = cache_root()
+    if not (Path(os.path.abspath(str(name))) == root or root in Path(os.path.abspath(str(name))).parents
+            or Path(os.path.abspath(str(name))) in root.parents):
+        return None
+    return (f"cache directory {root} is not writable ({e.strerror or type(e).__name__}: {name}); "
+            "set FINETUNE_CACHE to a writable directory")
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool,
@@ -38,9 +60,138 @@ def check_out_dir(out_dir: str | Path, overwrite: bool,
     out = Path(os.path.expanduser(str(out_dir)))
     if out.exists() and not out.is_dir():
         raise UsageError(f"out_dir {out_dir} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         raise UsageError(f"out_dir {out_dir} is not empty; {hint}")
     return out
+
+
+# --------------------------------------------------------------------------- one run per out_dir
+
+LOCK_NAME = ".finetune.lock"
+_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth
+
+
+def _launcher_rank0() -> bool:
+    """True in the process that becomes global rank 0 (or runs alone): the one that locks.
+    Processes started by a launcher (Lightning's, torchrun) carry their rank in the environment."""
+    for var in ("RANK", "NODE_RANK", "LOCAL_RANK"):
+        value = os.environ.get(var, "0")
+        if value.isdigit() and int(value) > 0:
+            return False
+    return True
+
+
+def _make_dir(out: Path, out_dir) -> bool:
+    """Create out (and parents) as a command would; one line instead of a raw OSError. True if created."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out_dir {out_dir} exists and is not a directory")
+    if out.is_dir():
+        return False
+    try:
+        out.mkdir(parents=True)
+    except OSError as e:
+        raise UsageError(f"out_dir {out_dir} cannot be created: {e.strerror or e}") from None
+    return True
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: Union[str, Path]) -> Iterator[Path]:
+    """Hold an exclusive lock on out_dir for as long as the block runs: one run per out_dir.
+
+    A flock on out_dir/.finetune.lock, which the kernel releases when the process ends however it
+    ends (kill -9 too), so a stale lock file never blocks anyone. A second run is refused (exit 2)
+    naming the holder. Creating the lock file is also the check that out_dir is creatable and
+    writable, before any data or model is loaded. Nested calls in one process share the lock;
+    processes of a multi-process run other than rank 0 do not lock (rank 0 holds it for them).
+    """
+    out = Path(os.path.expanduser(str(out_dir)))
+    path = out / LOCK_NAME
+    key = os.path.abspath(path)
+    if not _launcher_rank0() or key in _HELD:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield out
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    created_dir = _make_dir(out, out_dir)
+    fd, created_file = _acquire(path, out_dir)
+    _HELD[key] = 1
+    try:
+        yield out
+    finally:
+        del _HELD[key]
+        # Our own lock file goes (while still locked; a process that opened it meanwhile sees the
+        # inode change and retries), and so does an out_dir that this block created and left empty.
+        with contextlib.suppress(OSError):
+            if created_file:
+                path.unlink()
+            if created_dir and not any(out.iterdir()):
+                out.rmdir()
+        os.close(fd)
+
+
+def _acquire(path: Path, out_dir) -> tuple[int, bool]:
+    while True:
+        existed = path.exists()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, _umask_mode(0o666))
+        except OSError as e:
+            raise UsageError(f"out_dir {out_dir} is not writable: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise UsageError(f"out_dir {out_dir}: cannot lock {path}: {e.strerror or e}") from None
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
+            os.close(fd)
+            raise UsageError(f"out_dir {out_dir} is in use by another run ({holder}); wait for it to end "
+                             "or choose another out_dir") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed it between our open and flock: take the new one
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+    return fd, not existed
+
+
+def foreign_files(out_dir: Union[str, Path], own: "callable") -> list[str]:
+    """Names in out_dir that `own(name)` does not claim (sorted): files some other program or
+    person put there, which resume=auto / overwrite=true must not train into."""
+    out = Path(os.path.expanduser(str(out_dir)))
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not own(p.name))
+
+
+def check_apart(out_dir: Union[str, Path], inputs: Iterable[tuple[str, Optional[Union[str, Path]]]]) -> None:
+    """Refuse an output that is, contains or is inside one of the command's inputs, overwrite or
+    not: writing there would replace (or bury) what the command reads. `inputs` are (what, path)
+    pairs; hub ids and other paths that do not exist here are not local inputs and are skipped."""
+    out = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
+    out_real = Path(os.path.realpath(out))
+    for what, path in inputs:
+        if not path or not os.path.exists(os.path.expanduser(str(path))):
+            continue
+        p = Path(os.path.realpath(os.path.expanduser(str(path))))
+        if p == out_real:
+            rel = "is"
+        elif p in out_real.parents:
+            rel = "is inside"
+        elif out_real in p.parents:
+            rel = "contains"
+        else:
+            continue
+        raise UsageError(f"out_dir {out_dir} {rel} the {what} {path}; write outputs apart from the inputs "
+                         "(overwrite=true does not change this)")
 
 
 def _umask_mode(full: int) -> int:
@@ -70,10 +221,16 @@ def atomic_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Iterator[Path]
     other user files left alone) since a directory cannot be atomically swapped over a non-empty one.
     """
     out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _make_dir(out.parent, out.parent)
+    prefix = f".{out.name}.tmp-"
+    sweep_stale_dirs(out.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    # Locked while we write: a later command sweeps it only once we are gone (flock ends with us).
+    held = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
     try:
-        yield tmp
+        with _sigterm_unwinds():
+            yield tmp
         follow_umask(tmp)
         if not out.exists() or not any(out.iterdir()):
             if out.exists():
@@ -92,6 +249,53 @@ def atomic_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Iterator[Path]
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        os.close(held)
+
+
+def sweep_stale_dirs(parent: Path, prefix: str) -> list[str]:
+    """Remove `prefix*` temp dirs in parent that no live writer holds (their flock is free): what
+    a killed command left behind, e.g. a half-written 14 GB merge. Returns the removed names."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in sorted(parent.iterdir()):
+        if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live writer holds it
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed leftovers of an interrupted write in %s: %s", parent, ", ".join(removed))
+    return removed
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM inside the block raises SystemExit(143), so `finally` clauses (the temp dir's
+    removal) run instead of the process vanishing mid-write."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from finetune.errors import FinetuneError, UsageError, did_you_mean
-from finetune.fs import atomic_out_dir, check_out_dir
+from finetune.fs import atomic_out_dir, check_apart, check_out_dir
 from finetune.models.adapters import (
     adapter_shapes,
     check_adapter_fits,
@@ -117,6 +117,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     """Merge one LoRA adapter into its full-precision base (or `base`) and save a standalone checkpoint."""
     check_out_dir(out_dir, overwrite)
     base_path = resolve_model_path(base) if base else adapter_base_path(adapter_dir)
+    check_apart(out_dir, [("adapter", adapter_dir), ("base model", base_path)])
     base = load_base_full_precision(base_path)
     out_dtype = checkpoint_dtype(dtype, base.config)
     check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
@@ -204,9 +205,11 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
     if majority_sign_method not in ("total", "frequency"):
         raise UsageError(f"majority_sign_method must be total or frequency, got '{majority_sign_method}'")
     check_out_dir(out_dir, overwrite)
+    check_apart(out_dir, [("adapter", a) for a in adapters])
     cfgs = check_combinable(adapters, method)
     if method.endswith("svd"):  # what peft uses when none is given; recorded, so merge_info says what ran
         svd_rank = svd_rank or max(int(c.get("r") or 0) for c in cfgs)
+    check_apart(out_dir, [("base model", resolve_model_path(cfgs[0]["base_model_name_or_path"]))])
     base = load_base_full_precision(resolve_model_path(cfgs[0]["base_model_name_or_path"]))
     names = [f"a{i}" for i in range(len(adapters))]
     model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])

@@ -32,7 +32,7 @@ from finetune.eval.prompting import (
 )
 from finetune.eval.scorecard import build_scorecard, write_scorecard
 from finetune.eval.suites import load_suite
-from finetune.fs import atomic_write
+from finetune.fs import atomic_write, check_apart
 from finetune.ranges import ranged
 from finetune.resources import list_resources
 from finetune.runtime import inference_device, inference_dtype
@@ -111,7 +111,9 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         for t in suite.tasks:
             t.batch_size = t.generation.batch_size = batch_size
+    check_apart(out_dir, [("model", m) for m in models] + [("data file", data), ("base model", base_model)])
     ckpts = resolve_checkpoints(list(models), base_model, base=base)
+    check_apart(out_dir, [("model", str(c.path)) for c in ckpts])
     check_adapters_fit(ckpts)
     out = Path(out_dir)
     # Not finetune.fs.check_out_dir: eval's out_dir (a run's eval/, say) may hold other files;

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import UsageError
+from finetune.fs import check_apart
 from finetune.moe.build import build_moe
 from finetune.moe.report import routing_report
 from finetune.moe.spec import load_moe_config
@@ -43,12 +44,15 @@ def run(args: Args, cfg=None) -> int:
     if args.report:
         if not args.data:
             raise UsageError("report= needs data=FILE (json/jsonl rows to route)")
+        check_apart(args.out_dir, [("MoE model", args.report), ("data file", args.data)])
         res = routing_report(args.report, args.data, args.out_dir, max_rows=args.max_rows,
                              max_tokens=args.max_tokens, overwrite=args.overwrite)
         print(f"routing report written to {res['json']} and {res['png']}")
         return 0
     shard_bytes = parse_size(args.max_shard_size, "max_shard_size")
     spec = load_moe_config(args.config)
+    check_apart(args.out_dir, [("MoE config", args.config), ("base model", spec.base_model)]
+                + [("expert", e.adapter or e.source_model) for e in spec.experts])
     build_moe(spec, args.out_dir, overwrite=args.overwrite, max_shard_size=shard_bytes,
               config_text=Path(args.config).read_text())
     print(f"MoE ({len(spec.experts)} experts, top-{spec.experts_per_token}, gate_mode {spec.gate_mode}) "

@@ -374,6 +374,19 @@ def latest_checkpoint(out_dir: Path | str, quiet: bool = False) -> Optional[Path
     return None
 
 
+def saved_step(path: Path | str) -> Optional[int]:
+    """The step a complete checkpoint was saved at (its manifest records it), or None."""
+    path = Path(path)
+    m = STEP_RE.match(path.name)
+    if m:
+        return int(m.group(1))
+    try:
+        step = json.loads((path / MANIFEST).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(step) if isinstance(step, int) else None
+
+
 def prune(out_dir: Path | str, keep_last: Optional[int]) -> list[Path]:
     """Delete all but the newest `keep_last` complete step-* dirs (call it after a save);
     returns what was removed.

@@ -32,10 +32,11 @@ from transformers.utils import logging as hf_logging
 from finetune.config import Config, gradient_accumulation
 from finetune.data import BatchStream, collate, prepare
 from finetune.errors import FinetuneError
+from finetune.fs import check_apart, out_dir_lock
 from finetune.models.adapters import serving_note
 from finetune.models.load import load_tokenizer
 from finetune.runtime import resolve_precision
-from finetune.training import checkpoint, report
+from finetune.training import checkpoint, report, resume
 from finetune.training.build import build_step, lr_lambda
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
 from finetune.training.logs import log_config, logger_flush, make_loggers, plot_losses
@@ -52,12 +53,13 @@ def train(cfg: Config) -> Optional[Path]:
     The model, optimizer and data are released before it returns (and the GPU cache emptied), so
     the caller can load other models, e.g. to evaluate the adapter it just saved.
     """
-    _preflight(cfg)
-    fabric = make_fabric(cfg)
-    fabric.launch()
-    final_dir = main(fabric, cfg).final_dir
-    rank0 = fabric.global_rank == 0
-    del fabric
+    with out_dir_lock(cfg.out_dir):  # one run per out_dir, from before data and model load to the end
+        _preflight(cfg)
+        fabric = make_fabric(cfg)
+        fabric.launch()
+        final_dir = main(fabric, cfg).final_dir
+        rank0 = fabric.global_rank == 0
+        del fabric
     gc.collect()  # peft and transformers modules hold reference cycles: free them now, not later
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
@@ -78,10 +80,17 @@ def _preflight(cfg: Config) -> None:
     collective until the store times out; before it, no rank has started and nothing is written.
     """
     check_run(cfg)  # launcher, loggers, the model's context: before data, model and out_dir
+    check_apart(cfg.out_dir, training_inputs(cfg))
     if cfg.resume != "auto":  # auto repairs out_dir: rank 0 alone does that, after launch
         resume_source(cfg.out_dir, cfg.resume, cfg.overwrite)
     if cfg.train.micro_batch_size != "auto" and cfg.devices > 0:
         gradient_accumulation(cfg, cfg.devices * cfg.num_nodes, int(cfg.train.micro_batch_size))
+
+
+def training_inputs(cfg: Config) -> list[tuple[str, Optional[str]]]:
+    """What a run reads from disk, which its out_dir must keep apart from (fs.check_apart)."""
+    return [("base model", cfg.model.name), ("dataset file", cfg.data.path),
+            ("validation file", cfg.data.val_path), ("dataset card", cfg.data.card)]
 
 
 @dataclass
@@ -100,8 +109,18 @@ def main(fabric, cfg: Config) -> TrainResult:
     # Rank 0 alone repairs out_dir and picks the checkpoint; the others must not look while it does.
     resume_from = fabric.broadcast(resume_source(out_dir, cfg.resume, cfg.overwrite) if rank0 else None)
     if resume_from is not None and resume_from.name == "final":
-        fabric.print(f"{final_dir} is already complete; nothing to resume. Use a new out_dir to train again.")
-        return TrainResult(final_dir)
+        done = checkpoint.saved_step(resume_from)
+        if done is None or done >= cfg.train.max_steps:
+            fabric.print(f"{final_dir} is already complete ({done} steps); nothing to resume. Raise "
+                         "train.max_steps to train on, or use a new out_dir to train again.")
+            return TrainResult(final_dir)
+        fabric.print(f"{final_dir} has {done} steps; continuing to train.max_steps={cfg.train.max_steps}")
+    # Every rank reads the same files, so all refuse together (one rank alone would leave the
+    # others waiting in a collective).
+    changes = resume.schedule_changes(resume_from, cfg) if resume_from is not None else {}
+    if changes:
+        fabric.print(f"resume: applying changed schedule from step {checkpoint.saved_step(resume_from)}: "
+                     f"{resume.describe(changes)} (recorded in config.yaml)")
     if cfg.model.trust_remote_code:
         fabric.print("warning: model.trust_remote_code=true: running model code shipped with the checkpoint")
 
@@ -140,21 +159,40 @@ def main(fabric, cfg: Config) -> TrainResult:
     state = RunState()
     saver = Saver(fabric, cfg, step.model, tokenizer, lossmod, optimizer, scheduler, ckpt_state)
     if resume_from is not None:
-        saver.restore(resume_from, state)
+        saver.restore(resume_from, state, changes)
         fabric.print(f"resumed from {resume_from} at step {state.step}")
 
     fabric.print(f"training {n_trainable:,} parameters; {fabric.world_size} process(es), "
                  f"micro-batch {micro} x accumulation {accum} x {fabric.world_size} = global {cfg.train.global_batch_size}")
-    fit(fabric, cfg, lossmod, optimizer, scheduler, stream, val_batches, state, saver)
-    fabric.print(report.peak_memory_line(cfg, fabric.device, micro))
-
-    saver.save(final_dir, state)
-    if rank0:
-        if cfg.output.plot:
-            plot_losses(state, out_dir / "loss.png")
-        fabric.print(f"saved adapter to {final_dir}")
-        _print_if(fabric, serving_note(final_dir))
+    # SIGINT/SIGTERM from the first step to the final save: the run stops at a checkpoint.
+    with _StopRequest() as stop:
+        fit(fabric, cfg, lossmod, optimizer, scheduler, stream, val_batches, state, saver, stop)
+        fabric.print(report.peak_memory_line(cfg, fabric.device, micro))
+        saver.save(final_dir, state)
+        if rank0:
+            if cfg.output.plot:
+                plot_losses(state, out_dir / "loss.png")
+            fabric.print(f"saved adapter to {final_dir}")
+            _print_if(fabric, serving_note(final_dir))
+        if _stopping(fabric, stop):  # asked to stop while the final adapter was saved: it is complete
+            _exit_on_signal(fabric, stop, f"the final adapter {final_dir} is complete", hint=False)
     return TrainResult(final_dir, step.model, state)
+
+
+def _stopping(fabric, stop) -> bool:
+    stopping = stop.signal is not None
+    if fabric.world_size > 1:  # ranks may get the signal a step apart; all must stop at the same one
+        flag = torch.tensor(int(stopping), device=fabric.device)
+        stopping = fabric.all_reduce(flag, reduce_op="sum").item() > 0
+    return stopping
+
+
+def _exit_on_signal(fabric, stop, what: str, hint: bool = True) -> None:
+    sig = stop.signal or signal.SIGTERM
+    logger_flush(fabric)  # the CSV logger buffers rows in memory: write them before exiting
+    fabric.print(f"\n{signal.Signals(sig).name} received: {what}."
+                 + (" Resume with the same command plus resume=auto." if hint else ""))
+    sys.exit(130 if sig == signal.SIGINT else 143)
 
 
 def _print_if(fabric, line: Optional[str]) -> None:
@@ -165,16 +203,19 @@ def _print_if(fabric, line: Optional[str]) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches, state: RunState, saver: Saver):
+def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches, state: RunState, saver: Saver,
+        stop: "_StopRequest"):
     """Train from state.step to train.max_steps: one optimizer step per iteration, validation and
-    checkpoints on their schedules, a clean save-and-exit on SIGINT/SIGTERM."""
+    checkpoints on their schedules, a clean save-and-exit on SIGINT/SIGTERM (`stop`), also during
+    the final validation."""
     t = cfg.train
     out_dir = Path(cfg.out_dir)
     rank0 = fabric.global_rank == 0
     progress = TrainProgress(total=t.max_steps, start=state.step, enabled=rank0 and cfg.output.progress)
     window_tokens, window_start = 0, time.perf_counter()
 
-    with _StopRequest() as stop, progress:
+    saved_at = None
+    with progress:
         while state.step < t.max_steps:
             micro_batches = stream.step_batches(state.step)
             # Normalise by the trained tokens of the whole step on all ranks, counted up front.
@@ -218,20 +259,18 @@ def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches,
                 _validate(fabric, lossmod, val_batches, state, progress)
             if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
                 saver.save_step(state)
-            stopping = stop.signal is not None
-            if fabric.world_size > 1:  # ranks may get the signal a step apart; all must stop at the same one
-                flag = torch.tensor(int(stopping), device=fabric.device)
-                stopping = fabric.all_reduce(flag, reduce_op="sum").item() > 0
-            if stopping and state.step < t.max_steps:
-                path = saver.save_step(state)
-                sig = stop.signal or signal.SIGTERM
-                logger_flush(fabric)  # the CSV logger buffers rows in memory: write them before exiting
-                fabric.print(f"\n{signal.Signals(sig).name} received: saved {path} at step {state.step}. "
-                             f"Resume with the same command plus resume=auto.")
-                sys.exit(130 if sig == signal.SIGINT else 143)
+                saved_at = state.step
+            if state.step < t.max_steps and _stopping(fabric, stop):
+                path = checkpoint.step_dir(cfg.out_dir, state.step)
+                if saved_at != state.step:
+                    path = saver.save_step(state)
+                _exit_on_signal(fabric, stop, f"saved {path} at step {state.step}")
 
     if val_batches is not None:
         _validate(fabric, lossmod, val_batches, state, progress)
+    if _stopping(fabric, stop):  # after the last step: keep it as a checkpoint; resume validates and saves final
+        path = saver.save_step(state)
+        _exit_on_signal(fabric, stop, f"saved {path} at step {state.step} (the last; final/ not written yet)")
     logger_flush(fabric)
 
 

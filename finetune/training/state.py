@@ -19,8 +19,8 @@ from torch import nn
 
 from finetune.config import Config, to_yaml
 from finetune.errors import UsageError
-from finetune.fs import check_out_dir
-from finetune.training import checkpoint
+from finetune.fs import check_out_dir, foreign_files
+from finetune.training import checkpoint, resume
 from finetune.training.distributed import CheckpointState
 
 # What a refusal to train into a non-empty out_dir suggests.
@@ -31,8 +31,9 @@ def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional
     """The checkpoint a run continues from, or None to start at step 0.
 
     - resume=no: a fresh run; a non-empty out_dir is refused unless overwrite=true.
-    - resume=auto: out_dir/final when it is complete (nothing is left to train), else the newest
-      complete step checkpoint in out_dir, else None. First finishes or undoes a save that a kill
+    - resume=auto: out_dir/final when it is complete and no step checkpoint is newer (the caller
+      trains on from it when train.max_steps grew), else the newest complete step checkpoint in
+      out_dir, else None. Refuses an out_dir holding files a run did not write. First finishes or undoes a save that a kill
       interrupted, so only rank 0 calls it, after launch.
     - resume=PATH: that checkpoint, which must be complete and hold training state; into a
       non-empty out_dir only when it is one of out_dir's own checkpoints or with overwrite=true.
@@ -43,11 +44,17 @@ def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional
     out_dir = Path(out_dir)
     if resume == "no":
         check_out_dir(out_dir, overwrite, hint=RESUME_HINT)
+        check_run_dir(out_dir)
         return None
     if resume == "auto":
+        check_run_dir(out_dir)
         checkpoint.recover(out_dir)
-        final = out_dir / "final"
-        return final if checkpoint.is_complete(final) else checkpoint.latest_checkpoint(out_dir)
+        final, latest = out_dir / "final", checkpoint.latest_checkpoint(out_dir)
+        # A run extended past its final/ (larger train.max_steps) may have newer step checkpoints.
+        done = checkpoint.saved_step(final)
+        if checkpoint.is_complete(final) and (latest is None or done is None or checkpoint.saved_step(latest) <= done):
+            return final
+        return latest
     path = Path(resume)
     if not checkpoint.is_complete(path):
         raise UsageError(f"resume={resume} is not a complete checkpoint directory")
@@ -57,7 +64,36 @@ def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional
     own = path.resolve().parent == out_dir.resolve()
     check_out_dir(out_dir, overwrite or own, hint=f"{resume} is not one of its checkpoints; pick an empty "
                                                   "out_dir or pass overwrite=true (nothing is deleted)")
+    check_run_dir(out_dir)
     return path
+
+
+# What a run writes into its out_dir (finetune.training.logs names the logger folders).
+RUN_NAMES = {"final", "logs", "loss.png", "eval", "tensorboard", "wandb"}
+
+
+def _is_run_part(name: str) -> bool:
+    return name in ("final", "logs") or bool(checkpoint.STEP_RE.match(name))
+
+
+def check_run_dir(out_dir: Path) -> None:
+    """Refuse to train into a folder holding files a run did not write (resume=auto or
+    overwrite=true would otherwise train into, say, a home directory, or replace a user's
+    loss.png). Without a checkpoint or logs of a run in it, nothing in it is a run's."""
+    names = foreign_files(out_dir, lambda n: False)
+    if not names:
+        return
+    run = any(_is_run_part(n) for n in names)
+
+    def ours(n: str) -> bool:
+        return n.startswith((checkpoint.TMP_PREFIX, checkpoint.OLD_PREFIX)) or (
+            run and (n in RUN_NAMES or bool(checkpoint.STEP_RE.match(n))))
+
+    foreign = foreign_files(out_dir, ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UsageError(f"out_dir {out_dir} holds files finetune did not write: {shown}; move them away "
+                         "or choose another out_dir (nothing was changed)")
 
 
 @dataclass
@@ -65,6 +101,7 @@ class RunState:
     step: int = 0
     losses: list = field(default_factory=list)  # (step, train loss) for the loss curve
     val_losses: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # {step, changes} per resume that changed the schedule
 
 
 @dataclass
@@ -87,10 +124,12 @@ class Saver:
         optim = self.ckpt_state.optimizer_state(self.lossmod, self.optimizer)
         if self.fabric.global_rank == 0:
             checkpoint.save_checkpoint(
-                path, model=self.model, tokenizer=self.tokenizer, config_yaml=to_yaml(self.cfg),
+                path, model=self.model, tokenizer=self.tokenizer,
+                config_yaml=to_yaml(self.cfg) + resume.history_comments(state.history),
                 adapter_weights=adapter,
                 state={"optimizer": optim, "scheduler": self.scheduler.state_dict(), "step": state.step,
-                       "losses": state.losses, "val_losses": state.val_losses, "rng": capture_rng()})
+                       "losses": state.losses, "val_losses": state.val_losses, "rng": capture_rng(),
+                       "history": state.history})
         self.fabric.barrier()
 
     def save_step(self, state: RunState) -> Path:
@@ -102,15 +141,22 @@ class Saver:
             checkpoint.prune(out_dir, self.cfg.train.keep_last)
         return path
 
-    def restore(self, path: Path, state: RunState) -> None:
+    def restore(self, path: Path, state: RunState, changes: Optional[dict] = None) -> None:
         """Optimizer, schedule, step, losses and RNG from `path` (the adapter weights are loaded
-        before Fabric's setup, as whole tensors: see checkpoint.load_adapter_weights)."""
+        before Fabric's setup, as whole tensors: see checkpoint.load_adapter_weights). `changes`
+        are the schedule fields this run changed (finetune.training.resume): their new values
+        replace the restored ones, and the change is recorded in the run's history."""
         saved = checkpoint.load_state(path)
+        fresh = resume.fresh_hyperparameters(self.optimizer)
         self.ckpt_state.load_optimizer_state(self.lossmod, self.optimizer, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         state.step = int(saved["step"])
         state.losses = [tuple(x) for x in saved.get("losses", [])]
         state.val_losses = [tuple(x) for x in saved.get("val_losses", [])]
+        state.history = list(saved.get("history", []))
+        if changes:
+            resume.apply_schedule(self.optimizer, self.scheduler, fresh)
+            state.history.append({"step": state.step, "changes": changes})
         restore_rng(saved["rng"])
 
 

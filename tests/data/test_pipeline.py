@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from helpers import B, IM_END
+from helpers import IM_END
 
 from finetune.config import DataConfig
 from finetune.data.pipeline import load_conversations, prepare

@@ -1,7 +1,6 @@
 """Eval loads each base once (adapters are swapped onto it) with the scores and generations of
 separate loads, and shows progress in a log: plain lines per task off a terminal."""
 
-import json
 
 import pytest
 from tiny_peft import random_lora_adapter

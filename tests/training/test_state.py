@@ -47,7 +47,10 @@ def test_resume_no_refuses_a_nonempty_out_dir_and_touches_nothing(tmp_path):
     assert str(e.value) == f"out_dir {out} is not empty; {RESUME_HINT}"
     assert RESUME_HINT == "pass resume=auto to continue or overwrite=true to train into it (nothing is deleted)"
     assert _snapshot(out) == before
-    assert resume_source(out, "no", True) is None and _snapshot(out) == before
+    # overwrite=true trains only into a run's own folder: user files there are named, not replaced
+    with pytest.raises(UsageError, match="holds files finetune did not write: notes.txt, sub; move them away"):
+        resume_source(out, "no", True)
+    assert _snapshot(out) == before
     assert resume_source(tmp_path / "missing", "no", False) is None
     assert not (tmp_path / "missing").exists()
     (tmp_path / "file").write_text("x")
@@ -62,7 +65,7 @@ def test_resume_auto_picks_final_then_the_newest_complete_step(tmp_path, model):
     out = tmp_path / "run"
     assert resume_source(out, "auto", False) is None  # nothing there yet: step 0
     out.mkdir()
-    (out / "log.csv").write_text("x")  # killed before the first checkpoint
+    (out / "logs").mkdir()  # killed before the first checkpoint
     assert resume_source(out, "auto", False) is None
     p3 = _save(ck.step_dir(out, 3), model, step=3)
     (out / "step-000004").mkdir()  # an interrupted save is never a candidate
@@ -104,6 +107,10 @@ def test_resume_path_into_another_nonempty_out_dir_is_refused(tmp_path, model):
     (elsewhere / "f").write_text("x")
     with pytest.raises(UsageError, match="is not empty; .* is not one of its checkpoints"):
         resume_source(elsewhere, str(p), False)
+    with pytest.raises(UsageError, match="holds files finetune did not write: f;"):  # user files
+        resume_source(elsewhere, str(p), True)
+    (elsewhere / "f").unlink()
+    (elsewhere / "logs").mkdir()  # another run's folder, overwrite=true: allowed
     assert resume_source(elsewhere, str(p), True) == p
     assert resume_source(tmp_path / "fresh", str(p), False) == p
 
