@@ -201,3 +201,14 @@ def test_unexpected_errors_are_not_a_bare_type_name(capsys, monkeypatch):
     monkeypatch.setattr(cli, "run", boom)
     rc, out, err = run_cli(["recipes"], capsys)
     assert rc == 1 and err.startswith("error: internal error, please report it") and "AssertionError" in err
+
+
+def test_strict_names_the_first_bad_line(work, capsys):
+    import json
+
+    lines = [json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(40)]
+    lines[3] = lines[30] = json.dumps({"instruction": "no output"})  # rows are shuffled before use
+    f = work / "data.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    expect_error(["data", "recipe=tiny-lora", f"data.path={f}", "data.format=alpaca", "data.strict=true",
+                  "data.cache=false"], 2, "data.jsonl line 4: field 'output'", capsys=capsys, root=work)
