@@ -212,3 +212,10 @@ def test_strict_names_the_first_bad_line(work, capsys):
     f.write_text("\n".join(lines) + "\n")
     expect_error(["data", "recipe=tiny-lora", f"data.path={f}", "data.format=alpaca", "data.strict=true",
                   "data.cache=false"], 2, "data.jsonl line 4: field 'output'", capsys=capsys, root=work)
+
+
+def test_eval_data_binary_file(work, capsys, adapters):
+    f = work / "bin.jsonl"
+    f.write_bytes(b"x\x00\xff\xfe\x80binary")
+    expect_error(["eval", "suite=tiny", "models=[base]", f"base_model={adapters['base']}", f"data={f}",
+                  f"out_dir={work / 'eval'}", "progress=false"], 2, "is not UTF-8 text", capsys=capsys, root=work)
