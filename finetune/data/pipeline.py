@@ -166,6 +166,8 @@ def _load(data_cfg, seed: int, stats: DataStats, src: Optional[Source] = None):
     if not rows.rows:
         raise UsageError(f"{src.name}: the dataset is empty (no rows{', only broken lines' if rows.broken else ''})")
     train_idx, val_idx = _split_indices(len(rows.rows), data_cfg, seed, bool(data_cfg.val_path))
+    if data_cfg.strict:  # the first bad row in file order is the one to name, not the first after shuffling
+        _convert(rows, sorted(np.concatenate([train_idx, val_idx]).tolist()), src, data_cfg, DataStats())
     train, train_where = _convert(rows, train_idx, src, data_cfg, stats)
     if data_cfg.val_path:
         vsrc = resolve(data_cfg, val=True)

@@ -218,6 +218,8 @@ def read_eval_rows(path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read eval data {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"eval data {path} is not UTF-8 text (byte {e.start}); give a json/jsonl file") from None
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
