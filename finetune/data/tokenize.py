@@ -86,6 +86,8 @@ def use_chat_template(tokenizer, chat_template: Optional[str], prompt_style: str
         raise UsageError(f"data.chat_template and data.prompt_style={prompt_style} both say how to render prompts; "
                          "set only one")
     text = chat_template_text(chat_template, tokenizer)
+    if text == tokenizer.chat_template:  # set before (get_renderer runs per eval prompt)
+        return
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
