@@ -86,7 +86,7 @@ _SCALE = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "
 def parse_size(text: Any, key: str) -> int:
     """'12GiB' -> 12*2**30, '24GB' -> 24e9, '16000MiB', '1e10' or 16000000000 (bytes) -> bytes, for
     `key` (gpu_memory, max_shard_size): one parser, so every size setting takes the same spellings."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e\+?[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(text), re.I)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e\+?[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
     if not m:
         raise UsageError(f"{key}: expected a size like 12GiB, 24GB, 500MB or a number of bytes, got '{text}'")
     size = float(m.group(1)) * _SCALE[(m.group(2) or "").lower()]

@@ -52,16 +52,21 @@ def list_resources(kind: str) -> list[str]:
     return sorted(names)
 
 
-def read_yaml_mapping(path: Path, what: str) -> dict:
-    """Read a YAML file that must hold a mapping; one-line errors for every way it can fail."""
+def read_user_text(path: Path, what: str) -> str:
+    """A text file the user named (recipe, suite, data): one line for each way reading it fails."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8-sig")  # a byte order mark is not part of the text
     except PermissionError:
         raise UsageError(f"cannot read {what} {path}: permission denied") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start}): is it the right file?") from None
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """Read a YAML file that must hold a mapping; one-line errors for every way it can fail."""
+    text = read_user_text(path, what)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from finetune.errors import FinetuneError, UsageError, first_line
-from finetune.resources import find_resource, read_yaml_mapping
+from finetune.resources import find_resource, read_user_text, read_yaml_mapping
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -169,14 +169,7 @@ def pin_revision(src: Source) -> Optional[str]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # a byte order mark is not part of the first row
-    except PermissionError:
-        raise UsageError(f"cannot read data {path}: permission denied") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"data file {path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise UsageError(f"cannot read data {path}: {e.strerror}") from None
+    return read_user_text(path, "data")
 
 
 def _read_jsonl(path: Path, text: str, out: Rows, strict: bool) -> None:

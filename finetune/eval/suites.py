@@ -29,7 +29,12 @@ from typing import Any, Optional
 from finetune.errors import UsageError, did_you_mean
 from finetune.eval.metrics import check_metric
 from finetune.ranges import check_fields, ranged
-from finetune.resources import find_resource, list_resources, read_yaml_mapping
+from finetune.resources import (
+    find_resource,
+    list_resources,
+    read_user_text,
+    read_yaml_mapping,
+)
 
 TASK_KEYS = ("name", "data", "format", "split", "subset", "rows", "n", "select", "metrics", "generation",
              "system_prompt", "prompt_style", "seq_len", "batch_size", "lm_eval", "num_fewshot", "limit")
@@ -214,12 +219,7 @@ def _is_card(name: str) -> bool:
 
 def read_eval_rows(path: Path) -> list[dict]:
     """Rows of a .jsonl or .json (list) file, with one-line errors naming file and line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"cannot read eval data {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"eval data {path} is not UTF-8 text (byte {e.start}); give a json/jsonl file") from None
+    text = read_user_text(path, "eval data")
     if path.suffix == ".json":
         try:
             rows = json.loads(text)

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from finetune.errors import UsageError
 from finetune.fs import atomic_out_dir, check_out_dir
 from finetune.moe.routing import router_probs
+from finetune.resources import read_user_text
 from finetune.runtime import inference_device
 
 
@@ -31,12 +32,7 @@ def read_rows(path: str, max_rows: Optional[int] = None) -> list:
     p = Path(os.path.expanduser(path))
     if not p.is_file():
         raise UsageError(f"report data file not found: {path}")
-    try:
-        text = p.read_text()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"report data {path} is not UTF-8 text (byte {e.start}); give a json/jsonl file") from None
-    except OSError as e:
-        raise UsageError(f"cannot read report data {path}: {e.strerror}") from None
+    text = read_user_text(p, "report data")
     try:
         if p.suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
