@@ -194,7 +194,7 @@ class TrainConfig:
     """Keep only the N most recent step checkpoints."""
     eval_every: int = ranged(0, ge=0, hint="(0 = only at the end)")
     """Validation loss every N steps (0 = only at the end)."""
-    eval_batches: int = ranged(20, ge=1)
+    eval_batches: int = ranged(20, ge=0, hint="(0 = no validation)")
     """Validation micro-batches per evaluation."""
     log_every: int = ranged(1, ge=1)
     """Log metrics every N steps."""

@@ -88,8 +88,11 @@ def work(tmp_path):
 
 
 def train_args(work: Path, *extra: str) -> list[str]:
-    return ["recipe=tiny-lora", f"out_dir={work / 'out'}", "data.cache=false", "output.progress=false",
-            "train.max_steps=1", *extra]
+    """A quick tiny-lora run into work/out; `extra` keys replace these defaults (a key given twice is refused)."""
+    given = {e.split("=", 1)[0] for e in extra}
+    base = ["recipe=tiny-lora", f"out_dir={work / 'out'}", "data.cache=false", "output.progress=false",
+            "train.max_steps=1"]
+    return [a for a in base if a.split("=", 1)[0] not in given] + list(extra)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

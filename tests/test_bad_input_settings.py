@@ -21,7 +21,7 @@ RANGES = [
     ("train.keep_last=0", "train.keep_last must be >= 1, got 0"),
     ("train.keep_last=-1", "train.keep_last must be >= 1, got -1"),
     ("train.eval_every=-1", "train.eval_every must be >= 0, got -1"),
-    ("train.eval_batches=0", "train.eval_batches must be >= 1, got 0"),
+    ("train.eval_batches=-1", "train.eval_batches must be >= 0, got -1"),
     ("train.global_batch_size=10000000", "train.global_batch_size must be in [1, 65536], got 10000000"),
     ("train.micro_batch_size=0", "train.micro_batch_size must be >= 1, got 0"),
     ("train.seed=-1", "train.seed must be in [0, 4294967295], got -1"),
