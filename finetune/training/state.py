@@ -43,8 +43,8 @@ def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional
     """
     out_dir = Path(out_dir)
     if resume == "no":
+        check_run_dir(out_dir)  # first: resume/overwrite would not help with a folder of user files
         check_out_dir(out_dir, overwrite, hint=RESUME_HINT)
-        check_run_dir(out_dir)
         return None
     if resume == "auto":
         check_run_dir(out_dir)

@@ -36,20 +36,24 @@ def _save(path: Path, model, step=None):
 
 
 def test_resume_no_refuses_a_nonempty_out_dir_and_touches_nothing(tmp_path):
+    run = tmp_path / "earlier-run"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "metrics.csv").write_text("step,loss\n")
+    with pytest.raises(UsageError) as e:
+        resume_source(run, "no", False)
+    assert str(e.value) == f"out_dir {run} is not empty; {RESUME_HINT}"
+    assert RESUME_HINT == "pass resume=auto to continue or overwrite=true to train into it (nothing is deleted)"
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "sub").mkdir()
     (out / "sub" / "x.bin").write_bytes(b"\x00\x01")
     before = _snapshot(out)
-    with pytest.raises(UsageError) as e:
-        resume_source(out, "no", False)
-    assert str(e.value) == f"out_dir {out} is not empty; {RESUME_HINT}"
-    assert RESUME_HINT == "pass resume=auto to continue or overwrite=true to train into it (nothing is deleted)"
-    assert _snapshot(out) == before
-    # overwrite=true trains only into a run's own folder: user files there are named, not replaced
-    with pytest.raises(UsageError, match="holds files finetune did not write: notes.txt, sub; move them away"):
-        resume_source(out, "no", True)
+    # a run trains only into a run's own folder: user files there are named (resume/overwrite
+    # would not help, so they are not suggested), never replaced
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="holds files finetune did not write: notes.txt, sub; move them away"):
+            resume_source(out, "no", overwrite)
     assert _snapshot(out) == before
     assert resume_source(tmp_path / "missing", "no", False) is None
     assert not (tmp_path / "missing").exists()
