@@ -52,7 +52,7 @@ def test_overrides_types_and_lists():
     ("precision", "bf16", "precision must be one of 32-true, bf16-mixed,"),
     ("output.loggers", "[csv,mlflow]", "output.loggers must be one of csv, tensorboard, wandb, got 'mlflow'"),
     ("model", "{attn_implementation: flash}", "model.attn_implementation must be one of"),
-    ("train", "3", 'Parser key "train"'),
+    ("train", "3", "train: expected a mapping like {key: value} or a YAML file, got '3'"),
 ])
 def test_override_errors_name_the_key(key, value, expect):
     with pytest.raises(UsageError) as e:
