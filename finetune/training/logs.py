@@ -28,7 +28,7 @@ def check_loggers(names) -> None:
         modules, extra = _NEEDS.get(name, ((), ""))
         if modules and not any(importlib.util.find_spec(m) for m in modules):
             raise UsageError(f"output.loggers has {name} but the {modules[0]} package is not installed: "
-                             f"pip install 'finetune[{extra}]'")
+                             f"pip install 'finetune[{extra}]', or drop it: output.loggers=[csv]")
 
 
 def make_loggers(cfg: Config, out_dir: Path) -> list:

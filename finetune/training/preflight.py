@@ -10,18 +10,18 @@ none of them is left waiting for a rank that refused.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
 from finetune.config import Config
 from finetune.errors import UsageError
+from finetune.training.logs import check_loggers
 
 
 def check_run(cfg: Config) -> None:
     check_device(cfg)
     check_launch(cfg)
-    check_loggers(cfg)
+    check_loggers(cfg.output.loggers)  # the logger packages: one line naming the extra to install
     check_context(cfg)
 
 
@@ -71,19 +71,6 @@ def _launcher() -> Optional[str]:
     if os.environ.get("NODE_RANK") and os.environ.get("MASTER_ADDR"):
         return "LightningEnvironment"
     return None
-
-
-# --------------------------------------------------------------------------- loggers
-
-LOGGER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
-
-
-def check_loggers(cfg: Config) -> None:
-    for name in cfg.output.loggers:
-        modules = LOGGER_MODULES.get(name, ())
-        if modules and not any(importlib.util.find_spec(m) for m in modules):
-            raise UsageError(f"output.loggers has {name} but {modules[0]} is not installed "
-                             f"(pip install {modules[0]}), or drop it: output.loggers=[csv]")
 
 
 # --------------------------------------------------------------------------- model context
