@@ -57,6 +57,8 @@ def check_out_dir(out_dir: str | Path, overwrite: bool,
     Nothing is deleted here or later: overwrite=true only lets files of the same name be replaced.
     `hint` is what the one-line refusal suggests (training adds resume=auto).
     """
+    if out_dir is None or not str(out_dir).strip():
+        raise UsageError("out_dir is empty: give the directory to write, e.g. out_dir=out/run")
     out = Path(os.path.expanduser(str(out_dir)))
     if out.exists() and not out.is_dir():
         raise UsageError(f"out_dir {out_dir} exists and is not a directory")

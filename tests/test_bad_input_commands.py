@@ -47,6 +47,11 @@ def test_merge_refuses(work, capsys, adapters, args, says):
                  capsys=capsys, root=work)
 
 
+def test_empty_out_dir_is_named_as_empty(work, capsys, adapters):
+    expect_error(["merge", f"adapter={adapters['r8']}", "out_dir="], 2, "out_dir is empty: give the directory",
+                 capsys=capsys, root=work)
+
+
 def test_merge_records_the_svd_rank_it_used(tmp_path, adapters):
     import json
 
