@@ -197,7 +197,7 @@ def test_preflight_catches_rank0_only_mistakes_before_launch(tmp_path):
     from finetune.training.loop import _preflight
 
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(UsageError, match="not empty"):
+    with pytest.raises(UsageError, match="holds files finetune did not write: keep.txt"):
         _preflight(load_config("tiny-lora", {"out_dir": str(tmp_path), "devices": "2"}))
     with pytest.raises(UsageError, match="not divisible"):
         _preflight(load_config("tiny-lora", {"out_dir": str(tmp_path / "new"), "devices": "4"}))
@@ -300,7 +300,7 @@ def test_two_process_usage_error_is_one_line(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "not empty" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "did not write: keep.txt" in proc.stderr
 
 
 # --------------------------------------------------------------------------- FSDP (torch's FSDP on CPU, gloo)

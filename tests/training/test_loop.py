@@ -119,7 +119,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 def test_refuses_non_empty_out_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
-    with pytest.raises(UsageError, match="not empty"):
+    with pytest.raises(UsageError, match="holds files finetune did not write: keep.txt"):
         run_in_process("tiny-lora", tmp_path, **{"train.max_steps": 1})
     assert (tmp_path / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
