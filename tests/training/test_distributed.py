@@ -210,8 +210,10 @@ def test_preflight_catches_rank0_only_mistakes_before_launch(tmp_path):
 
 def cli(out_dir, devices: int, *extra: str, timeout: int = 300, recipe: str = "tiny-lora",
         strategy: str = "ddp") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "finetune.cli", f"recipe={recipe}", "train.max_steps=6", "train.seed=5",
-           "accelerator=cpu", f"devices={devices}", f"out_dir={out_dir}", "output.progress=false", *extra]
+    given = {e.split("=", 1)[0] for e in extra}  # extra replaces a default (a key given twice is refused)
+    defaults = [f"recipe={recipe}", "train.max_steps=6", "train.seed=5", "accelerator=cpu", f"devices={devices}",
+                f"out_dir={out_dir}", "output.progress=false"]
+    cmd = [sys.executable, "-m", "finetune.cli", *[d for d in defaults if d.split("=", 1)[0] not in given], *extra]
     if devices > 1:
         cmd.append(f"strategy={strategy}")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
