@@ -25,6 +25,7 @@ import numpy as np
 from finetune.data.formats import BadRow, Conversation
 from finetune.data.styles import StyleRenderer, calls_as_text, tools_in_system
 from finetune.errors import FinetuneError, UsageError, did_you_mean
+from finetune.resources import read_user_text
 
 IGNORE = -100
 # prompt_style=chatml: ChatML for tokenizers without a chat template of their own (the tiny one too).
@@ -68,10 +69,7 @@ def chat_template_text(name: str, tokenizer=None) -> str:
         return name
     path = Path(os.path.expanduser(name))
     if path.is_file():
-        try:
-            return path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"data.chat_template: cannot read {path}: {e}") from None
+        return read_user_text(path, "data.chat_template")
     names = [*NAMED_TEMPLATES, *(own if isinstance(own, dict) else {})]
     raise UsageError(f"data.chat_template: '{name}' is neither a file nor a named template "
                      f"(one of {', '.join(names)}){did_you_mean(name, names)}")
