@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from transformers import AutoTokenizer
 
 from finetune.errors import FinetuneError, UsageError
 from finetune.fs import atomic_out_dir, atomic_write, check_out_dir
 from finetune.merge import merge_adapter
 from finetune.models.adapters import read_adapter_config
-from finetune.models.load import resolve_model_path
+from finetune.models.load import read_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ def export(args: Args) -> Path:
             src = merge_adapter(args.adapter, str(Path(work) / "merged"), base=args.base)
         else:
             src = _model_dir(args.model)
-        tok = AutoTokenizer.from_pretrained(str(src))
+        tok = read_tokenizer(src)
         with atomic_out_dir(out, args.overwrite) as tmp:
             convert(src, tmp / gguf_name, args.quant)
             atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,

@@ -26,17 +26,17 @@ from typing import Literal, Optional, Union
 
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from finetune.errors import FinetuneError, UsageError, did_you_mean
+from finetune.errors import UsageError, did_you_mean
 from finetune.fs import atomic_out_dir, check_apart, check_out_dir
 from finetune.models.adapters import (
+    adapter_base_path,
     adapter_shapes,
     check_adapter_fits,
     read_adapter_config,
 )
-from finetune.models.load import resolve_model_path
-from finetune.portable import portable_config, save_tokenizer
+from finetune.models.load import copy_tokenizer, load_full_precision, resolve_model_path
+from finetune.portable import portable_config
 from finetune.ranges import check_value, parse_size, ranged
 from finetune.runtime import checkpoint_dtype
 
@@ -81,34 +81,6 @@ class Args:
     """Write into an existing non-empty out_dir (files with the same names are replaced, others kept)."""
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-def adapter_base_path(adapter_dir: str) -> str:
-    return resolve_model_path(read_adapter_config(adapter_dir)["base_model_name_or_path"])
-
-
-def load_base_full_precision(path: str):
-    """The base in fp32 on CPU, never quantized: merges must not round through 4-bit storage."""
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "quantization_config", None):
-        raise UsageError(f"base {path} is stored quantized; merging needs its full-precision weights")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=None)
-
-
-def copy_tokenizer(dest: Path, *sources: str) -> str:
-    """Save the first loadable tokenizer among `sources` (an adapter dir first, then the base)."""
-    for src in sources:
-        if not src or (Path(src).is_dir() and not (Path(src) / "tokenizer_config.json").is_file()):
-            continue
-        try:
-            save_tokenizer(AutoTokenizer.from_pretrained(src), dest)
-            return src
-        except (OSError, ValueError) as e:
-            log.warning("tokenizer in %s not usable (%s); trying the next source", src, e)
-    raise FinetuneError(f"no tokenizer found in {', '.join(map(str, sources))}")
-
-
 # --------------------------------------------------------------------------- merge into base
 
 
@@ -118,7 +90,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     check_out_dir(out_dir, overwrite)
     base_path = resolve_model_path(base) if base else adapter_base_path(adapter_dir)
     check_apart(out_dir, [("adapter", adapter_dir), ("base model", base_path)])
-    base = load_base_full_precision(base_path)
+    base = load_full_precision(base_path)
     out_dtype = checkpoint_dtype(dtype, base.config)
     check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
@@ -210,7 +182,7 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
     if method.endswith("svd"):  # what peft uses when none is given; recorded, so merge_info says what ran
         svd_rank = svd_rank or max(int(c.get("r") or 0) for c in cfgs)
     check_apart(out_dir, [("base model", resolve_model_path(cfgs[0]["base_model_name_or_path"]))])
-    base = load_base_full_precision(resolve_model_path(cfgs[0]["base_model_name_or_path"]))
+    base = load_full_precision(resolve_model_path(cfgs[0]["base_model_name_or_path"]))
     names = [f"a{i}" for i in range(len(adapters))]
     model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
     for name, path in zip(names[1:], adapters[1:]):

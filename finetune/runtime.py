@@ -4,7 +4,7 @@ GPU: frozen weights in bf16 (fp16 where the GPU has no bf16) under bf16 autocast
 (the default) measures once per CPU whether a bf16 matmul beats fp32 there (cpu_probe, cached in
 the cache root) and keeps the frozen weights in bf16 only where it does. Everywhere, fp32
 only where it earns its bytes: the LoRA weights and their optimizer state (kbit_frozen_dtypes says
-why not the norms). Training, planning's `measure=true`, eval and merge all ask here.
+why not the norms). Training, planning's `measure=true`, eval, merge and the MoE tools all ask here.
 """
 
 from __future__ import annotations
@@ -238,13 +238,27 @@ def inference_device(device: str = "auto") -> str:
 
 
 def inference_dtype(device: str, dtype: str = "auto") -> torch.dtype:
-    """`dtype=` of eval: auto = fp32 on CPU (bf16 matmuls there are very slow), bf16 on GPU
-    (fp16 where the GPU has no bf16)."""
+    """`dtype=` of eval, and what NF4 layers compute in when a model only runs prompts: auto = fp32
+    on CPU (bf16 matmuls there are very slow), bf16 on GPU (fp16 where the GPU has no bf16)."""
     if dtype == "auto":
         return _gpu_half() if device.startswith("cuda") else torch.float32
     if dtype not in _DTYPES:
         raise UsageError(f"dtype must be auto, float32, bfloat16 or float16, got '{dtype}'")
     return _DTYPES[dtype]
+
+
+# Hidden-mode MoE gates run the base in fp32 up to this much decoder weight (in fp32 bytes).
+FP32_PROMPTING_BYTES = 2 << 30
+
+
+def prompting_dtype(base_config, stored: torch.dtype) -> torch.dtype:
+    """Dtype of the base copy that computes hidden-mode MoE gates: fp32 while that copy is small,
+    bigger bases in their `stored` dtype. The gates are a few prompts' hidden states, and an fp32
+    copy of a 1B base (5 GB) would be the whole build's peak memory; in the stored bf16 it is half
+    that. (Quantized, with quantize_prompting, its layers compute in inference_dtype.)"""
+    c = base_config
+    n = c.num_hidden_layers * 4 * c.hidden_size * (c.hidden_size + c.intermediate_size)
+    return torch.float32 if n * 4 <= FP32_PROMPTING_BYTES else stored
 
 
 def checkpoint_dtype(name: str, base_config=None) -> torch.dtype:

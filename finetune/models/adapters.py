@@ -97,6 +97,11 @@ def _same_model(resolved: str, name: str) -> bool:
         return False
 
 
+def adapter_base_path(adapter_dir: str) -> str:
+    """The base model an adapter records (base_model_name_or_path), resolved like any model name."""
+    return resolve_model_path(read_adapter_config(adapter_dir)["base_model_name_or_path"])
+
+
 def _is_adapter_dir(p: Path) -> bool:
     return (p / "adapter_config.json").is_file()
 

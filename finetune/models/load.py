@@ -1,8 +1,10 @@
-"""Model and tokenizer loading: base models, bitsandbytes quantization, LoRA via peft, adapters.
+"""Model and tokenizer loading, every one the project does: base models to train (bitsandbytes
+quantization, LoRA via peft), plain models to merge into or to run prompts through, tokenizers.
 
 Everything goes through transformers' and peft's own loaders so a saved adapter is a standard
 PEFT adapter. This module adds name resolution (aliases, local dirs, hub ids), one-line errors for
-the ways loading fails, and the checks that an adapter fits the base it is put on."""
+the ways loading fails, and the checks that an adapter fits the base it is put on. Which dtypes
+a model gets is finetune.runtime's decision."""
 
 from __future__ import annotations
 
@@ -17,18 +19,20 @@ import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from finetune.config import Config, ModelConfig, QuantConfig
 from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.models import embedded
 from finetune.models.experts import keep_nf4_under_lora, quantize_fused_experts, unquantized_view
 from finetune.models.tiny import tiny_model_dir
+from finetune.portable import save_tokenizer
 from finetune.runtime import (
     base_dtype,
     compute_dtype,
     default_device,
     fsdp_param_dtype,
+    inference_dtype,
     kbit_frozen_dtypes,
     storage_dtype,
 )
@@ -189,6 +193,25 @@ def load_tokenizer(model_cfg: Union[ModelConfig, str], padding_side: str = "righ
     return tokenizer_from(path, hub_kwargs(model_cfg.revision, model_cfg.trust_remote_code), padding_side)
 
 
+def read_tokenizer(path: Union[str, Path]):
+    """The tokenizer saved at `path` as it is, pad token untouched: to copy it next to a model, or
+    only to encode text (nothing is padded)."""
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def copy_tokenizer(dest: Path, *sources: str) -> str:
+    """Save the first loadable tokenizer among `sources` (an adapter dir first, then the base)."""
+    for src in sources:
+        if not src or (Path(src).is_dir() and not (Path(src) / "tokenizer_config.json").is_file()):
+            continue
+        try:
+            save_tokenizer(read_tokenizer(src), dest)
+            return src
+        except (OSError, ValueError) as e:
+            log.warning("tokenizer in %s not usable (%s); trying the next source", src, e)
+    raise FinetuneError(f"no tokenizer found in {', '.join(map(str, sources))}")
+
+
 # --------------------------------------------------------------------------- quantization
 
 
@@ -286,16 +309,22 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, quan
     return model
 
 
-def load_base(name_or_path: str, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
-              quant: Optional[QuantConfig] = None, revision: Optional[str] = None,
-              trust_remote_code: bool = False):
-    """A plain AutoModelForCausalLM in eval mode (for eval and merging); `quant` optional."""
+def load_inference_model(path: str, dtype: torch.dtype, device: Union[str, torch.device], nf4: bool = False):
+    """A plain model in eval mode that only runs prompts (MoE hidden-mode gates, the routing
+    report): in `dtype` on `device`; nf4=True stores its linear layers in NF4, computing in the
+    inference dtype finetune.runtime decides for the device (raises if bitsandbytes cannot)."""
     device = torch.device(device)
-    path = resolve_model_path(name_or_path, revision)
-    qcfg = bnb_config(quant, device, compute=dtype if dtype != torch.uint8 else torch.float32)
-    model = load_pretrained(path, dtype=dtype, device=device, quant=qcfg, revision=revision,
-                             trust_remote_code=trust_remote_code)
-    return model.eval()
+    quant = bnb_config(QuantConfig(mode="nf4", double_quant=False), device,
+                       compute=inference_dtype(str(device))) if nf4 else None
+    return load_pretrained(str(path), dtype=dtype, device=device, quant=quant).eval()
+
+
+def load_full_precision(path: str):
+    """The model at `path` in fp32 on CPU, never quantized: merges must not round through 4-bit storage."""
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise UsageError(f"base {path} is stored quantized; merging needs its full-precision weights")
+    return load_pretrained(path, dtype=torch.float32, device=torch.device("cpu"))
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

@@ -57,29 +57,20 @@ from typing import Optional
 
 import torch
 from rich.progress import track
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    GenerationConfig,
-    MixtralConfig,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, MixtralConfig
 
 from finetune.errors import UsageError
 from finetune.fs import atomic_out_dir, check_out_dir
-from finetune.merge import copy_tokenizer
 from finetune.models.adapters import read_adapter_config
-from finetune.models.load import resolve_model_path
+from finetune.models.load import copy_tokenizer, load_inference_model, read_tokenizer, resolve_model_path
 from finetune.moe.gates import compute_gates, warn_gates
 from finetune.moe.spec import SUPPORTED_BASES, ExpertSpec, MoESpec
 from finetune.portable import portable_config
 from finetune.moe.stream import AdapterDeltas, ModelTensors, ShardWriter
-from finetune.runtime import checkpoint_dtype, inference_device
+from finetune.runtime import checkpoint_dtype, inference_device, prompting_dtype
 
 log = logging.getLogger(__name__)
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-FP32_PROMPTING_BYTES = 2 << 30  # hidden-mode gates in fp32 up to this much decoder weight
 
 
 # --------------------------------------------------------------------------- checks
@@ -217,36 +208,23 @@ def _apply_noise_and_scale(weights: dict, e: ExpertSpec, gen) -> None:
 # --------------------------------------------------------------------------- build
 
 
-def _prompting_dtype(base_cfg, base: ModelTensors) -> torch.dtype:
-    """fp32 for hidden-mode gates while that copy is small; bigger bases run in their stored dtype.
-
-    The gates are a few prompts' hidden states, and an fp32 copy of a 1B base (5 GB) would be the
-    whole build's peak memory; in the stored bf16 it is half that.
-    """
-    stored = base.dtype("model.embed_tokens.weight")
-    n = base_cfg.num_hidden_layers * 4 * base_cfg.hidden_size * (base_cfg.hidden_size + base_cfg.intermediate_size)
-    return torch.float32 if n * 4 <= FP32_PROMPTING_BYTES else stored
-
-
 def _load_prompting_model(base_path: str, quantize: bool, dtype: torch.dtype):
     """The base that computes hidden-mode gates: NF4 when asked (and bnb can), on the GPU if any."""
     device = inference_device()
     if quantize:
         try:
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-            return AutoModelForCausalLM.from_pretrained(base_path, quantization_config=q, device_map=device)
+            return load_inference_model(base_path, dtype, device, nf4=True)
         except Exception as err:  # bnb without a usable backend: the full-precision base still works
             log.warning("quantize_prompting: NF4 load failed (%s); using the full-precision base", err)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-    return model.to(device) if device != "cpu" else model
+    return load_inference_model(base_path, dtype, device)
 
 
 def _gates(spec: MoESpec, base_path: str, base_cfg, base: ModelTensors, tokenizer) -> torch.Tensor:
     L, H = base_cfg.num_hidden_layers, base_cfg.hidden_size
     model = embed = None
     if spec.gate_mode == "hidden":
-        model = _load_prompting_model(base_path, spec.quantize_prompting, _prompting_dtype(base_cfg, base))
+        model = _load_prompting_model(base_path, spec.quantize_prompting,
+                                      prompting_dtype(base_cfg, base.dtype("model.embed_tokens.weight")))
     if spec.gate_mode == "cheap_embed":
         embed = base.get("model.embed_tokens.weight")
     return compute_gates(spec.gate_mode, spec.experts, L, H, model=model, tokenizer=tokenizer, embed=embed,
@@ -267,7 +245,7 @@ def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_si
     out_dtype = checkpoint_dtype(str(spec.dtype or "auto"), base_cfg)
     tok_src = next((e.adapter for e in spec.experts if e.adapter and
                     (Path(e.adapter) / "tokenizer_config.json").is_file()), base_path)
-    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    tokenizer = read_tokenizer(tok_src)
     base = ModelTensors(base_path, f"base_model {spec.base_model}")
     # Gates first: hidden mode holds a copy of the base (freed before any expert is read).
     gates = _gates(spec, base_path, base_cfg, base, tokenizer)

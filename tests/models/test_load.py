@@ -266,12 +266,36 @@ def test_same_seed_same_lora_init(tiny_model):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_load_base_plain_and_quantized(tiny_model):
+def test_inference_model_plain_and_nf4(tiny_model):
     import bitsandbytes as bnb
-    from finetune.config import QuantConfig
 
-    base = fm.load_base("tiny")
+    base = fm.load_inference_model(tiny_model, torch.float32, "cpu")
     assert type(base).__name__ == "LlamaForCausalLM" and not base.training
-    q = fm.load_base("tiny", quant=QuantConfig(mode="nf4"))
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.modules())
+    assert {p.dtype for p in base.parameters()} == {torch.float32} and not fm.quantized_modules(base)
+    q = fm.load_inference_model(tiny_model, torch.float32, "cpu", nf4=True)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.modules()) and not q.training
+    assert {m.compute_dtype for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.float32}
     assert torch.allclose(logits(base), logits(q), atol=0.5)  # 4-bit is close, not equal
+
+
+def test_full_precision_refuses_a_quantized_checkpoint(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    model = fm.load_full_precision(str(tiny_model))
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and not fm.quantized_modules(model)
+    stored = tmp_path / "q"
+    shutil.copytree(tiny_model, stored)
+    cfg = json.loads((stored / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (stored / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="stored quantized"):
+        fm.load_full_precision(str(stored))
+
+
+def test_copy_tokenizer_takes_the_first_usable_source(tiny_model, tmp_path):
+    (tmp_path / "no-tok").mkdir()
+    assert fm.copy_tokenizer(tmp_path / "out", str(tmp_path / "no-tok"), str(tiny_model)) == str(tiny_model)
+    assert fm.read_tokenizer(tmp_path / "out")("hi")["input_ids"] == fm.read_tokenizer(tiny_model)("hi")["input_ids"]
+    with pytest.raises(FinetuneError, match="no tokenizer found"):
+        fm.copy_tokenizer(tmp_path / "out2", str(tmp_path / "no-tok"))
