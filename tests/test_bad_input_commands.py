@@ -117,7 +117,7 @@ def test_moe_report_rows_checked(tmp_path):
         read_rows(str(f))
     f.write_text("3")
     f = f.rename(tmp_path / "rows.json")
-    with pytest.raises(UsageError, match="holds a JSON int, not rows"):
+    with pytest.raises(UsageError, match="report data .*rows.json: expected a JSON list of rows .*got int"):
         read_rows(str(f))
     with pytest.raises(UsageError, match="field 'instruction' must be a string"):
         row_text({"instruction": 42}, None)

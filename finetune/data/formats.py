@@ -111,13 +111,17 @@ def _tools(row: dict, col: str) -> Optional[list]:
     return [t if "function" in t or "name" not in t else {"type": "function", "function": t} for t in v] or None
 
 
-def _finish(messages: list[dict], system: Optional[str], tools: Optional[list], fixes: list[str]) -> Conversation:
-    """Apply the messy-dialogue policy and check there is something to train on."""
+def _finish(messages: list[dict], system: Optional[str], tools: Optional[list], fixes: list[str],
+            answered: bool = True) -> Conversation:
+    """Apply the messy-dialogue policy and check there is something to train on (answered=False:
+    only the leading system turn is taken out; a prompt is kept as it stands)."""
     if messages and messages[0]["role"] == "system":
         lead = messages.pop(0)["content"]
         if system and system.strip() != lead.strip():
             raise BadRow("two system prompts", "system", "a system column and a different leading system turn")
         system = system or lead
+    if not answered:
+        return Conversation(messages=messages, system=system or None, tools=tools)
     dropped_lead = 0
     while messages and messages[0]["role"] == "assistant":
         messages.pop(0)
@@ -142,10 +146,10 @@ def _check_turns(turns: Any, col: str) -> list:
     return turns
 
 
-def from_alpaca(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+def from_alpaca(row: dict, cols: dict, roles: dict, fixes: list, answered: bool = True) -> Conversation:
     instruction = _text(row, cols["instruction"])
     inp = _text(row, cols["input"], required=False) or ""
-    output = _text(row, cols["output"])
+    output = _text(row, cols["output"], required=answered)
     system = _text(row, cols["system"], required=False)
     messages = []
     history = row.get(cols["history"]) or []
@@ -160,7 +164,7 @@ def from_alpaca(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation
         # Chat templates get one user message; the alpaca prompt style renders `input` under its
         # own "### Input:" header (the Stanford template), so it is kept apart as well.
         user = {"role": "user", "content": f"{instruction}\n\n{inp}", "instruction": instruction, "input": inp}
-    messages += [user, {"role": "assistant", "content": output}]
+    messages += [user] + ([] if output is None else [{"role": "assistant", "content": output}])
     return Conversation(messages=messages, system=system or None)
 
 
@@ -271,29 +275,30 @@ def _turns_to_messages(turns: list, col: str, role_key: str, content_key: str, r
     return messages
 
 
-def from_sharegpt(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+def from_sharegpt(row: dict, cols: dict, roles: dict, fixes: list, answered: bool = True) -> Conversation:
     turns = _check_turns(_get(row, cols["conversations"]), cols["conversations"])
     role_map = {**SHAREGPT_ROLES, **{k.lower(): v for k, v in roles.items()}}
     messages = _turns_to_messages(turns, cols["conversations"], cols["from"], cols["value"], role_map, fixes)
-    return _finish(messages, _text(row, cols["system"], required=False), _tools(row, cols["tools"]), fixes)
+    return _finish(messages, _text(row, cols["system"], required=False), _tools(row, cols["tools"]), fixes, answered)
 
 
-def from_messages(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+def from_messages(row: dict, cols: dict, roles: dict, fixes: list, answered: bool = True) -> Conversation:
     turns = _check_turns(_get(row, cols["messages"]), cols["messages"])
     role_map = {r: r for r in ROLES}
     role_map.update({k.lower(): v for k, v in roles.items()})
     messages = _turns_to_messages(turns, cols["messages"], cols["role"], cols["content"], role_map, fixes)
-    return _finish(messages, None, _tools(row, cols["tools"]), fixes)
+    return _finish(messages, None, _tools(row, cols["tools"]), fixes, answered)
 
 
-def from_text(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+def from_text(row: dict, cols: dict, roles: dict, fixes: list, answered: bool = True) -> Conversation:
     return Conversation(text=_text(row, cols["text"]))
 
 
-def from_prompt_completion(row: dict, cols: dict, roles: dict, fixes: list) -> Conversation:
+def from_prompt_completion(row: dict, cols: dict, roles: dict, fixes: list, answered: bool = True) -> Conversation:
     prompt = _text(row, cols["prompt"])
-    completion = _text(row, cols["completion"])
-    return Conversation(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+    completion = _text(row, cols["completion"], required=answered)
+    answer = [] if completion is None else [{"role": "assistant", "content": completion}]
+    return Conversation(messages=[{"role": "user", "content": prompt}, *answer],
                         system=_text(row, cols["system"], required=False) or None)
 
 
@@ -316,11 +321,27 @@ def columns_for(fmt: str, overrides: Optional[dict] = None) -> dict[str, str]:
 
 
 def to_conversation(row: Any, fmt: str, cols: dict, roles: Optional[dict] = None,
-                    system_prompt: Optional[str] = None, fixes: Optional[list] = None) -> Conversation:
-    """One raw row -> Conversation, or BadRow. `fixes` collects counted repairs (see module doc)."""
+                    system_prompt: Optional[str] = None, fixes: Optional[list] = None,
+                    answered: bool = True) -> Conversation:
+    """One raw row -> Conversation, or BadRow. `fixes` collects counted repairs (see module doc).
+
+    answered=False reads a row that may stop before its answer (a prompt to run, not an example
+    to train on): the answer column (alpaca output, completion) is optional, and a dialogue is
+    kept as it stands (no turn dropped or trimmed, no assistant turn needed)."""
     if not isinstance(row, dict):
         raise BadRow("wrong type", "row", f"expected an object, got {type(row).__name__}")
-    conv = ADAPTERS[fmt](row, cols, roles or {}, fixes if fixes is not None else [])
+    conv = ADAPTERS[fmt](row, cols, roles or {}, fixes if fixes is not None else [], answered)
     if system_prompt and not conv.system and conv.text is None:
         conv.system = system_prompt
     return conv
+
+
+# The column that gives a row's format away when none is configured (the MoE routing report reads
+# rows of any format), in the order they are tried: chat formats before text before a bare prompt.
+FORMAT_COLUMNS = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
+                  ("text", "text"), ("prompt", "prompt_completion"))
+
+
+def detect_format(row: dict) -> Optional[str]:
+    """The format whose default column `row` fills (FORMAT_COLUMNS order), or None."""
+    return next((fmt for col, fmt in FORMAT_COLUMNS if row.get(col) is not None), None)

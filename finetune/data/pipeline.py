@@ -33,7 +33,8 @@ from rich.progress import (
 
 from finetune.data.formats import BadRow, Conversation, columns_for, to_conversation
 from finetune.data.pack import PackedUnits, packing_efficiency
-from finetune.data.sources import Rows, Source, load_rows, pin_revision, read_card, resolve
+from finetune.data.rows import Rows
+from finetune.data.sources import Source, load_rows, pin_revision, read_card, resolve
 from finetune.data.tokenize import IGNORE, Renderer, use_chat_template
 from finetune.errors import UsageError
 from finetune.fs import atomic_file, cache_root

@@ -1,14 +1,12 @@
 """Where rows come from: a dataset card, a hub id, or local json/jsonl/parquet/csv files or a folder.
 
-Local JSON and JSON Lines are parsed with the json module rather than `datasets`: Arrow needs one
-schema per column, so a single malformed row (a conversation that is a string, a number where
-text belongs) makes `datasets` fail the whole file with an error that names neither file nor
-line. Here each row stays a Python object, bad ones are counted by the format adapters, and a
-broken JSONL line is reported with its line number. CSV is read with the csv module, every cell
-as the text it is (pandas would turn "None", "null" and "N/A" into missing values and an
-all-number column into ints). A UTF-8 byte order mark is accepted. Parquet and the hub go
-through `datasets`; so does choosing a folder's split files (its own filename patterns: train.*,
-*-train-*, train/..., never a test or validation file for training).
+Local JSON and JSON Lines go through finetune.data.rows (the json module, not `datasets`: each
+row stays a Python object, bad ones are counted by the format adapters, and a broken JSONL line
+is reported with its line number). CSV is read with the csv module, every cell as the text it is
+(pandas would turn "None", "null" and "N/A" into missing values and an all-number column into
+ints). A UTF-8 byte order mark is accepted. Parquet and the hub go through `datasets`; so does
+choosing a folder's split files (its own filename patterns: train.*, *-train-*, train/..., never
+a test or validation file for training).
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from finetune.data.rows import Rows, read_json_rows
 from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.resources import find_resource, read_user_text, read_yaml_mapping
 
@@ -57,15 +56,6 @@ class Source:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
         return h.hexdigest()
-
-
-@dataclass
-class Rows:
-    """Raw rows with where each came from ('file.jsonl line 7'), and rows lost before parsing."""
-
-    rows: list = field(default_factory=list)
-    where: list[str] = field(default_factory=list)
-    broken: list[tuple[str, str]] = field(default_factory=list)  # (where, message): unparseable JSONL lines
 
 
 def read_card(name: str) -> tuple[dict, Path]:
@@ -168,47 +158,9 @@ def pin_revision(src: Source) -> Optional[str]:
             "as it is (set data.revision to pin a commit)")
 
 
-def _read_text(path: Path) -> str:
-    return read_user_text(path, "data")
-
-
-def _read_jsonl(path: Path, text: str, out: Rows, strict: bool) -> None:
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if strict:
-                raise UsageError(f"{path} line {n} col {e.colno}: invalid JSON ({e.msg})") from None
-            out.broken.append((f"{path} line {n}", e.msg))
-            continue
-        out.rows.append(row)
-        out.where.append(f"{path} line {n}")
-
-
-def _read_json(path: Path, out: Rows, strict: bool) -> None:
-    text = _read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _read_jsonl(path, text, out, strict)  # JSON Lines saved as .json
-        raise UsageError(f"{path} line {e.lineno} col {e.colno}: invalid JSON ({e.msg})") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise UsageError(f"{path}: expected a JSON list of rows (or an object holding one list), got an object")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise UsageError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    out.rows.extend(data)
-    out.where.extend(f"{path} row {i + 1}" for i in range(len(data)))
-
-
 def _read_csv(path: Path, out: Rows) -> None:
     try:
-        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        reader = csv.DictReader(io.StringIO(read_user_text(path, "data"), newline=""))
         for row in reader:
             row.pop(None, None)  # cells beyond the header: no column to name them
             out.rows.append(row)
@@ -245,6 +197,7 @@ def _read_hub(src: Source, out: Rows) -> None:
 
 
 def load_rows(src: Source, strict: bool = False) -> Rows:
+    """Every row of `src`, with where each came from; strict=False counts broken JSONL lines."""
     out = Rows()
     if src.hub_id:
         _read_hub(src, out)
@@ -253,10 +206,8 @@ def load_rows(src: Source, strict: bool = False) -> Rows:
         kind = EXTENSIONS[f.suffix.lower()]
         if not os.access(f, os.R_OK):
             raise UsageError(f"cannot read data {f}: permission denied")
-        if kind == "json":
-            _read_json(f, out, strict)
-        elif kind == "jsonl":
-            _read_jsonl(f, _read_text(f), out, strict)
+        if kind in ("json", "jsonl"):
+            read_json_rows(f, "data", out, strict)
         elif kind == "csv":
             _read_csv(f, out)
         else:

@@ -17,12 +17,12 @@ from finetune.data.pipeline import (
     render_prompt,
     tokenize_conversation,
 )
+from finetune.data.rows import read_json_rows
 from finetune.errors import UsageError
 from finetune.eval.suites import (
     Example,
     TaskSpec,
     example_from_row,
-    read_eval_rows,
     select_rows,
 )
 
@@ -59,7 +59,7 @@ def load_examples(task: TaskSpec, data_cfg: DataConfig, seed: int = 42) -> list[
     if task.format == "eval":
         if task.data_path is None:
             raise UsageError(f"task '{task.name}': format eval needs a file, got '{task.data}'")
-        rows = select_rows(read_eval_rows(task.data_path), task)
+        rows = select_rows(read_json_rows(task.data_path, "eval data").rows, task)
         return [example_from_row(r, f"{task.data_path} row {i + 1}") for i, r in enumerate(rows)]
     # "heldout": the validation rows training set aside (same shuffle seed and val_fraction).
     convs, _ = load_conversations(data_cfg, seed=seed, split="val" if task.rows == "heldout" else "all")

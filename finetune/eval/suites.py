@@ -21,7 +21,6 @@ for multiple choice.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,12 +28,7 @@ from typing import Any, Optional
 from finetune.errors import UsageError, did_you_mean
 from finetune.eval.metrics import check_metric
 from finetune.ranges import check_fields, ranged
-from finetune.resources import (
-    find_resource,
-    list_resources,
-    read_user_text,
-    read_yaml_mapping,
-)
+from finetune.resources import find_resource, list_resources, read_yaml_mapping
 
 TASK_KEYS = ("name", "data", "format", "split", "subset", "rows", "n", "select", "metrics", "generation",
              "system_prompt", "prompt_style", "seq_len", "batch_size", "lm_eval", "num_fewshot", "limit")
@@ -215,27 +209,6 @@ def _is_card(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def read_eval_rows(path: Path) -> list[dict]:
-    """Rows of a .jsonl or .json (list) file, with one-line errors naming file and line."""
-    text = read_user_text(path, "eval data")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"eval data {path} line {e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(rows, list):
-            raise UsageError(f"eval data {path}: expected a JSON list of rows")
-        return rows
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"eval data {path} line {i}: invalid JSON: {e.msg}") from None
-    return rows
 
 
 def example_from_row(row: Any, where: str) -> Example:

@@ -6,7 +6,9 @@ For every layer and expert: `utilisation` = fraction of tokens whose top-k inclu
 (a row sums to k), `top1_share` = fraction of tokens whose first choice is the expert (a row sums
 to 1), and `mean_prob` = the mean router probability. Written as routing.json plus routing.png
 (heatmaps of utilisation and top-1 share). Rows are routed one at a time, so no padding token is
-ever counted; chat-like rows go through the model's chat template, as in training.
+ever counted. Rows are read and turned into conversations by finetune.data (the reader and the
+format adapters training uses, the format told by each row's columns; an answer is optional), and
+conversations go through the model's chat template, as in training.
 """
 
 from __future__ import annotations
@@ -18,32 +20,23 @@ from typing import Optional
 
 import torch
 from matplotlib.figure import Figure
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig
 
+from finetune.data.formats import BadRow, columns_for, detect_format, to_conversation
+from finetune.data.rows import read_json_rows
 from finetune.errors import UsageError
 from finetune.fs import atomic_out_dir, check_out_dir
+from finetune.models.load import load_inference_model, read_tokenizer
 from finetune.moe.routing import router_probs
-from finetune.resources import read_user_text
 from finetune.runtime import inference_device
 
 
 def read_rows(path: str, max_rows: Optional[int] = None) -> list:
-    """The rows of a .json (a list, or an object holding one) or .jsonl file, at most max_rows."""
+    """The rows of a JSON or JSON Lines file (finetune.data.rows says what it may hold), at most max_rows."""
     p = Path(os.path.expanduser(path))
     if not p.is_file():
         raise UsageError(f"report data file not found: {path}")
-    text = read_user_text(p, "report data")
-    try:
-        if p.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)
-            if isinstance(rows, dict):  # {"rows": [...]} / {"data": [...]} wrappers
-                rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON{' lines' if p.suffix == '.jsonl' else ''} ({e})") from None
-    if not isinstance(rows, list):
-        raise UsageError(f"{path} holds a JSON {type(rows).__name__}, not rows (a list, or one object per line)")
+    rows = read_json_rows(p, "report data").rows
     if not rows:
         raise UsageError(f"{path} holds no rows")
     return rows[:max_rows] if max_rows else rows
@@ -64,31 +57,28 @@ def _check_row(row: dict) -> None:
 
 
 def row_text(row, tokenizer) -> str:
-    """One row -> the text the model would see (chat template for conversations when available)."""
+    """One row -> the text the model would see: a row of any training format (finetune.data.formats,
+    the format told by its columns) through the chat template when it is a conversation and the
+    tokenizer has one; an answer is optional (report rows are often eval prompts)."""
     if isinstance(row, str):
         return row
     if not isinstance(row, dict):
         raise UsageError(f"report rows must be strings or objects, got {type(row).__name__}")
     _check_row(row)
-    messages = None
-    if isinstance(row.get("messages"), list):
-        messages = row["messages"]
-    elif isinstance(row.get("conversations"), list):  # sharegpt
-        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-        messages = [{"role": role.get(m.get("from"), "user"), "content": m.get("value", "")}
-                    for m in row["conversations"]]
-    elif "instruction" in row:  # alpaca
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row.get("output", "")}]
-    if messages is not None:
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, tokenize=False)
-        return "\n\n".join(str(m.get("content", "")) for m in messages)
-    if "text" in row:
-        return str(row["text"])
-    if "prompt" in row:
-        return str(row["prompt"]) + str(row.get("completion", row.get("response", "")))
-    raise UsageError(f"report row has none of text, messages, conversations, instruction, prompt: {list(row)[:5]}")
+    fmt = detect_format(row)
+    if fmt is None:
+        raise UsageError(f"report row has none of text, messages, conversations, instruction, prompt: {list(row)[:5]}")
+    try:
+        conv = to_conversation(row, fmt, columns_for(fmt), answered=False)
+    except BadRow as e:
+        field_part = f" field '{e.field}'" if e.field else ""
+        raise UsageError(f"report row{field_part} {e.reason}{': ' + e.detail if e.detail else ''}") from None
+    if conv.text is not None:
+        return conv.text
+    messages = conv.chat()
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tools=conv.tools, tokenize=False)
+    return "\n\n".join(str(m.get("content", "")) for m in messages)
 
 
 def routing_stats(model, tokenizer, texts: list[str], max_tokens: int = 512) -> dict:
@@ -152,8 +142,8 @@ def routing_report(moe_dir: str, data: str, out_dir: str, max_rows: Optional[int
         raise UsageError(f"report: {moe_dir} is a {cfg.model_type} model, not a MoE (no num_local_experts)")
     check_out_dir(out_dir, overwrite)
     rows = read_rows(data, max_rows)
-    tokenizer = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(inference_device())
+    tokenizer = read_tokenizer(d)
+    model = load_inference_model(d, torch.float32, inference_device())
     stats = routing_stats(model, tokenizer, [row_text(r, tokenizer) for r in rows], max_tokens)
     names = None
     if (d / "moe_info.json").is_file():

@@ -1,6 +1,6 @@
 import pytest
 
-from finetune.data.formats import BadRow, Conversation, columns_for, to_conversation
+from finetune.data.formats import BadRow, Conversation, columns_for, detect_format, to_conversation
 from finetune.errors import UsageError
 
 
@@ -80,3 +80,38 @@ def test_bad_rows_have_reasons(row, fmt, reason):
     with pytest.raises(BadRow) as e:
         conv(row, fmt)
     assert e.value.reason == reason
+
+
+# --------------------------------------------------------------------------- rows of any format, maybe unanswered
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"messages": [], "text": "t"}, "messages"), ({"conversations": []}, "sharegpt"),
+    ({"instruction": "i", "text": "t"}, "alpaca"), ({"text": "t", "prompt": "p"}, "text"),
+    ({"prompt": "p"}, "prompt_completion"), ({"messages": None, "text": "t"}, "text"), ({"answer": "a"}, None),
+])
+def test_detect_format_by_column(row, fmt):
+    assert detect_format(row) == fmt
+
+
+def test_unanswered_rows_keep_their_prompt():
+    def prompt(row):
+        fmt = detect_format(row)
+        return to_conversation(row, fmt, columns_for(fmt), answered=False)
+
+    c = prompt({"instruction": "Add", "input": "1 and 2"})
+    assert c.messages == [{"role": "user", "content": "Add\n\n1 and 2", "instruction": "Add", "input": "1 and 2"}]
+    assert prompt({"prompt": "p", "system": "S"}).chat() == [{"role": "system", "content": "S"},
+                                                            {"role": "user", "content": "p"}]
+    c = prompt({"conversations": [{"from": "system", "value": "S"}, {"from": "bing", "value": "hi"},
+                                  {"from": "human", "value": "q"}, {"from": "observation", "value": "o"}]})
+    assert c.system == "S" and [m["role"] for m in c.messages] == ["assistant", "user", "tool"]  # nothing trimmed
+    c = prompt({"messages": [{"role": "user", "content": "q"}], "answer": "4"})
+    assert c.messages == [{"role": "user", "content": "q"}]
+    assert prompt({"prompt": "p", "completion": "c"}).messages[-1] == {"role": "assistant", "content": "c"}
+    with pytest.raises(BadRow, match="wrong type: output"):
+        prompt({"instruction": "Add", "output": 3})  # an answer that is there is still checked
+    with pytest.raises(BadRow, match="unknown role"):
+        prompt({"conversations": [{"from": "robot", "value": "x"}]})
+    with pytest.raises(BadRow, match="no assistant turn"):  # training still needs the answer
+        to_conversation({"messages": [{"role": "user", "content": "q"}]}, "messages", columns_for("messages"))
