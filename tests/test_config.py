@@ -99,7 +99,7 @@ def test_bad_recipe_files(tmp_path, text, expect):
 
 
 def test_command_args_are_parsed_like_the_config():
-    from finetune.merge import Args
+    from finetune.commands.merge import Args
 
     args = build(Args, {"adapters": "[a,b]", "weights": "[0.5,0.5]", "method": "ties", "density": "0.5"})
     assert args == Args(adapters=["a", "b"], weights=[0.5, 0.5], method="ties", density=0.5)

@@ -1,6 +1,6 @@
 """Evaluation: suites of held-out tasks scored on base, adapter, merged and MoE checkpoints.
 
-`finetune eval ...` is `finetune.eval.run`; training calls `run_suite_after_training`.
+`finetune eval ...` calls `evaluate`; training calls `run_suite_after_training`.
 """
 
 from finetune.eval.run import evaluate, run_suite_after_training

@@ -1,6 +1,5 @@
-"""`finetune eval`: score base models, adapters, merged and MoE checkpoints on one suite.
-
-    finetune eval suite=tiny models=[base,out/tiny-lora/final] out_dir=out/eval
+"""Score base models, adapters, merged and MoE checkpoints on one suite: `finetune eval`, and
+the recipe's suite after training (`run_suite_after_training`).
 
 Models are evaluated one at a time (only one is in memory); each runs every task of the suite.
 Adapters on one base share one load of it (finetune.eval.checkpoints.Loader). Off a terminal
@@ -14,9 +13,8 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from finetune.config import Config, DataConfig
 from finetune.errors import FinetuneError, UsageError, first_line
@@ -33,56 +31,7 @@ from finetune.eval.prompting import (
 from finetune.eval.scorecard import build_scorecard, write_scorecard
 from finetune.eval.suites import load_suite
 from finetune.fs import atomic_write, check_apart
-from finetune.ranges import ranged
-from finetune.resources import list_resources
 from finetune.runtime import inference_device, inference_dtype
-
-
-@dataclass
-class Args:
-    suite: Optional[str] = None
-    """Eval suite: a name from eval/ (tiny, demo, alpaca-heldout, ...) or a path to a suite YAML."""
-    models: list[str] = field(default_factory=lambda: ["base"])
-    """Checkpoints to compare, as columns: base (the adapters' base model), adapter dirs, merged or
-    MoE model dirs, hub ids or aliases. E.g. [base,out/run/final,out/merged]."""
-    out_dir: str = "out/eval"
-    """Where scores.json, scores.md, scores.png and generations/ go."""
-    recipe: Optional[str] = None
-    """Training recipe whose data settings (system_prompt, prompt_style) render the prompts, so
-    they match training; data.* keys can be overridden too."""
-    base_model: Optional[str] = None
-    """The base model, when it cannot be read from an adapter (or to check adapters against it)."""
-    base: Optional[str] = None
-    """Load every adapter onto this base instead of the one it records (a moved base, a hub id)."""
-    data: Optional[str] = None
-    """Replace every task's data: a local file (e.g. ../shared/data/alpaca/alpaca_cleaned_1000.json)
-    or a dataset card; the task's format applies."""
-    n: Optional[int] = ranged(None, ge=1, hint="(null = every row)")
-    """Use at most this many rows per task."""
-    max_new_tokens: Optional[int] = ranged(None, ge=1)
-    """Override the suite's generation length."""
-    batch_size: Optional[int] = ranged(None, ge=1)
-    """Override the batch size of loss, choice and generation batches."""
-    device: str = "auto"
-    """auto (cuda when available), cpu, cuda, cuda:1, ..."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
-    overwrite: bool = False
-    """Allow writing into an out_dir that already holds a scorecard."""
-    progress: bool = True
-    """Show progress bars."""
-
-
-def run(args: Args, cfg: Optional[Config] = None) -> int:
-    if not args.suite:
-        raise UsageError(f"no suite given: finetune eval suite=NAME models=[...]; suites: "
-                         f"{', '.join(list_resources('eval'))}")
-    evaluate(args.suite, args.models, args.out_dir, data_cfg=cfg.data if cfg is not None else None,
-             base_model=args.base_model, base=args.base, data=args.data, n=args.n,
-             max_new_tokens=args.max_new_tokens,
-             batch_size=args.batch_size, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-             show=args.progress, seed=cfg.train.seed if cfg is not None else 42)
-    return 0
 
 
 def run_suite_after_training(suite: str, adapter_dir, out_dir, cfg: Optional[Config] = None) -> dict:
@@ -107,8 +56,6 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     """Run a suite on several checkpoints and write the scorecard; returns scores.json's content."""
     suite = load_suite(suite_name, data=data, n=n, max_new_tokens=max_new_tokens)
     if batch_size is not None:
-        if batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         for t in suite.tasks:
             t.batch_size = t.generation.batch_size = batch_size
     check_apart(out_dir, [("model", m) for m in models] + [("data file", data), ("base model", base_model)])

@@ -5,13 +5,11 @@ import logging
 
 import pytest
 import torch
-import yaml
 from tiny_peft import random_lora_adapter
 
 from finetune.errors import UsageError
 from finetune.models.tiny import BYTE_OFFSET, make_tiny_model
 from finetune.moe.build import build_moe
-from finetune.moe.command import Args, run
 from finetune.moe.routing import (
     load_balancing_loss,
     router_probs,
@@ -232,34 +230,6 @@ def test_refusals(tiny_model, adapters, tmp_path):
     (tmp_path / "full" / "x").write_text("keep")
     with pytest.raises(UsageError, match="not empty"):
         build_moe(spec(tiny_model, [src, src], gate_mode="random"), str(tmp_path / "full"))
-
-
-def test_cli_builds_from_yaml_and_reports(tiny_model, adapters, tmp_path):
-    import finetune.cli as cli
-
-    cfg = {"base_model": str(tiny_model), "gate_mode": "cheap_embed", "experts_per_token": 1,
-           "experts": [{"adapter": str(adapters["a"]), "positive_prompts": ["code: def"]},
-                       {"adapter": str(adapters["b"]), "positive_prompts": ["math: 1+1"]}]}
-    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(cfg))
-    assert cli.run(["moe", f"config={tmp_path / 'moe.yaml'}", f"out_dir={tmp_path / 'moe'}"]) == 0
-    assert (tmp_path / "moe" / "mergekit_moe_config.yml").is_file()
-    rows = [{"text": "def f(): return 1"}, {"messages": [{"role": "user", "content": "1+1?"},
-                                                         {"role": "assistant", "content": "2"}]},
-            {"instruction": "add", "input": "2 and 3", "output": "5"}]
-    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert run(Args(report=str(tmp_path / "moe"), data=str(tmp_path / "eval.jsonl"),
-                    out_dir=str(tmp_path / "rep"))) == 0
-    stats = json.loads((tmp_path / "rep" / "routing.json").read_text())
-    assert stats["layers"] == 2 and stats["experts"] == 2 and stats["top_k"] == 1 and stats["rows"] == 3
-    for layer in range(2):
-        assert sum(stats["utilisation"][layer]) == pytest.approx(1.0)
-        assert sum(stats["top1_share"][layer]) == pytest.approx(1.0)
-        assert sum(stats["mean_prob"][layer]) == pytest.approx(1.0, abs=1e-4)
-    assert (tmp_path / "rep" / "routing.png").stat().st_size > 1000
-    with pytest.raises(UsageError, match="not a MoE"):
-        run(Args(report=str(tiny_model), data=str(tmp_path / "eval.jsonl"), out_dir=str(tmp_path / "rep2")))
-    with pytest.raises(UsageError, match="exactly one of"):
-        run(Args(out_dir=str(tmp_path / "x")))
 
 
 # --------------------------------------------------------------------------- load balancing

@@ -13,7 +13,6 @@ import pytest
 from finetune.config import load_config
 from finetune.errors import UsageError
 from finetune.plan.predict import GiB, auto_micro_batch, max_micro_batch, max_seq_len, parse_bytes, predict
-from finetune.plan.command import Args, run
 from finetune.plan.shapes import model_shape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,29 +134,6 @@ def test_fsdp_shards_ddp_replicates():
     assert fsdp.peak_bytes < ddp.peak_bytes
 
 
-def test_json_output(capsys):
-    cfg = cfg_of()
-    assert run(Args(recipe="qlora-7b-alpaca", gpu_memory="12GiB", format="json"), cfg) == 0
-    out = json.loads(capsys.readouterr().out)
-    for key in ("peak_bytes", "parts", "fits", "budget_bytes", "max_micro_batch", "max_seq_len"):
-        assert key in out
-    assert out["budget_bytes"] == 12 * GiB
-    assert out["fits"] is True and out["max_micro_batch"] >= 2 and out["max_seq_len"] >= 1024
-
-
-def test_cli_acceptance(capsys):
-    from finetune.cli import run as cli_run
-
-    assert cli_run(["plan", "recipe=qlora-7b-alpaca", "gpu_memory=12GiB", "format=json"]) == 0
-    assert json.loads(capsys.readouterr().out)["peak_bytes"] == predict(cfg_of("qlora-7b-alpaca")).peak_bytes
-
-
-def test_table_output(capsys):
-    run(Args(recipe="qlora-7b-alpaca"), cfg_of())
-    text = capsys.readouterr().out
-    assert "quantized weights" in text and "largest micro-batch" in text
-
-
 def test_unknown_model_suggests():
     with pytest.raises(UsageError, match=r"unknown model 'meta-llama/Llama-2-7b'.*did you mean.*Llama-2-7b"):
         model_shape("meta-llama/Llama-2-7b")
@@ -170,8 +146,6 @@ def test_usage_errors():
         parse_bytes("twelve")
     with pytest.raises(UsageError, match="target_modules"):
         predict(cfg_of(lora__target_modules="[q_porj]"))
-    with pytest.raises(UsageError, match="slack"):
-        run(Args(recipe="qlora-7b-alpaca", slack=1.5), cfg_of())
 
 
 def test_parse_bytes():
@@ -295,10 +269,3 @@ def test_mlp_tiling_changes_nothing_for_a_micro_batch_of_one_tile():
     moe_tiles = cfg_of("qlora-8b-sharegpt", model__name="mistralai/Mixtral-8x7B-v0.1", data__seq_len=8192,
                        train__mlp_tile_size=1024)
     assert predict(moe_tiles).parts == predict(moe).parts  # MoE blocks are not tiled
-
-
-def test_table_suggests_mlp_tiling(capsys):
-    run(Args(recipe="qlora-8b-sharegpt"), cfg_of("qlora-8b-sharegpt"))
-    assert "with train.mlp_tile_size=2048: largest seq_len" in capsys.readouterr().out
-    run(Args(recipe="qlora-8b-longctx"), cfg_of("qlora-8b-longctx"))
-    assert "with train.mlp_tile_size" not in capsys.readouterr().out

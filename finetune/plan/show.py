@@ -1,42 +1,20 @@
-"""`finetune plan`: print the prediction as a table or JSON; `measure=true` checks it on this machine.
+"""What `finetune plan` prints: the prediction as an itemised table per device and, with
+`measure=true`, two real training steps on this machine measured beside it.
 
-Importing this module must not import torch (tests/plan/test_predict.py checks it): only
-`measure=true` loads torch, through finetune.plan.measure.
+Importing this module must not import torch (`finetune plan` without measure never loads it):
+the device probe and the measurement (finetune.plan.measure) are imported inside the functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
-from typing import Literal, Optional
 
 from rich.console import Console
 from rich.table import Table
 
 from finetune.errors import UsageError
-from finetune.plan.predict import CUDA_CONTEXT_BYTES, GiB, MiB, parse_bytes, report
+from finetune.plan.predict import CUDA_CONTEXT_BYTES, GiB, MiB
 from finetune.plan.shapes import model_shape
-from finetune.ranges import check_ranges, ranged
-
-
-@dataclass
-class Args:
-    recipe: Optional[str] = None
-    """Recipe to plan (name from recipes/ or a path; default: the built-in defaults). Other
-    key=value pairs override its fields, e.g. devices=4 strategy=fsdp data.seq_len=4096."""
-    gpu_memory: str = "12GiB"
-    """Memory budget per GPU: 12GiB, 24GB, 16000MiB or a number of bytes."""
-    format: Literal["table", "json"] = "table"
-    """table (human readable) or json (one object with peak_bytes and the itemised parts)."""
-    slack: float = ranged(0.10, ge=0, lt=1)
-    """Allocator slack / fragmentation added on top of what torch allocates, as a fraction."""
-    measure: bool = False
-    """Also run two real training steps (synthetic packed tokens) on this machine's device, CPU
-    or GPU, and print the measured peak next to the prediction for that device. JSON then has
-    predicted_/measured_static_bytes (weights, quantization constants, LoRA, optimizer state)
-    and predicted_/measured_peak_bytes (GPU: reserved + CUDA context vs the whole prediction;
-    CPU: torch's allocated peak vs the prediction without context and slack)."""
 
 
 def _gib(n: int) -> str:
@@ -44,6 +22,7 @@ def _gib(n: int) -> str:
 
 
 def print_table(rep: dict) -> None:
+    """`rep` (finetune.plan.predict.report) as a table of parts, the verdict and the largest fits."""
     title = (f"{rep['model']} · {rep['quant']} · {rep['devices']} device(s) {rep['strategy']} · "
              f"micro-batch {rep['micro_batch']} x seq {rep['seq_len']} · per device")
     rows = [(k.replace("_", " "), _gib(v), rep["notes"].get(k, "")) for k, v in rep["parts"].items()]
@@ -72,30 +51,31 @@ def print_table(rep: dict) -> None:
         console.print(line)
 
 
-def run(args: Args, cfg) -> int:
-    check_ranges(args)  # the CLI built Args checked; this is for Args made in Python
-    budget = parse_bytes(args.gpu_memory)
-    if args.measure:
-        cfg = _measured_device_cfg(cfg)
-    rep = report(cfg, budget, args.slack)
-    if args.measure:
-        rep["measured"] = _measure(cfg, rep)
-        rep.update(_measured_summary(rep))
-    if args.format == "json":
-        print(json.dumps(rep, indent=2))
-    else:
-        print_table(rep)
-        if args.measure:
-            _print_measured(rep)
-    return 0
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def print_measured(rep: dict) -> None:
+    """The measured step against the prediction (`rep` after add_measurement)."""
+    m = rep["measured"]
+    print(f"static (weights, quantization constants, LoRA, optimizer state): predicted "
+          f"{_size(rep['predicted_static_bytes'])}, measured {_size(rep['measured_static_bytes'])}")
+    print(f"measured on {m['device']}, one training step at micro-batch {m['micro_batch']} x seq {m['seq_len']} "
+          f"({m['step_seconds']:.1f} s): torch allocated peak {_size(m['peak_allocated_bytes'])}, "
+          f"predicted {_size(m['predicted_allocated_bytes'])} (without CUDA context and slack): "
+          f"error {100 * m['error']:+.1f}%")
+    if "peak_reserved_bytes" in m:
+        print(f"reserved peak + CUDA context {_size(m['peak_with_context_bytes'])} vs predicted peak: "
+              f"error {100 * m['error_with_context_and_slack']:+.1f}%")
 
 
 # --------------------------------------------------------------------------- measure=true
 
 CPU_MEASURE_MAX_PARAMS = 2_000_000_000  # beyond this a CPU step takes too long to be a check
+STATIC_PARTS = ("quantized_weights", "base_weights", "unquantized_weights", "lora_params", "optimizer_state")
 
 
-def _measured_device_cfg(cfg):
+def measured_device_cfg(cfg):
     """cfg with accelerator set to the device the measurement will run on, so the prediction it is
     compared with is for that device (dtype, dropout masks, CPU attention, no CUDA context)."""
     from finetune.runtime import (  # torch: loaded only when measure=true asks for it
@@ -111,7 +91,11 @@ def _measured_device_cfg(cfg):
     return dataclasses.replace(cfg, accelerator=device.type, precision=planned_precision(cfg, device))
 
 
-STATIC_PARTS = ("quantized_weights", "base_weights", "unquantized_weights", "lora_params", "optimizer_state")
+def add_measurement(cfg, rep: dict) -> None:
+    """Measure a training step of `cfg` at the report's micro-batch and seq_len; add it to `rep`
+    as `measured`, with the four numbers it is for side by side."""
+    rep["measured"] = _measure(cfg, rep)
+    rep.update(_measured_summary(rep))
 
 
 def _measured_summary(rep: dict) -> dict:
@@ -140,20 +124,3 @@ def _measure(cfg, rep: dict) -> dict:
         m["peak_with_context_bytes"] = m["peak_reserved_bytes"] + m.get("context_bytes", CUDA_CONTEXT_BYTES)
         m["error_with_context_and_slack"] = round(rep["peak_bytes"] / m["peak_with_context_bytes"] - 1, 4)
     return m
-
-
-def _size(n: int) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
-
-
-def _print_measured(rep: dict) -> None:
-    m = rep["measured"]
-    print(f"static (weights, quantization constants, LoRA, optimizer state): predicted "
-          f"{_size(rep['predicted_static_bytes'])}, measured {_size(rep['measured_static_bytes'])}")
-    print(f"measured on {m['device']}, one training step at micro-batch {m['micro_batch']} x seq {m['seq_len']} "
-          f"({m['step_seconds']:.1f} s): torch allocated peak {_size(m['peak_allocated_bytes'])}, "
-          f"predicted {_size(m['predicted_allocated_bytes'])} (without CUDA context and slack): "
-          f"error {100 * m['error']:+.1f}%")
-    if "peak_reserved_bytes" in m:
-        print(f"reserved peak + CUDA context {_size(m['peak_with_context_bytes'])} vs predicted peak: "
-              f"error {100 * m['error_with_context_and_slack']:+.1f}%")

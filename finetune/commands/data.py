@@ -1,0 +1,44 @@
+"""`finetune data recipe=... [n=3]`: look at the training data before spending GPU hours.
+
+Shows n rendered examples with the trained tokens highlighted, then the statistics: rows
+loaded, rows dropped per reason, tokens, trained-token fraction, truncation, packing efficiency
+(finetune.data.show). With dump=PATH every training example is also written to PATH as a JSON
+line (see finetune.data.dump).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from rich.console import Console
+
+from finetune.data.dump import check_dump_path, dump_examples
+from finetune.data.pipeline import prepare
+from finetune.data.show import show_data
+from finetune.models.load import load_tokenizer
+from finetune.ranges import ranged
+
+
+@dataclass
+class Args:
+    recipe: Optional[str] = None
+    """Recipe whose data section to preview (name from recipes/ or a path); data.* keys override it."""
+    n: int = ranged(3, ge=0)
+    """How many rendered training examples to show."""
+    dump: Optional[str] = None
+    """Write every training example (packing undone) to this file, one JSON object a line:
+    text, input_ids, labels and trained (the decoded trained segments)."""
+
+
+def run(args: Args, cfg) -> int:
+    if args.dump:
+        check_dump_path(args.dump)  # before the data is read: a bad path fails fast
+    console = Console()
+    tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
+    bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=cfg.output.progress)
+    show_data(console, tokenizer, bundle, args.n)
+    if args.dump:
+        n = dump_examples(bundle.train, tokenizer, args.dump)
+        console.print(f"wrote {n:,} training examples to {args.dump}")
+    return 0
