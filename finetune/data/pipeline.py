@@ -347,9 +347,7 @@ def code_fingerprint() -> str:
 
 def cache_key(data_cfg, tokenizer, seed: int, src: Optional[Source] = None) -> str:
     src = src or resolve(data_cfg)
-    card = None
-    if data_cfg.card:
-        card = read_card(data_cfg.card)[0]
+    card = dataclasses.asdict(read_card(data_cfg.card)[0]) if data_cfg.card else None
     relevant = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("cache", "num_proc")}
     parts = [CACHE_VERSION, code_fingerprint(), get_renderer(tokenizer, data_cfg).used,
              src.fingerprint(), tokenizer_fingerprint(tokenizer),
