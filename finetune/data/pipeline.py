@@ -39,7 +39,7 @@ from finetune.errors import UsageError
 from finetune.fs import atomic_file, cache_root
 
 CACHE_VERSION = "2"
-CODE_FILES = ("formats.py", "styles.py", "tokenize.py", "pack.py", "sources.py", "pipeline.py")
+CODE_FILES = ("formats.py", "styles.py", "templates.py", "tokenize.py", "pack.py", "sources.py", "pipeline.py")
 CHUNK = 2000            # conversations per tokenization task
 PARALLEL_MIN = 4000     # below this many conversations a process pool costs more than it saves
 

@@ -9,7 +9,8 @@ import yaml
 from tiny_peft import random_lora_adapter
 
 from finetune.errors import UsageError
-from finetune.models.tiny import BYTE_OFFSET, make_tiny_model
+from finetune.models.tiny import make_tiny_model
+from finetune.models.tiny_spec import BYTE_OFFSET
 from finetune.moe.build import build_moe
 from finetune.moe.command import Args, run
 from finetune.moe.routing import (
