@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from finetune.data.formats import ROLES, Format
 from finetune.errors import UsageError
 from finetune.ranges import ranged
 from finetune.resources import find_resource, read_yaml_mapping
@@ -22,9 +23,6 @@ from finetune.typed import instantiate, parse_args, read_mapping
 # Sequences per optimizer step: beyond this, accumulation runs to millions of micro-batches per step
 # (a typo'd 10**7), which no fine-tune wants; pretraining-scale batches stay far below it.
 MAX_GLOBAL_BATCH = 65536
-
-Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion"]
-
 
 @dataclass
 class ModelConfig:
@@ -274,8 +272,6 @@ def validate(cfg: Config) -> None:
     for key in ("target_modules", "modules_to_save"):
         if any(not str(name).strip() for name in getattr(cfg.lora, key)):
             raise UsageError(f"lora.{key} has an empty module name: {getattr(cfg.lora, key)}")
-    from finetune.data.formats import ROLES  # no torch: the data layer's own role names
-
     bad_role = next((f"{k}: {v}" for k, v in cfg.data.roles.items() if v not in ROLES), None)
     if bad_role:
         raise UsageError(f"data.roles maps to a role that does not exist ({bad_role}); roles are {', '.join(ROLES)}")

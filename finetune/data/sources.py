@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from finetune.config import Format
+from finetune.data.formats import Format
 from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.resources import find_resource, read_user_text, read_yaml_mapping
 from finetune.typed import parse_mapping

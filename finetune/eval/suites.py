@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from finetune.config import Format
+from finetune.data.formats import Format
 from finetune.errors import UsageError, did_you_mean
 from finetune.eval.metrics import check_metric
 from finetune.ranges import ranged
