@@ -24,6 +24,7 @@ from finetune.typed import instantiate, parse_args, read_mapping
 # (a typo'd 10**7), which no fine-tune wants; pretraining-scale batches stay far below it.
 MAX_GLOBAL_BATCH = 65536
 
+
 @dataclass
 class ModelConfig:
     """model.*: the base checkpoint and how transformers loads it."""
