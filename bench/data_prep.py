@@ -2,9 +2,10 @@
 
 The 1,000 shared Alpaca rows (../shared/data) are replicated 52 times with varied text (each copy
 gets its own numbered wording and word order), so no two rows are identical. Measures
-`finetune.data.prepare` end to end (read, convert, tokenize + mask in a process pool, pack, write
-the cache), then again from the cache, on the tiny byte tokenizer and on SmolLM2's 49k-vocab
-tokenizer (via finetune.models.load, when it loads). Targets: <= 30 s cold on 2 cores, <= 3 s cached.
+`finetune.data.pipeline.prepare` end to end (read, convert, tokenize + mask in a process pool,
+pack, write the cache), then again from the cache, on the tiny byte tokenizer and on SmolLM2's
+49k-vocab tokenizer (via finetune.models.load, when it loads). Targets: <= 30 s cold on 2 cores,
+<= 3 s cached.
 
     python bench/data_prep.py [--rows 52000]
 """

@@ -259,7 +259,8 @@ def worker_baseline(spec: dict) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from finetune.data import BatchStream, prepare
+    from finetune.data.pipeline import prepare
+    from finetune.data.stream import BatchStream
     from finetune.models.load import load_tokenizer
 
     ctx = cap_memory(spec)

@@ -19,10 +19,11 @@ from typing import Optional
 from jsonargparse import DefaultHelpFormatter
 
 from finetune.commands import COMMANDS, module_name
-from finetune.config import Config, build, field_paths, load_config, make_parser, split_overrides, to_yaml
+from finetune.config import Config, load_config, to_yaml
 from finetune.errors import FinetuneError, UsageError, did_you_mean
 from finetune.fs import cache_error
 from finetune.resources import find_resource, list_resources, read_yaml_mapping
+from finetune.typed import build, field_paths, make_parser, split_overrides
 
 FLAGS = ["--help", "-h", "--print_config", "--debug"]
 

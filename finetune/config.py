@@ -1,37 +1,28 @@
 """The one typed config: a recipe YAML is a serialized `Config`; `key=value` overrides patch it.
 
-Field docstrings are what `finetune --help` prints, so they are written for users.
-Parsing and type checking are jsonargparse's (`key=value` becomes its `--key=value`); this module
-adds recipe lookup, did-you-mean for unknown keys, the allowed set for a bad enumerated value, and
-one-line errors that say where the bad input came from (command line or recipe file).
+Field docstrings are what `finetune --help` prints, so they are written for users. Parsing, type
+checking and the one-line messages are finetune.typed's (the same for every settings file); this
+module holds the settings, recipe lookup and the checks across settings (`validate`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import json
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from jsonargparse import ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 
-from finetune.errors import UsageError, did_you_mean
-from finetune.ranges import check_ranges, ranged
+from finetune.data.formats import ROLES, Format
+from finetune.errors import UsageError
+from finetune.ranges import ranged
 from finetune.resources import find_resource, read_yaml_mapping
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the help
+from finetune.typed import instantiate, parse_args, read_mapping
 
 # Sequences per optimizer step: beyond this, accumulation runs to millions of micro-batches per step
 # (a typo'd 10**7), which no fine-tune wants; pretraining-scale batches stay far below it.
 MAX_GLOBAL_BATCH = 65536
-
-Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion"]
 
 
 @dataclass
@@ -260,158 +251,13 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-# --------------------------------------------------------------------------- key=value parsing
-
-
-def field_paths(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Every settable dotted key of a dataclass -> its type (nested dataclasses are sections)."""
-    out = {}
-    for name, tp in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            out.update(field_paths(tp, f"{prefix}{name}."))
-        else:
-            out[prefix + name] = tp
-    return out
-
-
-def choices(tp: Any) -> tuple:
-    """The values an enumerated field takes: a Literal's, also inside Optional or list; else ()."""
-    if typing.get_origin(tp) is Literal:
-        return typing.get_args(tp)
-    inner = [a for a in typing.get_args(tp) if a is not type(None)]
-    return choices(inner[0]) if typing.get_origin(tp) in (Union, list) and len(inner) == 1 else ()
-
-
-def check(cls: type, values: dict[str, Any], where: str) -> None:
-    """Refuse an unknown key (with did-you-mean) or a value outside an enumerated field's set.
-
-    jsonargparse would refuse both, but 4.41 (the newest litgpt allows) reports a bad Literal
-    string only as "Cannot take a Union of no types", so the allowed set is named here.
-    """
-    types = field_paths(cls)
-    sections = {k.rsplit(".", 1)[0] for k in types if "." in k}  # `model={...}` or a YAML file
-    for key, value in _flatten(values, set(types)).items():
-        key = key.removesuffix("+")  # `lora.target_modules+=o_proj` appends (jsonargparse's syntax)
-        if key not in types and key not in sections:
-            raise UsageError(f"{where}: unknown key '{key}'{did_you_mean(key, types)}")
-        allowed = choices(types.get(key))
-        for v in value if isinstance(value, list) else [value]:
-            if allowed and v is not None and v not in allowed:
-                raise UsageError(f"{where}: {key} must be one of {', '.join(map(str, allowed))}, got {v!r}")
-
-
-def _flatten(d: dict, leaves: set[str], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}; a dict-valued field (data.columns) stays whole."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key not in leaves:
-            out.update(_flatten(v, leaves, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def split_overrides(args: list[str]) -> dict[str, str]:
-    """['a.b=1', 'c=[x,y]'] -> {'a.b': '1', 'c': '[x,y]'} with a one-line error for anything else."""
-    out = {}
-    for a in args:
-        key, sep, value = a.partition("=")
-        key = key.strip().lstrip("-")
-        if not sep or not key:
-            raise UsageError(f"expected key=value, got '{a}'")
-        if key in out:  # the last would silently win (and a second `+=` drop the first)
-            shown, hint = (f"{key}=", f"; append several at once: {key}=[a,b]") if key.endswith("+") else (key, "")
-            raise UsageError(f"{shown} is given twice ('{out[key]}' and '{value}'){hint}")
-        out[key] = value
-    return out
-
-
-def to_argv(values: dict[str, Any]) -> list[str]:
-    """Our key=value in jsonargparse's syntax: {'train.lr': '1e-4'} -> ['--train.lr=1e-4'].
-    Values that are not strings (the Python API allows them) go as JSON, which is YAML too."""
-    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
-
-
-def parse_value(raw: Any) -> Any:
-    """A command-line value as YAML (3, 0.1, true, null, [a,b], {k: v}), for `check`."""
-    if not isinstance(raw, str) or raw == "":
-        return raw
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def make_parser(cls: type, **kwargs) -> ArgumentParser:
-    """The jsonargparse parser of dataclass `cls`: its fields as --dotted.keys, docstrings as help."""
-    parser = ArgumentParser(exit_on_error=False, default_env=False, **kwargs)
-    parser.add_class_arguments(cls, nested_key=None, as_group=False, fail_untyped=False)
-    return parser
-
-
-_parser = functools.lru_cache(maxsize=None)(make_parser)  # built once per class: ~0.2 s each
-
-
-@contextlib.contextmanager
-def _refused_as(where: str):
-    """jsonargparse's refusal as one UsageError line (its messages span lines)."""
-    try:
-        yield
-    except ArgumentError as e:
-        raise UsageError(f"{where}: {_plain(' '.join(str(e).split()))}") from e
-
-
-_TYPE_WORDS = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false",
-               "list": "a list like [a,b]", "dict": "a mapping like {key: value}", "NoneType": "null"}
-
-
-def _plain(message: str) -> str:
-    """jsonargparse's 'Parser key "train.lr": Expected a <class 'float'>. Got value: fast' in words:
-    'train.lr: expected a finite number, got 'fast''; a Union's refusal names each alternative."""
-    m = re.fullmatch(r"Parser key \"([^\"]+)\": Expected a <class '(\w+)'>\. Got value: (.*)", message)
-    if m and m.group(2) in _TYPE_WORDS:
-        return f"{m.group(1)}: expected {_TYPE_WORDS[m.group(2)]}, got '{m.group(3)}'"
-    m = re.fullmatch(r"Parser key \"([^\"]+)\": Unable to load config '(.*?)'.*", message)
-    if m:
-        return f"{m.group(1)}: expected a mapping like {{key: value}} or a YAML file, got '{m.group(2)}'"
-    m = re.fullmatch(r"Parser key \"([^\"]+)\": Does not validate against any of the Union subtypes "
-                     r"Subtypes: \[(.*?)\] Errors: .* Given value: (.*)", message)
-    if m:
-        alternatives = re.findall(r"<class '(\w+)'>|Literal\[([^\]]*)\]", m.group(2))
-        words = [_TYPE_WORDS.get(cls, cls) if cls else literal for cls, literal in alternatives]
-        return f"{m.group(1)}: expected {' or '.join(words)}, got '{m.group(3)}'"
-    return message
-
-
-def _parse(cls: type, values: dict[str, Any], where: str, base: Optional[Namespace] = None) -> Namespace:
-    check(cls, {k: parse_value(v) for k, v in values.items()}, where)
-    with _refused_as(where):
-        return _parser(cls).parse_args(to_argv(values), namespace=base)
-
-
-def _instantiate(cls: type, ns: Namespace):
-    init = _parser(cls).instantiate_classes(ns)  # nested sections come back as dataclasses
-    obj = cls(**{f.name: init[f.name] for f in dataclasses.fields(cls)})
-    check_ranges(obj)  # every built config and sub-command Args: the ranges its fields declare
-    return obj
-
-
-def build(cls: type, values: dict[str, Any], where: str = "command line"):
-    """Dataclass `cls` from dotted key=value strings, parsed and type-checked by jsonargparse."""
-    return _instantiate(cls, _parse(cls, values, where))
-
-
 def load_config(recipe: Optional[str], overrides: dict[str, Any]) -> Config:
     """Recipe YAML (if any) + key=value overrides (strings, as typed) -> validated Config."""
     base = None
     if recipe:
         path = find_resource("recipes", recipe)
-        data = read_yaml_mapping(path, "recipe")
-        check(Config, data, f"recipe {path}")
-        with _refused_as(f"recipe {path}"):
-            base = _parser(Config).parse_object(data)
-    cfg = _instantiate(Config, _parse(Config, overrides, "command line", base))
+        base = read_mapping(Config, read_yaml_mapping(path, "recipe"), f"recipe {path}")
+    cfg = instantiate(Config, parse_args(Config, overrides, "command line", base))
     validate(cfg)
     return cfg
 
@@ -427,8 +273,6 @@ def validate(cfg: Config) -> None:
     for key in ("target_modules", "modules_to_save"):
         if any(not str(name).strip() for name in getattr(cfg.lora, key)):
             raise UsageError(f"lora.{key} has an empty module name: {getattr(cfg.lora, key)}")
-    from finetune.data.formats import ROLES  # no torch: the data layer's own role names
-
     bad_role = next((f"{k}: {v}" for k, v in cfg.data.roles.items() if v not in ROLES), None)
     if bad_role:
         raise UsageError(f"data.roles maps to a role that does not exist ({bad_role}); roles are {', '.join(ROLES)}")

@@ -18,9 +18,8 @@ import dataclasses
 import math
 import operator
 import re
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 from finetune.errors import UsageError
 
@@ -93,47 +92,3 @@ def parse_size(text: Any, key: str) -> int:
     if not 1 <= size < 2**63:
         raise UsageError(f"{key}: expected a size of at least 1 byte and below 8 EiB, got '{text}'")
     return int(size)
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    """Whether a value read from YAML/JSON has the annotated type (bool is not an int here)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        return any(_fits(value, a) for a in args)
-    if origin is Literal:
-        return value in args
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp) if isinstance(tp, type) else True
-
-
-def _type_words(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        return " or ".join(_type_words(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, args))
-    if origin is list:
-        return f"a list of {_type_words(args[0])}s" if args else "a list"
-    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
-    return words.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def check_fields(obj: Any, where: str) -> None:
-    """A dataclass filled from a file the user wrote (an eval suite's task): every field of the
-    annotated type and inside its range, else one line naming `where` and the field."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            check_fields(value, f"{where} {f.name}")
-            continue
-        if not _fits(value, hints[f.name]):
-            raise UsageError(f"{where}: {f.name} must be {_type_words(hints[f.name])}, got {value!r}")
-        check_value(f"{where}: {f.name}", value, f.metadata.get(RANGE_KEY))

@@ -72,16 +72,16 @@ def _moe_yaml(work, base, extra: str = "", expert: str = "") -> str:
 
 
 MOE = [
-    ("", "    noise_scale: lots\n", "experts[0].noise_scale must be a number, got 'lots'"),
-    ("", "    noise_scale: .nan\n", "experts[0].noise_scale must be a finite number, got nan"),
-    ("", "    noise_scale: -1\n", "experts[0].noise_scale must be >= 0, got -1.0"),
-    ("", "    residual_scale: .inf\n", "experts[0].residual_scale must be a finite number, got inf"),
-    ("seed: abc\n", "", "seed must be an integer, got 'abc'"),
+    ("", "    noise_scale: lots\n", "experts[0]: noise_scale: expected null or a finite number, got 'lots'"),
+    ("", "    noise_scale: .nan\n", "experts[0]: noise_scale must be a finite number, got nan"),
+    ("", "    noise_scale: -1\n", "experts[0]: noise_scale must be >= 0, got -1.0"),
+    ("", "    residual_scale: .inf\n", "experts[0]: residual_scale must be a finite number, got inf"),
+    ("seed: abc\n", "", "seed: expected an integer, got 'abc'"),
     ("seed: -4\n", "", "seed must be in [0, 4294967295], got -4"),
-    ("experts_per_token: true\n", "", "experts_per_token must be an integer in [1, 2], got True"),
+    ("experts_per_token: true\n", "", "experts_per_token: expected an integer, got 'True'"),
     ("experts_per_token: 3\n", "", "experts_per_token must be an integer in [1, 2], got 3"),
     ("dtype: int8\n", "", "dtype must be one of auto, bf16"),
-    ("quantize_prompting: maybe\n", "", "quantize_prompting must be true or false"),
+    ("quantize_prompting: maybe\n", "", "quantize_prompting: expected true or false, got 'maybe'"),
 ]
 
 
@@ -137,11 +137,11 @@ def _suite(work, line: str) -> str:
 
 EVAL_SUITE = [
     ("    batch_size: 0\n", "task 1: batch_size must be >= 1, got 0"),
-    ("    seq_len: abc\n", "task 1: seq_len must be an integer, got 'abc'"),
+    ("    seq_len: abc\n", "task 1: seq_len: expected an integer, got 'abc'"),
     ("    limit: -3\n", "task 1: n must be >= 1, got -3"),
-    ("    generation: {max_new_tokens: 0}\n", "max_new_tokens must be >= 1, got 0"),
-    ("    generation: {top_p: 2}\n", "top_p must be in (0, 1], got 2"),
-    ("    generation: {do_sample: sometimes}\n", "do_sample must be true or false"),
+    ("    generation: {max_new_tokens: 0}\n", "generation.max_new_tokens must be >= 1, got 0"),
+    ("    generation: {top_p: 2}\n", "generation.top_p must be in (0, 1], got 2.0"),
+    ("    generation: {do_sample: sometimes}\n", "generation.do_sample: expected true or false, got 'sometimes'"),
 ]
 
 

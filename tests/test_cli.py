@@ -10,8 +10,9 @@ import pytest
 
 from finetune import config
 from finetune.cli import run as cli_run
-from finetune.config import Config, field_paths, split_overrides, to_argv
+from finetune.config import Config
 from finetune.errors import UsageError
+from finetune.typed import field_paths, split_overrides, to_argv
 
 
 def cli(*args, cwd=None):

@@ -1,9 +1,10 @@
 import pytest
 import yaml
 
-from finetune.config import build, load_config, to_dict, to_yaml
+from finetune.config import load_config, to_dict, to_yaml
 from finetune.resources import find_resource, list_resources
 from finetune.errors import UsageError
+from finetune.typed import build
 
 
 def test_every_recipe_loads_and_roundtrips(tmp_path):

@@ -1,32 +1,12 @@
 """The data pipeline: format adapters -> tokenize/mask -> pack -> batch stream.
 
-    from finetune.data import prepare, BatchStream, collate
+    from finetune.data.pipeline import prepare
+    from finetune.data.stream import BatchStream
     bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed)   # DataBundle(train, val, stats)
 
-Attributes load lazily so `import finetune.data` stays cheap (no torch, no transformers).
+Modules: `sources` (where rows come from: dataset cards, files, the hub), `formats` (a row -> a
+Conversation), `styles` and `templates` (prompt styles and built-in chat templates), `tokenize`
+(render, tokenize, mask), `pack` (best-fit packing, collate), `pipeline` (all of it, cached),
+`stream` (micro-batches per rank and step), `dump` (what is trained, as JSON lines). Import names
+from the module that defines them; this package re-exports nothing.
 """
-
-from __future__ import annotations
-
-import importlib
-
-_EXPORTS = {
-    "Conversation": "formats", "BadRow": "formats", "to_conversation": "formats", "columns_for": "formats",
-    "Renderer": "tokenize", "IGNORE": "tokenize", "fit_length": "tokenize", "check_pad": "tokenize",
-    "use_chat_template": "tokenize", "dump_examples": "dump", "unpacked": "dump",
-    "pack": "pack", "single_units": "pack", "make_units": "pack", "collate": "pack",
-    "best_fit_bins": "pack", "packing_efficiency": "pack",
-    "BatchStream": "stream",
-    "Source": "sources", "resolve": "sources", "load_rows": "sources", "read_card": "sources",
-    "prepare": "pipeline", "DataBundle": "pipeline", "DataStats": "pipeline",
-    "load_conversations": "pipeline", "tokenize_conversation": "pipeline", "render_prompt": "pipeline",
-    "get_renderer": "pipeline", "cache_key": "pipeline",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"finetune.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'finetune.data' has no attribute '{name}'")

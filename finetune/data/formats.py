@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 from finetune.errors import UsageError
 
 ROLES = ("system", "user", "assistant", "tool")
+Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion"]  # the keys of ADAPTERS
 
 # ShareGPT speaker names seen in real dumps -> normalized role. `function_call` is an assistant
 # turn whose content is the call itself (the model must learn to emit it).

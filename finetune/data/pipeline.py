@@ -40,7 +40,7 @@ from finetune.errors import UsageError
 from finetune.fs import atomic_file, cache_root
 
 CACHE_VERSION = "2"
-CODE_FILES = ("formats.py", "styles.py", "tokenize.py", "pack.py", "sources.py", "pipeline.py")
+CODE_FILES = ("formats.py", "styles.py", "templates.py", "tokenize.py", "pack.py", "sources.py", "pipeline.py")
 CHUNK = 2000            # conversations per tokenization task
 PARALLEL_MIN = 4000     # below this many conversations a process pool costs more than it saves
 
@@ -348,9 +348,7 @@ def code_fingerprint() -> str:
 
 def cache_key(data_cfg, tokenizer, seed: int, src: Optional[Source] = None) -> str:
     src = src or resolve(data_cfg)
-    card = None
-    if data_cfg.card:
-        card = read_card(data_cfg.card)[0]
+    card = dataclasses.asdict(read_card(data_cfg.card)[0]) if data_cfg.card else None
     relevant = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("cache", "num_proc")}
     parts = [CACHE_VERSION, code_fingerprint(), get_renderer(tokenizer, data_cfg).used,
              src.fingerprint(), tokenizer_fingerprint(tokenizer),

@@ -19,11 +19,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+from finetune.data.formats import Format
 from finetune.data.rows import Rows, read_json_rows
 from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.resources import find_resource, read_user_text, read_yaml_mapping
+from finetune.typed import parse_mapping
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -58,17 +60,52 @@ class Source:
         return h.hexdigest()
 
 
-def read_card(name: str) -> tuple[dict, Path]:
+@dataclass
+class Card:
+    """A dataset card (datasets/NAME.yaml, or a path): where a data set's rows are and how to read
+    them. A recipe's data.* settings override the card's."""
+
+    source: Optional[str] = None
+    """Required: a hub id, or a file or folder relative to the card."""
+    format: Optional[Format] = None
+    """Row format: alpaca, sharegpt, messages, text or prompt_completion."""
+    split: str = "train"
+    """Split to read from a hub dataset or folder."""
+    subset: Optional[str] = None
+    """Hub dataset configuration (subset) name."""
+    revision: Optional[str] = None
+    """Hub dataset revision."""
+    data_files: Optional[Union[str, list[str]]] = None
+    """Files (or globs) to read from the folder or hub dataset, instead of matching the split."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column renames, e.g. {instruction: question, output: answer}."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Extra role-name mappings for sharegpt, e.g. {bot: assistant}."""
+    name: Optional[str] = None
+    """The card's name (documentation only)."""
+    description: Optional[str] = None
+    """What the rows are (documentation only)."""
+    license: Optional[str] = None
+    """The data's license (documentation only)."""
+    homepage: Optional[str] = None
+    """Where the data set is described (documentation only)."""
+    citation: Optional[str] = None
+    """How to cite the data set (documentation only)."""
+    notes: Optional[str] = None
+    """Anything else worth knowing (documentation only)."""
+    val_source: Optional[str] = None
+    """A separate validation source (documentation only: data.val_path is what is read)."""
+    system_prompt: Optional[str] = None
+    """A system prompt suited to the rows (documentation only: data.system_prompt is what applies)."""
+
+
+def read_card(name: str) -> tuple[Card, Path]:
     """A dataset card (datasets/NAME.yaml or a path), its keys checked, and where it was found."""
     path = find_resource("datasets", name)
-    card = read_yaml_mapping(path, "dataset card")
-    known = {"name", "description", "source", "format", "split", "subset", "revision", "data_files", "columns",
-             "roles", "license", "val_source", "homepage", "citation", "notes", "system_prompt"}
-    unknown = sorted(set(card) - known)
-    if unknown:
-        raise UsageError(f"dataset card {path}: unknown key '{unknown[0]}' (expected one of {', '.join(sorted(known))})")
-    if "source" not in card:
-        raise UsageError(f"dataset card {path}: missing 'source' (a hub id or a path relative to the card)")
+    where = f"dataset card {path}"
+    card = parse_mapping(Card, read_yaml_mapping(path, "dataset card"), where)
+    if card.source is None:
+        raise UsageError(f"{where}: missing 'source' (a hub id or a path relative to the card)")
     return card, path
 
 
@@ -118,25 +155,25 @@ def _files_of(p: Path, split: str = "train", data_files: Any = None) -> list[Pat
 
 def resolve(data_cfg, val: bool = False) -> Source:
     """DataConfig (+ its card) -> Source. With val=True, the source for data.val_path."""
-    card, card_path = ({}, None)
+    card, card_path = (Card(), None)
     if data_cfg.card:
         card, card_path = read_card(data_cfg.card)
-    spec = data_cfg.val_path if val else (data_cfg.path or card.get("source"))
+    spec = data_cfg.val_path if val else (data_cfg.path or card.source)
     if not spec:
         raise UsageError("no data given: set data.card (a dataset card) or data.path (a file, folder or hub id)")
     base = card_path.parent if card_path is not None and not (val or data_cfg.path) else Path.cwd()
-    split = card.get("split", data_cfg.split) if data_cfg.split == "train" else data_cfg.split
-    data_files = None if val else (data_cfg.data_files or (card.get("data_files") if not data_cfg.path else None))
+    split = card.split if data_cfg.split == "train" else data_cfg.split
+    data_files = None if val else (data_cfg.data_files or (card.data_files if not data_cfg.path else None))
     files, hub_id = _local_or_hub(str(spec), base, split, data_files)
-    fmt = data_cfg.format or card.get("format")
+    fmt = data_cfg.format or card.format
     if not fmt:
         raise UsageError(f"data.format is not set and {'card ' + str(card_path) if card_path else 'there is no card'} "
                          "names none (alpaca, sharegpt, messages, text, prompt_completion)")
     return Source(format=fmt, files=files, hub_id=hub_id, split=split,
-                  subset=data_cfg.subset or card.get("subset"), revision=data_cfg.revision or card.get("revision"),
+                  subset=data_cfg.subset or card.subset, revision=data_cfg.revision or card.revision,
                   data_files=data_files,
-                  columns={**(card.get("columns") or {}), **(data_cfg.columns or {})},
-                  roles={**(card.get("roles") or {}), **(data_cfg.roles or {})},
+                  columns={**card.columns, **(data_cfg.columns or {})},
+                  roles={**card.roles, **(data_cfg.roles or {})},
                   name=hub_id or (str(files[0]) if len(files) == 1 else str(spec)))
 
 

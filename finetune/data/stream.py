@@ -61,6 +61,3 @@ class BatchStream:
     def epoch_at(self, step: int) -> float:
         """Epochs completed before `step` (fractional)."""
         return step * self.G / len(self.units)
-
-    def steps_per_epoch(self) -> float:
-        return len(self.units) / self.G

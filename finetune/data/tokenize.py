@@ -24,18 +24,11 @@ import numpy as np
 
 from finetune.data.formats import BadRow, Conversation
 from finetune.data.styles import StyleRenderer, calls_as_text, tools_in_system
+from finetune.data.templates import CHATML_TEMPLATE, NAMED_TEMPLATES
 from finetune.errors import FinetuneError, UsageError, did_you_mean
 from finetune.resources import read_user_text
 
 IGNORE = -100
-# prompt_style=chatml: ChatML for tokenizers without a chat template of their own (the tiny one too).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 
 def _lcp(a: str, b: str) -> int:
@@ -149,8 +142,8 @@ class Renderer:
     # ------------------------------------------------------------------ rendering to text
 
     def _render(self, messages: list[dict], tools: Optional[list], generation: bool) -> str:
-        # Not at the top: it imports torch, and this module must not (finetune.models.tiny takes
-        # CHATML_TEMPLATE from here, and `finetune plan` imports that without torch).
+        # Not at the top: it loads transformers and torch (seconds), which importing this module
+        # for its names and checks need not.
         from transformers.utils.chat_template_utils import render_jinja_template
 
         try:

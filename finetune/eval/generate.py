@@ -75,7 +75,7 @@ def sequence_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id
                  desc: str = "loss", show: bool = True, unit: str = "rows") -> list[tuple[float, int]]:
     """Per sequence (summed negative log-likelihood of the labelled tokens, number of those tokens).
 
-    Batches go through the training collator (finetune.data.collate), so loss here is the loss
+    Batches go through the training collator (finetune.data.pack.collate), so loss here is the loss
     training reports on the same tokens.
 
     Labels are -100 where a token is not scored (the training convention); the sum is taken in

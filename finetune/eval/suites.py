@@ -23,61 +23,89 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
+from finetune.data.formats import Format
 from finetune.errors import UsageError, did_you_mean
 from finetune.eval.metrics import check_metric
-from finetune.ranges import check_fields, ranged
+from finetune.ranges import ranged
 from finetune.resources import find_resource, list_resources, read_yaml_mapping
-
-TASK_KEYS = ("name", "data", "format", "split", "subset", "rows", "n", "select", "metrics", "generation",
-             "system_prompt", "prompt_style", "seq_len", "batch_size", "lm_eval", "num_fewshot", "limit")
-GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "stop", "seed")
-SUITE_KEYS = ("name", "description", "tasks")
+from finetune.typed import items, parse_mapping
 
 
 @dataclass
 class GenerationSpec:
+    """A task's `generation:` mapping: how answers are generated for the text metrics."""
+
     max_new_tokens: int = ranged(64, ge=1)
+    """Longest answer in tokens (finetune eval max_new_tokens=N overrides every task's)."""
     batch_size: int = ranged(8, ge=1)
+    """Prompts generated for at once."""
     do_sample: bool = False
+    """Sample instead of greedy decoding."""
     temperature: float = ranged(1.0, ge=0)
+    """Sampling temperature (do_sample only)."""
     top_p: float = ranged(1.0, gt=0, le=1)
+    """Nucleus sampling mass (do_sample only)."""
     stop: list[str] = field(default_factory=list)
-    """Strings that end an answer early (the text is cut at the first one)."""
+    """Strings that end an answer early (the text is cut at the first one); one string or a list."""
     seed: int = ranged(0, ge=0, le=2**32 - 1)
+    """Sampling seed."""
 
 
 @dataclass
 class TaskSpec:
-    name: str
+    """One item of a suite's `tasks:` list: our own task, or an lm-evaluation-harness one (`lm_eval`)."""
+
+    name: str = ""
+    """Task name, the scorecard's row prefix (default: task1, ... or the lm_eval task's name)."""
     data: Optional[str] = None
-    data_path: Optional[Path] = None
-    """`data` resolved to a file when it is one; None means `data` is a dataset card."""
-    format: str = "eval"
+    """Rows: a file relative to the suite (or the working directory), or a dataset card name."""
+    format: Literal["eval", "auto", Format] = "eval"
+    """eval (held-out rows, see the module doc), a training format, or auto (the card's format)."""
     split: str = "train"
+    """Split read from a dataset card's or folder's data (training formats)."""
     subset: Optional[str] = None
-    rows: str = "heldout"
+    """Hub dataset configuration (subset) name (training formats)."""
+    rows: Literal["heldout", "all"] = "heldout"
     """Training-format data only: heldout = the validation rows training sets aside (same seed and
     val_fraction as the recipe), all = every row."""
     n: Optional[int] = ranged(None, ge=1)
-    select: str = "head"
+    """Use at most this many rows (null = every row); `limit` is another name for it."""
+    select: Literal["head", "tail"] = "head"
+    """Which n rows: the first (head) or the last (tail)."""
     metrics: list[str] = field(default_factory=list)
+    """Metrics to score (finetune.eval.metrics): e.g. loss, exact_match, contains, rouge_l, chrf, choice."""
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     system_prompt: Optional[str] = None
+    """System prompt for conversations without one, as a recipe's data.system_prompt."""
     prompt_style: Optional[str] = None
+    """Fallback prompt style, as a recipe's data.prompt_style."""
     seq_len: int = ranged(1024, ge=8)
+    """Longest prompt + answer in tokens for the loss metrics."""
     batch_size: int = ranged(8, ge=1)
+    """Rows per loss or choice batch."""
     lm_eval: Optional[str] = None
+    """An lm-evaluation-harness task name or a task YAML (relative to the suite); the other keys
+    but name, n and num_fewshot do not apply. A bare string item is the same."""
     num_fewshot: Optional[int] = ranged(None, ge=0)
+    """lm_eval tasks: few-shot examples per prompt (default: the task's own)."""
+    data_path: Optional[Path] = field(default=None, init=False)
+    """`data` resolved to a file when it is one; None means `data` is a dataset card."""
 
 
 @dataclass
 class Suite:
-    name: str
-    description: str
-    path: Path
-    tasks: list[TaskSpec]
+    """An eval suite file (eval/NAME.yaml), as the module doc shows."""
+
+    name: str = ""
+    """Suite name (default: the file's name)."""
+    description: str = ""
+    """One line saying what the suite measures (shown by `finetune eval`)."""
+    tasks: list[TaskSpec] = items("task {n}")
+    """The tasks, each a mapping (or an lm_eval task name)."""
+    path: Optional[Path] = field(default=None, init=False)
+    """Where the suite file was found."""
 
 
 @dataclass
@@ -110,18 +138,19 @@ def load_suite(name: str, data: Optional[str] = None, n: Optional[int] = None,
         raise
     raw = read_yaml_mapping(path, "eval suite")
     where = f"eval suite {path}"
-    for key in raw:
-        if key not in SUITE_KEYS:
-            raise UsageError(f"{where}: unknown key '{key}'{did_you_mean(key, SUITE_KEYS)}")
-    tasks_raw = raw.get("tasks")
-    if not isinstance(tasks_raw, list) or not tasks_raw:
+    if isinstance(raw.get("tasks"), list):
+        raw = {**raw, "tasks": [_shorthands(t) for t in raw["tasks"]]}
+    suite = parse_mapping(Suite, raw, where)
+    if not suite.tasks:
         raise UsageError(f"{where}: 'tasks' must be a non-empty list")
-    tasks = [_parse_task(t, i, path, where) for i, t in enumerate(tasks_raw)]
-    names = [t.name for t in tasks]
+    suite.name, suite.path = suite.name or path.stem, path
+    for i, t in enumerate(suite.tasks):
+        _check_task(t, i, path, where)
+    names = [t.name for t in suite.tasks]
     dup = next((x for x in names if names.count(x) > 1), None)
     if dup:
         raise UsageError(f"{where}: two tasks are named '{dup}'; give each a distinct name")
-    for t in tasks:
+    for t in suite.tasks:
         if t.lm_eval:
             if n is not None:
                 t.n = n
@@ -134,38 +163,30 @@ def load_suite(name: str, data: Optional[str] = None, n: Optional[int] = None,
             t.n = n
         if max_new_tokens is not None:
             t.generation.max_new_tokens = max_new_tokens
-    return Suite(name=str(raw.get("name") or path.stem), description=str(raw.get("description") or ""),
-                 path=path, tasks=tasks)
+    return suite
 
 
-def _parse_task(t: Any, i: int, suite_path: Path, where: str) -> TaskSpec:
+def _shorthands(t: Any) -> Any:
+    """A task as written -> its mapping: a bare string is an lm_eval task, `limit` (lm-evaluation-
+    harness's word) is n, and a single `generation.stop` string is a list of one."""
     if isinstance(t, str):
-        t = {"lm_eval": t}
+        return {"lm_eval": t}
     if not isinstance(t, dict):
-        raise UsageError(f"{where}: task {i + 1} must be a mapping, got {type(t).__name__}")
-    for key in t:
-        if key not in TASK_KEYS:
-            raise UsageError(f"{where}: task {i + 1}: unknown key '{key}'{did_you_mean(key, TASK_KEYS)}")
-    gen = t.get("generation") or {}
-    if not isinstance(gen, dict):
-        raise UsageError(f"{where}: task {i + 1}: generation must be a mapping")
-    for key in gen:
-        if key not in GEN_KEYS:
-            raise UsageError(f"{where}: task {i + 1}: unknown generation key '{key}'{did_you_mean(key, GEN_KEYS)}")
-    if isinstance(gen.get("stop"), str):
-        gen["stop"] = [gen["stop"]]
-    try:
-        spec = TaskSpec(name=str(t.get("name") or ""), generation=GenerationSpec(**gen),
-                        **{k: t[k] for k in ("data", "format", "split", "subset", "rows", "n", "select", "system_prompt",
-                                             "prompt_style", "seq_len", "batch_size", "lm_eval", "num_fewshot")
-                           if k in t and t[k] is not None})
-    except TypeError as e:
-        raise UsageError(f"{where}: task {i + 1}: {e}") from None
-    if "limit" in t and t["limit"] is not None:
-        spec.n = t["limit"]
-    check_fields(spec, f"{where}: task {i + 1}")  # types and ranges: YAML gives strings, 0, booleans
+        return t
+    t = dict(t)
+    if "limit" in t:
+        limit = t.pop("limit")
+        if limit is not None:
+            t["n"] = limit
+    gen = t.get("generation")
+    if isinstance(gen, dict) and isinstance(gen.get("stop"), str):
+        t["generation"] = {**gen, "stop": [gen["stop"]]}
+    return t
+
+
+def _check_task(spec: TaskSpec, i: int, suite_path: Path, where: str) -> None:
+    """What a task's types cannot say: an lm_eval task or our own with data and metrics."""
     if spec.lm_eval:
-        spec.lm_eval = str(spec.lm_eval)
         local = _as_file(spec.lm_eval, suite_path.parent)
         if local is not None:
             spec.lm_eval = str(local)
@@ -173,27 +194,20 @@ def _parse_task(t: Any, i: int, suite_path: Path, where: str) -> TaskSpec:
             raise UsageError(f"{where}: task {i + 1}: lm_eval task file not found: {spec.lm_eval}")
         spec.name = spec.name or Path(spec.lm_eval).stem
         spec.metrics = []
-        return spec
+        return
     if not spec.name:
         spec.name = f"task{i + 1}"
-    metrics = t.get("metrics")
-    if not isinstance(metrics, list) or not metrics:
+    if not spec.metrics:
         raise UsageError(f"{where}: task '{spec.name}': 'metrics' must be a non-empty list")
-    spec.metrics = [check_metric(str(m), f"{where}: task '{spec.name}'") for m in metrics]
+    spec.metrics = [check_metric(m, f"{where}: task '{spec.name}'") for m in spec.metrics]
     if not spec.data:
         raise UsageError(f"{where}: task '{spec.name}': 'data' is required (a file or a dataset card)")
-    spec.data = str(spec.data)
     spec.data_path = _as_file(spec.data, suite_path.parent)
     if spec.data_path is None and not _is_card(spec.data):
         raise UsageError(f"{where}: task '{spec.name}': data '{spec.data}' is neither a file (relative to the "
                          f"suite) nor a dataset card{did_you_mean(spec.data, list_resources('datasets'))}")
-    if spec.select not in ("head", "tail"):
-        raise UsageError(f"{where}: task '{spec.name}': select must be head or tail, got '{spec.select}'")
-    if spec.rows not in ("heldout", "all"):
-        raise UsageError(f"{where}: task '{spec.name}': rows must be heldout or all, got '{spec.rows}'")
     if spec.format != "eval" and "choice" in spec.metrics:
         raise UsageError(f"{where}: task '{spec.name}': metric 'choice' needs format: eval rows with 'choices'")
-    return spec
 
 
 def _as_file(ref: str, base: Path) -> Optional[Path]:

@@ -69,11 +69,6 @@ def _is_tiled(module: nn.Module) -> bool:
     return getattr(vars(module).get("forward"), "__func__", None) is _tiled_forward
 
 
-def count_tiled(model: nn.Module) -> int:
-    """How many modules of `model` run tiled."""
-    return sum(_is_tiled(m) for m in model.modules())
-
-
 def tile_mlps(model: nn.Module, tile: int) -> int:
     """Run every decoder MLP of `model` (see `decoder_mlps`) `tile` tokens at a time in training;
     returns how many MLPs are tiled. Idempotent, and a second call after something replaced an

@@ -14,23 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from finetune.data.tokenize import CHATML_TEMPLATE
+from finetune.data.templates import CHATML_TEMPLATE
 from finetune.fs import cache_root
-
-PAD, BOS_UNUSED, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIALS = [PAD, BOS_UNUSED, EOS]
-BYTE_OFFSET = len(SPECIALS)
-
-TINY_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+from finetune.models.tiny_spec import BYTE_OFFSET, EOS, PAD, SPECIALS, TINY_CONFIG
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -48,7 +34,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def byte_tokenizer():
     """A PreTrainedTokenizerFast over raw bytes with ChatML specials (pad != eos)."""
-    # Imported here, not at the top: the torch-free planner reads TINY_CONFIG from this module.
+    # Imported here, not at the top: transformers (and torch) take seconds, and only building needs them.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,7 +54,7 @@ def byte_tokenizer():
 
 def make_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a random tiny causal LM + tokenizer to `path` (atomically) and return it."""
-    # Imported here, not at the top: the torch-free planner reads TINY_CONFIG from this module.
+    # Imported here, not at the top: transformers (and torch) take seconds, and only building needs them.
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -20,7 +20,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from finetune.errors import UsageError
 from finetune.fs import cache_root
-from finetune.models.tiny import BYTE_OFFSET, TINY_CONFIG
+from finetune.models.tiny_spec import TINY_CONFIG, VOCAB_SIZE
 from finetune.plan.moe import planned_moe
 
 _ALIASES = {"tiny", "smollm2-135m"}
@@ -145,7 +145,7 @@ def model_shape(name: str, revision: Optional[str] = None) -> Shape:
         cached = cache_root() / "models" / "tiny-llama-v1" / "config.json"
         if cached.is_file():  # the real one, if built; else the same numbers without building it
             return _shape_from_hf(json.loads(cached.read_text()), "tiny")
-        return _shape_from_hf(dict(TINY_CONFIG, vocab_size=BYTE_OFFSET + 256, model_type="llama"), "tiny")
+        return _shape_from_hf(dict(TINY_CONFIG, vocab_size=VOCAB_SIZE, model_type="llama"), "tiny")
     if name == "smollm2-135m":
         # HuggingFaceTB/SmolLM2-135M-Instruct config.json (same numbers as litgpt's SmolLM2-135M).
         return Shape("smollm2-135m", n_layer=30, hidden=576, n_head=9, n_kv_head=3, head_dim=64,

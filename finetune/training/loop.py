@@ -30,7 +30,9 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from finetune.config import Config, gradient_accumulation
-from finetune.data import BatchStream, collate, prepare
+from finetune.data.pack import collate
+from finetune.data.pipeline import prepare
+from finetune.data.stream import BatchStream
 from finetune.errors import FinetuneError
 from finetune.fs import check_apart, out_dir_lock
 from finetune.models.adapters import serving_note

@@ -3,7 +3,7 @@
 import pytest
 
 from finetune.commands.eval import Args, run
-from finetune.config import build
+from finetune.typed import build
 from finetune.errors import UsageError
 
 

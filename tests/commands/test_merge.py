@@ -4,7 +4,7 @@ import pytest
 from tiny_peft import random_lora_adapter
 
 from finetune.commands.merge import Args, run
-from finetune.config import build
+from finetune.typed import build
 from finetune.errors import UsageError
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from finetune.commands.plan import Args, run
-from finetune.config import build, load_config
+from finetune.config import load_config
+from finetune.typed import build
 from finetune.errors import UsageError
 from finetune.plan.predict import GiB, predict
 

@@ -1,7 +1,13 @@
+import typing
+
 import pytest
 
-from finetune.data.formats import BadRow, Conversation, columns_for, detect_format, to_conversation
+from finetune.data.formats import ADAPTERS, BadRow, Conversation, Format, columns_for, detect_format, to_conversation
 from finetune.errors import UsageError
+
+
+def test_the_format_setting_names_every_adapter():
+    assert set(typing.get_args(Format)) == set(ADAPTERS)  # data.format, a card's and a suite task's
 
 
 def conv(row, fmt, roles=None, columns=None, fixes=None):

@@ -8,7 +8,8 @@ import torch
 from tiny_peft import random_lora_adapter
 
 from finetune.errors import UsageError
-from finetune.models.tiny import BYTE_OFFSET, make_tiny_model
+from finetune.models.tiny import make_tiny_model
+from finetune.models.tiny_spec import BYTE_OFFSET
 from finetune.moe.build import build_moe
 from finetune.moe.routing import (
     load_balancing_loss,
@@ -193,7 +194,7 @@ def test_refusals(tiny_model, adapters, tmp_path):
     src = {"source_model": str(tiny_model), "positive_prompts": ["x"]}
     cases = [
         ({"experts": [src]}, "at least 2 experts, got 1"),
-        ({"experts": [src, src], "gate_mode": "hiden"}, r"unknown gate_mode 'hiden' \(did you mean hidden"),
+        ({"experts": [src, src], "gate_mode": "hiden"}, "gate_mode must be one of hidden, cheap_embed, random, uniform_random, got 'hiden'"),
         ({"experts": [src, {"source_model": str(tiny_model)}], "gate_mode": "hidden"},
          r"experts\[1\] .* has no positive_prompts"),
         ({"experts": [src, {"source_model": str(tiny_model)}], "gate_mode": "cheap_embed"}, "no positive_prompts"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.models.tiny import BYTE_OFFSET
+from finetune.models.tiny_spec import BYTE_OFFSET
 from finetune.moe.gates import compute_gates, own_positions, prompt_ids, warn_gates, zero_rows
 
 

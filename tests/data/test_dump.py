@@ -1,15 +1,11 @@
 """`finetune data recipe=R [overrides] dump=PATH`: what is trained, as JSON lines, through the CLI."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import TOOLS_TEMPLATE  # tests/data/helpers.py (conftest.py puts it on the path)
 
 from finetune.cli import main as cli_main
-
-sys.path.insert(0, str(Path(__file__).parent / "data"))  # tests/data/helpers.py
-from helpers import TOOLS_TEMPLATE  # noqa: E402
 
 
 def run_cli(args, capsys):
