@@ -44,7 +44,9 @@ def test_every_shape_gives_the_rows(tmp_path, name, bom):
 def test_data_eval_and_report_read_the_same_rows(tmp_path, name):
     p = _write(tmp_path, name, SHAPES[name])
     data = load_rows(Source(format="prompt_completion", files=[p])).rows
-    examples = load_examples(TaskSpec(name="t", data=str(p), data_path=p, metrics=["loss"]), DataConfig())
+    task = TaskSpec(name="t", data=str(p), metrics=["loss"])
+    task.data_path = p  # what load_suite resolves `data` to
+    examples = load_examples(task, DataConfig())
     report = read_rows(str(p))
     assert data == report == ROWS
     assert [(e.messages[0]["content"], e.answer) for e in examples] == [(r["prompt"], r["answer"]) for r in ROWS]
