@@ -9,8 +9,8 @@ Invariants this file keeps (each has a test):
   never cost more than the steps since the last one;
 - nothing of a run stays in memory once `train` returns (what follows, e.g. the eval suite, needs it).
 
-What a step is built from is finetune.training.build's; saving and resuming, .state's; the lines
-about memory, .report's.
+What a step is built from is finetune.training.build's; saving and resuming, .state's (what a
+resume may change, .changes'); the lines about memory, .report's.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from finetune.fs import check_apart, out_dir_lock
 from finetune.models.adapters import serving_note
 from finetune.models.load import load_tokenizer
 from finetune.runtime import resolve_precision
-from finetune.training import checkpoint, report, resume
+from finetune.training import checkpoint, report
 from finetune.training.build import build_step, lr_lambda
+from finetune.training.changes import describe, schedule_changes
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
 from finetune.training.logs import log_config, logger_flush, make_loggers, plot_losses
 from finetune.training.preflight import check_run
@@ -117,10 +118,10 @@ def main(fabric, cfg: Config) -> TrainResult:
         fabric.print(f"{final_dir} has {done} steps; continuing to train.max_steps={cfg.train.max_steps}")
     # Every rank reads the same files, so all refuse together (one rank alone would leave the
     # others waiting in a collective).
-    changes = resume.schedule_changes(resume_from, cfg) if resume_from is not None else {}
+    changes = schedule_changes(resume_from, cfg) if resume_from is not None else {}
     if changes:
         fabric.print(f"resume: applying changed schedule from step {checkpoint.saved_step(resume_from)}: "
-                     f"{resume.describe(changes)} (recorded in config.yaml)")
+                     f"{describe(changes)} (recorded in config.yaml)")
     if cfg.model.trust_remote_code:
         fabric.print("warning: model.trust_remote_code=true: running model code shipped with the checkpoint")
 

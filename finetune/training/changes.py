@@ -1,7 +1,7 @@
 """What a resumed run may change, and how the changes it may make are applied and recorded.
 
 A checkpoint's config.yaml is the config that trained it. On resume the new config is compared
-with it, field by field:
+with it, field by field (whether to resume, and from where, is finetune.training.state's):
 
 - what defines the adapter (the base model, the LoRA shape and targets, quantization, the data
   and its order, the optimizer's kind) cannot change: the result would be an adapter of no run
