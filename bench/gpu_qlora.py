@@ -165,7 +165,7 @@ def _sync() -> None:
 
 
 def _dtypes(model) -> dict:
-    from finetune.plan.measure import static_bytes
+    from finetune.training.measure import static_bytes
 
     return static_bytes(model)
 

@@ -11,7 +11,7 @@ from finetune import runtime
 from finetune.config import Config, load_config
 from finetune.errors import UsageError
 from finetune.models.load import load_tokenizer
-from finetune.plan.measure import synthetic_batch
+from finetune.training.measure import synthetic_batch
 from finetune.training.build import build_step
 
 

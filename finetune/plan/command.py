@@ -1,7 +1,7 @@
 """`finetune plan`: print the prediction as a table or JSON; `measure=true` checks it on this machine.
 
 Importing this module must not import torch (tests/plan/test_predict.py checks it): only
-`measure=true` loads torch, through finetune.plan.measure.
+`measure=true` loads torch, through finetune.training.measure.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _measured_summary(rep: dict) -> dict:
 
 
 def _measure(cfg, rep: dict) -> dict:
-    from finetune.plan.measure import (
+    from finetune.training.measure import (
         measure,  # torch and the model: only for measure=true
     )
 

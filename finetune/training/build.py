@@ -1,6 +1,6 @@
 """What a training step needs, built one way: the model, its loss and its optimizer.
 
-Training (finetune.training.loop) and `finetune plan ... measure=true` (finetune.plan.measure)
+Training (finetune.training.loop) and `finetune plan ... measure=true` (finetune.training.measure)
 both call `build_step`, so what the planner is checked against is the step training runs: the
 same memory features, the same chunked loss with the same router term, the same optimizer.
 """

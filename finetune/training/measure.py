@@ -4,7 +4,8 @@ The planner (finetune.plan.predict) is arithmetic; this is the check. It builds 
 optimizer with training's own `finetune.training.build.build_step` (memory features, chunked loss,
 MoE router term and optimizer included), runs one step so the optimizer state exists, then measures the
 next step: the bytes torch's allocator holds at its peak. That is the planner's "allocated" sum
-(every part but the CUDA context and the allocator slack), so the two compare directly.
+(every part but the CUDA context and the allocator slack), so the two compare directly. It lives in
+training, not in the planner, so the planner stays torch-free and below training.
 
 - GPU: `torch.cuda.max_memory_allocated` (and reserved, which adds the allocator's fragmentation).
 - CPU: torch has no allocator statistics there, but its profiler records every CPU allocation and

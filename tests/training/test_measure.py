@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from finetune.config import load_config
-from finetune.plan.measure import measure, synthetic_batch
+from finetune.training.measure import measure, synthetic_batch
 from finetune.plan.predict import predict
 from finetune.models.tiny import make_tiny_model
 
@@ -75,7 +75,7 @@ def test_measure_runs_the_training_step_router_term_included(tmp_path, monkeypat
     moe = make_tiny_model(tmp_path / "moe", arch="mixtral", num_local_experts=2, num_experts_per_tok=1)
     built, aux_calls = [], []
     real_build, real_aux = build.build_step, loss.load_balancing_loss
-    monkeypatch.setattr("finetune.plan.measure.build_step",
+    monkeypatch.setattr("finetune.training.measure.build_step",
                         lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     monkeypatch.setattr(loss, "load_balancing_loss", lambda *a, **k: aux_calls.append(1) or real_aux(*a, **k))
     cfg = load_config("tiny-lora", {"model.name": str(moe), "data.seq_len": "32", "lora.target_modules": "[q_proj]",
