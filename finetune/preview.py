@@ -16,9 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from finetune.data.dump import check_dump_path, dump_examples, unpacked
-from finetune.data.pipeline import prepare
 from finetune.models.load import load_tokenizer
 from finetune.ranges import ranged
+from finetune.training.objectives import objective_for
 
 
 @dataclass
@@ -49,7 +49,7 @@ def run(args: Args, cfg) -> int:
         check_dump_path(args.dump)
     console = Console()
     tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
-    bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=cfg.output.progress)
+    bundle = objective_for(cfg).prepare(tokenizer, progress=cfg.output.progress)
     for shown, (ids, labels) in enumerate(unpacked(bundle.train)):
         if shown >= args.n:
             break

@@ -224,7 +224,7 @@ def _mask_bytes(cfg, micro_batch: int, seq: int, c: int) -> int:
 
 def _fused_head(cfg, targets: set[str]) -> bool:
     """Whether training's loss takes finetune.memory.lean's fused frozen-head cross-entropy: a chunked loss
-    and a head that neither LoRA nor modules_to_save trains (finetune.training.loss.CausalLMLoss)."""
+    and a head that neither LoRA nor modules_to_save trains (finetune.training.loss.head_loss_sum)."""
     return (cfg.train.loss_chunk_size > 0 and "lm_head" not in targets
             and "lm_head" not in cfg.lora.modules_to_save)
 

@@ -13,9 +13,9 @@ training, not in the planner, so the planner stays torch-free and below training
   runs, so the step's peak is what was live before it (parameters, buffers, quantization state,
   optimizer state, the batch: counted tensor by tensor) plus the largest running total during it.
 
-The batch is synthetic: random token ids, every position trained, and with `data.packing` two
-examples per row (position ids restart halfway), so attention gets the block-diagonal mask real
-packing gives.
+The batch is the objective's synthetic one (finetune.training.objectives; SFT: random token ids,
+every position trained, and with `data.packing` two examples per row, position ids restarting
+halfway, so attention gets the block-diagonal mask real packing gives).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from finetune.config import Config
 from finetune.models.load import load_tokenizer
 from finetune.runtime import default_device
 from finetune.training.build import build_step
+from finetune.training.objectives import objective_for
 
 
 def _storages_bytes(tensors) -> int:
@@ -113,16 +114,6 @@ def static_bytes(model, optimizer=None) -> dict[str, dict[str, int]]:
     return out
 
 
-def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, seed: int = 0, packed: bool = True) -> dict:
-    """Random ids, every position trained; packed: two examples per row (position ids restart
-    halfway, so attention gets packing's block-diagonal mask), else one causal sequence per row."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (micro_batch, seq_len), generator=g)
-    half = seq_len // 2 if packed else seq_len
-    pos = torch.cat([torch.arange(half), torch.arange(seq_len - half)]).expand(micro_batch, -1).contiguous()
-    return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
-
-
 @contextlib.contextmanager
 def _quiet_fd2():
     """Silence file descriptor 2: the profiler's C++ side prints start/stop lines there."""
@@ -170,15 +161,16 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
     micro = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
     seq = seq_len or cfg.data.seq_len
     torch.manual_seed(cfg.train.seed)
-    model, lossmod, optimizer, _, _ = build_step(cfg, device, load_tokenizer(cfg.model))
+    objective = objective_for(cfg)
+    built = build_step(cfg, device, load_tokenizer(cfg.model))
+    model, lossmod, optimizer = built.model, built.lossmod, built.optimizer
     vocab = model.get_output_embeddings().weight.shape[0]
-    # Packed like training packs when the recipe packs (the planner counts the mask that brings).
-    batch = synthetic_batch(vocab, micro, seq, cfg.train.seed, packed=cfg.data.packing)
+    batch = objective.synthetic_batch(vocab, micro, seq)
+    tokens = objective.trained_tokens(batch)
     batch = {k: v.to(device) for k, v in batch.items()}
-    tokens = micro * (seq - 1)
 
     def step() -> float:
-        loss, n = lossmod(batch["input_ids"], batch["labels"], batch["position_ids"])
+        loss, n = lossmod(*objective.inputs(batch))[:2]
         (loss / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ from torch import nn
 
 from finetune.memory import lean
 from finetune.data.pack import collate, pack
-from finetune.training.loss import CausalLMLoss
+from finetune.training.objectives.sft import CausalLMLoss
 from tiny_peft import make_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
