@@ -101,7 +101,7 @@ def worker_ours(args, rec: Recorder, tmp: Path) -> dict:
 
     from finetune.config import load_config
     from finetune.training import loop
-    from finetune.training.loss import CausalLMLoss
+    from finetune.training.objectives.sft import CausalLMLoss
     from finetune.training.progress import TrainProgress
 
     real_forward = CausalLMLoss._forward

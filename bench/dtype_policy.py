@@ -30,9 +30,10 @@ def run(recipe: str, model_dir: Path, upcast: bool) -> dict:
     from finetune.config import load_config
     from finetune.models import load as load_mod
     from finetune.models.load import load_tokenizer
-    from finetune.plan.measure import static_bytes, synthetic_batch
     from finetune.runtime import kbit_frozen_dtypes
     from finetune.training.build import build_step
+    from finetune.training.measure import static_bytes
+    from finetune.training.objectives.sft import synthetic_batch
 
     load_mod.kbit_frozen_dtypes = ((lambda cfg, device: {"embeddings": None, "norms": None}) if upcast
                                    else kbit_frozen_dtypes)

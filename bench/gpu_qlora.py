@@ -165,7 +165,7 @@ def _sync() -> None:
 
 
 def _dtypes(model) -> dict:
-    from finetune.plan.measure import static_bytes
+    from finetune.training.measure import static_bytes
 
     return static_bytes(model)
 
@@ -197,7 +197,7 @@ def worker_ours(spec: dict) -> dict:
     import torch
 
     from finetune.training import loop
-    from finetune.training.loss import CausalLMLoss
+    from finetune.training.objectives.sft import CausalLMLoss
     from finetune.training.progress import TrainProgress
 
     ctx = cap_memory(spec)

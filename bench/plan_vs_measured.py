@@ -4,7 +4,7 @@
     python bench/plan_vs_measured.py --model /path/to/hf-dir --seq 256
 
 Each config builds the recipe's model, loss and optimizer as training does and measures its second
-step with `finetune.plan.measure.measure` (what `finetune plan ... measure=true` runs): on a GPU torch's
+step with `finetune.training.measure.measure` (what `finetune plan ... measure=true` runs): on a GPU torch's
 `max_memory_allocated`, on a CPU the profiler's running allocation total on top of the live tensors.
 The prediction is the planner's for the same device, without the CUDA context and the allocator
 slack (torch's allocated bytes do not include them). Writes bench/results/plan-vs-measured-<device>.json
@@ -49,7 +49,7 @@ def main() -> None:
     import torch
 
     from finetune.config import load_config
-    from finetune.plan.measure import measure
+    from finetune.training.measure import measure
     from finetune.plan.predict import predict
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,7 @@ prediction of both.
 A random-init Llama with Llama-3.1-8B's proportions scaled down (hidden 256, MLP 896 = 3.5x, 8 heads,
 2 k/v heads, 2 layers), LoRA r=16 all-linear, dropout 0, gradient checkpointing, loss chunks of 256,
 fp32, one unpacked seq-long sequence (no mask: the tiles, not the T x T mask, are what is measured).
-`finetune.plan.measure.measure` (what `finetune plan ... measure=true` runs) builds it as training does
+`finetune.training.measure.measure` (what `finetune plan ... measure=true` runs) builds it as training does
 and measures its second step: the live tensors plus the profiler's peak allocation total. The
 planner's counterpart is its prediction for accelerator=cpu without slack. Prints one line per tile
 size and writes JSON. The tiles change where memory goes on a GPU the same way; only the GPU bench
@@ -32,7 +32,7 @@ SHAPE = dict(hidden_size=256, intermediate_size=896, num_hidden_layers=2, num_at
 
 def row(path: Path, seq: int, tile: int) -> dict:
     from finetune.config import load_config
-    from finetune.plan.measure import measure
+    from finetune.training.measure import measure
     from finetune.plan.predict import predict
 
     cfg = load_config(None, {

@@ -35,7 +35,7 @@ def train(config: "Config | str", **overrides):
     # Imported here, not at the top: `import finetune` (and so `finetune plan`) must not load torch.
     from finetune.eval.run import run_suite_after_training
     from finetune.eval.suites import load_suite
-    from finetune.training import train as train_adapter
+    from finetune.training.loop import train as train_adapter
 
     from finetune.fs import out_dir_lock
 

@@ -27,7 +27,7 @@ def smoke_bench(monkeypatch):
     gq = importlib.import_module("gpu_qlora")
     # the workers patch these for timing; monkeypatch puts them back afterwards
     from finetune.training import loop
-    from finetune.training.loss import CausalLMLoss
+    from finetune.training.objectives.sft import CausalLMLoss
     from finetune.training.progress import TrainProgress
 
     monkeypatch.setattr(CausalLMLoss, "_forward", CausalLMLoss._forward)

@@ -9,9 +9,10 @@ import torch
 from finetune.config import load_config
 from finetune.models import load as load_mod
 from finetune.models.load import load_tokenizer
-from finetune.plan.measure import static_bytes, synthetic_batch
 from finetune.runtime import kbit_frozen_dtypes
 from finetune.training.build import build_step
+from finetune.training.measure import static_bytes
+from finetune.training.objectives.sft import synthetic_batch
 
 pytest.importorskip("bitsandbytes")
 

@@ -11,8 +11,8 @@ from finetune import runtime
 from finetune.config import Config, load_config
 from finetune.errors import UsageError
 from finetune.models.load import load_tokenizer
-from finetune.plan.measure import synthetic_batch
 from finetune.training.build import build_step
+from finetune.training.objectives.sft import synthetic_batch
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from typing import Optional
 from rich.console import Console
 
 from finetune.data.dump import check_dump_path, dump_examples
-from finetune.data.pipeline import prepare
 from finetune.data.show import show_data
 from finetune.models.load import load_tokenizer
 from finetune.ranges import ranged
+from finetune.training.objectives import objective_for
 
 
 @dataclass
@@ -36,7 +36,7 @@ def run(args: Args, cfg) -> int:
         check_dump_path(args.dump)  # before the data is read: a bad path fails fast
     console = Console()
     tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
-    bundle = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=cfg.output.progress)
+    bundle = objective_for(cfg).prepare(tokenizer, progress=cfg.output.progress)  # what training would train on
     show_data(console, tokenizer, bundle, args.n)
     if args.dump:
         n = dump_examples(bundle.train, tokenizer, args.dump)

@@ -1,7 +1,7 @@
 """`finetune plan`: print the prediction as a table or JSON; `measure=true` checks it on this machine.
 
-The work is finetune.plan.predict (the prediction) and finetune.plan.show (the table, and the
-measured step of measure=true). Importing this module must not import torch
+The work is finetune.plan.predict (the prediction), finetune.plan.show (the table) and
+finetune.training.measure (the measured step of measure=true). Importing this module must not import torch
 (tests/plan/test_predict.py checks it): only `measure=true` loads torch.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from finetune.plan.predict import parse_bytes, report
-from finetune.plan.show import add_measurement, measured_device_cfg, print_measured, print_table
+from finetune.plan.show import print_measured, print_table
 from finetune.ranges import ranged
 
 
@@ -37,7 +37,9 @@ class Args:
 
 def run(args: Args, cfg) -> int:
     budget = parse_bytes(args.gpu_memory)
-    if args.measure:
+    if args.measure:  # torch and the model: loaded only for measure=true
+        from finetune.training.measure import add_measurement, measured_device_cfg
+
         cfg = measured_device_cfg(cfg)
     rep = report(cfg, budget, args.slack)
     if args.measure:

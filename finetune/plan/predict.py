@@ -6,8 +6,8 @@ without downloading it and without importing torch. The shape comes from a local
 file so litgpt's torch-importing package __init__ never runs).
 
 What autograd keeps and when the step peaks is checked against measured training steps on the
-CPU (`finetune plan ... measure=true`, finetune.plan.measure; bench/plan_vs_measured.py: 8 SmolLM2
-configs within +3%; tests/plan/test_measure.py). The GPU-only constants are not measured yet
+CPU (`finetune plan ... measure=true`, finetune.training.measure; bench/plan_vs_measured.py: 8 SmolLM2
+configs within +3%; tests/training/test_measure.py). The GPU-only constants are not measured yet
 (bench/gpu_qlora.py compares against a GPU when one is available). Sources for those:
 - bitsandbytes 0.50 NF4 layout (read from its source): 4-bit codes packed 2 per byte, one fp32
   absmax per 64 weights; with double quant the absmax become uint8 with one fp32 absmax per 256
@@ -224,7 +224,7 @@ def _mask_bytes(cfg, micro_batch: int, seq: int, c: int) -> int:
 
 def _fused_head(cfg, targets: set[str]) -> bool:
     """Whether training's loss takes finetune.memory.lean's fused frozen-head cross-entropy: a chunked loss
-    and a head that neither LoRA nor modules_to_save trains (finetune.training.loss.CausalLMLoss)."""
+    and a head that neither LoRA nor modules_to_save trains (finetune.training.loss.head_loss_sum)."""
     return (cfg.train.loss_chunk_size > 0 and "lm_head" not in targets
             and "lm_head" not in cfg.lora.modules_to_save)
 

@@ -1,20 +1,16 @@
 """What `finetune plan` prints: the prediction as an itemised table per device and, with
 `measure=true`, two real training steps on this machine measured beside it.
 
-Importing this module must not import torch (`finetune plan` without measure never loads it):
-the device probe and the measurement (finetune.plan.measure) are imported inside the functions.
+Importing this module must not import torch (`finetune plan` without measure never loads it);
+the measured step of `measure=true` is finetune.training.measure's.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from rich.console import Console
 from rich.table import Table
 
-from finetune.errors import UsageError
-from finetune.plan.predict import CUDA_CONTEXT_BYTES, GiB, MiB
-from finetune.plan.shapes import model_shape
+from finetune.plan.predict import GiB, MiB
 
 
 def _gib(n: int) -> str:
@@ -67,60 +63,3 @@ def print_measured(rep: dict) -> None:
     if "peak_reserved_bytes" in m:
         print(f"reserved peak + CUDA context {_size(m['peak_with_context_bytes'])} vs predicted peak: "
               f"error {100 * m['error_with_context_and_slack']:+.1f}%")
-
-
-# --------------------------------------------------------------------------- measure=true
-
-CPU_MEASURE_MAX_PARAMS = 2_000_000_000  # beyond this a CPU step takes too long to be a check
-STATIC_PARTS = ("quantized_weights", "base_weights", "unquantized_weights", "lora_params", "optimizer_state")
-
-
-def measured_device_cfg(cfg):
-    """cfg with accelerator set to the device the measurement will run on, so the prediction it is
-    compared with is for that device (dtype, dropout masks, CPU attention, no CUDA context)."""
-    from finetune.runtime import (  # torch: loaded only when measure=true asks for it
-        default_device,
-        planned_precision,
-    )
-
-    device = default_device(cfg.accelerator)
-    if device.type == "cpu" and model_shape(cfg.model.name, cfg.model.revision).n_params() > CPU_MEASURE_MAX_PARAMS:
-        raise UsageError(f"measure=true: {cfg.model.name} is too big to measure on this machine's CPU; "
-                         "run it where a GPU is, or measure a smaller model")
-    # precision=auto resolved as the runtime resolves it here (on a CPU: its probe's choice)
-    return dataclasses.replace(cfg, accelerator=device.type, precision=planned_precision(cfg, device))
-
-
-def add_measurement(cfg, rep: dict) -> None:
-    """Measure a training step of `cfg` at the report's micro-batch and seq_len; add it to `rep`
-    as `measured`, with the four numbers it is for side by side."""
-    rep["measured"] = _measure(cfg, rep)
-    rep.update(_measured_summary(rep))
-
-
-def _measured_summary(rep: dict) -> dict:
-    """The four numbers `measure=true` is for, side by side (bytes)."""
-    m, parts = rep["measured"], rep["parts"]
-    gpu = "peak_reserved_bytes" in m
-    return {
-        "predicted_static_bytes": sum(parts.get(k, 0) for k in STATIC_PARTS),
-        "measured_static_bytes": m["static_bytes_total"],
-        "predicted_peak_bytes": rep["peak_bytes"] if gpu else m["predicted_allocated_bytes"],
-        "measured_peak_bytes": m["peak_with_context_bytes"] if gpu else m["peak_allocated_bytes"],
-    }
-
-
-def _measure(cfg, rep: dict) -> dict:
-    from finetune.plan.measure import (
-        measure,  # torch and the model: only for measure=true
-    )
-
-    m = measure(cfg, micro_batch=rep["micro_batch"], seq_len=rep["seq_len"])
-    parts = rep["parts"]
-    predicted = sum(v for k, v in parts.items() if k not in ("cuda_context", "allocator_slack"))
-    m["predicted_allocated_bytes"] = predicted
-    m["error"] = round(predicted / m["peak_allocated_bytes"] - 1, 4)
-    if "peak_reserved_bytes" in m:  # what nvidia-smi would show, against the whole prediction
-        m["peak_with_context_bytes"] = m["peak_reserved_bytes"] + m.get("context_bytes", CUDA_CONTEXT_BYTES)
-        m["error_with_context_and_slack"] = round(rep["peak_bytes"] / m["peak_with_context_bytes"] - 1, 4)
-    return m

@@ -1,6 +1,6 @@
-"""What a training step needs, built one way: the model, its loss and its optimizer.
+"""What a training step needs, built one way: the model, its objective's loss and its optimizer.
 
-Training (finetune.training.loop) and `finetune plan ... measure=true` (finetune.plan.measure)
+Training (finetune.training.loop) and `finetune plan ... measure=true` (finetune.training.measure)
 both call `build_step`, so what the planner is checked against is the step training runs: the
 same memory features, the same chunked loss with the same router term, the same optimizer.
 """
@@ -16,20 +16,20 @@ from torch import nn
 from finetune.config import Config
 from finetune.memory.apply import MemoryFeatures, apply_memory_features
 from finetune.models.load import load_model
-from finetune.training.loss import CausalLMLoss
+from finetune.training.objectives import objective_for
 
 
 class TrainingStep(NamedTuple):
     model: nn.Module  # the PeftModel (its config, save_pretrained, adapter weights)
-    lossmod: CausalLMLoss  # what runs forward: model + head + loss
+    lossmod: nn.Module  # what runs forward: model + head + the objective's loss
     optimizer: torch.optim.Optimizer
     trainable: list  # the trained parameters, whole (FSDP later turns them into shards)
     memory: MemoryFeatures
 
 
 def build_step(cfg: Config, device: Union[str, torch.device], tokenizer) -> TrainingStep:
-    """The recipe's peft model on `device` in training mode, with its memory features, loss module
-    and optimizer. The caller seeds the RNG first (the LoRA init draws from it)."""
+    """The recipe's peft model on `device` in training mode, with its memory features, its objective's
+    loss module and optimizer. The caller seeds the RNG first (the LoRA init draws from it)."""
     device = torch.device(device)
     model = load_model(cfg, device, tokenizer=tokenizer, gradient_checkpointing=cfg.train.gradient_checkpointing)
     # from_pretrained leaves the base in eval mode; until the first validation switched it, LoRA
@@ -37,17 +37,8 @@ def build_step(cfg: Config, device: Union[str, torch.device], tokenizer) -> Trai
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     memory = apply_memory_features(model, cfg.train, device)
-    lossmod = CausalLMLoss(model, chunk=loss_chunk(cfg, model), offload=cfg.train.offload_activations,
-                           router_aux_coef=cfg.train.router_aux_loss_coef)
+    lossmod = objective_for(cfg).loss_module(model)
     return TrainingStep(model, lossmod, make_optimizer(cfg, trainable), trainable, memory)
-
-
-def loss_chunk(cfg: Config, model: nn.Module) -> int:
-    """Positions per chunk of the head + cross-entropy (0 = the plain, unchunked loss)."""
-    # The chunked head runs outside the model's own forward; a trained lm_head would then miss
-    # DDP's gradient sync, so it falls back to the plain loss.
-    head_trained = any(p.requires_grad for p in model.get_output_embeddings().parameters())
-    return 0 if head_trained else cfg.train.loss_chunk_size
 
 
 def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -125,7 +125,8 @@ class CheckpointState:
         params = peft_model.state_dict(keep_vars=True)  # the Parameter objects, not copies
         tensor_name = {id(v): k for k, v in params.items()}
         saved = get_peft_model_state_dict(peft_model, state_dict=params)
-        # lossmod (CausalLMLoss) holds the PeftModel as `model`: its names are "model." + the PeftModel's.
+        # lossmod (the objective's loss module) holds the PeftModel as `model`: its names are
+        # "model." + the PeftModel's.
         self.adapter_names = {saved_key: "model." + tensor_name[id(v)] for saved_key, v in saved.items()}
         self.groups = [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups]
 

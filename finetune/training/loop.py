@@ -9,8 +9,9 @@ Invariants this file keeps (each has a test):
   never cost more than the steps since the last one;
 - nothing of a run stays in memory once `train` returns (what follows, e.g. the eval suite, needs it).
 
-What a step is built from is finetune.training.build's; saving and resuming, .state's; the lines
-about memory, .report's.
+What a step is built from is finetune.training.build's; what is trained on, how it is batched and
+normalised, the objective's (finetune.training.objectives); saving and resuming, .state's (what a
+resume may change, .changes'); the lines about memory, .report's.
 """
 
 from __future__ import annotations
@@ -30,18 +31,18 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from finetune.config import Config, gradient_accumulation
-from finetune.data.pack import collate
-from finetune.data.pipeline import prepare
 from finetune.data.stream import BatchStream
 from finetune.errors import FinetuneError
 from finetune.fs import check_apart, out_dir_lock
 from finetune.models.adapters import serving_note
 from finetune.models.load import load_tokenizer
 from finetune.runtime import resolve_precision
-from finetune.training import checkpoint, report, resume
+from finetune.training import checkpoint, report
 from finetune.training.build import build_step, lr_lambda
+from finetune.training.changes import describe, schedule_changes
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
 from finetune.training.logs import log_config, logger_flush, make_loggers, plot_losses
+from finetune.training.objectives import Objective, objective_for
 from finetune.training.preflight import check_run
 from finetune.training.progress import TrainProgress
 from finetune.training.state import RunState, Saver, resume_source
@@ -119,10 +120,10 @@ def main(fabric, cfg: Config) -> TrainResult:
         fabric.print(f"{final_dir} has {done} steps; continuing to train.max_steps={cfg.train.max_steps}")
     # Every rank reads the same files, so all refuse together (one rank alone would leave the
     # others waiting in a collective).
-    changes = resume.schedule_changes(resume_from, cfg) if resume_from is not None else {}
+    changes = schedule_changes(resume_from, cfg) if resume_from is not None else {}
     if changes:
         fabric.print(f"resume: applying changed schedule from step {checkpoint.saved_step(resume_from)}: "
-                     f"{resume.describe(changes)} (recorded in config.yaml)")
+                     f"{describe(changes)} (recorded in config.yaml)")
     if cfg.model.trust_remote_code:
         fabric.print("warning: model.trust_remote_code=true: running model code shipped with the checkpoint")
 
@@ -130,8 +131,9 @@ def main(fabric, cfg: Config) -> TrainResult:
     if not rank0:  # progress bars from rank 0 only (transformers shows one while loading weights)
         hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(cfg.model)
+    objective = objective_for(cfg)
     with fabric.rank_zero_first():  # rank 0 fills the tokenized cache, the others read it
-        data = prepare(cfg.data, tokenizer, seed=cfg.train.seed, progress=rank0 and cfg.output.progress)
+        data = objective.prepare(tokenizer, progress=rank0 and cfg.output.progress)
     if rank0:
         fabric.print(str(data.stats))
 
@@ -143,7 +145,7 @@ def main(fabric, cfg: Config) -> TrainResult:
     stream = BatchStream(data.train, global_batch_size=cfg.train.global_batch_size, micro_batch_size=micro,
                          world_size=fabric.world_size, rank=fabric.global_rank, seed=cfg.train.seed,
                          group_by_length=not cfg.data.packing, pad_id=tokenizer.pad_token_id)
-    val_batches = _val_batches(data.val, micro, fabric, tokenizer.pad_token_id, cfg.train.eval_batches)
+    val_batches = _val_batches(objective, data.val, micro, fabric, tokenizer.pad_token_id, cfg.train.eval_batches)
     n_trainable = sum(p.numel() for p in step.trainable)  # counted now: FSDP turns them into shards
     if rank0:
         log_config(fabric, cfg, micro_batch_size=micro, gradient_accumulation=accum, world_size=fabric.world_size,
@@ -168,7 +170,7 @@ def main(fabric, cfg: Config) -> TrainResult:
                  f"micro-batch {micro} x accumulation {accum} x {fabric.world_size} = global {cfg.train.global_batch_size}")
     # SIGINT/SIGTERM from the first step to the final save: the run stops at a checkpoint.
     with _StopRequest() as stop:
-        fit(fabric, cfg, lossmod, optimizer, scheduler, stream, val_batches, state, saver, stop)
+        fit(fabric, cfg, objective, lossmod, optimizer, scheduler, stream, val_batches, state, saver, stop)
         fabric.print(report.peak_memory_line(cfg, fabric.device, micro))
         saver.save(final_dir, state)
         if rank0:
@@ -205,8 +207,8 @@ def _print_if(fabric, line: Optional[str]) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches, state: RunState, saver: Saver,
-        stop: "_StopRequest"):
+def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler, stream, val_batches,
+        state: RunState, saver: Saver, stop: "_StopRequest"):
     """Train from state.step to train.max_steps: one optimizer step per iteration, validation and
     checkpoints on their schedules, a clean save-and-exit on SIGINT/SIGTERM (`stop`), also during
     the final validation."""
@@ -219,22 +221,26 @@ def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches,
     saved_at = None
     with progress:
         while state.step < t.max_steps:
-            micro_batches = stream.step_batches(state.step)
+            micro_batches = _step_batches(objective, stream, state.step)
             # Normalise by the trained tokens of the whole step on all ranks, counted up front.
-            local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+            local = sum(objective.trained_tokens(b) for b in micro_batches)
             total = int(fabric.all_reduce(torch.tensor(local, device=fabric.device), reduce_op="sum").item())
             if total == 0:
                 raise FinetuneError(f"step {state.step + 1} has no trained tokens (all labels masked)")
             loss_sum = torch.zeros((), device=fabric.device)
+            outputs = []
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(fabric.device) for k, v in batch.items()}
                 last = i == len(micro_batches) - 1
                 with fabric.no_backward_sync(lossmod, enabled=not last):
-                    loss, _ = lossmod(batch["input_ids"], batch["labels"], batch["position_ids"])
+                    out = lossmod(*objective.inputs(batch))  # (loss summed over the micro-batch, ...)
                     # DDP averages gradients over ranks; scaling by world size makes that a sum.
-                    fabric.backward(loss * fabric.world_size / total)
-                loss_sum += loss.detach()
+                    fabric.backward(out[0] * fabric.world_size / total)
+                loss_sum += out[0].detach()
+                outputs.append(tuple(x.detach() for x in out))
             step_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / total
+            logged = {k: fabric.all_reduce(v, reduce_op="sum").item() / total
+                      for k, v in objective.step_metrics(outputs).items()}
             if not math.isfinite(step_loss):
                 last_good = checkpoint.latest_checkpoint(out_dir)
                 raise FinetuneError(f"loss is {step_loss} at step {state.step + 1}; stopped without updating. "
@@ -251,14 +257,14 @@ def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches,
             window_tokens += total
             elapsed = time.perf_counter() - window_start
             tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
-            metrics = {"train_loss": step_loss, "lr": lr, "trained_tokens_per_s": tok_s,
+            metrics = {"train_loss": step_loss, **logged, "lr": lr, "trained_tokens_per_s": tok_s,
                        "epoch": stream.epoch_at(state.step)}
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 fabric.log_dict(metrics, step=state.step)
             progress.update(state.step, loss=step_loss, lr=lr, tok_s=tok_s)
 
             if val_batches is not None and t.eval_every and state.step % t.eval_every == 0:
-                _validate(fabric, lossmod, val_batches, state, progress)
+                _validate(fabric, objective, lossmod, val_batches, state, progress)
             if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
                 saver.save_step(state)
                 saved_at = state.step
@@ -269,20 +275,26 @@ def fit(fabric, cfg: Config, lossmod, optimizer, scheduler, stream, val_batches,
                 _exit_on_signal(fabric, stop, f"saved {path} at step {state.step}")
 
     if val_batches is not None:
-        _validate(fabric, lossmod, val_batches, state, progress)
+        _validate(fabric, objective, lossmod, val_batches, state, progress)
     if _stopping(fabric, stop):  # after the last step: keep it as a checkpoint; resume validates and saves final
         path = saver.save_step(state)
         _exit_on_signal(fabric, stop, f"saved {path} at step {state.step} (the last; final/ not written yet)")
     logger_flush(fabric)
 
 
-def _val_batches(units: list, micro: int, fabric, pad_id: int, max_batches: int) -> Optional[list[dict]]:
+def _step_batches(objective: Objective, stream: BatchStream, step: int) -> list[dict]:
+    """This rank's micro-batches of optimizer step `step`: the stream's units, the objective's collate."""
+    return [objective.collate([stream.units[j] for j in chunk], stream.pad_id) for chunk in stream.rank_indices(step)]
+
+
+def _val_batches(objective: Objective, units: list, micro: int, fabric, pad_id: int,
+                 max_batches: int) -> Optional[list[dict]]:
     """The same validation micro-batches every time: units in order, split over ranks, collated once.
 
     The units are the first max_batches x micro whatever the device count, so val_loss does not
-    depend on it. Every rank gets the same number of batches (a short rank gets fully masked
-    ones, worth 0 loss and 0 tokens): DDP syncs buffers and FSDP gathers weights in a forward,
-    so ranks must run equally many. None = no validation data at all.
+    depend on it. Every rank gets the same number of batches (a short rank gets the objective's
+    blank ones, worth 0 loss and 0 tokens): DDP syncs buffers and FSDP gathers weights in a
+    forward, so ranks must run equally many. None = no validation data at all.
     """
     units = units[:max_batches * micro]
     if not len(units):
@@ -290,21 +302,20 @@ def _val_batches(units: list, micro: int, fabric, pad_id: int, max_batches: int)
     mine = list(units[fabric.global_rank::fabric.world_size])
     per_rank = -(-len(units) // fabric.world_size)
     chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-    blank = {**units[0], "labels": [-100] * len(units[0]["input_ids"])}
-    chunks += [[blank]] * (-(-per_rank // micro) - len(chunks))
-    return [collate(c, pad_id) for c in chunks]
+    chunks += [[objective.blank(units[0])]] * (-(-per_rank // micro) - len(chunks))
+    return [objective.collate(c, pad_id) for c in chunks]
 
 
 @torch.no_grad()
-def _validate(fabric, lossmod, val_batches: list[dict], state: RunState, progress) -> float:
+def _validate(fabric, objective: Objective, lossmod, val_batches: list[dict], state: RunState, progress) -> float:
     lossmod.eval()
     total_loss = torch.zeros((), device=fabric.device)
     total_tokens = torch.zeros((), device=fabric.device, dtype=torch.long)
     for batch in val_batches:
         batch = {k: v.to(fabric.device) for k, v in batch.items()}
-        loss, n = lossmod(batch["input_ids"], batch["labels"], batch["position_ids"])
-        total_loss += loss
-        total_tokens += n
+        out = lossmod(*objective.inputs(batch))  # (loss summed over the micro-batch, its normaliser, ...)
+        total_loss += out[0]
+        total_tokens += out[1]
     lossmod.train()
     total_loss = fabric.all_reduce(total_loss, reduce_op="sum")
     total_tokens = fabric.all_reduce(total_tokens, reduce_op="sum")

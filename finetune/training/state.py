@@ -20,7 +20,8 @@ from torch import nn
 from finetune.config import Config, to_yaml
 from finetune.errors import UsageError
 from finetune.fs import check_out_dir, foreign_files
-from finetune.training import checkpoint, resume
+from finetune.training import checkpoint
+from finetune.training.changes import apply_schedule, fresh_hyperparameters, history_comments
 from finetune.training.distributed import CheckpointState
 
 # What a refusal to train into a non-empty out_dir suggests.
@@ -125,7 +126,7 @@ class Saver:
         if self.fabric.global_rank == 0:
             checkpoint.save_checkpoint(
                 path, model=self.model, tokenizer=self.tokenizer,
-                config_yaml=to_yaml(self.cfg) + resume.history_comments(state.history),
+                config_yaml=to_yaml(self.cfg) + history_comments(state.history),
                 adapter_weights=adapter,
                 state={"optimizer": optim, "scheduler": self.scheduler.state_dict(), "step": state.step,
                        "losses": state.losses, "val_losses": state.val_losses, "rng": capture_rng(),
@@ -144,10 +145,10 @@ class Saver:
     def restore(self, path: Path, state: RunState, changes: Optional[dict] = None) -> None:
         """Optimizer, schedule, step, losses and RNG from `path` (the adapter weights are loaded
         before Fabric's setup, as whole tensors: see checkpoint.load_adapter_weights). `changes`
-        are the schedule fields this run changed (finetune.training.resume): their new values
+        are the schedule fields this run changed (finetune.training.changes): their new values
         replace the restored ones, and the change is recorded in the run's history."""
         saved = checkpoint.load_state(path)
-        fresh = resume.fresh_hyperparameters(self.optimizer)
+        fresh = fresh_hyperparameters(self.optimizer)
         self.ckpt_state.load_optimizer_state(self.lossmod, self.optimizer, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         state.step = int(saved["step"])
@@ -155,7 +156,7 @@ class Saver:
         state.val_losses = [tuple(x) for x in saved.get("val_losses", [])]
         state.history = list(saved.get("history", []))
         if changes:
-            resume.apply_schedule(self.optimizer, self.scheduler, fresh)
+            apply_schedule(self.optimizer, self.scheduler, fresh)
             state.history.append({"step": state.step, "changes": changes})
         restore_rng(saved["rng"])
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from finetune.memory import lean
 from finetune.data.pack import collate, pack
-from finetune.training.loss import CausalLMLoss
+from finetune.training.objectives.sft import CausalLMLoss
 from tiny_peft import make_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -62,7 +62,7 @@ def test_linear_cross_entropy_equals_plain(chunk, bias):
 
 
 def test_linear_cross_entropy_holds_one_chunk_of_logits_at_a_time():
-    from finetune.plan.measure import _cpu_step_peak
+    from finetune.training.measure import _cpu_step_peak
 
     gen = torch.Generator().manual_seed(0)
     head = nn.Linear(32, 4096, bias=False).requires_grad_(False)

@@ -15,7 +15,7 @@ from finetune.memory import lean, tiled
 from finetune.config import load_config
 from finetune.data.pack import collate, pack
 from finetune.errors import UsageError
-from finetune.training.loss import CausalLMLoss
+from finetune.training.objectives.sft import CausalLMLoss
 from tiny_peft import make_model
 
 TOL = dict(atol=1e-6, rtol=1e-5)

@@ -140,7 +140,7 @@ def test_aux_term_is_the_hand_computed_switch_loss(moe_dir, chunk):
     from transformers import AutoModelForCausalLM
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from finetune.training.loss import CausalLMLoss
+    from finetune.training.objectives.sft import CausalLMLoss
 
     model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
     labels = IDS.clone()

@@ -46,7 +46,7 @@ def mid_moe(tmp_path_factory):
 def test_moe_recipe_prediction_matches_a_measured_cpu_step(mid_moe, quant):
     # The moe-8x1b-router recipe at reduced size (4 experts of a hidden-256 model, seq 512) on the CPU.
     pytest.importorskip("bitsandbytes")
-    from finetune.plan.measure import measure
+    from finetune.training.measure import measure
 
     cfg = load_config("moe-8x1b-router", {"model.name": str(mid_moe), "accelerator": "cpu", "data.seq_len": "512",
                                           "train.optimizer": "adamw", "quant.compute_dtype": "float32",

@@ -10,9 +10,10 @@ import torch
 from finetune.config import load_config
 from finetune.models.load import load_tokenizer
 from finetune.models.tiny import make_tiny_model
-from finetune.plan.measure import static_bytes, synthetic_batch
 from finetune.plan.predict import _compute_bytes, _fp32_norms, predict
 from finetune.training.build import build_step
+from finetune.training.measure import static_bytes
+from finetune.training.objectives.sft import synthetic_batch
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")

@@ -119,6 +119,12 @@ def test_global_batch_must_divide_over_devices():
 # --------------------------------------------------------------------------- validation batches
 
 
+def sft():
+    from finetune.training.objectives import objective_for
+
+    return objective_for(load_config("tiny-lora", {}))
+
+
 @pytest.mark.parametrize("n_val", [1, 3, 5, 6])
 def test_validation_batches_equal_count_and_independent_of_world(n_val):
     from finetune.training.loop import _val_batches
@@ -126,20 +132,20 @@ def test_validation_batches_equal_count_and_independent_of_world(n_val):
     units = fake_units(n_val)
     trained = {}
     for world in (1, 2, 3):
-        batches = [_val_batches(units, 2, SimpleNamespace(global_rank=r, world_size=world), 0, 20)
+        batches = [_val_batches(sft(), units, 2, SimpleNamespace(global_rank=r, world_size=world), 0, 20)
                    for r in range(world)]
         assert len({len(b) for b in batches}) == 1  # every rank runs equally many forwards
         trained[world] = sorted(int(t) for b in batches for x in b for t in x["labels"][x["labels"] != -100])
     assert trained[1] == trained[2] == trained[3]  # the same tokens scored whatever the device count
-    assert _val_batches([], 2, SimpleNamespace(global_rank=0, world_size=2), 0, 20) is None
+    assert _val_batches(sft(), [], 2, SimpleNamespace(global_rank=0, world_size=2), 0, 20) is None
 
 
 def test_validation_respects_eval_batches_globally():
     from finetune.training.loop import _val_batches
 
     units = fake_units(40)
-    one = _val_batches(units, 2, SimpleNamespace(global_rank=0, world_size=1), 0, 3)
-    two = [_val_batches(units, 2, SimpleNamespace(global_rank=r, world_size=2), 0, 3) for r in (0, 1)]
+    one = _val_batches(sft(), units, 2, SimpleNamespace(global_rank=0, world_size=1), 0, 3)
+    two = [_val_batches(sft(), units, 2, SimpleNamespace(global_rank=r, world_size=2), 0, 3) for r in (0, 1)]
     tokens = lambda bs: sorted(int(t) for b in bs for t in b["labels"][b["labels"] != -100])
     assert len(one) == 3 and tokens(one) == tokens(two[0] + two[1])
 
@@ -166,7 +172,7 @@ def test_optimizer_state_converts_between_position_and_name_keys():
     name (FSDP); either loads under the other, matched by name, whatever the parameter order."""
     from finetune.training.distributed import CheckpointState
     from finetune.models.load import load_model
-    from finetune.training.loss import CausalLMLoss
+    from finetune.training.objectives.sft import CausalLMLoss
 
     cfg = load_config("tiny-lora", {"accelerator": "cpu"})
     model = load_model(cfg, "cpu")

@@ -18,7 +18,7 @@ from finetune.config import load_config
 from finetune.errors import FinetuneError, UsageError
 from finetune.training import build, loop, report
 from finetune.training.checkpoint import is_complete
-from finetune.training.loss import CausalLMLoss
+from finetune.training.objectives.sft import CausalLMLoss
 from finetune.training.loop import main, make_fabric
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune.data.pack import collate, pack, single_units
-from finetune.training.loss import CausalLMLoss
+from finetune.training.objectives.sft import CausalLMLoss
 from tiny_peft import make_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from test_bad_input import expect_error, run_cli, snapshot
 from finetune import fs
+from finetune.data import pipeline
 from finetune.training import checkpoint, loop
 
 QUIET = ["output.progress=false", "output.plot=false", "data.cache=false"]
@@ -57,7 +58,7 @@ def test_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(tmp_path,
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        monkeypatch.setattr(loop, "prepare", lambda *a, **k: pytest.fail("data prepared under another run's lock"))
+        monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("data prepared under another run's lock"))
         for extra in ([], ["resume=auto"], ["overwrite=true"]):
             err = expect_error(args(out, *extra), 2, f"out_dir {out} is in use by another run (pid {holder.pid} on ",
                                "started ", "wait for it to end or choose another out_dir",
@@ -73,7 +74,7 @@ def test_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(tmp_path,
 def test_the_lock_is_held_through_the_run_and_gone_after(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     seen = []
-    real_prepare = loop.prepare
+    real_prepare = pipeline.prepare
 
     def prepare(*a, **k):  # a second opener (another process, as far as flock is concerned) is refused
         fd = os.open(out / fs.LOCK_NAME, os.O_RDWR)
@@ -85,7 +86,7 @@ def test_the_lock_is_held_through_the_run_and_gone_after(tmp_path, capsys, monke
             os.close(fd)
         return real_prepare(*a, **k)
 
-    monkeypatch.setattr(loop, "prepare", prepare)
+    monkeypatch.setattr(pipeline, "prepare", prepare)
     rc, _, err = run_cli(args(out, "train.max_steps=1"), capsys)
     assert rc == 0, err
     assert seen == [True]
@@ -115,7 +116,8 @@ def _signal_when(monkeypatch, module, name: str, sig: int, when) -> None:
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_final_validation_leaves_a_checkpoint_resume_finishes(tmp_path, capsys, monkeypatch, sig, code):
     out = tmp_path / "run"
-    _signal_when(monkeypatch, loop, "_validate", sig, lambda fabric, lossmod, val, state, progress: state.step == 3)
+    _signal_when(monkeypatch, loop, "_validate", sig,
+                 lambda fabric, objective, lossmod, val, state, progress: state.step == 3)
     rc, stdout, err = run_cli(args(out, "train.max_steps=3"), capsys)
     assert rc == code, err
     name = signal.Signals(sig).name

@@ -1,11 +1,11 @@
 """What a resumed run may change, and how the changes it may make are applied and recorded.
 
 A checkpoint's config.yaml is the config that trained it. On resume the new config is compared
-with it, field by field:
+with it, field by field (whether to resume, and from where, is finetune.training.state's):
 
 - what defines the adapter (the base model, the LoRA shape and targets, quantization, the data
-  and its order, the optimizer's kind) cannot change: the result would be an adapter of no run
-  anyone asked for. The refusal names every changed field.
+  and its order, the optimizer's kind, the objective's own settings) cannot change: the result
+  would be an adapter of no run anyone asked for. The refusal names every changed field.
 - the schedule (lr, warmup, decay, max_steps, weight decay, clipping) may change: users extend
   runs or lower a learning rate that diverged. The new values apply from the resume step on (the
   restored optimizer and scheduler would otherwise keep the old ones), and each checkpoint's
@@ -23,10 +23,10 @@ import yaml
 
 from finetune.config import Config, to_dict
 from finetune.errors import UsageError
+from finetune.training.objectives import objective_for
 
-# Prefixes/keys whose change would make the resumed adapter another run's.
-DEFINING = ("model.", "lora.", "quant.", "data.", "train.seed", "train.global_batch_size", "train.optimizer",
-            "train.router_aux_loss_coef")
+# Prefixes/keys whose change would make the resumed adapter another run's (with the objective's own).
+DEFINING = ("model.", "lora.", "quant.", "data.", "train.seed", "train.global_batch_size", "train.optimizer")
 # data.* settings that do not change which tokens are trained.
 NOT_DEFINING = ("data.cache", "data.num_proc", "data.strict")
 SCHEDULE = ("train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.max_steps", "train.weight_decay",
@@ -66,11 +66,12 @@ def schedule_changes(checkpoint_dir: Path, cfg: Config) -> dict[str, list]:
     if not old:
         return {}
     new = flatten(to_dict(cfg))
+    defining_keys = DEFINING + objective_for(cfg).defining
     defining, schedule = [], {}
     for key, value in new.items():
         if key not in old or old[key] == value:
             continue
-        if key.startswith(DEFINING) and not key.startswith(NOT_DEFINING):
+        if key.startswith(defining_keys) and not key.startswith(NOT_DEFINING):
             defining.append(f"{key} {_show(old[key])} -> {_show(value)}")
         elif key in SCHEDULE:
             schedule[key] = [old[key], value]

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from finetune.config import load_config
-from finetune.plan.measure import measure, synthetic_batch
-from finetune.plan.predict import predict
 from finetune.models.tiny import make_tiny_model
+from finetune.plan.predict import predict
+from finetune.training.measure import measure
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,6 @@ def mid_model(tmp_path_factory):
     # 8k vocabulary), small enough for a step in about a second.
     return make_tiny_model(tmp_path_factory.mktemp("mid") / "model", hidden_size=256, intermediate_size=704,
                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=8192)
-
-
-def test_synthetic_batch_packs_two_examples_per_row():
-    b = synthetic_batch(100, 2, 10)
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]] * 2
-    assert (b["labels"] == b["input_ids"]).all() and (b["input_ids"] > 0).all()
 
 
 @pytest.mark.parametrize("overrides", [
@@ -75,7 +69,7 @@ def test_measure_runs_the_training_step_router_term_included(tmp_path, monkeypat
     moe = make_tiny_model(tmp_path / "moe", arch="mixtral", num_local_experts=2, num_experts_per_tok=1)
     built, aux_calls = [], []
     real_build, real_aux = build.build_step, loss.load_balancing_loss
-    monkeypatch.setattr("finetune.plan.measure.build_step",
+    monkeypatch.setattr("finetune.training.measure.build_step",
                         lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     monkeypatch.setattr(loss, "load_balancing_loss", lambda *a, **k: aux_calls.append(1) or real_aux(*a, **k))
     cfg = load_config("tiny-lora", {"model.name": str(moe), "data.seq_len": "32", "lora.target_modules": "[q_proj]",

@@ -4,7 +4,8 @@ The planner (finetune.plan.predict) is arithmetic; this is the check. It builds 
 optimizer with training's own `finetune.training.build.build_step` (memory features, chunked loss,
 MoE router term and optimizer included), runs one step so the optimizer state exists, then measures the
 next step: the bytes torch's allocator holds at its peak. That is the planner's "allocated" sum
-(every part but the CUDA context and the allocator slack), so the two compare directly.
+(every part but the CUDA context and the allocator slack), so the two compare directly. It lives in
+training, not in the planner, so the planner stays torch-free and below training.
 
 - GPU: `torch.cuda.max_memory_allocated` (and reserved, which adds the allocator's fragmentation).
 - CPU: torch has no allocator statistics there, but its profiler records every CPU allocation and
@@ -12,14 +13,15 @@ next step: the bytes torch's allocator holds at its peak. That is the planner's 
   runs, so the step's peak is what was live before it (parameters, buffers, quantization state,
   optimizer state, the batch: counted tensor by tensor) plus the largest running total during it.
 
-The batch is synthetic: random token ids, every position trained, and with `data.packing` two
-examples per row (position ids restart halfway), so attention gets the block-diagonal mask real
-packing gives.
+The batch is the objective's synthetic one (finetune.training.objectives; SFT: random token ids,
+every position trained, and with `data.packing` two examples per row, position ids restarting
+halfway, so attention gets the block-diagonal mask real packing gives).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -32,8 +34,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from finetune.config import Config
 from finetune.models.load import load_tokenizer
-from finetune.runtime import default_device
+from finetune.errors import UsageError
+from finetune.plan.predict import CUDA_CONTEXT_BYTES
+from finetune.plan.shapes import model_shape
+from finetune.runtime import default_device, planned_precision
 from finetune.training.build import build_step
+from finetune.training.objectives import objective_for
 
 
 def _storages_bytes(tensors) -> int:
@@ -112,16 +118,6 @@ def static_bytes(model, optimizer=None) -> dict[str, dict[str, int]]:
     return out
 
 
-def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, seed: int = 0, packed: bool = True) -> dict:
-    """Random ids, every position trained; packed: two examples per row (position ids restart
-    halfway, so attention gets packing's block-diagonal mask), else one causal sequence per row."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (micro_batch, seq_len), generator=g)
-    half = seq_len // 2 if packed else seq_len
-    pos = torch.cat([torch.arange(half), torch.arange(seq_len - half)]).expand(micro_batch, -1).contiguous()
-    return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
-
-
 @contextlib.contextmanager
 def _quiet_fd2():
     """Silence file descriptor 2: the profiler's C++ side prints start/stop lines there."""
@@ -169,15 +165,16 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
     micro = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
     seq = seq_len or cfg.data.seq_len
     torch.manual_seed(cfg.train.seed)
-    model, lossmod, optimizer, _, _ = build_step(cfg, device, load_tokenizer(cfg.model))
+    objective = objective_for(cfg)
+    built = build_step(cfg, device, load_tokenizer(cfg.model))
+    model, lossmod, optimizer = built.model, built.lossmod, built.optimizer
     vocab = model.get_output_embeddings().weight.shape[0]
-    # Packed like training packs when the recipe packs (the planner counts the mask that brings).
-    batch = synthetic_batch(vocab, micro, seq, cfg.train.seed, packed=cfg.data.packing)
+    batch = objective.synthetic_batch(vocab, micro, seq)
+    tokens = objective.trained_tokens(batch)
     batch = {k: v.to(device) for k, v in batch.items()}
-    tokens = micro * (seq - 1)
 
     def step() -> float:
-        loss, n = lossmod(batch["input_ids"], batch["labels"], batch["position_ids"])
+        loss, n = lossmod(*objective.inputs(batch))[:2]
         (loss / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -203,3 +200,51 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
     out["step_seconds"] = round(time.perf_counter() - t0, 3)
     out["trained_tokens"] = tokens
     return out
+
+
+# --------------------------------------------------------------------------- against the prediction (`finetune plan ... measure=true`)
+
+CPU_MEASURE_MAX_PARAMS = 2_000_000_000  # beyond this a CPU step takes too long to be a check
+STATIC_PARTS = ("quantized_weights", "base_weights", "unquantized_weights", "lora_params", "optimizer_state")
+
+
+def measured_device_cfg(cfg: Config) -> Config:
+    """cfg with accelerator set to the device the measurement will run on, so the prediction it is
+    compared with is for that device (dtype, dropout masks, CPU attention, no CUDA context)."""
+    device = default_device(cfg.accelerator)
+    if device.type == "cpu" and model_shape(cfg.model.name, cfg.model.revision).n_params() > CPU_MEASURE_MAX_PARAMS:
+        raise UsageError(f"measure=true: {cfg.model.name} is too big to measure on this machine's CPU; "
+                         "run it where a GPU is, or measure a smaller model")
+    # precision=auto resolved as the runtime resolves it here (on a CPU: its probe's choice)
+    return dataclasses.replace(cfg, accelerator=device.type, precision=planned_precision(cfg, device))
+
+
+def add_measurement(cfg: Config, rep: dict) -> None:
+    """Measure a training step of `cfg` at the report's micro-batch and seq_len; add it to `rep`
+    as `measured`, with the four numbers it is for side by side."""
+    rep["measured"] = _measure(cfg, rep)
+    rep.update(_measured_summary(rep))
+
+
+def _measured_summary(rep: dict) -> dict:
+    """The four numbers `measure=true` is for, side by side (bytes)."""
+    m, parts = rep["measured"], rep["parts"]
+    gpu = "peak_reserved_bytes" in m
+    return {
+        "predicted_static_bytes": sum(parts.get(k, 0) for k in STATIC_PARTS),
+        "measured_static_bytes": m["static_bytes_total"],
+        "predicted_peak_bytes": rep["peak_bytes"] if gpu else m["predicted_allocated_bytes"],
+        "measured_peak_bytes": m["peak_with_context_bytes"] if gpu else m["peak_allocated_bytes"],
+    }
+
+
+def _measure(cfg: Config, rep: dict) -> dict:
+    m = measure(cfg, micro_batch=rep["micro_batch"], seq_len=rep["seq_len"])
+    parts = rep["parts"]
+    predicted = sum(v for k, v in parts.items() if k not in ("cuda_context", "allocator_slack"))
+    m["predicted_allocated_bytes"] = predicted
+    m["error"] = round(predicted / m["peak_allocated_bytes"] - 1, 4)
+    if "peak_reserved_bytes" in m:  # what nvidia-smi would show, against the whole prediction
+        m["peak_with_context_bytes"] = m["peak_reserved_bytes"] + m.get("context_bytes", CUDA_CONTEXT_BYTES)
+        m["error_with_context_and_slack"] = round(rep["peak_bytes"] / m["peak_with_context_bytes"] - 1, 4)
+    return m
