@@ -8,7 +8,7 @@ sees the same units per step, and a resumed run needs nothing but the step to co
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from finetune.data.pack import collate
 class BatchStream:
     def __init__(self, units: Sequence[dict], global_batch_size: int, micro_batch_size: int,
                  world_size: int = 1, rank: int = 0, seed: int = 0, group_by_length: bool = False,
-                 pad_id: int = 0):
+                 pad_id: int = 0, collate: Callable[[Sequence[dict], int], dict] = collate):
         if not len(units):
             raise ValueError("BatchStream needs at least one unit")
         if not 0 <= rank < world_size:
@@ -27,6 +27,7 @@ class BatchStream:
         self.G, self.micro = int(global_batch_size), int(micro_batch_size)
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.group_by_length, self.pad_id = group_by_length, pad_id
+        self.collate = collate  # units -> a micro-batch: the training objective's (SFT: pack.collate)
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -56,7 +57,7 @@ class BatchStream:
 
     def step_batches(self, step: int) -> list[dict]:
         """Collated micro-batches for this rank at optimizer step `step` (0-based)."""
-        return [collate([self.units[j] for j in chunk], self.pad_id) for chunk in self.rank_indices(step)]
+        return [self.collate([self.units[j] for j in chunk], self.pad_id) for chunk in self.rank_indices(step)]
 
     def epoch_at(self, step: int) -> float:
         """Epochs completed before `step` (fractional)."""

@@ -144,7 +144,8 @@ def main(fabric, cfg: Config) -> TrainResult:
     accum = gradient_accumulation(cfg, fabric.world_size, micro)
     stream = BatchStream(data.train, global_batch_size=cfg.train.global_batch_size, micro_batch_size=micro,
                          world_size=fabric.world_size, rank=fabric.global_rank, seed=cfg.train.seed,
-                         group_by_length=not cfg.data.packing, pad_id=tokenizer.pad_token_id)
+                         group_by_length=not cfg.data.packing, pad_id=tokenizer.pad_token_id,
+                         collate=objective.collate)
     val_batches = _val_batches(objective, data.val, micro, fabric, tokenizer.pad_token_id, cfg.train.eval_batches)
     n_trainable = sum(p.numel() for p in step.trainable)  # counted now: FSDP turns them into shards
     if rank0:
@@ -221,7 +222,7 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
     saved_at = None
     with progress:
         while state.step < t.max_steps:
-            micro_batches = _step_batches(objective, stream, state.step)
+            micro_batches = stream.step_batches(state.step)
             # Normalise by the trained tokens of the whole step on all ranks, counted up front.
             local = sum(objective.trained_tokens(b) for b in micro_batches)
             total = int(fabric.all_reduce(torch.tensor(local, device=fabric.device), reduce_op="sum").item())
@@ -280,11 +281,6 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
         path = saver.save_step(state)
         _exit_on_signal(fabric, stop, f"saved {path} at step {state.step} (the last; final/ not written yet)")
     logger_flush(fabric)
-
-
-def _step_batches(objective: Objective, stream: BatchStream, step: int) -> list[dict]:
-    """This rank's micro-batches of optimizer step `step`: the stream's units, the objective's collate."""
-    return [objective.collate([stream.units[j] for j in chunk], stream.pad_id) for chunk in stream.rank_indices(step)]
 
 
 def _val_batches(objective: Objective, units: list, micro: int, fabric, pad_id: int,
