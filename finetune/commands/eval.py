@@ -16,6 +16,7 @@ from finetune.eval.run import evaluate
 from finetune.ranges import ranged
 from finetune.resources import list_resources
 
+
 @dataclass
 class Args:
     suite: Optional[str] = None
