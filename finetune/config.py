@@ -189,6 +189,27 @@ class TrainConfig:
     """Validation micro-batches per evaluation."""
     log_every: int = ranged(1, ge=1)
     """Log metrics every N steps."""
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
+    """Training objective: sft (supervised, on conversations), or preference tuning on pairs:
+    dpo, orpo, simpo; kto on unpaired feedback (settings under pref.*, see docs/preference.md)."""
+
+
+@dataclass
+class PrefConfig:
+    """pref.*: preference-tuning settings (train.objective=dpo|orpo|simpo|kto)."""
+
+    beta: float = ranged(0.1, gt=0)
+    """Strength of the preference term: DPO/KTO's KL weight, SimPO's reward scale, ORPO's odds-ratio weight (lambda)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """DPO variant: sigmoid (the paper's), ipo, hinge, robust (with label_smoothing)."""
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)
+    """DPO/SimPO: assumed probability that a pair's labels are flipped (conservative / robust DPO)."""
+    simpo_gamma: float = ranged(0.5, ge=0)
+    """SimPO: target reward margin (gamma) between chosen and rejected."""
+    desirable_weight: float = ranged(1.0, gt=0)
+    """KTO: weight of desirable (label true) examples."""
+    undesirable_weight: float = ranged(1.0, gt=0)
+    """KTO: weight of undesirable (label false) examples."""
 
 
 @dataclass
@@ -247,6 +268,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
