@@ -167,17 +167,18 @@ def _pair(prompt: Optional[list[dict]], chosen: list[dict], rejected: list[dict]
     A side holding more than its answer is a whole conversation (TRL's implicit prompt,
     ultrafeedback's chosen/rejected): everything before its last message is its prompt, and the
     two prompts (and an explicit prompt column, when given) must agree."""
-    prompts = {}
+    prompts, answers = {}, {}
     for col, msgs in ((chosen_col, chosen), (rejected_col, rejected)):
-        if len(msgs) > 1 or (msgs and msgs[0]["role"] != "assistant"):
-            prompts[col] = msgs[:-1]
+        answers[col] = msgs
+        if any(m["role"] != "assistant" for m in msgs):
+            prompts[col], answers[col] = msgs[:-1], msgs[-1:]
     if len(prompts) == 2 and prompts[chosen_col] != prompts[rejected_col]:
         raise BadRow("prompts differ between chosen and rejected", rejected_col)
     shared = next(iter(prompts.values()), None)
     if shared is not None and prompt is not None and shared and shared != prompt:
         raise BadRow("prompt differs from the conversations", next(iter(prompts)))
-    c = _assistant(chosen[-1:], chosen_col)
-    r = _assistant(rejected[-1:], rejected_col)
+    c = _assistant(answers[chosen_col], chosen_col)
+    r = _assistant(answers[rejected_col], rejected_col)
     if _same(c, r):
         raise BadRow("identical chosen and rejected", rejected_col)
     full = prompt if prompt is not None else shared
