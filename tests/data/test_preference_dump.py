@@ -29,7 +29,7 @@ def test_unpaired_record_has_completion_and_label(tok):
 def test_pair_panel_styles_prompt_dim_chosen_green_rejected_red(tok):
     console = Console(record=True, width=80, color_system="truecolor")
     show_pair(console, tok, {"prompt_ids": B("Q?"), "chosen_ids": B("yes"), "rejected_ids": B("no")}, "pair 1")
-    ansi = console.export_text(styles=True)
+    ansi = console.export_text(styles=True, clear=False)
     assert "\x1b[2mQ?" in ansi and "\x1b[1;32myes" in ansi and "\x1b[1;31mno" in ansi
     assert "chosen: 3 tokens count" in console.export_text()
 
