@@ -88,7 +88,9 @@ def _convert(rows: Rows, idx, fmt: str, cols: dict, roles: dict, data_cfg, stats
 
 
 def _format(data_cfg, src, rows: Rows, paired: bool) -> tuple[str, dict]:
-    fmt = src.format or first_format(rows.rows, src.name)
+    # A card's format describes the card's rows: with data.path given instead (a recipe's card
+    # replaced, e.g. tiny-lora's alpaca sample), only data.format is taken, else the rows tell.
+    fmt = data_cfg.format or ("" if data_cfg.path else src.format) or first_format(rows.rows, src.name)
     cols = pref_columns(fmt, src.columns)
     first = next((r for r in rows.rows if isinstance(r, dict)), None)
     if paired and is_unpaired_row(first, fmt, cols):
@@ -106,7 +108,8 @@ def _load(data_cfg, seed: int, stats: DataStats, src, paired: bool):
     if not rows.rows:
         raise UsageError(f"{src.name}: the dataset is empty (no rows{', only broken lines' if rows.broken else ''})")
     fmt, cols = _format(data_cfg, src, rows, paired)
-    stats.notes.append(f"format {fmt}" + ("" if src.format else " (detected from the first row; data.format sets it)"))
+    told = data_cfg.format or ("" if data_cfg.path else src.format)
+    stats.notes.append(f"format {fmt}" + ("" if told else " (detected from the first row; data.format sets it)"))
     train_idx, val_idx = _split_indices(len(rows.rows), data_cfg, seed, bool(data_cfg.val_path))
     if data_cfg.strict:  # the first bad row in file order is the one to name
         _convert(rows, sorted(np.concatenate([train_idx, val_idx]).tolist()), fmt, cols, src.roles, data_cfg,
