@@ -5,8 +5,9 @@ loaded, rows dropped per reason, tokens, trained-token fraction, truncation, pac
 (finetune.data.show). With dump=PATH every training example is also written to PATH as a JSON
 line (see finetune.data.dump).
 
-Preference objectives (train.objective=dpo|orpo|simpo|kto) show and dump pairs (or KTO's labelled
-answers): the prompt as context and what counts of each answer (finetune.data.preference).
+Preference objectives (train.objective=dpo|orpo|simpo|kto) prepare pairs (or KTO's labelled
+answers, finetune.data.preference), which are shown and dumped as such: the prompt as context and
+what counts of each answer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Optional
 from rich.console import Console
 
 from finetune.data.dump import check_dump_path, dump_examples
-from finetune.data.preference import prepare_preference
 from finetune.data.show import show_data
 from finetune.models.load import load_tokenizer
 from finetune.ranges import ranged
@@ -32,7 +32,8 @@ class Args:
     """How many rendered training examples to show."""
     dump: Optional[str] = None
     """Write every training example (packing undone) to this file, one JSON object a line:
-    text, input_ids, labels and trained (the decoded trained segments)."""
+    text, input_ids, labels and trained (the decoded trained segments); for a preference objective
+    one pair a line: prompt, chosen, rejected (or completion and label) decoded, and their ids."""
 
 
 def run(args: Args, cfg) -> int:
@@ -40,18 +41,10 @@ def run(args: Args, cfg) -> int:
         check_dump_path(args.dump)  # before the data is read: a bad path fails fast
     console = Console()
     tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
-    bundle = _prepare(cfg, tokenizer)  # what training would train on
+    bundle = objective_for(cfg).prepare(tokenizer, progress=cfg.output.progress)  # what training would train on
     show_data(console, tokenizer, bundle, args.n)
     if args.dump:
         n = dump_examples(bundle.train, tokenizer, args.dump)
         console.print(f"wrote {n:,} training {bundle.stats.kind} to {args.dump}")
     return 0
 
-
-def _prepare(cfg, tokenizer):
-    """The objective's data. Preference objectives are chosen by train.objective here, the way their
-    Objective.prepare does, so this works whether or not they are registered in this build."""
-    if cfg.train.objective == "sft":
-        return objective_for(cfg).prepare(tokenizer, progress=cfg.output.progress)
-    return prepare_preference(cfg.data, tokenizer, paired=cfg.train.objective != "kto", seed=cfg.train.seed,
-                              progress=cfg.output.progress)
