@@ -1,6 +1,7 @@
 """prepare_preference: units, what counts (exactly SFT's trained tokens), split, cache, length policy."""
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import IM_END, IM_START, B
@@ -10,6 +11,8 @@ from finetune.data.formats import BadRow, Conversation
 from finetune.data.pipeline import get_renderer
 from finetune.data.preference import fit_lengths, prepare_preference
 from finetune.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, rows, name="pairs.jsonl"):
@@ -37,7 +40,7 @@ def test_pair_by_hand(tok, tmp_path):
 
 
 def test_answer_ids_are_what_sft_trains_for_that_turn(tok, tmp_path):
-    rows = json.load(open("datasets/samples/preference_sample.json"))
+    rows = json.loads((ROOT / "datasets/samples/preference_sample.json").read_text())
     b = prep(write(tmp_path, rows), tok, seq_len=4096)
     cfg = DataConfig()
     r = get_renderer(tok, cfg)

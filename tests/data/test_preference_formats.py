@@ -1,6 +1,7 @@
 """Preference rows of every format -> PrefExample, detection, and the drop reasons."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from finetune.data.preference_formats import (
 )
 from finetune.errors import UsageError
 
+ROOT = Path(__file__).resolve().parents[2]
 U = lambda s: {"role": "user", "content": s}  # noqa: E731
 A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
 
@@ -158,8 +160,8 @@ def test_unknown_column_override_refused():
 
 
 def test_shipped_heldout_pairs_are_disjoint_from_the_sample():
-    held = read_preference_rows("eval/data/pref-sample.jsonl")
-    train = read_preference_rows("datasets/samples/preference_sample.json", what="data")
+    held = read_preference_rows(ROOT / "eval/data/pref-sample.jsonl")
+    train = read_preference_rows(ROOT / "datasets/samples/preference_sample.json", what="data")
     assert len(held.examples) == 20 and len(train.examples) == 48
     key = lambda e: json.dumps(e.prompt.messages)  # noqa: E731
     assert not {key(e) for e in held.examples} & {key(e) for e in train.examples}
