@@ -22,13 +22,15 @@ class Args:
     suite: Optional[str] = None
     """Eval suite: a name from eval/ (tiny, demo, alpaca-heldout, ...) or a path to a suite YAML."""
     models: list[str] = field(default_factory=lambda: ["base"])
-    """Checkpoints to compare, as columns: base (the adapters' base model), adapter dirs, merged or
-    MoE model dirs, hub ids or aliases. E.g. [base,out/run/final,out/merged]."""
+    """Checkpoints to compare, as columns: base (the adapters' base model, else the recipe's
+    model.name), adapter dirs, merged or MoE model dirs, hub ids or aliases. E.g.
+    [base,out/run/final,out/merged]."""
     out_dir: str = "out/eval"
     """Where scores.json, scores.md, scores.png and generations/ go."""
     recipe: Optional[str] = None
-    """Training recipe whose data settings (system_prompt, prompt_style) render the prompts, so
-    they match training; data.* keys can be overridden too."""
+    """Training recipe whose data settings (system_prompt, prompt_style) render the chat prompts, so
+    they match training, and whose model.name is `base` when no adapter is given; data.* keys can
+    be overridden too."""
     base_model: Optional[str] = None
     """The base model, when it cannot be read from an adapter (or to check adapters against it)."""
     base: Optional[str] = None
@@ -60,5 +62,6 @@ def run(args: Args, cfg: Optional[Config] = None) -> int:
              base_model=args.base_model, base=args.base, data=args.data, n=args.n,
              max_new_tokens=args.max_new_tokens,
              batch_size=args.batch_size, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-             show=args.progress, seed=cfg.train.seed if cfg is not None else 42)
+             show=args.progress, seed=cfg.train.seed if cfg is not None else 42,
+             recipe_model=cfg.model.name if cfg is not None and args.recipe else None)
     return 0
