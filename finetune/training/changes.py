@@ -26,7 +26,8 @@ from finetune.errors import UsageError
 from finetune.training.objectives import objective_for
 
 # Prefixes/keys whose change would make the resumed adapter another run's (with the objective's own).
-DEFINING = ("model.", "lora.", "quant.", "data.", "train.seed", "train.global_batch_size", "train.optimizer")
+DEFINING = ("model.", "lora.", "quant.", "data.", "train.seed", "train.global_batch_size", "train.optimizer",
+            "train.objective")
 # data.* settings that do not change which tokens are trained.
 NOT_DEFINING = ("data.cache", "data.num_proc", "data.strict")
 SCHEDULE = ("train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.max_steps", "train.weight_decay",

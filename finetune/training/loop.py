@@ -240,8 +240,7 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
                 loss_sum += out[0].detach()
                 outputs.append(tuple(x.detach() for x in out))
             step_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / total
-            logged = {k: fabric.all_reduce(v, reduce_op="sum").item() / total
-                      for k, v in objective.step_metrics(outputs).items()}
+            logged = _step_metrics(fabric, objective, outputs, total)
             if not math.isfinite(step_loss):
                 last_good = checkpoint.latest_checkpoint(out_dir)
                 raise FinetuneError(f"loss is {step_loss} at step {state.step + 1}; stopped without updating. "
@@ -281,6 +280,19 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
         path = saver.save_step(state)
         _exit_on_signal(fabric, stop, f"saved {path} at step {state.step} (the last; final/ not written yet)")
     logger_flush(fabric)
+
+
+def _step_metrics(fabric, objective: Objective, outputs: list, total: int) -> dict[str, float]:
+    """The objective's step metrics summed over ranks: a sum over the step's normaliser, or a
+    (sum, count) pair over its count (skipped where no rank counted any)."""
+    logged = {}
+    for k, v in objective.step_metrics(outputs).items():
+        v = fabric.all_reduce(v, reduce_op="sum")
+        if v.dim() == 0:
+            logged[k] = v.item() / total
+        elif v[1] > 0:
+            logged[k] = (v[0] / v[1]).item()
+    return logged
 
 
 def _val_batches(objective: Objective, units: list, micro: int, fabric, pad_id: int,

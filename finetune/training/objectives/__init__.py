@@ -9,9 +9,13 @@ from __future__ import annotations
 from finetune.config import Config
 from finetune.errors import UsageError, did_you_mean
 from finetune.training.objectives.base import Objective
+from finetune.training.objectives.dpo import DPO
+from finetune.training.objectives.kto import KTO
+from finetune.training.objectives.orpo import ORPO
 from finetune.training.objectives.sft import SFT
+from finetune.training.objectives.simpo import SimPO
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT}
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
 
 
 def get_objective(name: str) -> type[Objective]:
@@ -24,5 +28,5 @@ def get_objective(name: str) -> type[Objective]:
 
 
 def objective_for(cfg: Config) -> Objective:
-    """The objective `cfg` trains with: the one place a run picks it (SFT, the only one so far)."""
-    return get_objective("sft")(cfg)
+    """The objective `cfg` trains with (train.objective): the one place a run picks it."""
+    return get_objective(cfg.train.objective)(cfg)

@@ -78,5 +78,6 @@ class Objective(ABC):
     def step_metrics(self, outputs: list[tuple]) -> dict[str, torch.Tensor]:
         """What to log beyond train_loss, from the loss module's (detached) outputs on this rank's
         micro-batches of a step: {name: a sum}, which the loop sums over ranks and divides by the
-        step's normaliser. None by default."""
+        step's normaliser, or {name: a [sum, count] tensor}, logged as the sum over the count (both
+        summed over ranks; not logged at a step where the count is 0). None by default."""
         return {}

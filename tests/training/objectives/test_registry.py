@@ -16,5 +16,5 @@ def test_known_names_give_their_objective():
 def test_unknown_name_is_a_one_line_usage_error_with_a_suggestion():
     with pytest.raises(UsageError) as e:
         get_objective("sfx")
-    assert str(e.value) == "unknown training objective 'sfx' (did you mean sft?); known: sft"
+    assert str(e.value) == "unknown training objective 'sfx' (did you mean sft?); known: sft, dpo, orpo, simpo, kto"
     assert e.value.exit_code == 2
