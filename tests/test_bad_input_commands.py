@@ -171,6 +171,12 @@ def test_eval_text_rows_with_a_prompt_metric(work, capsys, adapters):
                  capsys=capsys, root=work)
 
 
+def test_eval_reference_not_an_adapter(work, capsys, adapters):
+    expect_error(["eval", "suite=tiny-pref", "models=[base]", f"base_model={adapters['base']}",
+                  f"reference={work}", f"out_dir={work / 'eval'}", "progress=false"], 2,
+                 "is not an adapter directory (no adapter_config.json)", capsys=capsys, root=work)
+
+
 @pytest.mark.parametrize("arg,says", [
     ("n=-2", "n must be >= 1, got -2"),
     ("batch_size=0", "batch_size must be >= 1, got 0"),

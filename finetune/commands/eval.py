@@ -1,6 +1,7 @@
 """`finetune eval`: score base models, adapters, merged and MoE checkpoints on one suite.
 
     finetune eval suite=tiny models=[base,out/tiny-lora/final] out_dir=out/eval
+    finetune eval suite=tiny-pref models=[base,out/sft/final,out/dpo/final] reference=out/sft/final
 
 The work is finetune.eval.run.evaluate; with recipe= its data settings render the prompts.
 """
@@ -35,6 +36,9 @@ class Args:
     """The base model, when it cannot be read from an adapter (or to check adapters against it)."""
     base: Optional[str] = None
     """Load every adapter onto this base instead of the one it records (a moved base, a hub id)."""
+    reference: Optional[str] = None
+    """Preference tasks: the reference rewards are measured against, instead of the suite's: base
+    (the base model, no adapter) or an adapter dir (e.g. the SFT adapter a DPO run started from)."""
     data: Optional[str] = None
     """Replace every task's data: a local file (e.g. ../shared/data/alpaca/alpaca_cleaned_1000.json)
     or a dataset card; the task's format applies."""
@@ -63,5 +67,5 @@ def run(args: Args, cfg: Optional[Config] = None) -> int:
              max_new_tokens=args.max_new_tokens,
              batch_size=args.batch_size, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
              show=args.progress, seed=cfg.train.seed if cfg is not None else 42,
-             recipe_model=cfg.model.name if cfg is not None and args.recipe else None)
+             recipe_model=cfg.model.name if cfg is not None and args.recipe else None, reference=args.reference)
     return 0

@@ -121,6 +121,8 @@ def describe(task, data_cfg: Optional[DataConfig] = None, num_fewshot: Optional[
         out["target_delimiter"] = "the task's" if task.prompt == "plain" else ""
     out["num_fewshot"] = (task.num_fewshot if task.lm_eval else 0) if num_fewshot is None else num_fewshot
     out["harness"] = "lm-evaluation-harness" if task.lm_eval else "finetune"
+    if getattr(task, "format", None) == "preference":
+        out["reference"], out["beta"] = task.reference, task.beta
     return out
 
 
@@ -131,7 +133,8 @@ def label(conv: dict) -> str:
     sys_part = f'system prompt "{_short(system)}"' if system else "no system prompt (rows may carry one)"
     shots = conv.get("num_fewshot")
     shots_part = f"{shots}-shot" if shots is not None else "the task's few-shot"
-    return f"{what}, {sys_part}, {shots_part} ({conv['harness']})"
+    ref = f", reference {conv['reference']}, beta {conv['beta']:g}" if conv.get("reference") else ""
+    return f"{what}, {sys_part}, {shots_part}{ref} ({conv['harness']})"
 
 
 def _short(text: str, n: int = 40) -> str:

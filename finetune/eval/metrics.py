@@ -7,7 +7,8 @@ are the maintained libraries' (rouge-score, sacrebleu), not re-implementations.
 Multiple choice: `acc` (alias `choice`) picks the option with the highest summed log-likelihood,
 `acc_norm` the highest log-likelihood per character of the option (lm-evaluation-harness's
 definitions). The rolling metrics are lm-evaluation-harness's `loglikelihood_rolling` perplexities
-of a whole plain text: `word_perplexity`, `byte_perplexity`, `bits_per_byte`.
+of a whole plain text: `word_perplexity`, `byte_perplexity`, `bits_per_byte`. The preference
+metrics (`reward_accuracy`, `reward_margin`, `win_rate`) are finetune.eval.preference's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ LOSS_METRICS = ("loss", "perplexity")
 GENERATION_METRICS = ("exact_match", "contains", "rouge_l", "chrf", "bleu")
 CHOICE_METRICS = ("choice", "acc", "acc_norm")
 ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
-METRICS = LOSS_METRICS + GENERATION_METRICS + CHOICE_METRICS + ROLLING_METRICS
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "win_rate")
+METRICS = LOSS_METRICS + GENERATION_METRICS + CHOICE_METRICS + ROLLING_METRICS + PREFERENCE_METRICS
 LOWER_IS_BETTER = frozenset(LOSS_METRICS + ROLLING_METRICS)
 
 # What each number is, in the scorecard's words: its unit or normalisation. `loss` and `perplexity`
@@ -40,6 +42,10 @@ UNITS = {
     "word_perplexity": "exp(-sum log-likelihood / words), lm-eval rolling loglikelihood, start token prepended",
     "byte_perplexity": "exp(-sum log-likelihood / UTF-8 bytes), lm-eval rolling loglikelihood",
     "bits_per_byte": "-sum log-likelihood / UTF-8 bytes / ln 2, lm-eval rolling loglikelihood",
+    "reward_accuracy": "% of pairs whose implicit DPO reward beta*(log pi - log pi_ref) is higher for the chosen "
+                       "answer (strictly: the reference itself scores 0)",
+    "reward_margin": "mean reward of chosen minus rejected, beta*(log pi - log pi_ref) summed over answer tokens",
+    "win_rate": "% of pairs whose chosen answer has the higher mean log-prob per answer token (no reference)",
 }
 
 

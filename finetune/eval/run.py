@@ -21,7 +21,8 @@ from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.eval import conventions as C
 from finetune.eval import generate as G
 from finetune.eval import loglik as L
-from finetune.eval.checkpoints import Loader, check_adapters_fit, eval_order, resolve_checkpoints
+from finetune.eval import preference as P
+from finetune.eval.checkpoints import Checkpoint, Loader, check_adapters_fit, eval_order, resolve_checkpoints
 from finetune.eval.lm_eval_bridge import require_lm_eval, run_lm_eval_task
 from finetune.eval.metrics import (
     CHOICE_METRICS,
@@ -56,17 +57,22 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
              n: Optional[int] = None,
              max_new_tokens: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
              dtype: str = "auto", overwrite: bool = False, show: bool = True, seed: int = 42,
-             recipe_model: Optional[str] = None) -> dict:
+             recipe_model: Optional[str] = None, reference: Optional[str] = None) -> dict:
     """Run a suite on several checkpoints and write the scorecard; returns scores.json's content.
-    `recipe_model` (a recipe's model.name) is the `base` column when no adapter names a base."""
+    `recipe_model` (a recipe's model.name) is the `base` column when no adapter names a base;
+    `reference` replaces every preference task's reference (base or an adapter dir)."""
     suite = load_suite(suite_name, data=data, n=n, max_new_tokens=max_new_tokens)
+    for t in suite.tasks:
+        if reference is not None and t.format == "preference":
+            t.reference = reference
     if batch_size is not None:
         for t in suite.tasks:
             t.batch_size = t.generation.batch_size = batch_size
     check_apart(out_dir, [("model", m) for m in models] + [("data file", data), ("base model", base_model)])
     ckpts = resolve_checkpoints(list(models), base_model, base=base, recipe_model=recipe_model)
     check_apart(out_dir, [("model", str(c.path)) for c in ckpts])
-    check_adapters_fit(ckpts)
+    refs = reference_checkpoints(suite.tasks, base)
+    check_adapters_fit(ckpts + refs)
     out = Path(out_dir)
     # Not finetune.fs.check_out_dir: eval's out_dir (a run's eval/, say) may hold other files;
     # only an existing scorecard is protected.
@@ -79,7 +85,10 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
 
     # Data is read once, before any model loads: a bad file fails fast.
     task_cfgs = {t.name: task_data_config(t, data_cfg) for t in suite.tasks if not t.lm_eval}
-    examples = {t.name: load_examples(t, task_cfgs[t.name], seed) for t in suite.tasks if not t.lm_eval}
+    pairs = {t.name: P.load_pairs(t, task_cfgs[t.name]) for t in suite.tasks if t.format == "preference"}
+    examples = {t.name: P.as_examples(pairs[t.name]) if t.name in pairs else load_examples(t, task_cfgs[t.name], seed)
+                for t in suite.tasks if not t.lm_eval}
+    prefs = P.PrefScoring(suite.tasks, run_base(ckpts, base_model, recipe_model))
     for t in suite.tasks:
         if not t.lm_eval:
             L.check_rows(t, examples[t.name])
@@ -107,15 +116,30 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
                 if shots is not None:  # the harness's own default when the suite named none
                     tasks_info[task.name]["convention"]["num_fewshot"] = shots
                 continue
+            if task.name in pairs:  # placeholders: preference scores need the reference, known at the end
+                scores[ck.name].update({f"{task.name}/{m}": None for m in task.metrics})
             s, recs = score_task(model, tok, task, examples[task.name], task_cfgs[task.name], show=show)
             scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
+            if task.name in pairs:
+                prefs.observe(ck, model, tok, task, P.pair_ids(tok, task, pairs[task.name], task_cfgs[task.name]),
+                              recs, show)
             records += recs
         if records:
             atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         timings[ck.name] = round(time.perf_counter() - t0, 2)
         del model
+    for key, names in prefs.missing_references().items():  # a reference no column gave: one more load
+        ck = next((r for r in refs if r.path == key), None) or Checkpoint("reference", key, "base")
+        if show:
+            print(f"[eval] reference for {', '.join(names)}: loading {ck.kind} {ck.path}", flush=True)
+        model, tok = _load(loader, ck)
+        for name in names:
+            task = prefs.tasks[name]
+            prefs.add_reference(name, model, tok, P.pair_ids(tok, task, pairs[name], task_cfgs[name]), show)
+        del model
     loader.release()
+    prefs.fill(scores, [c.name for c in ckpts])
     scores = {c.name: scores[c.name] for c in ckpts}
     timings = {c.name: timings[c.name] for c in ckpts}
 
@@ -127,6 +151,34 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
         print(f"[eval] wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}"
               + (f" and {gen_dir}/" if gen_dir.exists() else ""), flush=True)
     return card
+
+
+def run_base(ckpts, base_model: Optional[str], recipe_model: Optional[str]) -> Optional[str]:
+    """The base model of this run (what `reference: base` means), or None when nothing names one."""
+    for c in ckpts:
+        if c.kind == "base":
+            return c.path
+    adapter = next((c for c in ckpts if c.kind == "adapter"), None)
+    if adapter is not None:
+        return adapter.base
+    named = base_model or recipe_model
+    return resolve_checkpoints(["base"], named)[0].path if named else None
+
+
+def reference_checkpoints(tasks, base: Optional[str]) -> list[Checkpoint]:
+    """The reference adapters preference tasks name, checked before anything loads."""
+    out: list[Checkpoint] = []
+    for t in tasks:
+        if t.format != "preference" or t.reference == "base" or not P.needs_reference(t):
+            continue
+        p = Path(t.reference).expanduser()
+        if not (p / "adapter_config.json").is_file():
+            raise UsageError(f"task '{t.name}': reference {t.reference} is not an adapter directory (no "
+                             f"adapter_config.json); give base or the adapter the run started from")
+        ck = resolve_checkpoints([str(p)], base=base)[0]
+        if all(ck.path != r.path for r in out):
+            out.append(ck)
+    return out
 
 
 def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple[dict, list[dict]]:

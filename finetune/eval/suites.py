@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional
 
 from finetune.data.formats import Format
 from finetune.errors import UsageError, did_you_mean
-from finetune.eval.metrics import CHOICE_METRICS, ROLLING_METRICS, check_metric
+from finetune.eval.metrics import CHOICE_METRICS, PREFERENCE_METRICS, ROLLING_METRICS, check_metric
 from finetune.ranges import ranged
 from finetune.resources import find_resource, list_resources, read_yaml_mapping
 from finetune.typed import items, parse_mapping
@@ -68,8 +68,9 @@ class TaskSpec:
     """Task name, the scorecard's row prefix (default: task1, ... or the lm_eval task's name)."""
     data: Optional[str] = None
     """Rows: a file relative to the suite (or the working directory), or a dataset card name."""
-    format: Literal["eval", "auto", Format] = "eval"
-    """eval (held-out rows, see the module doc), a training format, or auto (the card's format)."""
+    format: Literal["eval", "auto", "preference", Format] = "eval"
+    """eval (held-out rows, see the module doc), preference (pairs in any preference format,
+    finetune.eval.preference), a training format, or auto (the card's format)."""
     split: str = "train"
     """Split read from a dataset card's or folder's data (training formats)."""
     subset: Optional[str] = None
@@ -103,6 +104,11 @@ class TaskSpec:
     target_delimiter: Optional[str] = None
     """Plain prompts: the text between prompt and answer (lm-eval's rule: a space in plain mode,
     nothing under a chat template); a space ending the prompt moves into the answer, as lm-eval does."""
+    reference: str = "base"
+    """Preference tasks: the policy rewards are measured against: base (the base model with no
+    adapter) or an adapter directory (e.g. the SFT adapter a DPO run started from)."""
+    beta: float = ranged(0.1, gt=0)
+    """Preference tasks: DPO's beta, the scale of the implicit rewards (reward_margin)."""
     data_path: Optional[Path] = field(default=None, init=False)
     """`data` resolved to a file when it is one; None means `data` is a dataset card."""
 
@@ -224,6 +230,16 @@ def _check_task(spec: TaskSpec, i: int, suite_path: Path, where: str) -> None:
     if spec.data_path is None and not _is_card(spec.data):
         raise UsageError(f"{where}: task '{spec.name}': data '{spec.data}' is neither a file (relative to the "
                          f"suite) nor a dataset card{did_you_mean(spec.data, list_resources('datasets'))}")
+    pref = [m for m in spec.metrics if m in PREFERENCE_METRICS]
+    if spec.format == "preference":
+        other = next((m for m in spec.metrics if m in CHOICE_METRICS + ROLLING_METRICS), None)
+        if other:
+            raise UsageError(f"{where}: task '{spec.name}': metric '{other}' does not apply to preference pairs")
+        if spec.prompt != "chat":
+            raise UsageError(f"{where}: task '{spec.name}': preference pairs are scored as DPO trains on them, "
+                             f"through the chat template; drop prompt: plain")
+    elif pref:
+        raise UsageError(f"{where}: task '{spec.name}': metric '{pref[0]}' needs format: preference (held-out pairs)")
     mc = [m for m in spec.metrics if m in CHOICE_METRICS]
     if spec.format != "eval" and mc:
         raise UsageError(f"{where}: task '{spec.name}': metric '{mc[0]}' needs format: eval rows with 'choices'")
