@@ -130,7 +130,8 @@ def label(conv: dict) -> str:
     """One line: 'plain text, no system prompt, 0-shot' / 'chat template, system prompt "..."'."""
     what = "chat template" if conv["prompt"] == "chat" else "plain text"
     system = conv.get("system_prompt")
-    sys_part = f'system prompt "{_short(system)}"' if system else "no system prompt (rows may carry one)"
+    own = " (rows may carry one)" if conv["harness"] == "finetune" else ""
+    sys_part = f'system prompt "{_short(system)}"' if system else f"no system prompt{own}"
     shots = conv.get("num_fewshot")
     shots_part = f"{shots}-shot" if shots is not None else "the task's few-shot"
     ref = f", reference {conv['reference']}, beta {conv['beta']:g}" if conv.get("reference") else ""

@@ -18,7 +18,8 @@
 
 Held-out rows in the `eval` format: {"messages": [...], "answer": str, "aliases": [...],
 "keywords": [...]} for generation, {"messages"|"prompt", "choices": [...], "answer": index}
-for multiple choice, or {"text": str} for the rolling perplexities of plain text.
+for multiple choice, or {"text": str} for the rolling perplexities of plain text. `format:
+preference` reads held-out pairs in any preference format (finetune.eval.preference).
 
 The prompt convention (finetune.eval.conventions): `chat` renders the prompt through the chat
 template with the system prompt (the task's, else the recipe's), as training does; `plain` is

@@ -19,11 +19,12 @@ def test_pair_tokens_are_the_tokens_dpo_trains_on(tiny_model):
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     task = load_suite("tiny-pref").tasks[0]
-    cfg = DataConfig(path=PAIRS, val_fraction=0.0, cache=False, seq_len=task.seq_len)
+    cfg = DataConfig(path=PAIRS, val_fraction=0.0, cache=False, seq_len=task.seq_len, system_prompt="Answer briefly.")
     got = P.pair_ids(tok, task, P.load_pairs(task, cfg), cfg)
     train = prepare_preference(cfg, tok, paired=True, seed=0, progress=False).train
     want = {(tuple(u["prompt_ids"]), tuple(u["chosen_ids"]), tuple(u["rejected_ids"])) for u in train}
     assert {tuple(map(tuple, g)) for g in got} == want and len(got) == 20
+    assert "Answer briefly." in tok.decode(got[0][0])  # the recipe's system prompt, as in training
 
 
 def test_scores_by_hand():
