@@ -128,9 +128,9 @@ def test_moe_report_rows_checked(tmp_path):
 # --------------------------------------------------------------------------- eval
 
 
-def _suite(work, line: str) -> str:
+def _suite(work, line: str, metrics: str = "loss") -> str:
     f = work / "bad-suite.yaml"
-    f.write_text(f"name: bad\ntasks:\n  - name: qa\n    data: data.jsonl\n    metrics: [loss]\n{line}")
+    f.write_text(f"name: bad\ntasks:\n  - name: qa\n    data: data.jsonl\n    metrics: [{metrics}]\n{line}")
     (work / "data.jsonl").write_text('{"prompt": "2+2?", "answer": "4"}\n')
     return str(f)
 
@@ -142,6 +142,8 @@ EVAL_SUITE = [
     ("    generation: {max_new_tokens: 0}\n", "generation.max_new_tokens must be >= 1, got 0"),
     ("    generation: {top_p: 2}\n", "generation.top_p must be in (0, 1], got 2.0"),
     ("    generation: {do_sample: sometimes}\n", "generation.do_sample: expected true or false, got 'sometimes'"),
+    ("    prompt: html\n", "task 1: prompt must be one of chat, plain, got 'html'"),
+    ("    target_delimiter: ' '\n", "task 'qa': target_delimiter applies to plain prompts only"),
 ]
 
 
@@ -150,6 +152,29 @@ def test_eval_suite_values(work, capsys, adapters, line, says):
     suite = _suite(work, line)
     expect_error(["eval", f"suite={suite}", "models=[base]", f"base_model={adapters['base']}",
                   f"out_dir={work / 'eval'}", "progress=false"], 2, says, capsys=capsys, root=work)
+
+
+def test_eval_rolling_metric_needs_plain_prompt(work, capsys, adapters):
+    suite = _suite(work, "", metrics="bits_per_byte")
+    expect_error(["eval", f"suite={suite}", "models=[base]", f"base_model={adapters['base']}",
+                  f"out_dir={work / 'eval'}", "progress=false"], 2,
+                 "metric 'bits_per_byte' is lm-eval's rolling perplexity of plain text; add prompt: plain",
+                 capsys=capsys, root=work)
+
+
+def test_eval_text_rows_with_a_prompt_metric(work, capsys, adapters):
+    suite = _suite(work, "    prompt: plain\n")
+    (work / "data.jsonl").write_text('{"text": "Some plain text."}\n')
+    expect_error(["eval", f"suite={suite}", "models=[base]", f"base_model={adapters['base']}",
+                  f"out_dir={work / 'eval'}", "progress=false"], 2,
+                 "metric 'loss' needs rows with a prompt; rows with only 'text' take word_perplexity",
+                 capsys=capsys, root=work)
+
+
+def test_eval_reference_not_an_adapter(work, capsys, adapters):
+    expect_error(["eval", "suite=tiny-pref", "models=[base]", f"base_model={adapters['base']}",
+                  f"reference={work}", f"out_dir={work / 'eval'}", "progress=false"], 2,
+                 "is not an adapter directory (no adapter_config.json)", capsys=capsys, root=work)
 
 
 @pytest.mark.parametrize("arg,says", [

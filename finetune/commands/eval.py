@@ -1,6 +1,7 @@
 """`finetune eval`: score base models, adapters, merged and MoE checkpoints on one suite.
 
     finetune eval suite=tiny models=[base,out/tiny-lora/final] out_dir=out/eval
+    finetune eval suite=tiny-pref models=[base,out/sft/final,out/dpo/final] reference=out/sft/final
 
 The work is finetune.eval.run.evaluate; with recipe= its data settings render the prompts.
 """
@@ -22,17 +23,22 @@ class Args:
     suite: Optional[str] = None
     """Eval suite: a name from eval/ (tiny, demo, alpaca-heldout, ...) or a path to a suite YAML."""
     models: list[str] = field(default_factory=lambda: ["base"])
-    """Checkpoints to compare, as columns: base (the adapters' base model), adapter dirs, merged or
-    MoE model dirs, hub ids or aliases. E.g. [base,out/run/final,out/merged]."""
+    """Checkpoints to compare, as columns: base (the adapters' base model, else the recipe's
+    model.name), adapter dirs, merged or MoE model dirs, hub ids or aliases. E.g.
+    [base,out/run/final,out/merged]."""
     out_dir: str = "out/eval"
     """Where scores.json, scores.md, scores.png and generations/ go."""
     recipe: Optional[str] = None
-    """Training recipe whose data settings (system_prompt, prompt_style) render the prompts, so
-    they match training; data.* keys can be overridden too."""
+    """Training recipe whose data settings (system_prompt, prompt_style) render the chat prompts, so
+    they match training, and whose model.name is `base` when no adapter is given; data.* keys can
+    be overridden too."""
     base_model: Optional[str] = None
     """The base model, when it cannot be read from an adapter (or to check adapters against it)."""
     base: Optional[str] = None
     """Load every adapter onto this base instead of the one it records (a moved base, a hub id)."""
+    reference: Optional[str] = None
+    """Preference tasks: the reference rewards are measured against, instead of the suite's: base
+    (the base model, no adapter) or an adapter dir (e.g. the SFT adapter a DPO run started from)."""
     data: Optional[str] = None
     """Replace every task's data: a local file (e.g. ../shared/data/alpaca/alpaca_cleaned_1000.json)
     or a dataset card; the task's format applies."""
@@ -60,5 +66,6 @@ def run(args: Args, cfg: Optional[Config] = None) -> int:
              base_model=args.base_model, base=args.base, data=args.data, n=args.n,
              max_new_tokens=args.max_new_tokens,
              batch_size=args.batch_size, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-             show=args.progress, seed=cfg.train.seed if cfg is not None else 42)
+             show=args.progress, seed=cfg.train.seed if cfg is not None else 42,
+             recipe_model=cfg.model.name if cfg is not None and args.recipe else None, reference=args.reference)
     return 0

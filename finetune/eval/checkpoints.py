@@ -65,8 +65,9 @@ def adapter_base(adapter_dir: Path) -> str:
 
 
 def resolve_checkpoints(models: list[str], base_model: Optional[str] = None,
-                        base: Optional[str] = None) -> list[Checkpoint]:
-    """`base` replaces the base every adapter records (it is then loaded onto that one)."""
+                        base: Optional[str] = None, recipe_model: Optional[str] = None) -> list[Checkpoint]:
+    """`base` replaces the base every adapter records (it is then loaded onto that one);
+    `recipe_model` (the recipe's model.name) is what `base` means when no adapter names one."""
     if not models:
         raise UsageError("models is empty: give e.g. models=[base,out/run/final]")
     ckpts: list[Checkpoint] = []
@@ -107,11 +108,14 @@ def resolve_checkpoints(models: list[str], base_model: Optional[str] = None,
                          f"evaluate them in separate runs")
     else:
         base = next(iter(bases), None)
+    if base is None and recipe_model is not None and any(c.kind == "base" for c in ckpts):
+        base = _resolve_name(recipe_model)
     for c in ckpts:
         if c.kind == "base":
             if base is None:
-                raise UsageError("'base' means the base model of the adapters given, but models= has no adapter; "
-                                 "add one or name the model itself (e.g. models=[tiny,...]) or set base_model=")
+                raise UsageError("'base' means the base model of the adapters given (or of recipe=), but models= has "
+                                 "no adapter; add one, name the model itself (e.g. models=[tiny,...]), "
+                                 "set base_model= or give recipe=")
             c.path = base
     _name_columns(ckpts)
     return ckpts

@@ -89,8 +89,11 @@ def sequence_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id
             idx = order[start:start + batch_size]
             batch = collate(single_units([sequences[i] for i in idx]), pad_id)
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            # The training call: right padding, no attention mask, per-example position ids.
-            logits = model(input_ids=ids, position_ids=batch["position_ids"].to(device), use_cache=False).logits[:, :-1]
+            # The training call: right padding, no attention mask, per-example position ids. The
+            # last token is only ever a target, never an input: a window of exactly the model's
+            # context length + 1 tokens (lm-eval's rolling windows) stays within its positions.
+            logits = model(input_ids=ids[:, :-1], position_ids=batch["position_ids"][:, :-1].to(device),
+                           use_cache=False).logits
             target = labels[:, 1:]
             keep = target != -100
             nll = torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="none")
@@ -145,17 +148,25 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text.strip()
 
 
+def pair_logprobs(model, tokenizer, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 8,
+                  show: bool = True, desc: str = "choices", unit: str = "options") -> list[tuple[float, int]]:
+    """(log-likelihood, token count) of each continuation's tokens right after its context: the
+    one scoring of prompt + continuation that multiple choice, plain-text loss, rolling perplexity
+    and preference pairs all use."""
+    seqs = [(list(c) + list(o), [-100] * len(c) + list(o)) for c, o in pairs]
+    nll = sequence_nll(model, seqs, pad_id_of(tokenizer), batch_size, desc=desc, show=show, unit=unit)
+    return [(-s, n) for s, n in nll]
+
+
 def choice_logprobs(model, tokenizer, prompts: Sequence[list[int]], choices: Sequence[Sequence[str]],
                     batch_size: int = 8, show: bool = True, desc: str = "choices") -> list[list[float]]:
-    """Log-likelihood of each option's tokens right after its prompt, per example."""
-    seqs, owner = [], []
+    """Log-likelihood of each option's tokens right after its (chat-template) prompt, per example."""
+    pairs, owner = [], []
     for i, (p, opts) in enumerate(zip(prompts, choices)):
         for opt in opts:
-            o = tokenizer.encode(opt, add_special_tokens=False)
-            seqs.append((list(p) + o, [-100] * len(p) + o))
+            pairs.append((list(p), tokenizer.encode(opt, add_special_tokens=False)))
             owner.append(i)
-    nll = sequence_nll(model, seqs, pad_id_of(tokenizer), batch_size, desc=desc, show=show, unit="options")
     out: list[list[float]] = [[] for _ in prompts]
-    for i, (s, _) in zip(owner, nll):
-        out[i].append(-s)
+    for i, (ll, _) in zip(owner, pair_logprobs(model, tokenizer, pairs, batch_size, show, desc)):
+        out[i].append(ll)
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -63,8 +64,10 @@ def _local_task(path: Path, tmp: Path) -> tuple[str, Path]:
     return str(cfg["task"]), tmp
 
 
-def run_lm_eval_task(model, tokenizer, task, device: str, show: bool = True) -> dict[str, float]:
-    """Scores of one harness task: {metric: value}, stderr columns dropped, fractions as 0-100."""
+def run_lm_eval_task(model, tokenizer, task, device: str, show: bool = True) -> tuple[dict[str, float], Optional[int]]:
+    """Scores of one harness task ({metric: value}, stderr columns dropped, fractions as 0-100) and
+    the few-shot count it ran with. `prompt: chat` runs it under the tokenizer's chat template
+    with the task's system prompt (the harness's apply_chat_template / system_instruction)."""
     require_lm_eval()
     import lm_eval  # the optional extra, present now (require_lm_eval)
     from lm_eval.models.huggingface import HFLM
@@ -83,7 +86,7 @@ def run_lm_eval_task(model, tokenizer, task, device: str, show: bool = True) -> 
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=[name], num_fewshot=task.num_fewshot, limit=task.n,
                                           task_manager=manager, log_samples=False, bootstrap_iters=0,
-                                          verbosity="ERROR")
+                                          verbosity="ERROR", **_convention_kwargs(task))
         except (FileNotFoundError, ConnectionError) as e:
             raise FinetuneError(f"lm_eval task '{name}' could not load its data ({e}); offline, use a local task YAML") from None
     results = (out or {}).get("results", {}).get(name, {})
@@ -101,4 +104,11 @@ def run_lm_eval_task(model, tokenizer, task, device: str, show: bool = True) -> 
         if metric.startswith(("acc", "exact_match", "f1", "mcc")) and not math.isnan(v) and 0 <= v <= 1:
             v *= 100.0
         scores[metric if _filter in ("", "none") else f"{metric}[{_filter}]"] = v
-    return scores
+    shots = ((out or {}).get("n-shot") or {}).get(name)
+    return scores, int(shots) if isinstance(shots, int) else None
+
+
+def _convention_kwargs(task) -> dict:
+    """simple_evaluate's keys for the task's prompt convention (plain is the harness's default)."""
+    out = {"system_instruction": task.system_prompt} if task.system_prompt is not None else {}
+    return {**out, "apply_chat_template": True} if task.prompt == "chat" else out

@@ -1,8 +1,14 @@
 """Scoring functions for generated text and the per-task aggregation.
 
 Every generation metric is reported on a 0-100 scale (higher is better) so the scorecard and the
-bar chart read the same way; loss and perplexity are raw (lower is better). The text metrics are
-the maintained libraries' (rouge-score, sacrebleu), not re-implementations.
+bar chart read the same way; loss and the perplexities are raw (lower is better). The text metrics
+are the maintained libraries' (rouge-score, sacrebleu), not re-implementations.
+
+Multiple choice: `acc` (alias `choice`) picks the option with the highest summed log-likelihood,
+`acc_norm` the highest log-likelihood per character of the option (lm-evaluation-harness's
+definitions). The rolling metrics are lm-evaluation-harness's `loglikelihood_rolling` perplexities
+of a whole plain text: `word_perplexity`, `byte_perplexity`, `bits_per_byte`. The preference
+metrics (`reward_accuracy`, `reward_margin`, `win_rate`) are finetune.eval.preference's.
 """
 
 from __future__ import annotations
@@ -16,9 +22,40 @@ from finetune.errors import UsageError, did_you_mean
 
 LOSS_METRICS = ("loss", "perplexity")
 GENERATION_METRICS = ("exact_match", "contains", "rouge_l", "chrf", "bleu")
-CHOICE_METRICS = ("choice",)
-METRICS = LOSS_METRICS + GENERATION_METRICS + CHOICE_METRICS
-LOWER_IS_BETTER = frozenset(LOSS_METRICS)
+CHOICE_METRICS = ("choice", "acc", "acc_norm")
+ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "win_rate")
+METRICS = LOSS_METRICS + GENERATION_METRICS + CHOICE_METRICS + ROLLING_METRICS + PREFERENCE_METRICS
+LOWER_IS_BETTER = frozenset(LOSS_METRICS + ROLLING_METRICS)
+
+# What each number is, in the scorecard's words: its unit or normalisation. `loss` and `perplexity`
+# depend on the prompt convention (the training masking in chat mode); see metric_unit.
+UNITS = {
+    "exact_match": "% of answers equal to the reference or an alias (normalised)",
+    "contains": "% of answers containing a keyword, the reference or an alias (normalised)",
+    "rouge_l": "ROUGE-L F x 100 (rouge-score, stemmed), mean over rows",
+    "chrf": "corpus chrF (sacrebleu)",
+    "bleu": "corpus BLEU (sacrebleu)",
+    "choice": "% right, option of highest summed log-likelihood (lm-eval acc)",
+    "acc": "% right, option of highest summed log-likelihood (lm-eval acc)",
+    "acc_norm": "% right, option of highest log-likelihood per character of the option (lm-eval acc_norm)",
+    "word_perplexity": "exp(-sum log-likelihood / words), lm-eval rolling loglikelihood, start token prepended",
+    "byte_perplexity": "exp(-sum log-likelihood / UTF-8 bytes), lm-eval rolling loglikelihood",
+    "bits_per_byte": "-sum log-likelihood / UTF-8 bytes / ln 2, lm-eval rolling loglikelihood",
+    "reward_accuracy": "% of pairs whose implicit DPO reward beta*(log pi - log pi_ref) is higher for the chosen "
+                       "answer (strictly: the reference itself scores 0)",
+    "reward_margin": "mean reward of chosen minus rejected, beta*(log pi - log pi_ref) summed over answer tokens",
+    "win_rate": "% of pairs whose chosen answer has the higher mean log-prob per answer token (no reference)",
+}
+
+
+def metric_unit(metric: str, prompt: str = "chat") -> str:
+    """The unit of `metric` under a task's prompt convention (chat or plain)."""
+    if metric in LOSS_METRICS:
+        where = ("answer token, end-of-turn included, after the chat-template prompt (the training masking)"
+                 if prompt == "chat" else "answer token after the plain prompt and delimiter (lm-eval loglikelihood)")
+        return f"nats per {where}" if metric == "loss" else f"exp(loss), per {where}"
+    return UNITS.get(metric, "")
 
 
 def check_metric(name: str, where: str) -> str:
@@ -99,6 +136,32 @@ def sentence_bleu(prediction: str, reference: str) -> float:
 def perplexity(mean_loss: float) -> float:
     # exp overflows past ~709; an infinite perplexity is the honest value there.
     return math.exp(mean_loss) if mean_loss < 700 else float("inf")
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word_perplexity."""
+    return len(re.split(r"\s+", text))
+
+
+def count_bytes(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def rolling_scores(metrics: Sequence[str], loglikelihoods: Sequence[float], texts: Sequence[str]) -> dict:
+    """lm-evaluation-harness's corpus aggregation of rolling log-likelihoods: the sums over all texts
+    divided by the total words or bytes (weighted_perplexity, bits_per_byte)."""
+    ll = sum(loglikelihoods)
+    words, nbytes = sum(count_words(t) for t in texts), sum(count_bytes(t) for t in texts)
+    out = {"word_perplexity": perplexity(-ll / words), "byte_perplexity": perplexity(-ll / nbytes),
+           "bits_per_byte": -ll / nbytes / math.log(2)}
+    return {m: out[m] for m in metrics if m in out}
+
+
+def pick(loglikelihoods: Sequence[float], choices: Sequence[str], norm: bool) -> int:
+    """The option picked: highest log-likelihood (acc), or per character of the option (acc_norm,
+    lm-eval's length in characters of the choice without its delimiter). Ties go to the first."""
+    vals = [ll / max(len(c), 1) if norm else ll for ll, c in zip(loglikelihoods, choices)]
+    return max(range(len(vals)), key=lambda k: vals[k])
 
 
 def score_generations(metrics: Sequence[str], predictions: Sequence[str], examples: Sequence) -> tuple[dict, list[dict]]:

@@ -39,7 +39,7 @@ def task_data_config(task: TaskSpec, base: Optional[DataConfig] = None) -> DataC
         cfg.system_prompt = task.system_prompt
     if task.prompt_style is not None:
         cfg.prompt_style = task.prompt_style
-    if task.format != "eval":
+    if task.format not in ("eval", "preference"):  # those two read their own file (no recipe split)
         if base is None or (base.card, base.path) != (task.data, None):
             # Not the recipe's own data: no recipe split to mirror, only its row count settings.
             cfg.val_path, cfg.max_rows = None, None

@@ -18,16 +18,20 @@ from typing import Optional
 
 from finetune.config import Config, DataConfig
 from finetune.errors import FinetuneError, UsageError, first_line
+from finetune.eval import conventions as C
 from finetune.eval import generate as G
-from finetune.eval.checkpoints import Loader, check_adapters_fit, eval_order, resolve_checkpoints
+from finetune.eval import loglik as L
+from finetune.eval import preference as P
+from finetune.eval.checkpoints import Checkpoint, Loader, check_adapters_fit, eval_order, resolve_checkpoints
 from finetune.eval.lm_eval_bridge import require_lm_eval, run_lm_eval_task
-from finetune.eval.metrics import GENERATION_METRICS, perplexity, score_generations
-from finetune.eval.prompting import (
-    load_examples,
-    loss_ids,
-    prompt_ids,
-    task_data_config,
+from finetune.eval.metrics import (
+    CHOICE_METRICS,
+    GENERATION_METRICS,
+    LOSS_METRICS,
+    ROLLING_METRICS,
+    score_generations,
 )
+from finetune.eval.prompting import load_examples, prompt_ids, task_data_config
 from finetune.eval.scorecard import build_scorecard, write_scorecard
 from finetune.eval.suites import load_suite
 from finetune.fs import atomic_write, check_apart
@@ -52,16 +56,23 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
              base_model: Optional[str] = None, base: Optional[str] = None, data: Optional[str] = None,
              n: Optional[int] = None,
              max_new_tokens: Optional[int] = None, batch_size: Optional[int] = None, device: str = "auto",
-             dtype: str = "auto", overwrite: bool = False, show: bool = True, seed: int = 42) -> dict:
-    """Run a suite on several checkpoints and write the scorecard; returns scores.json's content."""
+             dtype: str = "auto", overwrite: bool = False, show: bool = True, seed: int = 42,
+             recipe_model: Optional[str] = None, reference: Optional[str] = None) -> dict:
+    """Run a suite on several checkpoints and write the scorecard; returns scores.json's content.
+    `recipe_model` (a recipe's model.name) is the `base` column when no adapter names a base;
+    `reference` replaces every preference task's reference (base or an adapter dir)."""
     suite = load_suite(suite_name, data=data, n=n, max_new_tokens=max_new_tokens)
+    for t in suite.tasks:
+        if reference is not None and t.format == "preference":
+            t.reference = reference
     if batch_size is not None:
         for t in suite.tasks:
             t.batch_size = t.generation.batch_size = batch_size
     check_apart(out_dir, [("model", m) for m in models] + [("data file", data), ("base model", base_model)])
-    ckpts = resolve_checkpoints(list(models), base_model, base=base)
+    ckpts = resolve_checkpoints(list(models), base_model, base=base, recipe_model=recipe_model)
     check_apart(out_dir, [("model", str(c.path)) for c in ckpts])
-    check_adapters_fit(ckpts)
+    refs = reference_checkpoints(suite.tasks, base)
+    check_adapters_fit(ckpts + refs)
     out = Path(out_dir)
     # Not finetune.fs.check_out_dir: eval's out_dir (a run's eval/, say) may hold other files;
     # only an existing scorecard is protected.
@@ -74,9 +85,16 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
 
     # Data is read once, before any model loads: a bad file fails fast.
     task_cfgs = {t.name: task_data_config(t, data_cfg) for t in suite.tasks if not t.lm_eval}
-    examples = {t.name: load_examples(t, task_cfgs[t.name], seed) for t in suite.tasks if not t.lm_eval}
+    pairs = {t.name: P.load_pairs(t, task_cfgs[t.name]) for t in suite.tasks if t.format == "preference"}
+    examples = {t.name: P.as_examples(pairs[t.name]) if t.name in pairs else load_examples(t, task_cfgs[t.name], seed)
+                for t in suite.tasks if not t.lm_eval}
+    prefs = P.PrefScoring(suite.tasks, run_base(ckpts, base_model, recipe_model))
+    for t in suite.tasks:
+        if not t.lm_eval:
+            L.check_rows(t, examples[t.name])
     tasks_info = {t.name: {"n": len(examples[t.name]) if t.name in examples else t.n,
-                           "data": t.lm_eval or str(t.data_path or t.data), "metrics": t.metrics}
+                           "data": t.lm_eval or str(t.data_path or t.data), "metrics": t.metrics,
+                           "convention": C.describe(t, task_cfgs.get(t.name))}
                   for t in suite.tasks}
 
     gen_dir = out / "generations"
@@ -93,18 +111,35 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
         records: list[dict] = []
         for task in suite.tasks:
             if task.lm_eval:
-                res = run_lm_eval_task(model, tok, task, device=device, show=show)
+                res, shots = run_lm_eval_task(model, tok, task, device=device, show=show)
                 scores[ck.name].update({f"{task.name}/{k}": v for k, v in res.items()})
+                if shots is not None:  # the harness's own default when the suite named none
+                    tasks_info[task.name]["convention"]["num_fewshot"] = shots
                 continue
+            if task.name in pairs:  # placeholders: preference scores need the reference, known at the end
+                scores[ck.name].update({f"{task.name}/{m}": None for m in task.metrics})
             s, recs = score_task(model, tok, task, examples[task.name], task_cfgs[task.name], show=show)
             scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
+            if task.name in pairs:
+                prefs.observe(ck, model, tok, task, P.pair_ids(tok, task, pairs[task.name], task_cfgs[task.name]),
+                              recs, show)
             records += recs
         if records:
             atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         timings[ck.name] = round(time.perf_counter() - t0, 2)
         del model
+    for key, names in prefs.missing_references().items():  # a reference no column gave: one more load
+        ck = next((r for r in refs if r.path == key), None) or Checkpoint("reference", key, "base")
+        if show:
+            print(f"[eval] reference for {', '.join(names)}: loading {ck.kind} {ck.path}", flush=True)
+        model, tok = _load(loader, ck)
+        for name in names:
+            task = prefs.tasks[name]
+            prefs.add_reference(name, model, tok, P.pair_ids(tok, task, pairs[name], task_cfgs[name]), show)
+        del model
     loader.release()
+    prefs.fill(scores, [c.name for c in ckpts])
     scores = {c.name: scores[c.name] for c in ckpts}
     timings = {c.name: timings[c.name] for c in ckpts}
 
@@ -118,53 +153,66 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     return card
 
 
+def run_base(ckpts, base_model: Optional[str], recipe_model: Optional[str]) -> Optional[str]:
+    """The base model of this run (what `reference: base` means), or None when nothing names one."""
+    for c in ckpts:
+        if c.kind == "base":
+            return c.path
+    adapter = next((c for c in ckpts if c.kind == "adapter"), None)
+    if adapter is not None:
+        return adapter.base
+    named = base_model or recipe_model
+    return resolve_checkpoints(["base"], named)[0].path if named else None
+
+
+def reference_checkpoints(tasks, base: Optional[str]) -> list[Checkpoint]:
+    """The reference adapters preference tasks name, checked before anything loads."""
+    out: list[Checkpoint] = []
+    for t in tasks:
+        if t.format != "preference" or t.reference == "base" or not P.needs_reference(t):
+            continue
+        p = Path(t.reference).expanduser()
+        if not (p / "adapter_config.json").is_file():
+            raise UsageError(f"task '{t.name}': reference {t.reference} is not an adapter directory (no "
+                             f"adapter_config.json); give base or the adapter the run started from")
+        ck = resolve_checkpoints([str(p)], base=base)[0]
+        if all(ck.path != r.path for r in out):
+            out.append(ck)
+    return out
+
+
 def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple[dict, list[dict]]:
     """One task on one loaded model: aggregate scores and per-example records."""
     scores: dict[str, float] = {}
     records = [{"task": task.name, "index": i, "id": ex.id, "prompt": ex.messages[-1]["content"] if ex.messages else "",
                 "answer": ex.answer} for i, ex in enumerate(examples)]
     records = [{k: v for k, v in r.items() if v is not None} for r in records]
-    if any(m in task.metrics for m in ("loss", "perplexity")):
-        seqs = [loss_ids(ex, tok, data_cfg) for ex in examples]
-        nll = G.sequence_nll(model, seqs, G.pad_id_of(tok), task.batch_size, desc=f"{task.name} loss", show=show)
-        total, count = sum(s for s, _ in nll), sum(c for _, c in nll)
-        if count == 0:
-            raise FinetuneError(f"task '{task.name}': no answer tokens to measure loss on (all truncated?)")
-        mean = total / count  # token-weighted, as in training
-        if "loss" in task.metrics:
-            scores["loss"] = mean
-        if "perplexity" in task.metrics:
-            scores["perplexity"] = perplexity(mean)
-        for r, (s, c) in zip(records, nll):
-            r["loss"] = round(s / c, 5) if c else None
-    prompts = None
+    if any(m in LOSS_METRICS for m in task.metrics):
+        scores.update(L.score_loss(model, tok, task, examples, data_cfg, records, show))
     gen_metrics = [m for m in task.metrics if m in GENERATION_METRICS]
     if gen_metrics:
-        prompts = [prompt_ids(ex, tok, data_cfg) for ex in examples]
+        prompts = [_prompt_ids(ex, tok, task, data_cfg) for ex in examples]
         outs = G.generate(model, tok, prompts, task.generation, desc=f"{task.name} generate", show=show)
         agg, per = score_generations(gen_metrics, outs, examples)
         scores.update(agg)
         for r, o, p in zip(records, outs, per):
             r["output"] = o
             r.update(p)
-    if "choice" in task.metrics:
-        mc = [(i, ex) for i, ex in enumerate(examples) if ex.choices]
-        if not mc:
-            raise UsageError(f"task '{task.name}': metric 'choice' needs rows with 'choices'")
-        prompts_mc = [prompt_ids(ex, tok, data_cfg) for _, ex in mc]
-        lps = G.choice_logprobs(model, tok, prompts_mc, [ex.choices for _, ex in mc], task.batch_size, show=show,
-                                desc=f"{task.name} choices")
-        right = 0
-        for (i, ex), lp in zip(mc, lps):
-            pred = max(range(len(lp)), key=lambda k: lp[k])
-            right += pred == ex.answer_index
-            records[i].update(choice_logprobs=[round(x, 4) for x in lp], choice_pred=pred,
-                              choice_correct=pred == ex.answer_index)
-        scores["choice"] = 100.0 * right / len(mc)
+    if any(m in CHOICE_METRICS for m in task.metrics):
+        scores.update(L.score_choices(model, tok, task, examples, data_cfg, records, show))
+    if any(m in ROLLING_METRICS for m in task.metrics):
+        scores.update(L.score_rolling(model, tok, task, examples, records, show))
     for k, v in scores.items():
         if isinstance(v, float) and math.isnan(v):
             raise FinetuneError(f"task '{task.name}': {k} is NaN (the model produced NaN logits)")
     return scores, records
+
+
+def _prompt_ids(example, tok, task, data_cfg) -> list[int]:
+    """Generation prompt: the chat template's, or the plain prompt text (lm-eval's encoding)."""
+    if task.prompt == "plain":
+        return C.encode(tok, C.plain_prompt(task, example.messages))
+    return prompt_ids(example, tok, data_cfg)
 
 
 def _load(loader: Loader, ck):

@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from finetune.eval.metrics import LOWER_IS_BETTER
+from finetune.eval.conventions import label
+from finetune.eval.metrics import LOWER_IS_BETTER, metric_unit
 from finetune.fs import atomic_file, atomic_write
 
 
@@ -29,7 +30,14 @@ def build_scorecard(suite, models: list[dict], scores: dict[str, dict[str, float
     rows = []
     for k in keys:
         task, _, metric = k.partition("/")
-        rows.append({"key": k, "task": task, "metric": metric, "lower_is_better": metric in LOWER_IS_BETTER})
+        conv = (tasks.get(task) or {}).get("convention")
+        row = {"key": k, "task": task, "metric": metric, "lower_is_better": metric in LOWER_IS_BETTER}
+        if conv:
+            # Each score says how it was prompted and what its unit is: numbers under different
+            # conventions are not comparable, and the scorecard may hold both side by side.
+            row["convention"] = label(conv)
+            row["unit"] = metric_unit(metric.split("[")[0], conv["prompt"])
+        rows.append(row)
     return {"suite": suite.name, "description": suite.description, "suite_path": str(suite.path),
             "models": models, "rows": rows, "scores": scores, "tasks": tasks}
 
@@ -81,9 +89,18 @@ def to_markdown(card: dict) -> str:
     lines += [f"| {m['name']} | {m['kind']} | `{m['path']}` |" for m in card["models"]]
     tasks = card.get("tasks") or {}
     if tasks:
-        lines += ["", "| task | examples | data |", "|---|---:|---|"]
-        lines += [f"| {t} | {info.get('n', '-')} | `{info.get('data', '')}` |" for t, info in tasks.items()]
+        lines += ["", "| task | convention | examples | data |", "|---|---|---:|---|"]
+        lines += [f"| {t} | {_cell(label(info['convention'])) if info.get('convention') else '-'} | "
+                  f"{info.get('n', '-')} | `{info.get('data', '')}` |" for t, info in tasks.items()]
+    units = [(r["key"], r["unit"]) for r in card["rows"] if r.get("unit")]
+    if units:
+        lines += ["", "| score | unit / normalisation |", "|---|---|"]
+        lines += [f"| {k} | {_cell(u)} |" for k, u in units]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def print_table(card: dict) -> None:
@@ -93,7 +110,11 @@ def print_table(card: dict) -> None:
         table.add_column(h, justify="right" if i >= 2 else "left")
     for row in body:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for t, info in (card.get("tasks") or {}).items():
+        if info.get("convention"):
+            console.print(f"  {t}: {label(info['convention'])}", highlight=False, markup=False)
 
 
 def plot(card: dict, path: Path) -> None:

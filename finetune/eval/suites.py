@@ -2,6 +2,7 @@
 
     name: demo
     description: held-out prompts for the demo dataset
+    prompt: chat                     # chat (the chat template, as training renders) or plain text
     tasks:
       - name: qa
         data: data/demo.jsonl        # a file relative to this YAML, or a dataset card name
@@ -12,11 +13,18 @@
         metrics: [exact_match, contains, rouge_l, chrf, loss]
         generation: {max_new_tokens: 32, batch_size: 8, stop: ["\\n\\n"]}
         system_prompt: null          # prompt rendering options, as in a recipe's data section
+        prompt: plain                # this task's convention (default: the suite's)
       - lm_eval: arc_easy            # an lm-evaluation-harness task name or a local task YAML
 
 Held-out rows in the `eval` format: {"messages": [...], "answer": str, "aliases": [...],
-"keywords": [...]} for generation, or {"messages"|"prompt", "choices": [...], "answer": index}
-for multiple choice.
+"keywords": [...]} for generation, {"messages"|"prompt", "choices": [...], "answer": index}
+for multiple choice, or {"text": str} for the rolling perplexities of plain text. `format:
+preference` reads held-out pairs in any preference format (finetune.eval.preference).
+
+The prompt convention (finetune.eval.conventions): `chat` renders the prompt through the chat
+template with the system prompt (the task's, else the recipe's), as training does; `plain` is
+lm-evaluation-harness's default: the prompt text as it is, the answer after `target_delimiter`.
+Our tasks default to chat, lm_eval tasks to plain (the harness's default).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any, Literal, Optional
 
 from finetune.data.formats import Format
 from finetune.errors import UsageError, did_you_mean
-from finetune.eval.metrics import check_metric
+from finetune.eval.metrics import CHOICE_METRICS, PREFERENCE_METRICS, ROLLING_METRICS, check_metric
 from finetune.ranges import ranged
 from finetune.resources import find_resource, list_resources, read_yaml_mapping
 from finetune.typed import items, parse_mapping
@@ -61,8 +69,9 @@ class TaskSpec:
     """Task name, the scorecard's row prefix (default: task1, ... or the lm_eval task's name)."""
     data: Optional[str] = None
     """Rows: a file relative to the suite (or the working directory), or a dataset card name."""
-    format: Literal["eval", "auto", Format] = "eval"
-    """eval (held-out rows, see the module doc), a training format, or auto (the card's format)."""
+    format: Literal["eval", "auto", "preference", Format] = "eval"
+    """eval (held-out rows, see the module doc), preference (pairs in any preference format,
+    finetune.eval.preference), a training format, or auto (the card's format)."""
     split: str = "train"
     """Split read from a dataset card's or folder's data (training formats)."""
     subset: Optional[str] = None
@@ -87,9 +96,20 @@ class TaskSpec:
     """Rows per loss or choice batch."""
     lm_eval: Optional[str] = None
     """An lm-evaluation-harness task name or a task YAML (relative to the suite); the other keys
-    but name, n and num_fewshot do not apply. A bare string item is the same."""
+    but name, n, num_fewshot, prompt and system_prompt do not apply. A bare string item is the same."""
     num_fewshot: Optional[int] = ranged(None, ge=0)
     """lm_eval tasks: few-shot examples per prompt (default: the task's own)."""
+    prompt: Optional[Literal["chat", "plain"]] = None
+    """chat (the chat template and system prompt, as in training) or plain (lm-eval's default: the
+    prompt text as it is); default: the suite's, else chat for our tasks and plain for lm_eval ones."""
+    target_delimiter: Optional[str] = None
+    """Plain prompts: the text between prompt and answer (lm-eval's rule: a space in plain mode,
+    nothing under a chat template); a space ending the prompt moves into the answer, as lm-eval does."""
+    reference: str = "base"
+    """Preference tasks: the policy rewards are measured against: base (the base model with no
+    adapter) or an adapter directory (e.g. the SFT adapter a DPO run started from)."""
+    beta: float = ranged(0.1, gt=0)
+    """Preference tasks: DPO's beta, the scale of the implicit rewards (reward_margin)."""
     data_path: Optional[Path] = field(default=None, init=False)
     """`data` resolved to a file when it is one; None means `data` is a dataset card."""
 
@@ -102,6 +122,8 @@ class Suite:
     """Suite name (default: the file's name)."""
     description: str = ""
     """One line saying what the suite measures (shown by `finetune eval`)."""
+    prompt: Optional[Literal["chat", "plain"]] = None
+    """Every task's prompt convention unless the task names its own (see TaskSpec.prompt)."""
     tasks: list[TaskSpec] = items("task {n}")
     """The tasks, each a mapping (or an lm_eval task name)."""
     path: Optional[Path] = field(default=None, init=False)
@@ -120,6 +142,8 @@ class Example:
     choices: Optional[list[str]] = None
     answer_index: Optional[int] = None
     id: Any = None
+    text: Optional[str] = None
+    """A plain text scored whole (the rolling perplexities)."""
 
     def conversation(self) -> list[dict]:
         """Prompt + reference answer: the sequence whose answer tokens the loss is measured on."""
@@ -145,6 +169,7 @@ def load_suite(name: str, data: Optional[str] = None, n: Optional[int] = None,
         raise UsageError(f"{where}: 'tasks' must be a non-empty list")
     suite.name, suite.path = suite.name or path.stem, path
     for i, t in enumerate(suite.tasks):
+        t.prompt = t.prompt or suite.prompt or ("plain" if t.lm_eval else "chat")
         _check_task(t, i, path, where)
     names = [t.name for t in suite.tasks]
     dup = next((x for x in names if names.count(x) > 1), None)
@@ -206,8 +231,26 @@ def _check_task(spec: TaskSpec, i: int, suite_path: Path, where: str) -> None:
     if spec.data_path is None and not _is_card(spec.data):
         raise UsageError(f"{where}: task '{spec.name}': data '{spec.data}' is neither a file (relative to the "
                          f"suite) nor a dataset card{did_you_mean(spec.data, list_resources('datasets'))}")
-    if spec.format != "eval" and "choice" in spec.metrics:
-        raise UsageError(f"{where}: task '{spec.name}': metric 'choice' needs format: eval rows with 'choices'")
+    pref = [m for m in spec.metrics if m in PREFERENCE_METRICS]
+    if spec.format == "preference":
+        other = next((m for m in spec.metrics if m in CHOICE_METRICS + ROLLING_METRICS), None)
+        if other:
+            raise UsageError(f"{where}: task '{spec.name}': metric '{other}' does not apply to preference pairs")
+        if spec.prompt != "chat":
+            raise UsageError(f"{where}: task '{spec.name}': preference pairs are scored as DPO trains on them, "
+                             f"through the chat template; drop prompt: plain")
+    elif pref:
+        raise UsageError(f"{where}: task '{spec.name}': metric '{pref[0]}' needs format: preference (held-out pairs)")
+    mc = [m for m in spec.metrics if m in CHOICE_METRICS]
+    if spec.format != "eval" and mc:
+        raise UsageError(f"{where}: task '{spec.name}': metric '{mc[0]}' needs format: eval rows with 'choices'")
+    rolling = [m for m in spec.metrics if m in ROLLING_METRICS]
+    if rolling and spec.prompt != "plain":
+        raise UsageError(f"{where}: task '{spec.name}': metric '{rolling[0]}' is lm-eval's rolling perplexity of "
+                         f"plain text; add prompt: plain to the task or the suite")
+    if spec.target_delimiter is not None and spec.prompt != "plain":
+        raise UsageError(f"{where}: task '{spec.name}': target_delimiter applies to plain prompts only; "
+                         f"add prompt: plain or drop it")
 
 
 def _as_file(ref: str, base: Path) -> Optional[Path]:
@@ -230,11 +273,15 @@ def example_from_row(row: Any, where: str) -> Example:
     if not isinstance(row, dict):
         raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
     messages = row.get("messages")
+    if messages is None and "prompt" not in row and "text" in row:
+        if not isinstance(row["text"], str) or not row["text"]:
+            raise UsageError(f"{where}: 'text' must be a non-empty string")
+        return Example(messages=[], text=row["text"], id=row.get("id"))
     if messages is None and "prompt" in row:
         messages = [{"role": "user", "content": str(row["prompt"])}]
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} (or give 'prompt')")
+        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} (or give 'prompt' or 'text')")
     if messages[-1]["role"] == "assistant" and "answer" not in row:
         # A full conversation: its last assistant turn is the reference.
         return Example(messages=messages[:-1], answer=str(messages[-1]["content"]), id=row.get("id"))

@@ -21,7 +21,8 @@ def test_acceptance_base_vs_adapter(tiny_adapter, tmp_path):
     for name in names:
         s = card["scores"][name]
         assert set(s) == {"qa/loss", "qa/perplexity", "qa/exact_match", "qa/contains", "qa/rouge_l", "qa/chrf",
-                          "mc/choice"}
+                          "mc/acc", "mc/acc_norm", "mc-plain/acc", "mc-plain/acc_norm", "text/word_perplexity",
+                          "text/byte_perplexity", "text/bits_per_byte"}
         assert s["qa/perplexity"] == pytest.approx(__import__("math").exp(s["qa/loss"]))
     # the perturbed adapter really is a different model
     assert card["scores"][names[0]]["qa/loss"] != card["scores"][names[1]]["qa/loss"]
@@ -32,7 +33,19 @@ def test_acceptance_base_vs_adapter(tiny_adapter, tmp_path):
     assert (out / "scores.png").stat().st_size > 1000
     for name in names:
         rows = [json.loads(x) for x in (out / "generations" / f"{name.replace('/', '_')}.jsonl").read_text().splitlines()]
-        assert len(rows) == 6 + 4 and "output" in rows[0] and "choice_pred" in rows[-1]
+        assert len(rows) == 6 + 4 + 4 + 3 and "output" in rows[0] and "choice_pred" in rows[-4]
+        assert "loglikelihood" in rows[-1]
+    # every task and every score names its convention
+    conv = card["tasks"]["mc-plain"]["convention"]
+    assert conv == {"prompt": "plain", "system_prompt": None, "target_delimiter": " ", "num_fewshot": 0,
+                    "harness": "finetune"}
+    assert card["tasks"]["mc"]["convention"]["prompt"] == "chat"
+    by_key = {r["key"]: r for r in card["rows"]}
+    assert by_key["mc/acc"]["convention"].startswith("chat template")
+    assert by_key["mc-plain/acc_norm"]["convention"].startswith("plain text")
+    assert "per character" in by_key["mc-plain/acc_norm"]["unit"]
+    assert "rolling" in by_key["text/bits_per_byte"]["unit"] and by_key["text/bits_per_byte"]["lower_is_better"]
+    assert "| mc-plain | plain text, no system prompt" in md and "| text/word_perplexity |" in md
     # an existing scorecard is never overwritten silently
     with pytest.raises(UsageError, match="already holds a scorecard"):
         cli.run(["eval", "suite=tiny", f"models=[base,{tiny_adapter}]", f"out_dir={out}", "device=cpu"])
@@ -67,6 +80,14 @@ def test_missing_checkpoint_path(tmp_path):
 def test_base_without_adapter(tmp_path):
     with pytest.raises(UsageError, match="'base' means the base model of the adapters"):
         cli.run(["eval", "suite=tiny", "models=[base]", f"out_dir={tmp_path / 'o'}"])
+
+
+def test_base_is_the_recipes_model(tiny_model, tmp_path):
+    out = tmp_path / "o"
+    assert cli.run(["eval", "suite=tiny", "models=[base]", "recipe=tiny-lora", "n=1", f"out_dir={out}", "device=cpu",
+                    "progress=false"]) == 0
+    card = json.loads((out / "scores.json").read_text())
+    assert card["models"][0]["name"] == "base" and card["models"][0]["path"] == str(tiny_model)
 
 
 def test_adapters_on_different_bases(tiny_adapter, adapter_factory, tmp_path):

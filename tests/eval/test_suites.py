@@ -63,3 +63,13 @@ def test_scorecard_files(tmp_path):
     paths = write_scorecard(_card(), tmp_path, show=False)
     assert json.loads(paths["json"].read_text())["scores"]["run/final"]["qa/loss"] == 1.25
     assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["md"].is_file()
+
+
+def test_prompt_convention_defaults_and_overrides(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: a, data: d.jsonl, metrics: [loss]}\n"
+                                     "  - {name: b, data: d.jsonl, metrics: [loss], prompt: plain}\n"
+                                     "  - {name: c, lm_eval: arc_easy}\n")
+    assert [t.prompt for t in load_suite(str(tmp_path / "s.yaml")).tasks] == ["chat", "plain", "plain"]
+    (tmp_path / "s.yaml").write_text("prompt: chat\n" + (tmp_path / "s.yaml").read_text())
+    assert [t.prompt for t in load_suite(str(tmp_path / "s.yaml")).tasks] == ["chat", "plain", "chat"]
