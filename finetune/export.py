@@ -27,7 +27,8 @@ from typing import Literal, Optional
 import yaml
 
 from finetune.errors import FinetuneError, UsageError
-from finetune.fs import atomic_out_dir, atomic_write, check_out_dir
+from finetune.fs import atomic_out_dir, atomic_write, check_out_dir, out_dir_lock, write_error
+from finetune.manifest import check_input
 from finetune.merge import merge_adapter
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import read_tokenizer, resolve_model_path
@@ -142,13 +143,14 @@ def _check(out_dir: str, model: Optional[str], adapter: Optional[str], base: Opt
         raise UsageError("base= applies to adapter=; a model is exported as it is")
     if name is not None and (not name.strip() or "/" in name or name.startswith(".")):
         raise UsageError(f"name must be a plain file name stem, got '{name}'")
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, whole=True)
     if adapter:
         read_adapter_config(adapter)
+        check_input(adapter, "adapter")
         if base:
-            _model_dir(base)
+            check_input(_model_dir(base), "base")
     else:
-        _model_dir(model)
+        check_input(_model_dir(model), "model")
     converter_dir()  # before any merging: a missing converter is a one-line error, now
 
 
@@ -161,14 +163,13 @@ def export(out_dir: str, *, model: Optional[str] = None, adapter: Optional[str] 
     out = Path(os.path.expanduser(out_dir))
     name = name or out.resolve().name or "model"
     gguf_name = f"{name}-{quant}.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as work:
+    with out_dir_lock(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as work:
         if adapter:
             src = merge_adapter(adapter, str(Path(work) / "merged"), base=base)
         else:
             src = _model_dir(model)
         tok = read_tokenizer(src)
-        with atomic_out_dir(out, overwrite) as tmp:
+        with write_error(out), atomic_out_dir(out, overwrite) as tmp:
             convert(src, tmp / gguf_name, quant)
             atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,
                                                       training_system_prompt(adapter)))

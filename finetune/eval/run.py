@@ -30,7 +30,8 @@ from finetune.eval.prompting import (
 )
 from finetune.eval.scorecard import build_scorecard, write_scorecard
 from finetune.eval.suites import load_suite
-from finetune.fs import atomic_write, check_apart
+from finetune.fs import atomic_write, check_apart, out_dir_lock, write_error
+from finetune.manifest import check_input
 from finetune.runtime import inference_device, inference_dtype
 
 
@@ -61,12 +62,22 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     check_apart(out_dir, [("model", m) for m in models] + [("data file", data), ("base model", base_model)])
     ckpts = resolve_checkpoints(list(models), base_model, base=base)
     check_apart(out_dir, [("model", str(c.path)) for c in ckpts])
+    for c in ckpts:
+        check_input(c.path, c.kind)
     check_adapters_fit(ckpts)
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     # Not finetune.fs.check_out_dir: eval's out_dir (a run's eval/, say) may hold other files;
     # only an existing scorecard is protected.
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out_dir {out_dir} exists and is not a directory; eval writes a folder "
+                         "(scores.json, scores.md, scores.png, generations/)")
     if (out / "scores.json").exists() and not overwrite:
         raise UsageError(f"{out} already holds a scorecard; pick another out_dir or pass overwrite=true")
+    with out_dir_lock(out):  # one writer per out_dir, as training
+        return _evaluate(suite, ckpts, out, data_cfg, device, dtype, show, seed)
+
+
+def _evaluate(suite, ckpts, out: Path, data_cfg, device: str, dtype: str, show: bool, seed: int) -> dict:
     device = inference_device(device)
     torch_dtype = inference_dtype(device, dtype)
     if any(t.lm_eval for t in suite.tasks):
@@ -100,8 +111,9 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
             scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
             records += recs
         if records:
-            atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
-                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            with write_error(gen_dir):
+                atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
+                             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         timings[ck.name] = round(time.perf_counter() - t0, 2)
         del model
     loader.release()
@@ -111,7 +123,8 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     card = build_scorecard(suite, [c.to_dict() for c in ckpts], scores, tasks_info)
     card["seconds"] = timings
     card["device"], card["dtype"] = device, str(torch_dtype).replace("torch.", "")
-    paths = write_scorecard(card, out, show=show)
+    with write_error(out):
+        paths = write_scorecard(card, out, show=show)
     if show:
         print(f"[eval] wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}"
               + (f" and {gen_dir}/" if gen_dir.exists() else ""), flush=True)
