@@ -122,6 +122,9 @@ def _local_or_hub(spec: str, base: Optional[Path], split: str = "train",
 
 
 def _files_of(p: Path, split: str = "train", data_files: Any = None) -> list[Path]:
+    if not p.is_file() and not p.is_dir():  # reading a FIFO or a tty would wait for ever
+        raise UsageError(f"data path {p} is not a regular file or folder (a FIFO, device or socket); "
+                         "give a json, jsonl, parquet or csv file, or a folder of them")
     if not os.access(p, os.R_OK):
         raise UsageError(f"cannot read data {p}: permission denied")
     if p.is_file():
