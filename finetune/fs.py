@@ -129,7 +129,7 @@ LOCK_NAME = ".finetune.lock"
 _HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth
 
 
-def _launcher_rank0() -> bool:
+def launcher_rank0() -> bool:
     """True in the process that becomes global rank 0 (or runs alone): the one that locks.
     Processes started by a launcher (Lightning's, torchrun) carry their rank in the environment."""
     for var in ("RANK", "NODE_RANK", "LOCAL_RANK"):
@@ -165,7 +165,7 @@ def out_dir_lock(out_dir: Union[str, Path]) -> Iterator[Path]:
     out = Path(os.path.expanduser(str(out_dir)))
     path = out / LOCK_NAME
     key = os.path.abspath(path)
-    if not _launcher_rank0() or key in _HELD:
+    if not launcher_rank0() or key in _HELD:
         _HELD[key] = _HELD.get(key, 0) + 1
         try:
             yield out

@@ -8,7 +8,9 @@ that shapes the run, so a resumed run continues exactly where the saved one stop
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +27,8 @@ from finetune.training.changes import apply_schedule, fresh_hyperparameters, his
 from finetune.training.distributed import CheckpointState
 
 # What a refusal to train into a non-empty out_dir suggests.
-RESUME_HINT = "pass resume=auto to continue or overwrite=true to train into it (nothing is deleted)"
+RESUME_HINT = ("pass resume=auto to continue or overwrite=true to start a new run there (the earlier one is "
+               "moved aside, nothing is deleted)")
 
 
 def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional[Path]:
@@ -67,6 +70,32 @@ def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional
                                                   "out_dir or pass overwrite=true (nothing is deleted)")
     check_run_dir(out_dir)
     return path
+
+
+def set_aside_earlier_run(out_dir: Path | str, resume: str) -> Optional[Path]:
+    """overwrite=true starts a new run in out_dir: what an earlier run left there (checkpoints,
+    final/, logs, loss.png, eval/) is moved, whole, to a sibling OUT.replaced-TIME folder before
+    the new run starts, and one line says where. So out_dir holds one run, and a later
+    resume=auto can only find this run's checkpoints. Called once, by the launching process,
+    under out_dir's lock and after `resume_source` accepted the folder. Returns the new folder."""
+    out_dir = Path(out_dir)
+    if resume != "no" and Path(resume).resolve().parent == out_dir.resolve():
+        return None  # resuming one of out_dir's own checkpoints: the same run
+    earlier = foreign_files(out_dir, lambda n: False)
+    if not earlier:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = out_dir.with_name(f"{out_dir.name}.replaced-{stamp}")
+    n = 2
+    while aside.exists():
+        aside = out_dir.with_name(f"{out_dir.name}.replaced-{stamp}-{n}")
+        n += 1
+    aside.mkdir()
+    for name in earlier:
+        os.rename(out_dir / name, aside / name)
+    checkpoint.say(f"overwrite=true: moved the earlier run in {out_dir} ({', '.join(earlier[:4])}"
+                   f"{', ...' if len(earlier) > 4 else ''}) to {aside}; delete it when you no longer need it")
+    return aside
 
 
 # What a run writes into its out_dir (finetune.training.logs names the logger folders).
