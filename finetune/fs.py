@@ -416,7 +416,7 @@ def is_write_failure(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def write_error(what: Union[str, Path]) -> Iterator[None]:
+def write_error(what: Union[str, Path], hint: str = "free space and run the command again") -> Iterator[None]:
     """A failed write of `what` (disk full, a read-only or vanished folder) as one line (exit 1)
     saying nothing was left there; other errors pass through."""
     try:
@@ -425,7 +425,10 @@ def write_error(what: Union[str, Path]) -> Iterator[None]:
         if not is_write_failure(e):
             raise
         raise FinetuneError(f"could not write {what}: {describe_write_error(e)}; nothing was written there "
-                            "(free space and run the command again)") from e
+                            f"({hint})") from e
+
+
+CACHE_HINT = "free space, or set FINETUNE_CACHE to a folder on another disk"
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:

@@ -81,3 +81,81 @@ def test_i1_device_or_fifo_as_data_path(work, capsys, target):
         target = str(work / "fifo")
     expect_error(["data", "recipe=tiny-lora", f"data.path={target}", "data.format=alpaca", "data.cache=false"], 2,
                  f"data path {target} is not a regular file or folder", capsys=capsys, root=work)
+
+
+def _copy_adapter(src, dst, with_manifest: bool):
+    import hashlib
+    import shutil
+
+    from finetune import manifest
+
+    shutil.copytree(src, dst)
+    if with_manifest:  # as a training checkpoint carries them
+        doc = manifest.build_manifest(dst, step=2)
+        (dst / manifest.MANIFEST).write_bytes(doc)
+        (dst / manifest.MARKER).write_text(hashlib.sha256(doc).hexdigest() + "\n")
+    return dst
+
+
+def _flip_a_byte(f):
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[:-40])
+
+
+@pytest.mark.parametrize("command", ["merge", "combine", "eval", "export", "moe"])
+def test_i2_a_corrupt_checkpoint_is_refused_by_every_reader(work, capsys, adapters, command):
+    bad = _copy_adapter(adapters["a"], work / "bad", with_manifest=True)
+    _flip_a_byte(bad / "adapter_model.safetensors")
+    _refuse_bad_input(work, capsys, adapters, command, bad, "adapter_model.safetensors fails its sha256 checksum")
+
+
+@pytest.mark.parametrize("command", ["merge", "eval", "export"])
+def test_i3_a_truncated_weights_file_is_one_line_naming_it(work, capsys, adapters, command):
+    bad = _copy_adapter(adapters["a"], work / "bad", with_manifest=False)
+    _truncate(bad / "adapter_model.safetensors")
+    _refuse_bad_input(work, capsys, adapters, command, bad,
+                      f"{bad / 'adapter_model.safetensors'} is not a readable safetensors file")
+
+
+def _refuse_bad_input(work, capsys, adapters, command, bad, says):
+    out = f"out_dir={work / 'out'}"
+    argv = {"merge": ["merge", f"adapter={bad}", out],
+            "combine": ["merge", f"adapters=[{adapters['a']},{bad}]", out],
+            "eval": ["eval", "suite=tiny", f"models=[base,{bad}]", out, "progress=false"],
+            "export": ["export", f"adapter={bad}", out]}.get(command)
+    if command == "moe":
+        cfg = work / "moe.yaml"
+        cfg.write_text(f"base_model: {adapters['base']}\ngate_mode: random\nexperts:\n  - adapter: {bad}\n"
+                       f"  - adapter: {adapters['b']}\n")
+        argv = ["moe", f"config={cfg}", out]
+    expect_error(argv, 2, says, capsys=capsys, root=work)
+
+
+def test_i4_disk_full_while_writing_a_merge(work, capsys, adapters, monkeypatch):
+    import finetune.merge as merge
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge, "portable_config", full)
+    expect_error(["merge", f"adapter={adapters['a']}", f"out_dir={work / 'merged'}"], 1,
+                 f"could not write {work / 'merged'}: disk full (No space left on device); nothing was written there",
+                 capsys=capsys, root=work)
+    assert not (work / "merged").exists() and not [p for p in work.iterdir() if ".tmp-" in p.name]
+
+
+def test_i5_disk_full_while_writing_the_model_cache(work, capsys, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(work / "cache"))
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", full)
+    expect_error(_data(work), 1, "could not write", "tiny-llama-v1: disk full", "set FINETUNE_CACHE",
+                 capsys=capsys, root=work)
