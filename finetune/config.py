@@ -250,7 +250,11 @@ class Config:
     resume: Union[bool, str] = "no"
     """no (also false), auto (latest complete checkpoint in out_dir; also yes/true), or a checkpoint directory."""
     overwrite: bool = False
-    """Allow training into a non-empty out_dir that is not being resumed (nothing is deleted)."""
+    """Start a new run in a non-empty out_dir: the earlier run there is moved aside to a sibling
+    OUT.replaced-TIME folder (nothing is deleted)."""
+    resume_changed_data: bool = False
+    """Resume although the training data's files (or hub revision) changed since the checkpoint was
+    saved; by default such a resume is refused."""
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     """Fabric accelerator: auto (cuda when available, else cpu), cpu, cuda (or gpu), mps."""
     devices: int = ranged(1, ge=1)

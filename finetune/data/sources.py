@@ -168,6 +168,10 @@ def resolve(data_cfg, val: bool = False) -> Source:
     split = card.split if data_cfg.split == "train" else data_cfg.split
     data_files = None if val else (data_cfg.data_files or (card.data_files if not data_cfg.path else None))
     files, hub_id = _local_or_hub(str(spec), base, split, data_files)
+    for key in ("subset", "revision"):  # hub-only settings a local source would silently ignore
+        if files and getattr(data_cfg, key, None):
+            raise UsageError(f"data.{key}={getattr(data_cfg, key)} applies to hub datasets, but {spec} is local "
+                             f"({files[0]}{' ...' if len(files) > 1 else ''}); drop data.{key}")
     fmt = data_cfg.format or card.format
     if not fmt:
         raise UsageError(f"data.format is not set and {'card ' + str(card_path) if card_path else 'there is no card'} "

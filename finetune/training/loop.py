@@ -39,7 +39,7 @@ from finetune.models.load import load_tokenizer
 from finetune.runtime import resolve_precision
 from finetune.training import checkpoint, report
 from finetune.training.build import build_step, lr_lambda
-from finetune.training.changes import describe, schedule_changes
+from finetune.training.changes import check_same_data, data_fingerprint, describe, schedule_changes
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
 from finetune.training.logs import flush_history, history, log_config, logger_flush, make_loggers, plot_losses
 from finetune.training.objectives import Objective, objective_for
@@ -123,6 +123,9 @@ def main(fabric, cfg: Config) -> TrainResult:
     # Every rank reads the same files, so all refuse together (one rank alone would leave the
     # others waiting in a collective).
     changes = schedule_changes(resume_from, cfg) if resume_from is not None else {}
+    fingerprint = data_fingerprint(cfg)
+    note = check_same_data(resume_from, cfg, fingerprint) if resume_from is not None else None
+    _print_if(fabric, note)
     if changes:
         fabric.print(f"resume: applying changed schedule from step {checkpoint.saved_step(resume_from)}: "
                      f"{describe(changes)} (recorded in config.yaml)")
@@ -164,7 +167,7 @@ def main(fabric, cfg: Config) -> TrainResult:
     _print_if(fabric, report.fsdp_line(lossmod, whole))
 
     state = RunState()
-    saver = Saver(fabric, cfg, step.model, tokenizer, lossmod, optimizer, scheduler, ckpt_state)
+    saver = Saver(fabric, cfg, step.model, tokenizer, lossmod, optimizer, scheduler, ckpt_state, fingerprint)
     if resume_from is not None:
         saver.restore(resume_from, state, changes)
         fabric.print(f"resumed from {resume_from} at step {state.step}")

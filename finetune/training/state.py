@@ -23,7 +23,7 @@ from finetune.config import Config, to_yaml
 from finetune.errors import UsageError
 from finetune.fs import check_out_dir, foreign_files
 from finetune.training import checkpoint
-from finetune.training.changes import apply_schedule, fresh_hyperparameters, history_comments
+from finetune.training.changes import apply_schedule, data_comment, fresh_hyperparameters, history_comments
 from finetune.training.distributed import CheckpointState
 
 # What a refusal to train into a non-empty out_dir suggests.
@@ -148,6 +148,7 @@ class Saver:
     optimizer: object
     scheduler: object
     ckpt_state: CheckpointState
+    data_fingerprint: str = ""  # recorded in config.yaml: a resume on other data is refused
 
     def save(self, path: Path, state: RunState) -> None:
         adapter = self.ckpt_state.adapter_weights(self.lossmod)
@@ -155,7 +156,7 @@ class Saver:
         if self.fabric.global_rank == 0:
             checkpoint.save_checkpoint(
                 path, model=self.model, tokenizer=self.tokenizer,
-                config_yaml=to_yaml(self.cfg) + history_comments(state.history),
+                config_yaml=to_yaml(self.cfg) + history_comments(state.history) + data_comment(self.data_fingerprint),
                 adapter_weights=adapter,
                 state={"optimizer": optim, "scheduler": self.scheduler.state_dict(), "step": state.step,
                        "losses": state.losses, "val_losses": state.val_losses, "rng": capture_rng(),

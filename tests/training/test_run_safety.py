@@ -87,7 +87,7 @@ def test_the_lock_is_held_through_the_run_and_gone_after(tmp_path, capsys, monke
         return real_prepare(*a, **k)
 
     monkeypatch.setattr(pipeline, "prepare", prepare)
-    rc, _, err = run_cli(args(out, "train.max_steps=1"), capsys)
+    rc, _, err = run_cli(args(out, "train.max_steps=1", "train.warmup_steps=1"), capsys)
     assert rc == 0, err
     assert seen == [True]
     assert not (out / fs.LOCK_NAME).exists()  # a finished run leaves only its outputs
