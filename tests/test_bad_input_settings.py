@@ -52,7 +52,8 @@ RANGES = [
 
 @pytest.mark.parametrize("setting,says", RANGES, ids=[r[0] for r in RANGES])
 def test_setting_out_of_range(work, capsys, setting, says):
-    args = [a for a in train_args(work) if not (setting.startswith("out_dir=") and a.startswith("out_dir="))]
+    key = setting.split("=", 1)[0] + "="
+    args = [a for a in train_args(work) if not a.startswith(key)]  # a key given twice is refused
     expect_error([*args, setting], 2, says, capsys=capsys, root=work)
 
 
