@@ -27,6 +27,7 @@ from peft import PeftModel
 from finetune.errors import UsageError
 from finetune.fs import atomic_out_dir, check_apart, check_out_dir, out_dir_lock, write_error
 from finetune.manifest import check_input, sha256
+from finetune.progress import doing
 from finetune.models.adapters import (
     adapter_base_path,
     adapter_shapes,
@@ -61,7 +62,8 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     check_out_dir(out_dir, overwrite, whole=True)
     check_input(adapter_dir, "adapter")
     check_input(base_path, "base model")
-    with out_dir_lock(out_dir):  # one writer per out_dir, as training
+    with out_dir_lock(out_dir), doing(f"merging {adapter_dir} into {base_path}",
+                                      f"nothing was written to {out_dir}; run the same command again"):
         base = load_full_precision(base_path)
         out_dtype = checkpoint_dtype(dtype, base.config)
         check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
@@ -165,7 +167,8 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
     cfgs = check_combinable(adapters, method)
     check_no_cancelling(adapters, weights)
     check_apart(out_dir, [("base model", resolve_model_path(cfgs[0]["base_model_name_or_path"]))])
-    with out_dir_lock(out_dir):  # one writer per out_dir, as training
+    with out_dir_lock(out_dir), doing(f"combining {len(adapters)} adapters",
+                                      f"nothing was written to {out_dir}; run the same command again"):
         return _combine(adapters, out_dir, cfgs, weights, method, density, svd_rank, majority_sign_method, seed,
                         overwrite)
 

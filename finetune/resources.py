@@ -32,6 +32,9 @@ def find_resource(kind: str, name: str, suffix: str = ".yaml") -> Path:
     p = Path(os.path.expanduser(name))
     if p.is_file():
         return p
+    what = {"recipes": "recipe", "eval": "eval suite", "datasets": "dataset card"}.get(kind, kind)
+    if p.is_dir():  # not "not found": it is there, but a folder
+        raise UsageError(f"{what} {name} is a folder; give its YAML file (e.g. {p / 'NAME.yaml'}) or a name from {kind}/")
     if p.suffix in (".yaml", ".yml") or os.sep in name:
         raise UsageError(f"{kind[:-1] if kind.endswith('s') else kind} file not found: {name}")
     for folder in (Path.cwd() / kind, resource_dir(kind)):

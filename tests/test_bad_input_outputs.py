@@ -7,7 +7,6 @@ The harness (expect_error, run_cli, the `work` folder) is tests/test_bad_input.p
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest

@@ -32,6 +32,7 @@ from finetune.eval.scorecard import build_scorecard, write_scorecard
 from finetune.eval.suites import load_suite
 from finetune.fs import atomic_write, check_apart, out_dir_lock, write_error
 from finetune.manifest import check_input
+from finetune.progress import doing
 from finetune.runtime import inference_device, inference_dtype
 
 
@@ -94,28 +95,11 @@ def _evaluate(suite, ckpts, out: Path, data_cfg, device: str, dtype: str, show: 
     scores: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     loader = Loader(device, torch_dtype)
-    for ck in eval_order(ckpts):  # scores.* keep the order given; loading in this one loads each base once
-        t0 = time.perf_counter()
-        if show:
-            how = f"adapter {ck.path} on the base already loaded" if loader.reuses_base(ck) else f"{ck.kind} {ck.path}"
-            print(f"[eval] {ck.name}: loading {how}", flush=True)
-        model, tok = _load(loader, ck)
-        scores[ck.name] = {}
-        records: list[dict] = []
-        for task in suite.tasks:
-            if task.lm_eval:
-                res = run_lm_eval_task(model, tok, task, device=device, show=show)
-                scores[ck.name].update({f"{task.name}/{k}": v for k, v in res.items()})
-                continue
-            s, recs = score_task(model, tok, task, examples[task.name], task_cfgs[task.name], show=show)
-            scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
-            records += recs
-        if records:
-            with write_error(gen_dir):
-                atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
-                             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        timings[ck.name] = round(time.perf_counter() - t0, 2)
-        del model
+    for i, ck in enumerate(eval_order(ckpts)):  # scores.* keep the order given; loading in this one loads each base once
+        with doing(f"evaluating {ck.name} ({i + 1} of {len(ckpts)}) on suite {suite.name}",
+                   (f"the generations of the {i} model(s) done are in {gen_dir}; " if i else "")
+                   + f"no scorecard was written to {out}; run the same command again"):
+            _evaluate_one(ck, i, suite, examples, task_cfgs, loader, device, show, gen_dir, scores, timings)
     loader.release()
     scores = {c.name: scores[c.name] for c in ckpts}
     timings = {c.name: timings[c.name] for c in ckpts}
@@ -129,6 +113,32 @@ def _evaluate(suite, ckpts, out: Path, data_cfg, device: str, dtype: str, show: 
         print(f"[eval] wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}"
               + (f" and {gen_dir}/" if gen_dir.exists() else ""), flush=True)
     return card
+
+
+def _evaluate_one(ck, i: int, suite, examples, task_cfgs, loader, device: str, show: bool, gen_dir: Path,
+                  scores: dict, timings: dict) -> None:
+    """Load one checkpoint, run every task of the suite on it, write its generations."""
+    t0 = time.perf_counter()
+    if show:
+        how = f"adapter {ck.path} on the base already loaded" if loader.reuses_base(ck) else f"{ck.kind} {ck.path}"
+        print(f"[eval] {ck.name}: loading {how}", flush=True)
+    model, tok = _load(loader, ck)
+    scores[ck.name] = {}
+    records: list[dict] = []
+    for task in suite.tasks:
+        if task.lm_eval:
+            res = run_lm_eval_task(model, tok, task, device=device, show=show)
+            scores[ck.name].update({f"{task.name}/{k}": v for k, v in res.items()})
+            continue
+        s, recs = score_task(model, tok, task, examples[task.name], task_cfgs[task.name], show=show)
+        scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
+        records += recs
+    if records:
+        with write_error(gen_dir):
+            atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
+                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    timings[ck.name] = round(time.perf_counter() - t0, 2)
+    del model
 
 
 def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple[dict, list[dict]]:

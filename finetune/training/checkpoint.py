@@ -15,7 +15,6 @@ it holds and where a run resumes from is finetune.training.state's.
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import io
 import json

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune import manifest
 from finetune.config import Config, to_yaml
 from finetune.errors import UsageError
 from finetune.fs import check_out_dir, foreign_files
@@ -58,6 +59,8 @@ def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional
         done = checkpoint.saved_step(final)
         if checkpoint.is_complete(final) and (latest is None or done is None or checkpoint.saved_step(latest) <= done):
             return final
+        if latest is None:
+            _refuse_if_all_corrupt(out_dir)
         return latest
     path = Path(resume)
     if not checkpoint.is_complete(path):
@@ -96,6 +99,19 @@ def set_aside_earlier_run(out_dir: Path | str, resume: str) -> Optional[Path]:
     checkpoint.say(f"overwrite=true: moved the earlier run in {out_dir} ({', '.join(earlier[:4])}"
                    f"{', ...' if len(earlier) > 4 else ''}) to {aside}; delete it when you no longer need it")
     return aside
+
+
+def _refuse_if_all_corrupt(out_dir: Path) -> None:
+    """resume=auto with checkpoints that all fail their checks must not quietly start at step 0
+    (and then replace them): say so, naming the newest and what is wrong with it."""
+    saved = sorted((p for p in out_dir.iterdir() if p.is_dir() and (p.name == "final" or checkpoint.STEP_RE.match(p.name))
+                    and (p / checkpoint.MARKER).exists()), key=lambda p: (p.name == "final", p.name)) \
+        if out_dir.is_dir() else []
+    if saved:
+        newest = saved[-1]
+        raise UsageError(f"resume=auto: every checkpoint in {out_dir} is corrupt ({len(saved)}; newest: "
+                         f"{manifest.problem(newest)}); nothing to resume from. Move them away or pass "
+                         "resume=no overwrite=true to start again")
 
 
 # What a run writes into its out_dir (finetune.training.logs names the logger folders).
