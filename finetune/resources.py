@@ -27,6 +27,16 @@ def resource_dir(kind: str) -> Path:
     return here / "_resources" / kind
 
 
+def install_hint(extra: str) -> str:
+    """How to install an optional extra. From the checkout (`pip install -e '.[export]'` there):
+    'finetune' on PyPI is an unrelated package, so `pip install 'finetune[export]'` must never be
+    suggested."""
+    here = Path(__file__).resolve().parent
+    if resource_dir("recipes").parent == here.parent:
+        return f"pip install -e '{here.parent}[{extra}]'"
+    return f"reinstall finetune from its checkout with the extra: pip install -e 'CHECKOUT[{extra}]'"
+
+
 def find_resource(kind: str, name: str, suffix: str = ".yaml") -> Path:
     """Look up `name` as a path, then ./KIND/, then the packaged KIND/; raise with close matches."""
     p = Path(os.path.expanduser(name))

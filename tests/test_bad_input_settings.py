@@ -105,7 +105,7 @@ def test_logger_not_installed(work, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
     expect_error(train_args(work, "output.loggers=[csv,tensorboard]"), 2, "output.loggers has tensorboard",
-                 "pip install 'finetune[tensorboard]'", capsys=capsys, root=work)
+                 "pip install -e '", "[tensorboard]'", capsys=capsys, root=work)
 
 
 def test_unknown_eval_suite_before_training(work, capsys):

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from finetune.config import Config, to_dict
 from finetune.errors import UsageError
 from finetune.fs import atomic_write, describe_write_error
+from finetune.resources import install_hint
 
 # logger -> (modules any one of which it needs, the extra that installs one)
 _NEEDS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
@@ -32,7 +33,7 @@ def check_loggers(names) -> None:
         modules, extra = _NEEDS.get(name, ((), ""))
         if modules and not any(importlib.util.find_spec(m) for m in modules):
             raise UsageError(f"output.loggers has {name} but the {modules[0]} package is not installed: "
-                             f"pip install 'finetune[{extra}]', or drop it: output.loggers=[csv]")
+                             f"{install_hint(extra)}, or drop it: output.loggers=[csv]")
 
 
 def make_loggers(cfg: Config, out_dir: Path) -> list:
