@@ -1,4 +1,4 @@
-"""docs/bad-input.md, "The line a user needs" (rows M*): refusals that used to say the wrong
+"""docs/bad-input.md, "The line a user needs" (rows W*): refusals that used to say the wrong
 thing, and interruptions that say what stopped and what is left. Through the CLI, in this process.
 
 The harness (expect_error, run_cli, train_args, the `work` folder) is tests/test_bad_input.py's.
@@ -13,7 +13,7 @@ import pytest
 from test_bad_input import ALPACA, _wide_console, expect_error, run_cli, train_args, work, write_jsonl  # noqa: F401
 
 
-# --------------------------------------------------------------------------- M1: a folder where a file goes
+# --------------------------------------------------------------------------- W1: a folder where a file goes
 
 
 @pytest.mark.parametrize("argv,says", [
@@ -22,17 +22,17 @@ from test_bad_input import ALPACA, _wide_console, expect_error, run_cli, train_a
     (["eval", "suite={d}", "out_dir={o}"], "eval suite {d} is a folder; give its YAML file"),
     (["data", "recipe=tiny-lora", "data.chat_template={d}"], "data.chat_template: {d} is a folder"),
 ])
-def test_m1_a_folder_where_a_file_is_expected_is_not_not_found(work, capsys, argv, says):
+def test_w1_a_folder_where_a_file_is_expected_is_not_not_found(work, capsys, argv, says):
     d = work / "folder"
     d.mkdir()
     fill = {"d": d, "o": work / "out"}
     expect_error([a.format(**fill) for a in argv], 2, says.format(**fill), capsys=capsys, root=work)
 
 
-# --------------------------------------------------------------------------- M2, M3: chat templates
+# --------------------------------------------------------------------------- W2, W3: chat templates
 
 
-def test_m2_a_template_error_names_its_line(work, capsys):
+def test_w2_a_template_error_names_its_line(work, capsys):
     t = work / "t.jinja"
     t.write_text("{% if messages %}\n{{ messages[0].content }}\n{% endif %}\n{{ foo( }}\n")
     expect_error(["data", "recipe=tiny-lora", f"data.chat_template={t}"], 2,
@@ -44,7 +44,7 @@ def test_m2_a_template_error_names_its_line(work, capsys):
     ("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
      "never writes the assistant's message"),
 ])
-def test_m3_a_template_that_renders_no_answer_is_named_not_no_trained_tokens(work, capsys, template, says):
+def test_w3_a_template_that_renders_no_answer_is_named_not_no_trained_tokens(work, capsys, template, says):
     t = work / "t.jinja"
     t.write_text(template)
     err = expect_error(["data", "recipe=tiny-lora", f"data.chat_template={t}", "data.cache=false"], 2, says,
@@ -52,10 +52,10 @@ def test_m3_a_template_that_renders_no_answer_is_named_not_no_trained_tokens(wor
     assert "no trained tokens" not in err
 
 
-# --------------------------------------------------------------------------- M4: resume with only corrupt checkpoints
+# --------------------------------------------------------------------------- W4: resume with only corrupt checkpoints
 
 
-def test_m4_resume_auto_with_every_checkpoint_corrupt_says_so(work, capsys):
+def test_w4_resume_auto_with_every_checkpoint_corrupt_says_so(work, capsys):
     out = work / "out"
     rc, _, err = run_cli(train_args(work, "train.max_steps=2", "train.save_every=1"), capsys)
     assert rc == 0, err
@@ -70,10 +70,10 @@ def test_m4_resume_auto_with_every_checkpoint_corrupt_says_so(work, capsys):
                  capsys=capsys, root=work)
 
 
-# --------------------------------------------------------------------------- M5: eval into a file
+# --------------------------------------------------------------------------- W5: eval into a file
 
 
-def test_m5_eval_into_an_existing_file_is_refused_before_any_model_loads(work, capsys, monkeypatch):
+def test_w5_eval_into_an_existing_file_is_refused_before_any_model_loads(work, capsys, monkeypatch):
     from finetune.eval import run as eval_run
 
     monkeypatch.setattr(eval_run, "_evaluate", lambda *a, **k: pytest.fail("evaluated before the refusal"))
@@ -81,14 +81,14 @@ def test_m5_eval_into_an_existing_file_is_refused_before_any_model_loads(work, c
                  f"out_dir {work / 'notes.txt'} exists and is not a directory", capsys=capsys, root=work)
 
 
-# --------------------------------------------------------------------------- M6: interrupted, and what is left
+# --------------------------------------------------------------------------- W6: interrupted, and what is left
 
 
 def _interrupt(*a, **k):
     raise KeyboardInterrupt
 
 
-def test_m6_interrupted_data_preparation(work, capsys, monkeypatch):
+def test_w6_interrupted_data_preparation(work, capsys, monkeypatch):
     from finetune.data import pipeline
 
     monkeypatch.setattr(pipeline, "_tokenize_all", _interrupt)
@@ -98,7 +98,7 @@ def test_m6_interrupted_data_preparation(work, capsys, monkeypatch):
     assert f"interrupted (Ctrl-C) while preparing the data ({f}): nothing was cached" in err
 
 
-def test_m6_interrupted_merge(work, capsys, monkeypatch):
+def test_w6_interrupted_merge(work, capsys, monkeypatch):
     import finetune.merge as merge
     from tiny_peft import random_lora_adapter
     from finetune.models.tiny import tiny_model_dir
@@ -111,7 +111,7 @@ def test_m6_interrupted_merge(work, capsys, monkeypatch):
     assert not (work / "m").exists()
 
 
-def test_m6_interrupted_eval(work, capsys, monkeypatch):
+def test_w6_interrupted_eval(work, capsys, monkeypatch):
     from finetune.eval import run as eval_run
 
     monkeypatch.setattr(eval_run, "score_task", _interrupt)
@@ -122,10 +122,10 @@ def test_m6_interrupted_eval(work, capsys, monkeypatch):
     assert f"no scorecard was written to {out}" in err
 
 
-# --------------------------------------------------------------------------- M7: int8 on CPU warns once
+# --------------------------------------------------------------------------- W7: int8 on CPU warns once
 
 
-def test_m7_int8_cast_warning_once(caplog):
+def test_w7_int8_cast_warning_once(caplog):
     from finetune.config import QuantConfig
     from finetune.models import load
 

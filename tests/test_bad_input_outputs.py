@@ -158,3 +158,35 @@ def test_i5_disk_full_while_writing_the_model_cache(work, capsys, monkeypatch):
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", full)
     expect_error(_data(work), 1, "could not write", "tiny-llama-v1: disk full", "set FINETUNE_CACHE",
                  capsys=capsys, root=work)
+
+
+# --------------------------------------------------------------------------- O5: one writer per output folder
+
+
+@pytest.mark.parametrize("command", ["merge", "combine", "eval", "moe"])
+def test_o5_outputs_take_the_training_lock(work, capsys, adapters, command):
+    import subprocess
+    import sys
+
+    out = work / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from finetune.fs import out_dir_lock\n"
+         "with out_dir_lock(sys.argv[1]):\n print('locked', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = {"merge": ["merge", f"adapter={adapters['a']}"],
+                "combine": ["merge", f"adapters=[{adapters['a']},{adapters['b']}]"],
+                "eval": ["eval", "suite=tiny", f"models=[base,{adapters['a']}]", "progress=false"]}.get(command)
+        if command == "moe":
+            cfg = work / "moe.yaml"
+            cfg.write_text(f"base_model: {adapters['base']}\ngate_mode: random\nexperts:\n  - source_model: "
+                           f"{adapters['base']}\n  - source_model: {adapters['base']}\n")
+            argv = ["moe", f"config={cfg}"]
+        before = sorted(p.name for p in out.iterdir())
+        rc, _, err = run_cli([*argv, f"out_dir={out}"], capsys)
+        assert rc == 2 and f"out_dir {out} is in use by another run (pid {holder.pid}" in err, err
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
