@@ -94,7 +94,7 @@ def _written_by_us(out: Path):
         listed = set()
 
     def own(name: str) -> bool:
-        return (name == OUTPUT_MARKER or name in listed or name.startswith(".")
+        return (name == OUTPUT_MARKER or name in listed
                 or any(fnmatch.fnmatch(name, pat) for pat in _OUTPUT_PATTERNS))
     return own
 
