@@ -22,6 +22,7 @@ from finetune.commands import COMMANDS, module_name
 from finetune.config import Config, load_config, to_yaml
 from finetune.errors import FinetuneError, UsageError, did_you_mean
 from finetune.fs import cache_error
+from finetune.progress import interrupted_line
 from finetune.resources import find_resource, list_resources, read_yaml_mapping
 from finetune.typed import build, field_paths, make_parser, split_overrides
 
@@ -153,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted_line(), file=sys.stderr)
         code = 130
     except BrokenPipeError:  # `finetune recipes | head`: the reader left; nothing went wrong here
         # Python would report the failed flush of stdout at exit; point it at devnull instead.

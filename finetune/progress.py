@@ -8,9 +8,10 @@ so both can import it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 
 def on_terminal() -> bool:
@@ -44,3 +45,29 @@ class PlainLines:
         eta = elapsed / n * (self.total - done) if n > 0 else 0.0
         parts.append(f"eta {eta:,.0f}s")
         return "  ".join(parts)
+
+
+# --------------------------------------------------------------------------- what an interruption stops
+
+_STOPPED: list[tuple[str, str]] = []  # the innermost step an interruption unwound through
+
+
+@contextlib.contextmanager
+def doing(what: str, left: str) -> Iterator[None]:
+    """Name the long step running now and what a Ctrl-C during it leaves behind, so the CLI's
+    'interrupted' line says both (data preparation, a merge, an evaluation)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not _STOPPED:  # the innermost step unwinds first
+            _STOPPED.append((what, left))
+        raise
+
+
+def interrupted_line(signal_name: str = "Ctrl-C") -> str:
+    """The one line for an interruption: what was running and what is left of it."""
+    if not _STOPPED:
+        return f"interrupted ({signal_name})"
+    what, left = _STOPPED.pop()
+    _STOPPED.clear()
+    return f"interrupted ({signal_name}) while {what}: {left}"

@@ -27,11 +27,24 @@ def resource_dir(kind: str) -> Path:
     return here / "_resources" / kind
 
 
+def install_hint(extra: str) -> str:
+    """How to install an optional extra. From the checkout (`pip install -e '.[export]'` there):
+    'finetune' on PyPI is an unrelated package, so `pip install 'finetune[export]'` must never be
+    suggested."""
+    here = Path(__file__).resolve().parent
+    if resource_dir("recipes").parent == here.parent:
+        return f"pip install -e '{here.parent}[{extra}]'"
+    return f"reinstall finetune from its checkout with the extra: pip install -e 'CHECKOUT[{extra}]'"
+
+
 def find_resource(kind: str, name: str, suffix: str = ".yaml") -> Path:
     """Look up `name` as a path, then ./KIND/, then the packaged KIND/; raise with close matches."""
     p = Path(os.path.expanduser(name))
     if p.is_file():
         return p
+    what = {"recipes": "recipe", "eval": "eval suite", "datasets": "dataset card"}.get(kind, kind)
+    if p.is_dir():  # not "not found": it is there, but a folder
+        raise UsageError(f"{what} {name} is a folder; give its YAML file (e.g. {p / 'NAME.yaml'}) or a name from {kind}/")
     if p.suffix in (".yaml", ".yml") or os.sep in name:
         raise UsageError(f"{kind[:-1] if kind.endswith('s') else kind} file not found: {name}")
     for folder in (Path.cwd() / kind, resource_dir(kind)):

@@ -91,7 +91,7 @@ def train_args(work: Path, *extra: str) -> list[str]:
     """A quick tiny-lora run into work/out; `extra` keys replace these defaults (a key given twice is refused)."""
     given = {e.split("=", 1)[0] for e in extra}
     base = ["recipe=tiny-lora", f"out_dir={work / 'out'}", "data.cache=false", "output.progress=false",
-            "train.max_steps=1"]
+            "train.max_steps=1", "train.warmup_steps=0"]
     return [a for a in base if a.split("=", 1)[0] not in given] + list(extra)
 
 

@@ -78,7 +78,7 @@ def test_atomic_out_dir_success_renames_into_place(tmp_path):
         (tmp / "sub").mkdir()
         (tmp / "sub" / "w.bin").write_bytes(b"w")
         (tmp / "config.json").write_text("{}")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "sub"]
+    assert sorted(p.name for p in out.iterdir()) == [fs.OUTPUT_MARKER, "config.json", "sub"]
     assert leftovers(out.parent) == []
     # permissions as a plain mkdir gives them, not mkdtemp's 0700
     mask = os.umask(0)
@@ -86,22 +86,78 @@ def test_atomic_out_dir_success_renames_into_place(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
 
 
-def test_atomic_out_dir_overwrite_replaces_same_names_and_keeps_the_rest(tmp_path, caplog):
+def test_atomic_out_dir_overwrite_replaces_the_folder_whole(tmp_path, caplog):
+    """An earlier merge's model.safetensors must not stay beside the new shards (it would load first)."""
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     (out / "sub" / "old.bin").write_bytes(b"old")
     (out / "config.json").write_text("old")
-    (out / "notes.txt").write_text("mine")
+    (out / "model.safetensors").write_bytes(b"old weights")
+    (out / fs.OUTPUT_MARKER).write_text('["config.json", "model.safetensors", "sub"]')
     with caplog.at_level(logging.WARNING, logger="finetune.fs"):
         with fs.atomic_out_dir(out, overwrite=True) as tmp:
             (tmp / "sub").mkdir()
             (tmp / "sub" / "new.bin").write_bytes(b"new")
             (tmp / "config.json").write_text("new")
+            (tmp / "model-00001-of-00002.safetensors").write_bytes(b"new")
     assert (out / "config.json").read_text() == "new"
-    assert sorted(p.name for p in (out / "sub").iterdir()) == ["new.bin"]  # a written dir is replaced whole
-    assert (out / "notes.txt").read_text() == "mine"
-    assert "keeps files not written by this run: notes.txt" in caplog.text
+    assert sorted(p.name for p in (out / "sub").iterdir()) == ["new.bin"]
+    assert not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in out.iterdir()) == [fs.OUTPUT_MARKER, "config.json",
+                                                     "model-00001-of-00002.safetensors", "sub"]
+    assert "replaced its earlier contents" in caplog.text
     assert leftovers(tmp_path) == []
+
+
+def test_atomic_out_dir_overwrite_refuses_files_it_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="holds files finetune did not write: notes.txt; overwrite=true replaces"):
+        with fs.atomic_out_dir(out, overwrite=True):
+            pytest.fail("the block must not run")
+    assert (out / "notes.txt").read_text() == "mine"
+    # what an earlier finetune output listed as its own may be replaced, whatever its name
+    with fs.atomic_out_dir(tmp_path / "b", overwrite=False) as tmp:
+        (tmp / "notes.txt").write_text("written by the command")
+    with fs.atomic_out_dir(tmp_path / "b", overwrite=True) as tmp:
+        (tmp / "x.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [fs.OUTPUT_MARKER, "x.json"]
+
+
+def test_atomic_out_dir_keeps_the_lock_of_the_command_holding_it(tmp_path):
+    out = tmp_path / "out"
+    with fs.out_dir_lock(out):
+        with fs.atomic_out_dir(out, overwrite=False) as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert (out / fs.LOCK_NAME).exists() and (out / "config.json").exists()
+        with fs.atomic_out_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{2}")
+        assert (out / "config.json").read_text() == "{2}"
+    assert not (out / fs.LOCK_NAME).exists()
+
+
+# --------------------------------------------------------------------------- check_out_file
+
+
+def test_check_out_file_rules(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    with pytest.raises(UsageError, match="exists; pass overwrite=true"):
+        fs.check_out_file(data, overwrite=False)
+    with pytest.raises(UsageError, match=r"dump=.*data.jsonl is the dataset file"):
+        fs.check_out_file(data, overwrite=True, inputs=[("dataset file", str(data))])
+    with pytest.raises(UsageError, match="is inside the base model"):
+        fs.check_out_file(tmp_path / "x.jsonl", overwrite=True, inputs=[("base model", str(tmp_path))])
+    with pytest.raises(UsageError, match="is a folder"):
+        fs.check_out_file(tmp_path, overwrite=True)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UsageError, match="not a regular file"):
+        fs.check_out_file(tmp_path / "fifo", overwrite=True)
+    with pytest.raises(UsageError, match="not a regular file"):
+        fs.check_out_file("/dev/null", overwrite=True)
+    assert fs.check_out_file(tmp_path / "new.jsonl", overwrite=False) == tmp_path / "new.jsonl"
 
 
 # --------------------------------------------------------------------------- atomic_write / atomic_file

@@ -19,8 +19,10 @@ from rich.console import Console
 
 from finetune.data.dump import check_dump_path, dump_examples
 from finetune.data.show import show_data
-from finetune.models.load import load_tokenizer
+from finetune.data.sources import read_card, resolve
+from finetune.models.load import load_tokenizer, resolve_model_path
 from finetune.ranges import ranged
+from finetune.resources import find_resource
 from finetune.training.objectives import objective_for
 
 
@@ -34,11 +36,25 @@ class Args:
     """Write every training example (packing undone) to this file, one JSON object a line:
     text, input_ids, labels and trained (the decoded trained segments); for a preference objective
     one pair a line: prompt, chosen, rejected (or completion and label) decoded, and their ids."""
+    overwrite: bool = False
+    """Replace an existing dump file (never one of the run's inputs)."""
+
+
+def dump_inputs(args: Args, cfg) -> list[tuple[str, Optional[str]]]:
+    """What `finetune data` reads, which dump= must never replace."""
+    found = [("recipe", str(find_resource("recipes", args.recipe)) if args.recipe else None),
+             ("base model", resolve_model_path(cfg.model.name))]
+    if cfg.data.card:
+        found.append(("dataset card", str(read_card(cfg.data.card)[1])))
+    found += [("dataset file", str(f)) for f in resolve(cfg.data).files]
+    if cfg.data.val_path:
+        found += [("validation file", str(f)) for f in resolve(cfg.data, val=True).files]
+    return found
 
 
 def run(args: Args, cfg) -> int:
     if args.dump:
-        check_dump_path(args.dump)  # before the data is read: a bad path fails fast
+        check_dump_path(args.dump, args.overwrite, dump_inputs(args, cfg))  # before the data is read
     console = Console()
     tokenizer = load_tokenizer(cfg.model)  # the training tokenizer, pad token fixed as in training
     bundle = objective_for(cfg).prepare(tokenizer, progress=cfg.output.progress)  # what training would train on

@@ -29,7 +29,8 @@ class Args:
     out_dir: str = "out/export"
     """Where the .gguf file and the Modelfile are written."""
     overwrite: bool = False
-    """Write into an existing non-empty out_dir (files with the same names are replaced, others kept)."""
+    """Replace an existing out_dir whole (an earlier output of a finetune command; a folder holding
+    other files is refused)."""
 
 
 def run(args: Args, cfg=None) -> int:

@@ -33,7 +33,8 @@ class Args:
     out_dir: str = "out/moe"
     """Where the MoE checkpoint (or the report's JSON + PNG) is written."""
     overwrite: bool = False
-    """Write into an existing non-empty out_dir (files with the same names are replaced)."""
+    """Replace an existing out_dir whole (an earlier output of a finetune command; a folder holding
+    other files is refused)."""
     max_shard_size: str = "2GB"
     """Largest safetensors shard of the MoE checkpoint: 2GB, 500MiB or a number of bytes."""
 

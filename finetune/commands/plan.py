@@ -11,7 +11,9 @@ import json
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from finetune.errors import UsageError
 from finetune.plan.predict import parse_bytes, report
+from finetune.plan.shapes import model_shape
 from finetune.plan.show import print_measured, print_table
 from finetune.ranges import ranged
 
@@ -37,11 +39,22 @@ class Args:
 
 def run(args: Args, cfg) -> int:
     budget = parse_bytes(args.gpu_memory)
+    ctx = model_shape(cfg.model.name, cfg.model.revision).context
+    if ctx is not None and cfg.data.seq_len > ctx:  # the same refusal training makes (training.preflight)
+        raise UsageError(f"data.seq_len={cfg.data.seq_len} is past the context of {cfg.model.name} ({ctx} tokens); "
+                         f"use data.seq_len<={ctx}")
     if args.measure:  # torch and the model: loaded only for measure=true
         from finetune.training.measure import add_measurement, measured_device_cfg
 
         cfg = measured_device_cfg(cfg)
     rep = report(cfg, budget, args.slack)
+    if ctx is not None:  # what fits in memory, but no longer than the model's positions go
+        rep["max_seq_len"] = min(rep["max_seq_len"], ctx)
+        tiles = rep.get("max_seq_len_with_mlp_tiles")
+        if tiles:
+            tiles["max_seq_len"] = min(tiles["max_seq_len"], ctx)
+            if tiles["max_seq_len"] <= rep["max_seq_len"]:
+                del rep["max_seq_len_with_mlp_tiles"]
     if args.measure:
         add_measurement(cfg, rep)
     if args.format == "json":

@@ -13,13 +13,12 @@ unpaired feedback (KTO) has `completion` and `label` instead of the two sides.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 from finetune.data.tokenize import IGNORE
 from finetune.errors import UsageError
-from finetune.fs import atomic_file
+from finetune.fs import atomic_file, check_out_file
 
 
 def unpacked(units: Sequence[dict]) -> Iterator[tuple[list[int], list[int]]]:
@@ -68,20 +67,18 @@ def pref_record(tokenizer, unit: dict) -> dict:
     return out | {f"{k}_ids": list(unit[f"{k}_ids"]) for k in PREF_KEYS if f"{k}_ids" in unit}
 
 
-def check_dump_path(path: Union[str, Path]) -> Path:
-    """Refuse a dump path that cannot be written, before any data is prepared."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UsageError(f"dump={path} is a folder; give a file path such as {path / 'train.jsonl'}")
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
-        raise UsageError(f"dump={path}: cannot write into {parent}")
-    return path
+def check_dump_path(path: Union[str, Path], overwrite: bool = False,
+                    inputs: Iterable[tuple[str, Optional[str]]] = ()) -> Path:
+    """Refuse, before any data is prepared, a dump path that breaks the out-path rule every
+    command keeps (finetune.fs.check_out_file): not an input, not an existing file without
+    overwrite=true, not a folder or device, in a writable folder."""
+    return check_out_file(path, overwrite, inputs, what="dump")
 
 
 def dump_examples(units: Sequence[dict], tokenizer, path: Union[str, Path]) -> int:
-    """Write one JSON line per example of `units` to `path` (atomically); returns how many."""
-    path = check_dump_path(path)
+    """Write one JSON line per example of `units` to `path` (written beside it, then renamed over
+    it); returns how many. The caller checked `path` with `check_dump_path`."""
+    path = Path(path).expanduser()
     n = 0
     try:
         with atomic_file(path) as f:

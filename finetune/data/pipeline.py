@@ -38,6 +38,7 @@ from finetune.data.sources import Source, load_rows, pin_revision, read_card, re
 from finetune.data.tokenize import IGNORE, Renderer, use_chat_template
 from finetune.errors import UsageError
 from finetune.fs import atomic_file, cache_root
+from finetune.progress import doing
 
 CACHE_VERSION = "2"
 CODE_FILES = ("formats.py", "styles.py", "templates.py", "tokenize.py", "pack.py", "sources.py", "pipeline.py")
@@ -406,6 +407,19 @@ def prepare(data_cfg, tokenizer, seed: int, progress: bool = True) -> DataBundle
             if hit is not None:
                 hit.stats.seconds = time.perf_counter() - t0
                 return hit
+    with doing(f"preparing the data ({src.name})",
+               "nothing was cached; the next run prepares it again from the start"):
+        bundle = _prepare(data_cfg, seed, src, renderer, note, progress)
+    if path is not None:
+        try:
+            _save_cache(path, bundle)
+        except OSError:  # a read-only cache must not stop training
+            pass
+    bundle.stats.seconds = time.perf_counter() - t0
+    return bundle
+
+
+def _prepare(data_cfg, seed: int, src, renderer, note, progress: bool) -> DataBundle:
     stats = DataStats(seq_len=data_cfg.seq_len, notes=[note] if note else [])
     src, train_c, train_w, val_c, val_w = _load(data_cfg, seed, stats, src)
     if not train_c:
@@ -422,11 +436,4 @@ def prepare(data_cfg, tokenizer, seed: int, progress: bool = True) -> DataBundle
     stats.tokens = int(lens.sum())
     stats.trained_tokens = int((labels != IGNORE).sum())
     stats.packing_efficiency = packing_efficiency(train, data_cfg.seq_len)
-    bundle = DataBundle(train, val, stats)
-    if path is not None:
-        try:
-            _save_cache(path, bundle)
-        except OSError:  # a read-only cache must not stop training
-            pass
-    stats.seconds = time.perf_counter() - t0
-    return bundle
+    return DataBundle(train, val, stats)

@@ -122,6 +122,9 @@ def _local_or_hub(spec: str, base: Optional[Path], split: str = "train",
 
 
 def _files_of(p: Path, split: str = "train", data_files: Any = None) -> list[Path]:
+    if not p.is_file() and not p.is_dir():  # reading a FIFO or a tty would wait for ever
+        raise UsageError(f"data path {p} is not a regular file or folder (a FIFO, device or socket); "
+                         "give a json, jsonl, parquet or csv file, or a folder of them")
     if not os.access(p, os.R_OK):
         raise UsageError(f"cannot read data {p}: permission denied")
     if p.is_file():
@@ -166,6 +169,10 @@ def resolve(data_cfg, val: bool = False, need_format: bool = True) -> Source:
     split = card.split if data_cfg.split == "train" else data_cfg.split
     data_files = None if val else (data_cfg.data_files or (card.data_files if not data_cfg.path else None))
     files, hub_id = _local_or_hub(str(spec), base, split, data_files)
+    for key in ("subset", "revision"):  # hub-only settings a local source would silently ignore
+        if files and getattr(data_cfg, key, None):
+            raise UsageError(f"data.{key}={getattr(data_cfg, key)} applies to hub datasets, but {spec} is local "
+                             f"({files[0]}{' ...' if len(files) > 1 else ''}); drop data.{key}")
     fmt = data_cfg.format or card.format
     if not fmt and need_format:
         raise UsageError(f"data.format is not set and {'card ' + str(card_path) if card_path else 'there is no card'} "

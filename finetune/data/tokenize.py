@@ -63,6 +63,8 @@ def chat_template_text(name: str, tokenizer=None) -> str:
     path = Path(os.path.expanduser(name))
     if path.is_file():
         return read_user_text(path, "data.chat_template")
+    if path.is_dir():
+        raise UsageError(f"data.chat_template: {name} is a folder; give a jinja file or a named template")
     names = [*NAMED_TEMPLATES, *(own if isinstance(own, dict) else {})]
     raise UsageError(f"data.chat_template: '{name}' is neither a file nor a named template "
                      f"(one of {', '.join(names)}){did_you_mean(name, names)}")
@@ -84,7 +86,9 @@ def use_chat_template(tokenizer, chat_template: Optional[str], prompt_style: str
 
         ImmutableSandboxedEnvironment().parse(text)
     except Exception as e:  # a template that cannot compile would fail on every row
-        raise UsageError(f"data.chat_template: not a valid jinja template: {str(e).splitlines()[0][:160]}") from None
+        line = f" line {e.lineno}" if isinstance(getattr(e, "lineno", None), int) else ""
+        raise UsageError(f"data.chat_template{(' ' + chat_template) if '{' not in chat_template else ''}{line}: "
+                         f"not a valid jinja template: {str(e).splitlines()[0][:160]}") from None
     tokenizer.chat_template = text
 
 
@@ -128,6 +132,25 @@ class Renderer:
         self.styled = None
         if style != "template":
             self.styled = StyleRenderer(_prompt_style(style, prompt_style), self.bos, self.eos, self.special_re)
+        elif not train_on_prompt:
+            self._check_template()
+
+    def _check_template(self) -> None:
+        """A template that drops the assistant's words leaves every row with nothing to train,
+        which rows would report one by one as 'no trained tokens': say what is wrong, once."""
+        answer = "Probe answer 7"
+        try:
+            text = self._render([{"role": "user", "content": "Probe question"},
+                                 {"role": "assistant", "content": answer}], None, False)
+        except BadRow:  # a template with rules of its own (roles, a system turn): rows report them
+            return
+        which = "the chat template (data.chat_template, or the tokenizer's own)"
+        if not text.strip():
+            raise UsageError(f"{which} renders nothing: a user + assistant conversation comes out as empty text; "
+                             "fix the template")
+        if answer not in text:
+            raise UsageError(f"{which} never writes the assistant's message (a user + assistant conversation renders "
+                             f"as {text[:60]!r}), so no token would be trained; fix the template")
 
     @property
     def used(self) -> str:

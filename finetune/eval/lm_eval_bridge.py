@@ -24,6 +24,7 @@ from typing import Optional
 import yaml
 
 from finetune.errors import FinetuneError, UsageError, did_you_mean
+from finetune.resources import install_hint
 
 
 def require_lm_eval():
@@ -32,7 +33,7 @@ def require_lm_eval():
         import lm_eval  # noqa: F401
     except ImportError:
         raise UsageError("this suite has lm_eval tasks, which need lm-evaluation-harness: "
-                         "pip install 'finetune[lm-eval]'") from None
+                         + install_hint("lm-eval")) from None
 
 
 def _local_task(path: Path, tmp: Path) -> tuple[str, Path]:

@@ -19,6 +19,7 @@ import string
 from typing import Iterable, Sequence
 
 from finetune.errors import UsageError, did_you_mean
+from finetune.resources import install_hint
 
 LOSS_METRICS = ("loss", "perplexity")
 GENERATION_METRICS = ("exact_match", "contains", "rouge_l", "chrf", "bleu")
@@ -102,7 +103,7 @@ def rouge_l(prediction: str, reference: str) -> float:
         try:  # an optional extra (finetune[eval]), so imported where a suite asks for it
             from rouge_score import rouge_scorer
         except ImportError:
-            raise UsageError("metric rouge_l needs rouge-score: pip install 'finetune[eval]'") from None
+            raise UsageError(f"metric rouge_l needs rouge-score: {install_hint('eval')}") from None
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return 100.0 * _ROUGE.score(reference, prediction)["rougeL"].fmeasure
 
@@ -111,7 +112,7 @@ def _sacrebleu():
     try:  # an optional extra (finetune[eval]), so imported where a suite asks for it
         import sacrebleu
     except ImportError:
-        raise UsageError("metrics chrf/bleu need sacrebleu: pip install 'finetune[eval]'") from None
+        raise UsageError(f"metrics chrf/bleu need sacrebleu: {install_hint('eval')}") from None
     return sacrebleu
 
 

@@ -34,7 +34,9 @@ from finetune.eval.metrics import (
 from finetune.eval.prompting import load_examples, prompt_ids, task_data_config
 from finetune.eval.scorecard import build_scorecard, write_scorecard
 from finetune.eval.suites import load_suite
-from finetune.fs import atomic_write, check_apart
+from finetune.fs import atomic_write, check_apart, out_dir_lock, write_error
+from finetune.manifest import check_input
+from finetune.progress import doing
 from finetune.runtime import inference_device, inference_dtype
 
 
@@ -72,12 +74,24 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     ckpts = resolve_checkpoints(list(models), base_model, base=base, recipe_model=recipe_model)
     check_apart(out_dir, [("model", str(c.path)) for c in ckpts])
     refs = reference_checkpoints(suite.tasks, base)
+    for c in ckpts + refs:
+        check_input(c.path, c.kind)
     check_adapters_fit(ckpts + refs)
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     # Not finetune.fs.check_out_dir: eval's out_dir (a run's eval/, say) may hold other files;
     # only an existing scorecard is protected.
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out_dir {out_dir} exists and is not a directory; eval writes a folder "
+                         "(scores.json, scores.md, scores.png, generations/)")
     if (out / "scores.json").exists() and not overwrite:
         raise UsageError(f"{out} already holds a scorecard; pick another out_dir or pass overwrite=true")
+    with out_dir_lock(out):  # one writer per out_dir, as training
+        return _evaluate(suite, ckpts, refs, run_base(ckpts, base_model, recipe_model), out, data_cfg,
+                         device, dtype, show, seed)
+
+
+def _evaluate(suite, ckpts, refs, run_base_path: Optional[str], out: Path, data_cfg, device: str, dtype: str,
+              show: bool, seed: int) -> dict:
     device = inference_device(device)
     torch_dtype = inference_dtype(device, dtype)
     if any(t.lm_eval for t in suite.tasks):
@@ -88,7 +102,7 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     pairs = {t.name: P.load_pairs(t, task_cfgs[t.name]) for t in suite.tasks if t.format == "preference"}
     examples = {t.name: P.as_examples(pairs[t.name]) if t.name in pairs else load_examples(t, task_cfgs[t.name], seed)
                 for t in suite.tasks if not t.lm_eval}
-    prefs = P.PrefScoring(suite.tasks, run_base(ckpts, base_model, recipe_model))
+    prefs = P.PrefScoring(suite.tasks, run_base_path)
     for t in suite.tasks:
         if not t.lm_eval:
             L.check_rows(t, examples[t.name])
@@ -101,34 +115,12 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     scores: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     loader = Loader(device, torch_dtype)
-    for ck in eval_order(ckpts):  # scores.* keep the order given; loading in this one loads each base once
-        t0 = time.perf_counter()
-        if show:
-            how = f"adapter {ck.path} on the base already loaded" if loader.reuses_base(ck) else f"{ck.kind} {ck.path}"
-            print(f"[eval] {ck.name}: loading {how}", flush=True)
-        model, tok = _load(loader, ck)
-        scores[ck.name] = {}
-        records: list[dict] = []
-        for task in suite.tasks:
-            if task.lm_eval:
-                res, shots = run_lm_eval_task(model, tok, task, device=device, show=show)
-                scores[ck.name].update({f"{task.name}/{k}": v for k, v in res.items()})
-                if shots is not None:  # the harness's own default when the suite named none
-                    tasks_info[task.name]["convention"]["num_fewshot"] = shots
-                continue
-            if task.name in pairs:  # placeholders: preference scores need the reference, known at the end
-                scores[ck.name].update({f"{task.name}/{m}": None for m in task.metrics})
-            s, recs = score_task(model, tok, task, examples[task.name], task_cfgs[task.name], show=show)
-            scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
-            if task.name in pairs:
-                prefs.observe(ck, model, tok, task, P.pair_ids(tok, task, pairs[task.name], task_cfgs[task.name]),
-                              recs, show)
-            records += recs
-        if records:
-            atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
-                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        timings[ck.name] = round(time.perf_counter() - t0, 2)
-        del model
+    for i, ck in enumerate(eval_order(ckpts)):  # scores.* keep the order given; loading in this one loads each base once
+        with doing(f"evaluating {ck.name} ({i + 1} of {len(ckpts)}) on suite {suite.name}",
+                   (f"the generations of the {i} model(s) done are in {gen_dir}; " if i else "")
+                   + f"no scorecard was written to {out}; run the same command again"):
+            _evaluate_one(ck, suite, examples, task_cfgs, tasks_info, pairs, prefs, loader, device, show, gen_dir,
+                          scores, timings)
     for key, names in prefs.missing_references().items():  # a reference no column gave: one more load
         ck = next((r for r in refs if r.path == key), None) or Checkpoint("reference", key, "base")
         if show:
@@ -146,7 +138,8 @@ def evaluate(suite_name: str, models: list[str], out_dir, *, data_cfg: Optional[
     card = build_scorecard(suite, [c.to_dict() for c in ckpts], scores, tasks_info)
     card["seconds"] = timings
     card["device"], card["dtype"] = device, str(torch_dtype).replace("torch.", "")
-    paths = write_scorecard(card, out, show=show)
+    with write_error(out):
+        paths = write_scorecard(card, out, show=show)
     if show:
         print(f"[eval] wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}"
               + (f" and {gen_dir}/" if gen_dir.exists() else ""), flush=True)
@@ -179,6 +172,39 @@ def reference_checkpoints(tasks, base: Optional[str]) -> list[Checkpoint]:
         if all(ck.path != r.path for r in out):
             out.append(ck)
     return out
+
+
+def _evaluate_one(ck, suite, examples, task_cfgs, tasks_info, pairs, prefs, loader, device: str, show: bool,
+                  gen_dir: Path, scores: dict, timings: dict) -> None:
+    """Load one checkpoint, run every task of the suite on it, write its generations."""
+    t0 = time.perf_counter()
+    if show:
+        how = f"adapter {ck.path} on the base already loaded" if loader.reuses_base(ck) else f"{ck.kind} {ck.path}"
+        print(f"[eval] {ck.name}: loading {how}", flush=True)
+    model, tok = _load(loader, ck)
+    scores[ck.name] = {}
+    records: list[dict] = []
+    for task in suite.tasks:
+        if task.lm_eval:
+            res, shots = run_lm_eval_task(model, tok, task, device=device, show=show)
+            scores[ck.name].update({f"{task.name}/{k}": v for k, v in res.items()})
+            if shots is not None:  # the harness's own default when the suite named none
+                tasks_info[task.name]["convention"]["num_fewshot"] = shots
+            continue
+        if task.name in pairs:  # placeholders: preference scores need the reference, known at the end
+            scores[ck.name].update({f"{task.name}/{m}": None for m in task.metrics})
+        s, recs = score_task(model, tok, task, examples[task.name], task_cfgs[task.name], show=show)
+        scores[ck.name].update({f"{task.name}/{k}": v for k, v in s.items()})
+        if task.name in pairs:
+            prefs.observe(ck, model, tok, task, P.pair_ids(tok, task, pairs[task.name], task_cfgs[task.name]),
+                          recs, show)
+        records += recs
+    if records:
+        with write_error(gen_dir):
+            atomic_write(gen_dir / f"{_file_name(ck.name)}.jsonl",
+                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    timings[ck.name] = round(time.perf_counter() - t0, 2)
+    del model
 
 
 def score_task(model, tok, task, examples, data_cfg, show: bool = True) -> tuple[dict, list[dict]]:

@@ -156,7 +156,7 @@ def load_suite(name: str, data: Optional[str] = None, n: Optional[int] = None,
     try:
         path = find_resource("eval", str(name))
     except UsageError as e:
-        if "unknown" in str(e):
+        if str(e).startswith("unknown"):
             raise UsageError(f"unknown eval suite '{name}'{did_you_mean(str(name), list_resources('eval'))}; "
                              f"known: {', '.join(list_resources('eval'))}") from None
         raise

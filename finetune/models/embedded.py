@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from finetune.errors import FinetuneError
-from finetune.fs import atomic_write, cache_root
+from finetune.fs import CACHE_HINT, atomic_write, cache_root, describe_write_error, is_write_failure
 from finetune.portable import EMBEDDED_MARKER, portable_model_dir
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,9 @@ def convert(gguf: Path, target: Path) -> None:
     except FinetuneError:
         raise
     except Exception as e:
+        if is_write_failure(e):
+            raise FinetuneError(f"could not write the model cache {target}: {describe_write_error(e)}; nothing was "
+                                f"written there ({CACHE_HINT})") from e
         raise FinetuneError(f"converting {gguf} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     finally:
         if tmp.exists():

@@ -267,9 +267,27 @@ def bnb_config(quant: Optional[QuantConfig], device: Union[str, torch.device],
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=quant.double_quant,
                                   bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)
-    # int8 matmuls cast fp32 inputs to fp16 and warn about it on every call.
+    # int8 matmuls cast fp32/bf16 inputs to fp16 and say so on every call (once per layer and
+    # step: 28 lines for two steps of the tiny model): once per process is the news.
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in bnb_log.filters):
+        bnb_log.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+class _Once(logging.Filter):
+    """Let the first record starting with `prefix` through, drop its repeats."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
 
 
 def quantized_modules(model: torch.nn.Module) -> list[str]:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from finetune.data.templates import CHATML_TEMPLATE
-from finetune.fs import cache_root
+from finetune.fs import CACHE_HINT, cache_root, write_error
 from finetune.models.tiny_spec import BYTE_OFFSET, EOS, PAD, SPECIALS, TINY_CONFIG
 
 
@@ -72,8 +72,13 @@ def make_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
     model.generation_config.eos_token_id = tok.eos_token_id
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    try:
+        with write_error(path, CACHE_HINT):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp)
     except OSError:  # another process won the race; its copy is identical

@@ -60,7 +60,8 @@ from rich.progress import track
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, MixtralConfig
 
 from finetune.errors import UsageError
-from finetune.fs import atomic_out_dir, check_out_dir
+from finetune.fs import atomic_out_dir, check_out_dir, out_dir_lock, write_error
+from finetune.manifest import check_input
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import copy_tokenizer, load_inference_model, read_tokenizer, resolve_model_path
 from finetune.moe.gates import compute_gates, warn_gates
@@ -240,8 +241,17 @@ def write_moe_config(cfg, out_dir: Path) -> None:
 def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_size: str = "2GB",
               config_text: Optional[str] = None) -> Path:
     """Assemble and save the MoE described by `spec`, streaming (module docstring); returns out_dir."""
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, whole=True)
     base_path, base_cfg, sources = _check_sources(spec)
+    check_input(base_path, "base_model")
+    for i, src in enumerate(sources):
+        check_input(src, f"experts[{i}]")
+    with out_dir_lock(out_dir):  # one writer per out_dir, as training
+        return _build(spec, out_dir, overwrite, max_shard_size, config_text, base_path, base_cfg, sources)
+
+
+def _build(spec: MoESpec, out_dir: str, overwrite: bool, max_shard_size: str, config_text: Optional[str],
+           base_path, base_cfg, sources) -> Path:
     out_dtype = checkpoint_dtype(str(spec.dtype or "auto"), base_cfg)
     tok_src = next((e.adapter for e in spec.experts if e.adapter and
                     (Path(e.adapter) / "tokenizer_config.json").is_file()), base_path)
@@ -256,7 +266,7 @@ def build_moe(spec: MoESpec, out_dir: str, overwrite: bool = False, max_shard_si
     cfg = mixtral_config(base_cfg, len(spec.experts), spec.experts_per_token, out_dtype)
     layout = output_layout(cfg)
     dropped_by_expert = {}
-    with atomic_out_dir(out_dir, overwrite) as tmp:
+    with write_error(out_dir), atomic_out_dir(out_dir, overwrite) as tmp:
         writer = ShardWriter(tmp, layout, max_shard_size)
         for key in layout:  # embeddings, attention, norms, lm_head: the base's
             if ".block_sparse_moe." not in key:

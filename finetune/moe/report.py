@@ -25,7 +25,8 @@ from transformers import AutoConfig
 from finetune.data.formats import BadRow, columns_for, detect_format, to_conversation
 from finetune.data.rows import read_json_rows
 from finetune.errors import UsageError
-from finetune.fs import atomic_out_dir, check_out_dir
+from finetune.fs import atomic_out_dir, check_out_dir, out_dir_lock, write_error
+from finetune.manifest import check_input
 from finetune.models.load import load_inference_model, read_tokenizer
 from finetune.moe.routing import router_probs
 from finetune.runtime import inference_device
@@ -140,8 +141,14 @@ def routing_report(moe_dir: str, data: str, out_dir: str, max_rows: Optional[int
     cfg = AutoConfig.from_pretrained(d)
     if not getattr(cfg, "num_local_experts", None):
         raise UsageError(f"report: {moe_dir} is a {cfg.model_type} model, not a MoE (no num_local_experts)")
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, whole=True)
+    check_input(d, "report")
     rows = read_rows(data, max_rows)
+    with out_dir_lock(out_dir):  # one writer per out_dir, as training
+        return _report(d, data, out_dir, rows, max_tokens, overwrite)
+
+
+def _report(d: Path, data: str, out_dir: str, rows, max_tokens: int, overwrite: bool) -> dict:
     tokenizer = read_tokenizer(d)
     model = load_inference_model(d, torch.float32, inference_device())
     stats = routing_stats(model, tokenizer, [row_text(r, tokenizer) for r in rows], max_tokens)
@@ -149,7 +156,7 @@ def routing_report(moe_dir: str, data: str, out_dir: str, max_rows: Optional[int
     if (d / "moe_info.json").is_file():
         names = json.loads((d / "moe_info.json").read_text()).get("experts")
     stats.update({"model": str(d), "data": str(data), "expert_names": names})
-    with atomic_out_dir(out_dir, overwrite) as tmp:
+    with write_error(out_dir), atomic_out_dir(out_dir, overwrite) as tmp:
         (tmp / "routing.json").write_text(json.dumps(stats, indent=2))
         plot_heatmap(stats, tmp / "routing.png", names)
     out = Path(out_dir)

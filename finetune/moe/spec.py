@@ -101,6 +101,8 @@ def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
 def load_moe_config(path: str) -> MoESpec:
     """Read and check a MoE YAML; relative paths in it resolve against the YAML's folder."""
     p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        raise UsageError(f"moe config {path} is a folder; give the MoE YAML file in it")
     if not p.is_file():
         raise UsageError(f"moe config not found: {path}")
     spec = parse_moe_config(read_yaml_mapping(p, "moe config"), where=f"moe config {p}")

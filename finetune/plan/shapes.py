@@ -45,6 +45,7 @@ class Shape:
     gated_mlp: bool = True
     n_expert: int = 0
     expert_top_k: int = 0
+    context: Optional[int] = None  # tokens its positions are trained for (context_length)
 
     @property
     def q_dim(self) -> int:
@@ -72,6 +73,20 @@ class Shape:
 # --------------------------------------------------------------------------- model shapes
 
 
+def context_length(cfg: dict) -> Optional[int]:
+    """Tokens a model's positions are trained for, from its config.json: max_position_embeddings,
+    times the RoPE scaling factor when the config scales beyond it (linear/dynamic/yarn without an
+    original_max_position_embeddings, i.e. max_position_embeddings is the unscaled length)."""
+    ctx = cfg.get("max_position_embeddings")
+    if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx <= 0:
+        return None
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("linear", "dynamic", "yarn") and "original_max_position_embeddings" not in scaling:
+        ctx = int(ctx * float(scaling.get("factor", 1.0)))
+    return ctx
+
+
 def _shape_from_hf(cfg: dict, name: str) -> Shape:
     cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
     try:
@@ -87,7 +102,8 @@ def _shape_from_hf(cfg: dict, name: str) -> Shape:
             qkv_bias=bool(cfg.get("attention_bias", mtype == "qwen2")),
             gated_mlp=mtype not in ("gpt_neox", "gpt2", "phi"),
             n_expert=int(cfg.get("num_local_experts") or 0),
-            expert_top_k=int(cfg.get("num_experts_per_tok") or 0))
+            expert_top_k=int(cfg.get("num_experts_per_tok") or 0),
+            context=context_length(cfg))
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"model config for '{name}' lacks or mangles {e}; cannot plan it") from None
 
@@ -135,7 +151,7 @@ def _shape_from_litgpt(c: dict) -> Shape:
         head_dim=lc.head_size, intermediate=lc.moe_intermediate_size or lc.intermediate_size,
         vocab=lc.padded_vocab_size, tied=bool(_TIED.search(lc.name)), qkv_bias=lc.attn_bias,
         gated_mlp=lc.mlp_class_name in ("LLaMAMLP", "GemmaMLP", "LLaMAMoE"),
-        n_expert=lc.n_expert, expert_top_k=lc.n_expert_per_token)
+        n_expert=lc.n_expert, expert_top_k=lc.n_expert_per_token, context=lc.block_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -149,7 +165,7 @@ def model_shape(name: str, revision: Optional[str] = None) -> Shape:
     if name == "smollm2-135m":
         # HuggingFaceTB/SmolLM2-135M-Instruct config.json (same numbers as litgpt's SmolLM2-135M).
         return Shape("smollm2-135m", n_layer=30, hidden=576, n_head=9, n_kv_head=3, head_dim=64,
-                     intermediate=1536, vocab=49152, tied=True)
+                     intermediate=1536, vocab=49152, tied=True, context=8192)
     moe = planned_moe(name, model_shape)  # "8x<base>": a MoE not built yet (finetune.plan.moe)
     if moe is not None:
         return moe

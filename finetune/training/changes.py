@@ -12,12 +12,16 @@ with it, field by field (whether to resume, and from where, is finetune.training
   config.yaml records the values in force plus, as comments, which values earlier steps ran with.
 - anything else (cadence of logs and saves, memory savers, devices) changes freely: it does not
   change what is computed.
+The data itself is compared too: every checkpoint's config.yaml ends with a fingerprint of the
+training files, and a resume on other data is refused unless resume_changed_data=true.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -80,6 +84,43 @@ def schedule_changes(checkpoint_dir: Path, cfg: Config) -> dict[str, list]:
         raise UsageError(f"resume from {checkpoint_dir}: changed settings that define the adapter: "
                          f"{'; '.join(defining)}; resume with the checkpoint's values or train into a new out_dir")
     return schedule
+
+
+DATA_NOTE = "# data fingerprint: "
+
+
+def data_fingerprint(cfg: Config) -> str:
+    """The data a run trains on: a hash of its files' contents (hub datasets: id, revision, split,
+    subset), plus the validation file's; recorded in every checkpoint's config.yaml."""
+    from finetune.data.sources import resolve
+
+    parts = [resolve(cfg.data).fingerprint()]
+    if cfg.data.val_path:
+        parts.append(resolve(cfg.data, val=True).fingerprint())
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def data_comment(fingerprint: str) -> str:
+    return f"{DATA_NOTE}{fingerprint}\n" if fingerprint else ""
+
+
+def check_same_data(checkpoint_dir: Path, cfg: Config, fingerprint: str) -> Optional[str]:
+    """Refuse to resume on data other than the checkpoint's (UsageError naming both), unless
+    resume_changed_data=true: then the note to print. Checkpoints without a fingerprint pass."""
+    try:
+        text = (Path(checkpoint_dir) / "config.yaml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    m = re.search("^" + re.escape(DATA_NOTE) + r"(\w+)", text, re.M)
+    if not m or m.group(1) == fingerprint:
+        return None
+    where = cfg.data.path or f"card {cfg.data.card}"
+    if not cfg.resume_changed_data:
+        raise UsageError(f"resume from {checkpoint_dir}: the training data changed since it was saved ({where}: "
+                         f"fingerprint {m.group(1)[:12]} in the checkpoint, {fingerprint[:12]} now); resume on the "
+                         "data it trained on, train into a new out_dir, or pass resume_changed_data=true")
+    return (f"resume: the training data changed since {checkpoint_dir} ({where}); continuing on the new data "
+            "(resume_changed_data=true)")
 
 
 def describe(changes: dict[str, list]) -> str:

@@ -15,7 +15,6 @@ it holds and where a run resumes from is finetune.training.state's.
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import io
 import json
@@ -33,12 +32,13 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import FinetuneError, UsageError, first_line
-from finetune.fs import follow_umask
+from finetune import manifest
+from finetune.fs import describe_write_error as _describe, follow_umask
 from finetune.models.adapters import add_serving_note
 from finetune.portable import record_hub_base, save_tokenizer
 
-MARKER = "COMPLETE"
-MANIFEST = "manifest.json"
+MARKER = manifest.MARKER
+MANIFEST = manifest.MANIFEST
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.yaml"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,7 +50,6 @@ STEP_RE = re.compile(r"^step-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 
-_CHUNK = 1 << 20
 _LIVE_TOKENS: set[str] = set()  # side-dir tokens created by this process
 
 
@@ -87,61 +86,13 @@ def _write_bytes(path: Path, data: bytes | memoryview) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MARKER, MANIFEST))
-
-
 def _build_manifest(root: Path, step: Optional[int]) -> bytes:
-    files = {}
-    for p in _files(root):
-        rel = p.relative_to(root).as_posix()
-        files[rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
-    doc = {"format": FORMAT_VERSION, "step": step, "files": files}
-    return json.dumps(doc, indent=1, sort_keys=True).encode()
+    return manifest.build_manifest(root, step, FORMAT_VERSION)
 
 
 def _problem(path: Path) -> Optional[str]:
-    """Why `path` is not a usable complete checkpoint, or None when it is."""
-    path = Path(path)
-    if not path.is_dir():
-        return f"{path} is not a directory"
-    marker, manifest = path / MARKER, path / MANIFEST
-    if not marker.is_file():
-        return f"{path} is incomplete (no {MARKER} marker; the save was interrupted)"
-    if not manifest.is_file():
-        return f"{path} is corrupt: {MANIFEST} is missing"
-    try:
-        raw = manifest.read_bytes()
-        expected = marker.read_text().split()
-    except OSError as e:
-        return f"{path} is unreadable: {e.strerror}"
-    # The marker holds the manifest's hash, so a damaged manifest is caught too.
-    if not expected or hashlib.sha256(raw).hexdigest() != expected[0]:
-        return f"{path} is corrupt: {MANIFEST} does not match its {MARKER} marker"
-    try:
-        files = json.loads(raw)["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"{path} is corrupt: {MANIFEST} is not valid"
-    for rel, meta in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"{path} is corrupt: {rel} is missing"
-        try:
-            if f.stat().st_size != meta["size"]:
-                return f"{path} is corrupt: {rel} has {f.stat().st_size} bytes, expected {meta['size']} (truncated?)"
-            if _sha256(f) != meta["sha256"]:
-                return f"{path} is corrupt: {rel} fails its sha256 checksum"
-        except OSError as e:
-            return f"{path} is unreadable: {rel}: {e.strerror}"
-    return None
+    """Why `path` is not a usable complete checkpoint, or None when it is (finetune.manifest)."""
+    return manifest.problem(Path(path))
 
 
 def is_complete(path: Path | str) -> bool:
@@ -213,21 +164,6 @@ def _side_name(prefix: str, name: str) -> str:
     return f"{prefix}{name}.{_host()}.{os.getpid()}.{token}"
 
 
-def _describe(exc: BaseException) -> str:
-    """One phrase for why a write failed; a full disk is named as such whatever layer raised it."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-            return f"disk full ({os.strerror(seen.errno)})"
-        text = str(seen)
-        if "No space left" in text or "os error 28" in text:
-            return "disk full (No space left on device)"
-        seen = seen.__cause__ or seen.__context__
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
-    return f"{type(exc).__name__}: {exc}"
-
-
 def save_checkpoint(
     path: Path | str,
     *,
@@ -283,11 +219,11 @@ def save_checkpoint(
             _write_bytes(tmp / STATE_FILE, buf.getbuffer())
             del buf
         follow_umask(tmp)  # safetensors leaves 0600 files: a server running as another user reads these
-        for f in _files(tmp):  # files written by peft / transformers are not fsynced by them
+        for f in manifest.listed_files(tmp):  # files written by peft / transformers are not fsynced by them
             _fsync_path(f)
-        manifest = _build_manifest(tmp, step)
-        _write_bytes(tmp / MANIFEST, manifest)
-        _write_bytes(tmp / MARKER, (hashlib.sha256(manifest).hexdigest() + "\n").encode())
+        doc = _build_manifest(tmp, step)
+        _write_bytes(tmp / MANIFEST, doc)
+        _write_bytes(tmp / MARKER, (hashlib.sha256(doc).hexdigest() + "\n").encode())
         _fsync_path(tmp)
         _publish(tmp, path)
     except BaseException as e:

@@ -1,19 +1,24 @@
-"""What a run writes besides checkpoints: Fabric loggers (CSV, TensorBoard, W&B, MLflow) and loss.png."""
+"""What a run writes besides checkpoints: Fabric loggers (the run's metrics history as CSV, TensorBoard,
+W&B, MLflow) and loss.png."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import io
 import os
+import sys
 from pathlib import Path
+from typing import Optional
 
-from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.fabric.loggers import Logger, TensorBoardLogger
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from matplotlib.figure import Figure
 
 from finetune.config import Config, to_dict
 from finetune.errors import UsageError
-from finetune.fs import atomic_write
+from finetune.fs import atomic_write, describe_write_error
+from finetune.resources import install_hint
 
 # logger -> (modules any one of which it needs, the extra that installs one)
 _NEEDS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
@@ -28,7 +33,7 @@ def check_loggers(names) -> None:
         modules, extra = _NEEDS.get(name, ((), ""))
         if modules and not any(importlib.util.find_spec(m) for m in modules):
             raise UsageError(f"output.loggers has {name} but the {modules[0]} package is not installed: "
-                             f"pip install 'finetune[{extra}]', or drop it: output.loggers=[csv]")
+                             f"{install_hint(extra)}, or drop it: output.loggers=[csv]")
 
 
 def make_loggers(cfg: Config, out_dir: Path) -> list:
@@ -38,7 +43,7 @@ def make_loggers(cfg: Config, out_dir: Path) -> list:
     loggers = []
     for name in cfg.output.loggers:
         if name == "csv":
-            loggers.append(CSVLogger(root_dir=str(out_dir), name="logs", version=_fresh_csv_version(out_dir / "logs")))
+            loggers.append(HistoryCSV(out_dir))
         elif name == "tensorboard":
             loggers.append(TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version=""))
         elif name == "wandb":
@@ -106,19 +111,99 @@ def log_config(fabric, cfg: Config, **resolved) -> None:
     if resolved:
         params["resolved"] = resolved
     for logger in fabric.loggers:
-        if not isinstance(logger, CSVLogger):
+        if not isinstance(logger, HistoryCSV):
             logger.log_hyperparams(params)
 
 
-def _fresh_csv_version(logs: Path) -> str:
-    """Lightning's CSV logger deletes an existing metrics.csv in its folder; a resumed (or
-    overwrite=true) run writes logs/run-N/metrics.csv instead, so earlier history survives."""
-    if not (logs / "metrics.csv").exists():
+class HistoryCSV(Logger):
+    """out_dir/logs/metrics.csv: ONE history per run, kept across resumes (Lightning's CSVLogger
+    deletes an existing metrics.csv, and a second file per resume is one nobody finds).
+
+    Rows are buffered and written (the whole file, written beside it and renamed) by `save`, which
+    the loop calls before every checkpoint: the file then holds every step up to the checkpoint a
+    resume starts from. `start_at(step)` drops rows past that step (a kill -9 or SIGTERM after the
+    checkpoint: those steps are trained, and logged, again). A failed write (disk full) keeps the
+    file as it was and the rows in memory for the next save, with one warning.
+    """
+
+    def __init__(self, out_dir: Path):
+        super().__init__()
+        self.path = Path(out_dir) / "logs" / "metrics.csv"
+        self._rows: list[dict] = []
+        self._warned = False
+
+    @property
+    def name(self) -> str:
+        return "logs"
+
+    @property
+    def version(self) -> str:
         return ""
-    n = 2
-    while (logs / f"run-{n}").exists():
-        n += 1
-    return f"run-{n}"
+
+    @property
+    def root_dir(self) -> str:
+        return str(self.path.parent)
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        row["step"] = step if step is not None else len(self._rows)
+        self._rows.append(row)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the checkpoints' config.yaml holds them
+
+    def _read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="", encoding="utf-8") as f:
+            return [{k: v for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+    def _write(self, rows: list[dict]) -> None:
+        keys = sorted({k for r in rows for k in r})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, text.getvalue())
+
+    @rank_zero_only
+    def start_at(self, step: int) -> None:
+        """The history of the run this process continues from `step` (0: a fresh run)."""
+        rows = self._read()
+        kept = [r for r in rows if float(r.get("step", 0)) <= step]
+        if len(kept) != len(rows):
+            self._write(kept)
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self._rows:
+            return
+        try:
+            self._write(self._read() + self._rows)
+        except OSError as e:
+            if not self._warned:
+                print(f"warning: could not write {self.path} ({describe_write_error(e)}); its rows are kept "
+                      "and written with the next checkpoint", file=sys.stderr, flush=True)
+                self._warned = True
+            return
+        self._rows = []
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+
+def history(fabric) -> Optional[HistoryCSV]:
+    return next((lg for lg in fabric.loggers if isinstance(lg, HistoryCSV)), None)
+
+
+def flush_history(fabric) -> None:
+    """Write the buffered metrics rows: before every checkpoint, so a resume finds its steps' rows."""
+    h = history(fabric)
+    if h is not None:
+        h.save()
 
 
 def logger_flush(fabric) -> None:

@@ -33,19 +33,19 @@ from transformers.utils import logging as hf_logging
 from finetune.config import Config, gradient_accumulation
 from finetune.data.stream import BatchStream
 from finetune.errors import FinetuneError
-from finetune.fs import check_apart, out_dir_lock
+from finetune.fs import check_apart, launcher_rank0, out_dir_lock
 from finetune.models.adapters import serving_note
 from finetune.models.load import load_tokenizer
 from finetune.runtime import resolve_precision
 from finetune.training import checkpoint, report
 from finetune.training.build import build_step, lr_lambda
-from finetune.training.changes import describe, schedule_changes
+from finetune.training.changes import check_same_data, data_fingerprint, describe, schedule_changes
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
-from finetune.training.logs import log_config, logger_flush, make_loggers, plot_losses
+from finetune.training.logs import flush_history, history, log_config, logger_flush, make_loggers, plot_losses
 from finetune.training.objectives import Objective, objective_for
 from finetune.training.preflight import check_run
 from finetune.training.progress import TrainProgress
-from finetune.training.state import RunState, Saver, resume_source
+from finetune.training.state import RunState, Saver, resume_source, set_aside_earlier_run
 
 # --------------------------------------------------------------------------- setup
 
@@ -58,6 +58,8 @@ def train(cfg: Config) -> Optional[Path]:
     """
     with out_dir_lock(cfg.out_dir):  # one run per out_dir, from before data and model load to the end
         _preflight(cfg)
+        if cfg.overwrite and cfg.resume != "auto" and launcher_rank0():
+            set_aside_earlier_run(cfg.out_dir, cfg.resume)  # before the loggers open their files
         fabric = make_fabric(cfg)
         fabric.launch()
         final_dir = main(fabric, cfg).final_dir
@@ -121,6 +123,9 @@ def main(fabric, cfg: Config) -> TrainResult:
     # Every rank reads the same files, so all refuse together (one rank alone would leave the
     # others waiting in a collective).
     changes = schedule_changes(resume_from, cfg) if resume_from is not None else {}
+    fingerprint = data_fingerprint(cfg)
+    note = check_same_data(resume_from, cfg, fingerprint) if resume_from is not None else None
+    _print_if(fabric, note)
     if changes:
         fabric.print(f"resume: applying changed schedule from step {checkpoint.saved_step(resume_from)}: "
                      f"{describe(changes)} (recorded in config.yaml)")
@@ -162,16 +167,21 @@ def main(fabric, cfg: Config) -> TrainResult:
     _print_if(fabric, report.fsdp_line(lossmod, whole))
 
     state = RunState()
-    saver = Saver(fabric, cfg, step.model, tokenizer, lossmod, optimizer, scheduler, ckpt_state)
+    saver = Saver(fabric, cfg, step.model, tokenizer, lossmod, optimizer, scheduler, ckpt_state, fingerprint)
     if resume_from is not None:
         saver.restore(resume_from, state, changes)
         fabric.print(f"resumed from {resume_from} at step {state.step}")
+    if rank0 and history(fabric) is not None:
+        history(fabric).start_at(state.step)  # rows past the checkpoint are logged again
 
     fabric.print(f"training {n_trainable:,} parameters; {fabric.world_size} process(es), "
                  f"micro-batch {micro} x accumulation {accum} x {fabric.world_size} = global {cfg.train.global_batch_size}")
     # SIGINT/SIGTERM from the first step to the final save: the run stops at a checkpoint.
     with _StopRequest() as stop:
-        fit(fabric, cfg, objective, lossmod, optimizer, scheduler, stream, val_batches, state, saver, stop)
+        try:
+            fit(fabric, cfg, objective, lossmod, optimizer, scheduler, stream, val_batches, state, saver, stop)
+        finally:  # a NaN stop or a failed save keeps the rows of the steps that ran
+            flush_history(fabric)
         fabric.print(report.peak_memory_line(cfg, fabric.device, micro))
         saver.save(final_dir, state)
         if rank0:
@@ -266,17 +276,20 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
             if val_batches is not None and t.eval_every and state.step % t.eval_every == 0:
                 _validate(fabric, objective, lossmod, val_batches, state, progress)
             if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
+                flush_history(fabric)  # before the checkpoint: a resume from it finds every row up to it
                 saver.save_step(state)
                 saved_at = state.step
             if state.step < t.max_steps and _stopping(fabric, stop):
                 path = checkpoint.step_dir(cfg.out_dir, state.step)
                 if saved_at != state.step:
+                    flush_history(fabric)
                     path = saver.save_step(state)
                 _exit_on_signal(fabric, stop, f"saved {path} at step {state.step}")
 
     if val_batches is not None:
         _validate(fabric, objective, lossmod, val_batches, state, progress)
     if _stopping(fabric, stop):  # after the last step: keep it as a checkpoint; resume validates and saves final
+        flush_history(fabric)
         path = saver.save_step(state)
         _exit_on_signal(fabric, stop, f"saved {path} at step {state.step} (the last; final/ not written yet)")
     logger_flush(fabric)

@@ -22,7 +22,61 @@ def check_run(cfg: Config) -> None:
     check_device(cfg)
     check_launch(cfg)
     check_loggers(cfg.output.loggers)  # the logger packages: one line naming the extra to install
+    check_schedule(cfg)
     check_context(cfg)
+    check_val_data(cfg)
+
+
+# --------------------------------------------------------------------------- settings vs each other
+
+
+def check_schedule(cfg: Config) -> None:
+    """A warmup longer than the run never reaches train.lr: every step would run at a fraction of it."""
+    t = cfg.train
+    if t.warmup_steps > t.max_steps:
+        raise UsageError(f"train.warmup_steps={t.warmup_steps} is longer than the run, train.max_steps={t.max_steps}: "
+                         f"the lr would never reach train.lr={t.lr:g}; lower train.warmup_steps or raise train.max_steps")
+
+
+def check_val_data(cfg: Config) -> None:
+    """Validation data that is the training data measures memorisation, not generalisation."""
+    if not cfg.data.val_path:
+        return
+    from finetune.data.sources import resolve
+
+    train, val = resolve(cfg.data), resolve(cfg.data, val=True)
+    same = ({f.resolve() for f in train.files} & {f.resolve() for f in val.files}) if val.files else \
+        ({train.hub_id} if val.hub_id and val.hub_id == train.hub_id and val.split == train.split else set())
+    if same:
+        raise UsageError(f"data.val_path={cfg.data.val_path} is the training data ({train.name}): validation would "
+                         "score rows it trained on; give held-out rows, or drop data.val_path and use "
+                         "data.val_fraction")
+
+
+# Which side of each named linear its LoRA factors span: (in, out) from the model's config.
+def _linear_sides(mc) -> dict[str, tuple[int, int]]:
+    h = getattr(mc, "hidden_size", None)
+    heads = getattr(mc, "num_attention_heads", None)
+    if not isinstance(h, int) or not isinstance(heads, int):
+        return {}
+    head_dim = getattr(mc, "head_dim", None) or h // heads
+    kv = (getattr(mc, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(mc, "intermediate_size", None) or 4 * h
+    return {"q_proj": (h, heads * head_dim), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (heads * head_dim, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def check_lora_rank(cfg: Config, model_config) -> None:
+    """lora.r past min(in, out) of a layer it adapts adds parameters but no capacity (the update's
+    rank cannot exceed it), and LoRA's scaling alpha/r then shrinks the update for nothing."""
+    sides = _linear_sides(model_config)
+    targets = cfg.lora.target_modules or []
+    names = list(sides) if "all-linear" in targets else [t for t in targets if t in sides]
+    for name in names:
+        smallest = min(sides[name])
+        if cfg.lora.r > smallest:
+            raise UsageError(f"lora.r={cfg.lora.r} is larger than {name} of {cfg.model.name} ({sides[name][0]} -> "
+                             f"{sides[name][1]}, rank at most {smallest}); use lora.r<={smallest}")
 
 
 # --------------------------------------------------------------------------- devices and launcher
@@ -80,14 +134,10 @@ def model_context(model_config) -> Optional[int]:
     """Tokens the model's positions are trained for: max_position_embeddings, times the RoPE
     scaling factor when the config scales beyond it (linear/dynamic/yarn without an
     original_max_position_embeddings, i.e. max_position_embeddings is the unscaled length)."""
-    ctx = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(ctx, int) or ctx <= 0:
-        return None
-    scaling = getattr(model_config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in ("linear", "dynamic", "yarn") and "original_max_position_embeddings" not in scaling:
-        ctx = int(ctx * float(scaling.get("factor", 1.0)))
-    return ctx
+    from finetune.plan.shapes import context_length
+
+    return context_length({"max_position_embeddings": getattr(model_config, "max_position_embeddings", None),
+                           "rope_scaling": getattr(model_config, "rope_scaling", None)})
 
 
 def check_context(cfg: Config) -> None:
@@ -108,3 +158,4 @@ def check_context(cfg: Config) -> None:
     if ctx is not None and cfg.data.seq_len > ctx:
         raise UsageError(f"data.seq_len={cfg.data.seq_len} is past the context of {cfg.model.name} ({ctx} tokens, "
                          f"max_position_embeddings in its config.json); use data.seq_len<={ctx}")
+    check_lora_rank(cfg, model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config)

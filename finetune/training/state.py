@@ -8,7 +8,9 @@ that shapes the run, so a resumed run continues exactly where the saved one stop
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,15 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune import manifest
 from finetune.config import Config, to_yaml
 from finetune.errors import UsageError
 from finetune.fs import check_out_dir, foreign_files
 from finetune.training import checkpoint
-from finetune.training.changes import apply_schedule, fresh_hyperparameters, history_comments
+from finetune.training.changes import apply_schedule, data_comment, fresh_hyperparameters, history_comments
 from finetune.training.distributed import CheckpointState
 
 # What a refusal to train into a non-empty out_dir suggests.
-RESUME_HINT = "pass resume=auto to continue or overwrite=true to train into it (nothing is deleted)"
+RESUME_HINT = ("pass resume=auto to continue or overwrite=true to start a new run there (the earlier one is "
+               "moved aside, nothing is deleted)")
 
 
 def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional[Path]:
@@ -55,6 +59,8 @@ def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional
         done = checkpoint.saved_step(final)
         if checkpoint.is_complete(final) and (latest is None or done is None or checkpoint.saved_step(latest) <= done):
             return final
+        if latest is None:
+            _refuse_if_all_corrupt(out_dir)
         return latest
     path = Path(resume)
     if not checkpoint.is_complete(path):
@@ -67,6 +73,45 @@ def resume_source(out_dir: Path | str, resume: str, overwrite: bool) -> Optional
                                                   "out_dir or pass overwrite=true (nothing is deleted)")
     check_run_dir(out_dir)
     return path
+
+
+def set_aside_earlier_run(out_dir: Path | str, resume: str) -> Optional[Path]:
+    """overwrite=true starts a new run in out_dir: what an earlier run left there (checkpoints,
+    final/, logs, loss.png, eval/) is moved, whole, to a sibling OUT.replaced-TIME folder before
+    the new run starts, and one line says where. So out_dir holds one run, and a later
+    resume=auto can only find this run's checkpoints. Called once, by the launching process,
+    under out_dir's lock and after `resume_source` accepted the folder. Returns the new folder."""
+    out_dir = Path(out_dir)
+    if resume != "no" and Path(resume).resolve().parent == out_dir.resolve():
+        return None  # resuming one of out_dir's own checkpoints: the same run
+    earlier = foreign_files(out_dir, lambda n: False)
+    if not earlier:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = out_dir.with_name(f"{out_dir.name}.replaced-{stamp}")
+    n = 2
+    while aside.exists():
+        aside = out_dir.with_name(f"{out_dir.name}.replaced-{stamp}-{n}")
+        n += 1
+    aside.mkdir()
+    for name in earlier:
+        os.rename(out_dir / name, aside / name)
+    checkpoint.say(f"overwrite=true: moved the earlier run in {out_dir} ({', '.join(earlier[:4])}"
+                   f"{', ...' if len(earlier) > 4 else ''}) to {aside}; delete it when you no longer need it")
+    return aside
+
+
+def _refuse_if_all_corrupt(out_dir: Path) -> None:
+    """resume=auto with checkpoints that all fail their checks must not quietly start at step 0
+    (and then replace them): say so, naming the newest and what is wrong with it."""
+    saved = sorted((p for p in out_dir.iterdir() if p.is_dir() and (p.name == "final" or checkpoint.STEP_RE.match(p.name))
+                    and (p / checkpoint.MARKER).exists()), key=lambda p: (p.name == "final", p.name)) \
+        if out_dir.is_dir() else []
+    if saved:
+        newest = saved[-1]
+        raise UsageError(f"resume=auto: every checkpoint in {out_dir} is corrupt ({len(saved)}; newest: "
+                         f"{manifest.problem(newest)}); nothing to resume from. Move them away or pass "
+                         "resume=no overwrite=true to start again")
 
 
 # What a run writes into its out_dir (finetune.training.logs names the logger folders).
@@ -119,6 +164,7 @@ class Saver:
     optimizer: object
     scheduler: object
     ckpt_state: CheckpointState
+    data_fingerprint: str = ""  # recorded in config.yaml: a resume on other data is refused
 
     def save(self, path: Path, state: RunState) -> None:
         adapter = self.ckpt_state.adapter_weights(self.lossmod)
@@ -126,7 +172,7 @@ class Saver:
         if self.fabric.global_rank == 0:
             checkpoint.save_checkpoint(
                 path, model=self.model, tokenizer=self.tokenizer,
-                config_yaml=to_yaml(self.cfg) + history_comments(state.history),
+                config_yaml=to_yaml(self.cfg) + history_comments(state.history) + data_comment(self.data_fingerprint),
                 adapter_weights=adapter,
                 state={"optimizer": optim, "scheduler": self.scheduler.state_dict(), "step": state.step,
                        "losses": state.losses, "val_losses": state.val_losses, "rng": capture_rng(),

@@ -21,9 +21,23 @@ def test_merge_cli_refuses_non_empty_out_dir(adapters, tmp_path):
     (out / "keep.txt").write_text("user file")
     with pytest.raises(UsageError, match="not empty"):
         run(Args(adapter=str(adapters["a"]), out_dir=str(out)))
-    run(Args(adapter=str(adapters["a"]), out_dir=str(out), overwrite=True))
+    # overwrite=true replaces out_dir whole, so a file no finetune command wrote is refused
+    with pytest.raises(UsageError, match="holds files finetune did not write: keep.txt"):
+        run(Args(adapter=str(adapters["a"]), out_dir=str(out), overwrite=True))
     assert (out / "keep.txt").read_text() == "user file"  # never deleted
-    assert (out / "config.json").is_file()
+
+
+def test_merge_overwrite_replaces_an_earlier_merge_whole(adapters, tmp_path):
+    """An old model.safetensors beside new shards would load first: the folder must be replaced whole."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "m"
+    run(Args(adapter=str(adapters["a"]), out_dir=str(out)))
+    assert (out / "model.safetensors").is_file()
+    run(Args(adapter=str(adapters["b"]), out_dir=str(out), overwrite=True, max_shard_size="20000"))
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    AutoModelForCausalLM.from_pretrained(out)  # the new shards load
 
 
 def test_merge_usage_errors(adapters, tmp_path):

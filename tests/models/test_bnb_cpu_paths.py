@@ -56,7 +56,7 @@ def test_nf4_run_validates_saves_resumes_evaluates_and_merges(tmp_path, capsys, 
     out = tmp_path / "run"
     base = ["recipe=tiny-lora", f"out_dir={out}", "quant.mode=nf4", "train.eval_every=1", "train.save_every=1",
             "train.eval_batches=1", *QUIET]
-    rc, _, err = run_cli([*base, "train.max_steps=1"], capsys)
+    rc, _, err = run_cli([*base, "train.max_steps=1", "train.warmup_steps=1"], capsys)
     assert rc == 0, err
     rc, stdout, err = run_cli([*base, "train.max_steps=2", "resume=auto"], capsys)
     assert rc == 0, err

@@ -1,7 +1,10 @@
 """What a run writes besides checkpoints: loss.png written whole (no temp file left beside it) and
-a CSV log that never overwrites an earlier run's metrics."""
+one metrics.csv per run, appended across resumes and kept through a full disk."""
 
-from finetune.training.logs import _fresh_csv_version, plot_losses
+import csv
+import os
+
+from finetune.training.logs import HistoryCSV, plot_losses
 from finetune.training.state import RunState
 
 
@@ -16,11 +19,42 @@ def test_loss_plot_is_a_png_written_whole(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_csv_log_of_a_resumed_run_goes_beside_the_first(tmp_path):
-    logs = tmp_path / "logs"
-    assert _fresh_csv_version(logs) == ""
-    logs.mkdir()
-    (logs / "metrics.csv").write_text("step,loss\n")
-    assert _fresh_csv_version(logs) == "run-2"
-    (logs / "run-2").mkdir()
-    assert _fresh_csv_version(logs) == "run-3"
+def test_history_csv_is_one_file_appended_across_resumes(tmp_path, monkeypatch):
+    out = tmp_path
+    h = HistoryCSV(out)
+    for step in (1, 2, 3):
+        h.log_metrics({"train_loss": 3.0 - step, "lr": 0.1}, step=step)
+    h.save()  # the loop saves before each checkpoint: say at step 3
+    h.log_metrics({"train_loss": 0.5}, step=4)  # then kill -9: step 4 never reaches the file
+    h2 = HistoryCSV(out)  # the resumed process, from the step-3 checkpoint
+    h2.start_at(3)
+    h2.log_metrics({"train_loss": 0.4}, step=4)
+    h2.log_metrics({"val_loss": 0.9}, step=4)  # a new column: the header grows, old rows keep theirs
+    h2.finalize("success")
+    rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "4"]
+    assert rows[3]["train_loss"] == "0.4" and rows[4]["val_loss"] == "0.9" and rows[0]["lr"] == "0.1"
+    # a resume from an earlier checkpoint drops the rows past it (they are trained and logged again)
+    HistoryCSV(out).start_at(2)
+    assert [r["step"] for r in csv.DictReader((out / "logs" / "metrics.csv").open())] == ["1", "2"]
+
+
+def test_history_csv_survives_a_full_disk(tmp_path, monkeypatch, capsys):
+    from finetune import fs
+
+    h = HistoryCSV(tmp_path)
+    h.log_metrics({"train_loss": 1.0}, step=1)
+    h.save()
+    h.log_metrics({"train_loss": 0.5}, step=2)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    h.save()  # disk full at a checkpoint: the earlier rows stay, this one waits
+    assert "could not write" in capsys.readouterr().err
+    assert [r["step"] for r in csv.DictReader((tmp_path / "logs" / "metrics.csv").open())] == ["1"]
+    monkeypatch.undo()
+    h.save()
+    assert [r["step"] for r in csv.DictReader((tmp_path / "logs" / "metrics.csv").open())] == ["1", "2"]
+    assert fs  # noqa

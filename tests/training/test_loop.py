@@ -120,7 +120,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 def test_refuses_non_empty_out_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     with pytest.raises(UsageError, match="holds files finetune did not write: keep.txt"):
-        run_in_process("tiny-lora", tmp_path, **{"train.max_steps": 1})
+        run_in_process("tiny-lora", tmp_path, **{"train.max_steps": 1, "train.warmup_steps": 1})
     assert (tmp_path / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
@@ -148,7 +148,7 @@ def test_unmatched_lora_target_is_one_line_usage_error(tmp_path):
 
 
 def test_micro_batch_auto_asks_the_planner(tmp_path):
-    result = run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 1, "train.micro_batch_size": "auto"})
+    result = run_in_process("tiny-lora", tmp_path / "run", **{"train.max_steps": 1, "train.warmup_steps": 1, "train.micro_batch_size": "auto"})
     assert result.state.step == 1 and (tmp_path / "run" / "final" / "COMPLETE").is_file()
 
 

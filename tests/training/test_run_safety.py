@@ -87,7 +87,7 @@ def test_the_lock_is_held_through_the_run_and_gone_after(tmp_path, capsys, monke
         return real_prepare(*a, **k)
 
     monkeypatch.setattr(pipeline, "prepare", prepare)
-    rc, _, err = run_cli(args(out, "train.max_steps=1"), capsys)
+    rc, _, err = run_cli(args(out, "train.max_steps=1", "train.warmup_steps=1"), capsys)
     assert rc == 0, err
     assert seen == [True]
     assert not (out / fs.LOCK_NAME).exists()  # a finished run leaves only its outputs
@@ -184,7 +184,7 @@ def test_resume_applies_and_records_a_new_lr_and_a_larger_max_steps(finished, ca
     assert "applying changed schedule from step 2: train.max_steps 2 -> 4, train.lr 0.003 -> 0.5" in stdout
     assert checkpoint.saved_step(finished / "final") == 4
     assert not same(weights(finished / "final"), first)
-    rows = list(csv.DictReader((finished / "logs" / "run-2" / "metrics.csv").open()))
+    rows = list(csv.DictReader((finished / "logs" / "metrics.csv").open()))  # one history, appended
     lrs = {int(r["step"]): float(r["lr"]) for r in rows if r.get("lr")}
     # step 3 is the first after warmup (2) of the new 4-step cosine: the new peak lr, not 0.003's schedule
     assert lrs[3] == pytest.approx(0.5) and lrs[4] < 0.5
@@ -236,3 +236,26 @@ def test_merge_sweeps_a_dead_writers_temp_dir_and_keeps_a_live_one(tmp_path, cap
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp-") and p != live]
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- overwrite=true: one run per folder
+
+
+def test_overwrite_moves_the_earlier_run_aside_and_resume_finds_only_the_new_one(tmp_path, capsys):
+    """docs/bad-input.md R22: the earlier run's step-000003 must not be resumed into the new run."""
+    out = tmp_path / "run"
+    rc, _, err = run_cli(args(out, "train.max_steps=4", "train.save_every=1", "train.keep_last=5"), capsys)
+    assert rc == 0, err
+    old_final = weights(out / "final")
+    rc, _, err = run_cli(args(out, "train.max_steps=2", "train.save_every=1", "train.seed=7", "overwrite=true"),
+                         capsys)
+    assert rc == 0, err
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and f"overwrite=true: moved the earlier run in {out} (" in err and str(aside[0]) in err
+    assert sorted(p.name for p in out.iterdir()) == ["final", "logs", "step-000001"]
+    assert same(weights(aside[0] / "final"), old_final)  # nothing deleted
+    rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
+    assert max(int(float(r["step"])) for r in rows) == 2  # this run's history only
+    rc, stdout, err = run_cli(args(out, "train.max_steps=2", "train.save_every=1", "train.seed=7", "resume=auto"),
+                              capsys)
+    assert rc == 0 and "is already complete (2 steps)" in stdout, err

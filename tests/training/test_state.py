@@ -42,7 +42,7 @@ def test_resume_no_refuses_a_nonempty_out_dir_and_touches_nothing(tmp_path):
     with pytest.raises(UsageError) as e:
         resume_source(run, "no", False)
     assert str(e.value) == f"out_dir {run} is not empty; {RESUME_HINT}"
-    assert RESUME_HINT == "pass resume=auto to continue or overwrite=true to train into it (nothing is deleted)"
+    assert RESUME_HINT.startswith("pass resume=auto to continue or overwrite=true to start a new run there")
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")

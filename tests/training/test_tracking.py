@@ -88,7 +88,7 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
     check_loggers(["csv"])
-    with pytest.raises(UsageError, match=r"tensorboard package is not installed: pip install 'finetune\[tensorboard\]'"):
+    with pytest.raises(UsageError, match=r"tensorboard package is not installed: pip install -e '.*\[tensorboard\]'"):
         check_loggers(["csv", "tensorboard"])
 
 
