@@ -442,10 +442,38 @@ def _frozen_dtypes(model: torch.nn.Module, dtypes: dict) -> None:
 
 def _trained_in_fp32(model: torch.nn.Module) -> None:
     """Trained parameters in fp32 (peft does it for LoRA weights, not for modules_to_save copies of a
-    half-precision base): their updates are small against the weights, and bf16 rounds them away."""
+    half-precision base): their updates are small against the weights, and bf16 rounds them away.
+
+    A modules_to_save copy made fp32 here then meets its neighbours' half-precision activations.
+    Under GPU autocast that is fine; on CPU (Fabric's 32-true over bf16 frozen weights, what
+    precision=auto picks there) a MoE router's linear failed with "BFloat16 != float". So the copy
+    computes in fp32 on inputs cast up and hands its neighbours their own dtype back, as peft's
+    LoRA branch does."""
+    for module in model.modules():
+        copies = getattr(module, "modules_to_save", None)
+        if not isinstance(copies, torch.nn.ModuleDict):
+            continue
+        for copy in copies.values():
+            half = {p.dtype for p in copy.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+            if half:
+                copy.register_forward_pre_hook(_inputs_to_fp32)
+                copy.register_forward_hook(_outputs_to_input_dtype, with_kwargs=True)
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def _inputs_to_fp32(module, args):
+    module._finetune_in_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _outputs_to_input_dtype(module, args, kwargs, output):
+    dtype = getattr(module, "_finetune_in_dtype", None)
+    if dtype is None or dtype == torch.float32:
+        return output
+    cast = lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+    return tuple(cast(t) for t in output) if isinstance(output, tuple) else cast(output)
 
 
 def _no_cpu_repack(model: torch.nn.Module) -> None:

@@ -160,3 +160,16 @@ def test_aux_term_is_the_hand_computed_switch_loss(moe_dir, chunk):
     hf = load_balancing_loss_func(router_out.router_logits, E, K).item()
     assert router_out.aux_loss.item() == pytest.approx(hf)
     assert added != pytest.approx(hf, rel=1e-3)
+
+
+@pytest.mark.parametrize("probe", ["bf16", "fp32"])
+def test_router_trains_at_the_default_precision(moe_dir, rows, tmp_path, monkeypatch, probe):
+    """precision=auto on a bf16-capable CPU keeps the frozen MoE in bf16 while the router copy
+    trains in fp32: it once failed with "BFloat16 != float" in the router's linear."""
+    monkeypatch.setenv("FINETUNE_CPU_PRECISION", probe)
+    result = train_router(moe_dir, rows, tmp_path / "run", **{"train.router_aux_loss_coef": 0.01})
+    assert result.final_dir.is_dir()
+    gate = result.model.base_model.model.model.layers[0].mlp.gate.modules_to_save["default"].weight
+    assert gate.dtype == torch.float32 and gate.requires_grad
+    frozen = result.model.base_model.model.model.layers[0].self_attn.o_proj.weight
+    assert frozen.dtype == (torch.bfloat16 if probe == "bf16" else torch.float32)
