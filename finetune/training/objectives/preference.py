@@ -107,12 +107,14 @@ def unpaired_collate(units: Sequence[dict], pad_id: int, pack: bool) -> dict[str
 
 
 def synthetic_pairs(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -> list[dict]:
-    """micro_batch random pairs of seq_len tokens each side (prompt the first half): the shape of a
-    full-length training micro-batch."""
+    """micro_batch random pairs of about seq_len tokens each side (prompt the first half): the shape
+    of a full-length training micro-batch."""
     g = torch.Generator().manual_seed(seed)
     half = seq_len // 2
     ids = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
-    return [{"prompt_ids": ids(half), "chosen_ids": ids(seq_len - half), "rejected_ids": ids(seq_len - half)}
+    # The rejected side one token shorter: its padding restarts position ids, so attention takes
+    # the masked path every real batch takes (some sequence is shorter than the longest).
+    return [{"prompt_ids": ids(half), "chosen_ids": ids(seq_len - half), "rejected_ids": ids(seq_len - half - 1)}
             for _ in range(micro_batch)]
 
 
