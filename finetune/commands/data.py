@@ -4,6 +4,10 @@ Shows n rendered examples with the trained tokens highlighted, then the statisti
 loaded, rows dropped per reason, tokens, trained-token fraction, truncation, packing efficiency
 (finetune.data.show). With dump=PATH every training example is also written to PATH as a JSON
 line (see finetune.data.dump).
+
+Preference objectives (train.objective=dpo|orpo|simpo|kto) prepare pairs (or KTO's labelled
+answers, finetune.data.preference), which are shown and dumped as such: the prompt as context and
+what counts of each answer.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ class Args:
     """How many rendered training examples to show."""
     dump: Optional[str] = None
     """Write every training example (packing undone) to this file, one JSON object a line:
-    text, input_ids, labels and trained (the decoded trained segments)."""
+    text, input_ids, labels and trained (the decoded trained segments); for a preference objective
+    one pair a line: prompt, chosen, rejected (or completion and label) decoded, and their ids."""
 
 
 def run(args: Args, cfg) -> int:
@@ -40,5 +45,6 @@ def run(args: Args, cfg) -> int:
     show_data(console, tokenizer, bundle, args.n)
     if args.dump:
         n = dump_examples(bundle.train, tokenizer, args.dump)
-        console.print(f"wrote {n:,} training examples to {args.dump}")
+        console.print(f"wrote {n:,} training {bundle.stats.kind} to {args.dump}")
     return 0
+

@@ -4,6 +4,10 @@ Packing is undone (position ids restart at 0 where an example starts), so each l
 example: `text` (its tokens decoded, special tokens included), `input_ids`, `labels` (-100 where
 nothing is trained) and `trained` (the decoded runs of trained tokens, in order). Users check
 what is trained without reading code; the tests read it too.
+
+Preference data (finetune.data.preference) is one line per pair: `prompt` (decoded, context:
+nothing in it counts), `chosen` and `rejected` (decoded: every token counts), and their ids;
+unpaired feedback (KTO) has `completion` and `label` instead of the two sides.
 """
 
 from __future__ import annotations
@@ -45,6 +49,25 @@ def record(tokenizer, ids: list[int], labels: list[int]) -> dict:
             "trained": [decode(run) for run in trained_runs(ids, labels)]}
 
 
+PREF_KEYS = ("prompt", "chosen", "rejected", "completion")
+
+
+def is_preference(units: Sequence[dict]) -> bool:
+    """Units of preference data (pairs or labelled answers) rather than packed SFT examples."""
+    return bool(len(units)) and "prompt_ids" in units[0]
+
+
+def pref_record(tokenizer, unit: dict) -> dict:
+    """One pair (or labelled answer) decoded, with its ids: the prompt is context, the rest counts."""
+    out = {}
+    for key in PREF_KEYS:
+        if f"{key}_ids" in unit:
+            out[key] = tokenizer.decode(unit[f"{key}_ids"], skip_special_tokens=False)
+    if "label" in unit:
+        out["label"] = bool(unit["label"])
+    return out | {f"{k}_ids": list(unit[f"{k}_ids"]) for k in PREF_KEYS if f"{k}_ids" in unit}
+
+
 def check_dump_path(path: Union[str, Path]) -> Path:
     """Refuse a dump path that cannot be written, before any data is prepared."""
     path = Path(path).expanduser()
@@ -62,8 +85,10 @@ def dump_examples(units: Sequence[dict], tokenizer, path: Union[str, Path]) -> i
     n = 0
     try:
         with atomic_file(path) as f:
-            for ids, labels in unpacked(units):
-                f.write((json.dumps(record(tokenizer, ids, labels), ensure_ascii=False) + "\n").encode())
+            records = ((pref_record(tokenizer, u) for u in units) if is_preference(units)
+                       else (record(tokenizer, ids, labels) for ids, labels in unpacked(units)))
+            for rec in records:
+                f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode())
                 n += 1
     except OSError as e:
         raise UsageError(f"cannot write dump={path}: {e.strerror or e}") from None

@@ -23,7 +23,10 @@ from typing import Any, Callable, Literal, Optional
 from finetune.errors import UsageError
 
 ROLES = ("system", "user", "assistant", "tool")
-Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion"]  # the keys of ADAPTERS
+# The keys of ADAPTERS, plus trl and openai: preference-only formats (finetune.data.preference_formats,
+# where sharegpt and messages also read pairs and labelled answers).
+Format = Literal["alpaca", "sharegpt", "messages", "text", "prompt_completion", "trl", "openai"]
+PREFERENCE_ONLY = ("trl", "openai")
 
 # ShareGPT speaker names seen in real dumps -> normalized role. `function_call` is an assistant
 # turn whose content is the call itself (the model must learn to emit it).
@@ -311,6 +314,9 @@ ADAPTERS: dict[str, Callable[..., Conversation]] = {
 
 def columns_for(fmt: str, overrides: Optional[dict] = None) -> dict[str, str]:
     """The column names of `fmt` with data.columns overrides applied (unknown names refused)."""
+    if fmt in PREFERENCE_ONLY:
+        raise UsageError(f"data.format={fmt} is a preference format: train it with train.objective=dpo, orpo, "
+                         "simpo or kto (supervised formats: " + ", ".join(ADAPTERS) + ")")
     if fmt not in ADAPTERS:
         raise UsageError(f"unknown data format '{fmt}' (expected one of {', '.join(ADAPTERS)})")
     cols = dict(DEFAULT_COLUMNS[fmt])

@@ -66,6 +66,8 @@ class DataStats:
     tool_fallback: int = 0                           # ... rendered by the fallback, not the template
     cached: bool = False
     seconds: float = 0.0
+    kind: str = "examples"                           # what a unit is: examples (SFT), pairs, feedback (KTO)
+    extra: dict = field(default_factory=dict)        # label -> value: rows the kind adds (preference data)
 
     @property
     def trained_fraction(self) -> float:
@@ -92,7 +94,7 @@ class DataStats:
             out.append((f"  {reason}", f"{n:,}" + (f"  (first: {where})" if where else "")))
         for fix, n in sorted(self.fixed.items()):
             out.append((f"  {fix}", f"{n:,} (kept)"))
-        out += [("train examples", f"{self.examples:,}"), ("val examples", f"{self.val_examples:,}"),
+        out += [(f"train {self.kind}", f"{self.examples:,}"), (f"val {self.kind}", f"{self.val_examples:,}"),
                 ("tokens", f"{self.tokens:,}"),
                 ("trained tokens", f"{self.trained_tokens:,} ({self.trained_fraction:.1%})"),
                 ("truncated", f"{self.truncated:,} (seq_len {self.seq_len})")]
@@ -100,8 +102,9 @@ class DataStats:
             out.append(("tool use", f"{self.tool_rows:,} examples, " + (
                 f"{self.tool_fallback:,} by the fallback (tools in the system prompt, calls as JSON text: "
                 "the template has no tool support)" if self.tool_fallback else "all in the template's own format")))
-        out += [
-                ("units", f"{self.units:,}"), ("packing efficiency", f"{self.packing_efficiency:.1%}")]
+        out += list(self.extra.items())
+        if self.kind == "examples":  # preference units are pairs or answers, batched by the objective
+            out += [("units", f"{self.units:,}"), ("packing efficiency", f"{self.packing_efficiency:.1%}")]
         return out
 
     def lines(self) -> list[str]:

@@ -153,8 +153,9 @@ def _files_of(p: Path, split: str = "train", data_files: Any = None) -> list[Pat
     return files
 
 
-def resolve(data_cfg, val: bool = False) -> Source:
-    """DataConfig (+ its card) -> Source. With val=True, the source for data.val_path."""
+def resolve(data_cfg, val: bool = False, need_format: bool = True) -> Source:
+    """DataConfig (+ its card) -> Source. With val=True, the source for data.val_path.
+    need_format=False: no format set is fine (preference data detects it from the rows: "")."""
     card, card_path = (Card(), None)
     if data_cfg.card:
         card, card_path = read_card(data_cfg.card)
@@ -166,10 +167,10 @@ def resolve(data_cfg, val: bool = False) -> Source:
     data_files = None if val else (data_cfg.data_files or (card.data_files if not data_cfg.path else None))
     files, hub_id = _local_or_hub(str(spec), base, split, data_files)
     fmt = data_cfg.format or card.format
-    if not fmt:
+    if not fmt and need_format:
         raise UsageError(f"data.format is not set and {'card ' + str(card_path) if card_path else 'there is no card'} "
                          "names none (alpaca, sharegpt, messages, text, prompt_completion)")
-    return Source(format=fmt, files=files, hub_id=hub_id, split=split,
+    return Source(format=fmt or "", files=files, hub_id=hub_id, split=split,
                   subset=data_cfg.subset or card.subset, revision=data_cfg.revision or card.revision,
                   data_files=data_files,
                   columns={**card.columns, **(data_cfg.columns or {})},

@@ -180,23 +180,34 @@ class Renderer:
         else:
             msgs, tools = self._chat(conv)
             text = self._render(msgs, tools, False)
-            spans = []
-            for i, m in enumerate(msgs):
-                if m["role"] != "assistant":
-                    continue
-                start = _lcp(self._render(msgs[:i], tools, True), text)
-                end = len(text) if i == len(msgs) - 1 else _lcp(self._render(msgs[:i + 1], tools, False), text)
-                seg = text[start:end]
-                last = None
-                if self.special_re is not None:
-                    for last in self.special_re.finditer(seg):
-                        pass
-                end = start + (last.end() if last is not None else len(seg.rstrip()))
-                if end > start:
-                    spans.append((start, end))
+            spans = [s for i, m in enumerate(msgs) if m["role"] == "assistant"
+                     for s in [self._turn_span(msgs, i, tools, text)] if s[1] > s[0]]
         if self.train_on_prompt:
             spans = [(0, len(text))]
         return text, spans
+
+    def _turn_span(self, msgs: list[dict], i: int, tools: Optional[list], text: str) -> tuple[int, int]:
+        """The characters of `text` that assistant turn i trains: what the template emits for it,
+        up to and including its last special token (module doc)."""
+        start = _lcp(self._render(msgs[:i], tools, True), text)
+        end = len(text) if i == len(msgs) - 1 else _lcp(self._render(msgs[:i + 1], tools, False), text)
+        seg = text[start:end]
+        last = None
+        if self.special_re is not None:
+            for last in self.special_re.finditer(seg):
+                pass
+        return start, start + (last.end() if last is not None else len(seg.rstrip()))
+
+    def render_answer(self, conv: Conversation) -> tuple[str, tuple[int, int]]:
+        """Full text of `conv`, whose last message is an assistant turn, and the character span
+        SFT trains for that last turn alone (preference data: one answer after a prompt), without
+        rendering the spans of the earlier turns."""
+        if self.styled is not None:
+            text, spans = self.styled.render(conv)
+            return text, spans[-1] if spans else (len(text), len(text))
+        msgs, tools = self._chat(conv)
+        text = self._render(msgs, tools, False)
+        return text, self._turn_span(msgs, len(msgs) - 1, tools, text)
 
     def prompt_text(self, conv_or_messages) -> str:
         """The prompt up to and including the assistant generation header."""

@@ -2,12 +2,27 @@ import typing
 
 import pytest
 
-from finetune.data.formats import ADAPTERS, BadRow, Conversation, Format, columns_for, detect_format, to_conversation
+from finetune.data.formats import (
+    ADAPTERS,
+    PREFERENCE_ONLY,
+    BadRow,
+    Conversation,
+    Format,
+    columns_for,
+    detect_format,
+    to_conversation,
+)
 from finetune.errors import UsageError
 
 
 def test_the_format_setting_names_every_adapter():
-    assert set(typing.get_args(Format)) == set(ADAPTERS)  # data.format, a card's and a suite task's
+    # data.format, a card's and a suite task's: the SFT adapters plus the preference-only formats
+    assert set(typing.get_args(Format)) == set(ADAPTERS) | set(PREFERENCE_ONLY)
+
+
+def test_a_preference_format_under_sft_says_which_objective():
+    with pytest.raises(UsageError, match="data.format=trl is a preference format: train it with train.objective=dpo"):
+        columns_for("trl")
 
 
 def conv(row, fmt, roles=None, columns=None, fixes=None):
