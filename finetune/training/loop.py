@@ -257,7 +257,7 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
             window_tokens += total
             elapsed = time.perf_counter() - window_start
             tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
-            metrics = {"train_loss": step_loss, **logged, "lr": lr, "trained_tokens_per_s": tok_s,
+            metrics = {"train_loss": step_loss, **logged, "lr": lr, f"{objective.normaliser}_per_s": tok_s,
                        "epoch": stream.epoch_at(state.step)}
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 fabric.log_dict(metrics, step=state.step)

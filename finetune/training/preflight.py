@@ -16,6 +16,7 @@ from typing import Optional
 from finetune.config import Config
 from finetune.errors import UsageError
 from finetune.training.logs import check_loggers
+from finetune.training.objectives import objective_for
 
 
 def check_run(cfg: Config) -> None:
@@ -23,6 +24,7 @@ def check_run(cfg: Config) -> None:
     check_launch(cfg)
     check_loggers(cfg.output.loggers)  # the logger packages: one line naming the extra to install
     check_context(cfg)
+    objective_for(cfg).check()  # settings the objective cannot train with (e.g. a DPO variant for orpo)
 
 
 # --------------------------------------------------------------------------- devices and launcher

@@ -34,6 +34,8 @@ class Objective(ABC):
     name: ClassVar[str]
     batch_keys: ClassVar[tuple[str, ...]]
     """The collated tensors, in the order the loss module's forward takes them."""
+    normaliser: ClassVar[str] = "trained_tokens"
+    """What `trained_tokens` counts, as the throughput metric names it ({normaliser}_per_s)."""
     defining: ClassVar[tuple[str, ...]] = ()
     """Config keys (or key prefixes) of this objective that define the adapter it trains: a resumed
     run may not change them (finetune.training.changes)."""
@@ -70,6 +72,9 @@ class Objective(ABC):
     def trained_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """What the micro-batch adds to the step's normaliser (the loss is the sum over the step's
         micro-batches and ranks divided by the sum of this)."""
+
+    def check(self) -> None:
+        """Refuse settings this objective cannot train with (UsageError, one line), before any work."""
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple:
         """The loss module's positional arguments from a micro-batch."""

@@ -28,6 +28,7 @@ from typing import ClassVar, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from finetune.errors import UsageError
 from finetune.training.loss import head_chunk, offloaded
 from finetune.training.objectives.base import Objective
 from finetune.training.objectives.logprobs import sequence_logps, sequence_rows
@@ -153,9 +154,22 @@ class PreferenceObjective(Objective):
     paired: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = False
     batch_keys = ("input_ids", "position_ids", "seq_index", "weight")
+    normaliser = "pairs"
     defining = ("pref.", "train.objective")
     metric_names: ClassVar[tuple[str, ...]] = ("rewards_chosen", "rewards_rejected", "reward_accuracy",
                                                "reward_margin", "logps_chosen", "logps_rejected")
+
+    def check(self) -> None:
+        """Settings that would silently do nothing with this objective are refused."""
+        p, name = self.cfg.pref, self.name
+        if p.loss_type != "sigmoid" and name != "dpo":
+            raise UsageError(f"pref.loss_type={p.loss_type} is a DPO variant; train.objective={name} has one loss "
+                             "of its own: leave pref.loss_type at sigmoid, or use train.objective=dpo")
+        smoothing_for = "dpo's sigmoid and robust losses and simpo"
+        if p.label_smoothing and (name in ("orpo", "kto") or (name == "dpo" and p.loss_type in ("hinge", "ipo"))):
+            what = f"pref.loss_type={p.loss_type}" if name == "dpo" else f"train.objective={name}"
+            raise UsageError(f"pref.label_smoothing={p.label_smoothing} does nothing with {what} (it applies to "
+                             f"{smoothing_for}); set it to 0")
 
     def prepare(self, tokenizer, progress: bool = True):
         # Imported here: the data room's preference module is needed only by runs that train on pairs.
