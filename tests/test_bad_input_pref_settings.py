@@ -22,3 +22,14 @@ CASES = [
 @pytest.mark.parametrize("extra,needle", CASES, ids=["PT1", "PT2", "PT3", "PT4"])
 def test_contradicting_preference_settings(work, capsys, extra, needle):
     expect_error(train_args(work, "recipe=tiny-dpo", *extra), 2, needle, capsys=capsys, root=work)
+
+
+def test_start_adapter_missing_or_of_another_shape(work, capsys, tmp_path):
+    expect_error(train_args(work, "recipe=tiny-dpo", f"model.adapter={work / 'nope'}"), 2,
+                 "model.adapter: adapter directory not found", capsys=capsys, root=work)
+    from tiny_peft import random_lora_adapter
+    from finetune.models.tiny import tiny_model_dir
+
+    ad = random_lora_adapter(tmp_path / "ad", tiny_model_dir(), r=4, alpha=8)
+    expect_error(train_args(work, "recipe=tiny-dpo", f"model.adapter={ad}"), 2,
+                 "has r=4 but lora.r=8: training continues the adapter as it is; set lora.r=4", capsys=capsys, root=work)

@@ -92,7 +92,7 @@ def _preflight(cfg: Config) -> None:
 
 def training_inputs(cfg: Config) -> list[tuple[str, Optional[str]]]:
     """What a run reads from disk, which its out_dir must keep apart from (fs.check_apart)."""
-    return [("base model", cfg.model.name), ("dataset file", cfg.data.path),
+    return [("base model", cfg.model.name), ("adapter", cfg.model.adapter), ("dataset file", cfg.data.path),
             ("validation file", cfg.data.val_path), ("dataset card", cfg.data.card)]
 
 

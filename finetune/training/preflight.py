@@ -15,6 +15,7 @@ from typing import Optional
 
 from finetune.config import Config
 from finetune.errors import UsageError
+from finetune.models.adapters import check_start_adapter
 from finetune.training.logs import check_loggers
 from finetune.training.objectives import objective_for
 
@@ -24,6 +25,7 @@ def check_run(cfg: Config) -> None:
     check_launch(cfg)
     check_loggers(cfg.output.loggers)  # the logger packages: one line naming the extra to install
     check_context(cfg)
+    check_start_adapter(cfg)  # model.adapter: an adapter the recipe's LoRA shape agrees with
     objective_for(cfg).check()  # settings the objective cannot train with (e.g. a DPO variant for orpo)
 
 

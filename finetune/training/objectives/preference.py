@@ -126,6 +126,16 @@ def has_reference_adapter(model: nn.Module) -> bool:
     return REFERENCE_ADAPTER in getattr(model, "peft_config", {})
 
 
+def add_reference_adapter(model: nn.Module, objective: "PreferenceObjective") -> None:
+    """A run that continues from an adapter (model.adapter) keeps that adapter, frozen, as the
+    reference of dpo/kto: loaded a second time, LoRA-sized, under the name "reference"."""
+    path = objective.cfg.model.adapter
+    if not (objective.uses_reference and path) or has_reference_adapter(model):
+        return
+    model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter("default")  # load_adapter leaves the trained one active; this also keeps it trainable
+
+
 @contextlib.contextmanager
 def reference_policy(model: nn.Module):
     """While active, `model` (a PeftModel) computes as the reference: the frozen "reference" adapter
@@ -200,6 +210,7 @@ class PreferenceObjective(Objective):
 
     def loss_module(self, model: nn.Module) -> nn.Module:
         t = self.cfg.train
+        add_reference_adapter(model, self)
         return PairLossModule(model, self, chunk=head_chunk(t, model), offload=t.offload_activations)
 
     def pair_loss(self, policy: Logps, reference: Optional[Logps]) -> PairLoss:

@@ -75,3 +75,17 @@ def test_resume_reproduces_the_uninterrupted_run(hand_made, tmp_path):
         cfg = load_config("tiny-lora", {"train.objective": "dpo", key: value})
         with pytest.raises(UsageError, match=key.replace(".", r"\.")):
             schedule_changes(part / "step-000004", cfg)
+
+
+def test_continuing_from_an_sft_adapter_keeps_it_as_the_frozen_reference(hand_made, tmp_path):
+    sft = load_config("tiny-lora", {"out_dir": str(tmp_path / "sft"), "output.progress": "false",
+                                    "train.max_steps": "3", "train.lr": "0.01"})
+    start = main(make_fabric(sft), sft).final_dir
+    r = run(tmp_path / "dpo", **{"model.adapter": str(start), "train.max_steps": 2})
+    # the policy starts as the SFT adapter, which is the reference: ln 2 at the first step
+    assert r.state.losses[0][1] == pytest.approx(0.6931472, abs=1e-6)
+    assert "reference" in r.model.peft_config
+    assert not any(p.requires_grad for n, p in r.model.named_parameters() if ".reference." in n)
+    assert not (r.final_dir / "reference").exists()  # only the trained adapter is saved
+    trained, began = adapter(r.final_dir), adapter(start)
+    assert set(trained) == set(began) and any(not torch.equal(trained[k], began[k]) for k in began)
