@@ -234,6 +234,11 @@ def _sequences_per_unit(cfg) -> int:
     return 1 if getattr(cfg.train, "objective", "sft") == "sft" else 2
 
 
+def _reference_adapter(cfg) -> bool:
+    """Whether a second, frozen copy of the adapter is loaded: dpo/kto continuing from model.adapter."""
+    return bool(getattr(cfg.model, "adapter", None)) and getattr(cfg.train, "objective", "sft") in ("dpo", "kto")
+
+
 def _fused_head(cfg, targets: set[str]) -> bool:
     """Whether training's loss takes finetune.memory.lean's fused frozen-head cross-entropy: a chunked loss
     and a head that neither LoRA nor modules_to_save trains (finetune.training.loss.head_loss_sum)."""
@@ -346,7 +351,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     parts = {
         "quantized_weights" if mode != "none" else "base_weights": w_shard // shard + w_repl,
         "unquantized_weights": unquant // shard,
-        "lora_params": lora_bytes * n_train // shard,
+        "lora_params": lora_bytes * n_train // shard * (2 if _reference_adapter(cfg) else 1),
         "lora_grads": lora_bytes * n_train // shard,
         "optimizer_state": opt,
         "fsdp_gather_buffers": (2 * (layer_weight + 2 * n_train // max(L, 1)) if fsdp else 0),
@@ -365,6 +370,8 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     allocated = sum(parts.values())
     parts["cuda_context"] = 0 if on_cpu else CUDA_CONTEXT_BYTES
     parts["allocator_slack"] = int(allocated * slack)
+    if _reference_adapter(cfg):
+        notes["lora_params"] = "+ model.adapter kept frozen as the reference (same size)"
     if rows > mb:
         notes["activations"] = (f"{cfg.train.objective}: {rows} sequences per micro-batch of {mb}"
                                 + (" (+ the reference's forward, under no_grad before the policy's: time, not peak)"
