@@ -382,6 +382,7 @@ def test_fsdp_bf16_mixed_gives_one_dtype_per_unit(tmp_path):
     assert "saved adapter" in proc.stdout
 
 
+@pytest.mark.slow
 def test_dpo_on_two_processes_equals_one(tmp_path):
     # pairs as the normaliser across ranks, the reference pass inside DDP's forward, blank
     # validation pairs on the short rank: the same adapter and the same logged rewards

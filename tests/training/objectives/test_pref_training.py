@@ -89,3 +89,14 @@ def test_continuing_from_an_sft_adapter_keeps_it_as_the_frozen_reference(hand_ma
     assert not (r.final_dir / "reference").exists()  # only the trained adapter is saved
     trained, began = adapter(r.final_dir), adapter(start)
     assert set(trained) == set(began) and any(not torch.equal(trained[k], began[k]) for k in began)
+
+
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])
+def test_default_precision_trains_from_ln2(hand_made, tmp_path, monkeypatch, precision):
+    # precision=auto: what this CPU's probe picks, forced both ways
+    monkeypatch.setenv("FINETUNE_CPU_PRECISION", precision)
+    r = run(tmp_path / "run", **{"train.max_steps": 3})
+    frozen = {p.dtype for n, p in r.model.named_parameters() if not p.requires_grad and p.dim() == 2}
+    assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert r.state.losses[0][1] == pytest.approx(0.6931472, abs=1e-6)
+    assert all(0 < l < 1 for _, l in r.state.losses)
