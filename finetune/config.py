@@ -214,6 +214,10 @@ class PrefConfig:
     """KTO: weight of desirable (label true) examples."""
     undesirable_weight: float = ranged(1.0, gt=0)
     """KTO: weight of undesirable (label false) examples."""
+    precompute_reference: bool = False
+    """DPO: compute the reference log-probs of every pair in one no_grad pass before training and
+    keep them with the units, so training runs no reference forward (the pass costs one forward
+    per pair; kept in memory, two floats per pair)."""
 
 
 @dataclass

@@ -33,3 +33,9 @@ def test_start_adapter_missing_or_of_another_shape(work, capsys, tmp_path):
     ad = random_lora_adapter(tmp_path / "ad", tiny_model_dir(), r=4, alpha=8)
     expect_error(train_args(work, "recipe=tiny-dpo", f"model.adapter={ad}"), 2,
                  "has r=4 but lora.r=8: training continues the adapter as it is; set lora.r=4", capsys=capsys, root=work)
+
+
+def test_precompute_reference_is_for_dpo(work, capsys):
+    expect_error(train_args(work, "recipe=tiny-dpo", "train.objective=kto", "pref.precompute_reference=true"), 2,
+                 "pref.precompute_reference=true is for train.objective=dpo; kto estimates its KL term", capsys=capsys,
+                 root=work)

@@ -138,6 +138,7 @@ def main(fabric, cfg: Config) -> TrainResult:
         fabric.print(str(data.stats))
 
     step = build_step(cfg, fabric.device, tokenizer)
+    data = objective.attach(step.lossmod, data)  # e.g. DPO's reference log-probs, computed once
     micro = report.micro_batch(cfg, fabric.device)
     if cfg.train.micro_batch_size == "auto":
         fabric.print(f"train.micro_batch_size=auto -> {micro}")

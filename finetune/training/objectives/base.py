@@ -58,6 +58,11 @@ class Objective(ABC):
         """A unit like `unit` worth nothing (no loss, no normaliser): what a rank with fewer
         validation units runs so every rank runs equally many forwards."""
 
+    def attach(self, lossmod: nn.Module, data: "DataBundle") -> "DataBundle":
+        """`data` with what the objective computes once from the built model before training (the
+        loop calls it after building the step). Nothing by default."""
+        return data
+
     @abstractmethod
     def synthetic_batch(self, vocab: int, micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
         """A micro-batch of random tokens shaped as training's at this size (the measured step)."""

@@ -176,6 +176,10 @@ class PreferenceObjective(Objective):
             raise UsageError(f"pref.loss_type={p.loss_type} is a DPO variant; train.objective={name} has one loss "
                              "of its own: leave pref.loss_type at sigmoid, or use train.objective=dpo")
         smoothing_for = "dpo's sigmoid and robust losses and simpo"
+        if p.precompute_reference and name != "dpo":
+            raise UsageError(f"pref.precompute_reference=true is for train.objective=dpo; {name} "
+                             + ("estimates its KL term from each micro-batch, so its reference runs with it"
+                                if name == "kto" else "has no reference"))
         if p.label_smoothing and (name in ("orpo", "kto") or (name == "dpo" and p.loss_type in ("hinge", "ipo"))):
             what = f"pref.loss_type={p.loss_type}" if name == "dpo" else f"train.objective={name}"
             raise UsageError(f"pref.label_smoothing={p.label_smoothing} does nothing with {what} (it applies to "
@@ -192,7 +196,36 @@ class PreferenceObjective(Objective):
 
     def collate(self, units: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         collate = paired_collate if self.paired else unpaired_collate
-        return collate(units, pad_id, pack=self.cfg.data.packing)
+        batch = collate(units, pad_id, pack=self.cfg.data.packing)
+        if "ref_logps" in units[0]:  # precomputed (pref.precompute_reference): chosen..., rejected...
+            batch["ref_logps"] = torch.tensor([u["ref_logps"][0] for u in units] + [u["ref_logps"][1] for u in units])
+        return batch
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple:
+        return super().inputs(batch) + ((batch["ref_logps"],) if "ref_logps" in batch else ())
+
+    def attach(self, lossmod: nn.Module, data):
+        """pref.precompute_reference: every unit's reference log-probs, in one no_grad pass in a
+        fixed order and layout (so a resumed run computes the same values)."""
+        if not (self.cfg.pref.precompute_reference and self.uses_reference and self.paired):
+            return data
+        device = next(lossmod.parameters()).device
+        data.train, data.val = (PreferenceUnits(self._with_reference(lossmod, units, device))
+                                for units in (data.train, data.val))
+        return data
+
+    def _with_reference(self, lossmod: nn.Module, units: Sequence[dict], device, per_batch: int = 8) -> list[dict]:
+        out = []
+        was_training = lossmod.training
+        lossmod.eval()  # no dropout in the reference pass (the adapter is off anyway)
+        for i in range(0, len(units), per_batch):
+            chunk = [units[j] for j in range(i, min(i + per_batch, len(units)))]
+            b = {k: v.to(device) for k, v in paired_collate(chunk, 0, pack=False).items()}
+            sums, _ = lossmod.reference_logps(b["input_ids"], b["position_ids"], b["seq_index"], 2 * len(chunk))
+            sums = sums.tolist()
+            out += [{**u, "ref_logps": [sums[k], sums[len(chunk) + k]]} for k, u in enumerate(chunk)]
+        lossmod.train(was_training)
+        return out
 
     def blank(self, unit: dict) -> dict:
         return {**unit, "blank": True}
@@ -250,14 +283,17 @@ class PairLossModule(nn.Module):
         with torch.no_grad(), reference_policy(self.model):
             return self.logps(input_ids, position_ids, seq_index, n_seqs)
 
-    def forward(self, input_ids, position_ids, seq_index, weight):
+    def forward(self, input_ids, position_ids, seq_index, weight, ref_logps=None):
         n = weight.shape[0]
         ref = None
-        if self.objective.uses_reference:
-            s, k = self.reference_logps(input_ids, position_ids, seq_index, 2 * n)
-            ref = Logps(s[:n], s[n:], k[:n], k[n:])
+        if self.objective.uses_reference and ref_logps is None:
+            s, _ = self.reference_logps(input_ids, position_ids, seq_index, 2 * n)
+            ref_logps = s
         with offloaded(self.offload, pin_memory=input_ids.is_cuda):
             s, k = self.logps(input_ids, position_ids, seq_index, 2 * n)
         policy = Logps(s[:n], s[n:], k[:n], k[n:])
+        if ref_logps is not None:
+            ref_logps = ref_logps.to(s.dtype)
+            ref = Logps(ref_logps[:n], ref_logps[n:], k[:n], k[n:])
         out = self.objective.pair_loss(policy, ref)
         return (weight * out.losses).sum(), (weight > 0).sum(), pair_metrics(out, policy, weight)

@@ -100,3 +100,16 @@ def test_default_precision_trains_from_ln2(hand_made, tmp_path, monkeypatch, pre
     assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert r.state.losses[0][1] == pytest.approx(0.6931472, abs=1e-6)
     assert all(0 < l < 1 for _, l in r.state.losses)
+
+
+def test_precomputed_reference_equals_the_reference_forward(hand_made, tmp_path, monkeypatch):
+    live = run(tmp_path / "live", **{"train.max_steps": 3})
+    from finetune.training.objectives import preference
+
+    calls = []
+    real = preference.PairLossModule.reference_logps
+    monkeypatch.setattr(preference.PairLossModule, "reference_logps",
+                        lambda self, *a: calls.append(a[0].shape) or real(self, *a))
+    pre = run(tmp_path / "pre", **{"train.max_steps": 3, "pref.precompute_reference": "true"})
+    assert len(calls) == -(-14 // 8) + 1  # the one pass over 14 train + 2 val pairs, none in training
+    assert [l for _, l in pre.state.losses] == pytest.approx([l for _, l in live.state.losses], abs=1e-5)
