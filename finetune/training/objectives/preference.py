@@ -280,8 +280,14 @@ class PairLossModule(nn.Module):
         return sequence_logps(self.model, input_ids, position_ids, seq_index, n_seqs, self.chunk)
 
     def reference_logps(self, input_ids, position_ids, seq_index, n_seqs: int):
-        with torch.no_grad(), reference_policy(self.model):
-            return self.logps(input_ids, position_ids, seq_index, n_seqs)
+        # In eval mode: a frozen reference adapter's LoRA dropout would make the reference random.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), reference_policy(self.model):
+                return self.logps(input_ids, position_ids, seq_index, n_seqs)
+        finally:
+            self.model.train(was_training)
 
     def forward(self, input_ids, position_ids, seq_index, weight, ref_logps=None):
         n = weight.shape[0]
