@@ -38,6 +38,10 @@ class ModelConfig:
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers: sdpa, eager or flash_attention_2."""
+    adapter: Optional[str] = None
+    """A LoRA adapter directory (e.g. an SFT run's final/) to continue training from: the trained
+    adapter starts as it (its LoRA shape; lora.r and lora.alpha must match it), and dpo/kto keep it,
+    frozen, as their reference policy instead of the bare base."""
 
 
 @dataclass
@@ -210,6 +214,10 @@ class PrefConfig:
     """KTO: weight of desirable (label true) examples."""
     undesirable_weight: float = ranged(1.0, gt=0)
     """KTO: weight of undesirable (label false) examples."""
+    precompute_reference: bool = False
+    """DPO: compute the reference log-probs of every pair in one no_grad pass before training and
+    keep them with the units, so training runs no reference forward (the pass costs one forward
+    per pair; kept in memory, two floats per pair)."""
 
 
 @dataclass

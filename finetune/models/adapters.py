@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
+from finetune.config import Config
 from finetune.errors import UsageError, first_line
 from finetune.models.load import (
     hub_kwargs,
@@ -53,6 +54,22 @@ def read_adapter_config(adapter_dir: Union[str, Path]) -> dict:
     if not cfg.get("base_model_name_or_path"):
         raise UsageError(f"{f} has no base_model_name_or_path")
     return cfg
+
+
+def check_start_adapter(cfg: Config) -> None:
+    """model.adapter, when set, is a LoRA adapter whose shape the recipe's lora.r and lora.alpha
+    agree with (training continues it as it is). One UsageError line naming model.adapter otherwise."""
+    path = cfg.model.adapter
+    if not path:
+        return
+    try:
+        saved = read_adapter_config(path)
+    except UsageError as e:
+        raise UsageError(f"model.adapter: {e}") from None
+    for key, name, ours in (("r", "lora.r", cfg.lora.r), ("lora_alpha", "lora.alpha", cfg.lora.alpha)):
+        if saved.get(key) is not None and saved[key] != ours:
+            raise UsageError(f"model.adapter {path} has {key}={saved[key]} but {name}={ours}: training continues "
+                             f"the adapter as it is; set {name}={saved[key]}")
 
 
 def adapter_shapes(adapter_dir: Union[str, Path]) -> dict[str, tuple]:

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from finetune.config import Config, ModelConfig, QuantConfig
@@ -412,7 +412,7 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     lcfg = lora_config(cfg)
     try:
         with unquantized_view(model):
-            model = get_peft_model(model, lcfg)
+            model = _from_adapter(model, cfg) if m.adapter else get_peft_model(model, lcfg)
         keep_nf4_under_lora(model)
     except ValueError as e:
         text = str(e)
@@ -425,6 +425,15 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     if cfg.strategy == "fsdp":
         _one_float_dtype(model, fsdp_param_dtype(cfg, device))
     return model
+
+
+def _from_adapter(model, cfg: Config):
+    """The base `model` with the adapter model.adapter loaded as the trained ("default") adapter
+    (preflight checked it first: finetune.models.adapters.check_start_adapter)."""
+    try:
+        return PeftModel.from_pretrained(model, cfg.model.adapter, adapter_name="default", is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. a size mismatch: an adapter of another base
+        raise UsageError(f"model.adapter {cfg.model.adapter} does not fit {cfg.model.name}: {first_line(e)}") from None
 
 
 def _frozen_dtypes(model: torch.nn.Module, dtypes: dict) -> None:

@@ -178,7 +178,7 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     attn = cfg.model.attn_implementation
     lean_cpu = _lean_cpu_attention(cfg)
     kv = s.kv_dim if attn == "flash_attention_2" or lean_cpu else qd
-    layer_mask = c * seq if (attn == "sdpa" and cfg.data.packing and not lean_cpu) else 0
+    layer_mask = c * seq if (attn == "sdpa" and _masked(cfg) and not lean_cpu) else 0
     # gate, up and silu(gate) for a SwiGLU MLP; two with finetune.memory.lean (silu recomputed in backward),
     # unless Liger's kernels replace the MLP.
     mlp_saved = (2 if cfg.train.lean_activations and not cfg.train.liger else 3) if s.gated_mlp else 1
@@ -217,9 +217,26 @@ def _mask_bytes(cfg, micro_batch: int, seq: int, c: int) -> int:
     restarting): finetune.memory.lean's CPU attention keeps one float micro_batch x seq x seq mask.
     transformers' own mask (boolean for sdpa, compute dtype for eager) is gone by the time the loss
     or backward peaks, and sdpa's per-layer float copies count with the layer."""
-    if not cfg.data.packing or not _lean_cpu_attention(cfg):
+    if not _masked(cfg) or not _lean_cpu_attention(cfg):
         return 0
     return 4 * micro_batch * seq * seq
+
+
+def _masked(cfg) -> bool:
+    """Whether rows carry position ids restarting (attention then gets a block-diagonal mask):
+    packed SFT data, and every preference batch (its pairs' sequences end in padding or share rows)."""
+    return cfg.data.packing or _sequences_per_unit(cfg) > 1
+
+
+def _sequences_per_unit(cfg) -> int:
+    """Sequences one unit of the micro-batch runs in the forward: a preference pair is two (chosen
+    and rejected; KTO: the completion and its mismatched KL sequence), an SFT unit one."""
+    return 1 if getattr(cfg.train, "objective", "sft") == "sft" else 2
+
+
+def _reference_adapter(cfg) -> bool:
+    """Whether a second, frozen copy of the adapter is loaded: dpo/kto continuing from model.adapter."""
+    return bool(getattr(cfg.model, "adapter", None)) and getattr(cfg.train, "objective", "sft") in ("dpo", "kto")
 
 
 def _fused_head(cfg, targets: set[str]) -> bool:
@@ -241,7 +258,8 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     on_cpu = cfg.accelerator == "cpu"
     mb = micro_batch or (cfg.train.micro_batch_size if isinstance(cfg.train.micro_batch_size, int) else 1)
     seq = seq_len or cfg.data.seq_len
-    tokens = mb * seq
+    rows = mb * _sequences_per_unit(cfg)  # a micro-batch of mb pairs runs 2 x mb sequences
+    tokens = rows * seq
     L, h, V = s.n_layer, s.hidden, s.vocab
     notes: dict[str, str] = {}
 
@@ -294,7 +312,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     final_norm = (4 * h + 4 + (c * h if chunked_plain else 0)) * tokens
     offload = cfg.train.offload_activations and not on_cpu  # on the CPU there is nowhere to offload to
     ckpt_inputs = r * h * tokens * (2 if offload else L)
-    masks = _mask_bytes(cfg, mb, seq, c)
+    masks = _mask_bytes(cfg, rows, seq, c)
     with_ckpt = ckpt_inputs + layer_full + final_norm + masks  # all layer inputs + one layer recomputed
     without_ckpt = L * layer_kept + tile_live + final_norm + masks + (c * h * tokens if offload else 0)
     if offload and not cfg.train.gradient_checkpointing:
@@ -323,7 +341,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     if _fused_head(cfg, targets):
         # + the final norm's output, its trained positions gathered (a copy; the [:, :-1] of more
         # than one row is another) and d loss / d hidden, all hidden-sized
-        logits = chunk * V * _upcast(c) + (3 + (mb > 1)) * c * h * tokens
+        logits = chunk * V * _upcast(c) + (3 + (rows > 1)) * c * h * tokens
     else:
         logits = chunk * V * (8 + _upcast(c))
     # The loss's transient peaks at the end of forward, a layer's backward later: they never
@@ -333,7 +351,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     parts = {
         "quantized_weights" if mode != "none" else "base_weights": w_shard // shard + w_repl,
         "unquantized_weights": unquant // shard,
-        "lora_params": lora_bytes * n_train // shard,
+        "lora_params": lora_bytes * n_train // shard * (2 if _reference_adapter(cfg) else 1),
         "lora_grads": lora_bytes * n_train // shard,
         "optimizer_state": opt,
         "fsdp_gather_buffers": (2 * (layer_weight + 2 * n_train // max(L, 1)) if fsdp else 0),
@@ -352,6 +370,12 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     allocated = sum(parts.values())
     parts["cuda_context"] = 0 if on_cpu else CUDA_CONTEXT_BYTES
     parts["allocator_slack"] = int(allocated * slack)
+    if _reference_adapter(cfg):
+        notes["lora_params"] = "+ model.adapter kept frozen as the reference (same size)"
+    if rows > mb:
+        notes["activations"] = (f"{cfg.train.objective}: {rows} sequences per micro-batch of {mb}"
+                                + (" (+ the reference's forward, under no_grad before the policy's: time, not peak)"
+                                   if cfg.train.objective in ("dpo", "kto") else ""))
     if not fsdp and world > 1:
         notes["strategy"] = "ddp: weights, LoRA and optimizer state replicated on every device"
     if fsdp:

@@ -201,7 +201,8 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         if adapter_weights is None:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            # the trained adapter only (a preference run's frozen "reference" adapter is its input)
+            model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
         else:  # save_pretrained would read the (sharded) model; write its two files from what we have
             peft_config = copy.copy(model.peft_config["default"])
             peft_config.inference_mode = True  # as save_pretrained records it

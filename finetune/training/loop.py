@@ -94,7 +94,7 @@ def _preflight(cfg: Config) -> None:
 
 def training_inputs(cfg: Config) -> list[tuple[str, Optional[str]]]:
     """What a run reads from disk, which its out_dir must keep apart from (fs.check_apart)."""
-    return [("base model", cfg.model.name), ("dataset file", cfg.data.path),
+    return [("base model", cfg.model.name), ("adapter", cfg.model.adapter), ("dataset file", cfg.data.path),
             ("validation file", cfg.data.val_path), ("dataset card", cfg.data.card)]
 
 
@@ -143,6 +143,7 @@ def main(fabric, cfg: Config) -> TrainResult:
         fabric.print(str(data.stats))
 
     step = build_step(cfg, fabric.device, tokenizer)
+    data = objective.attach(step.lossmod, data)  # e.g. DPO's reference log-probs, computed once
     micro = report.micro_batch(cfg, fabric.device)
     if cfg.train.micro_batch_size == "auto":
         fabric.print(f"train.micro_batch_size=auto -> {micro}")
@@ -267,7 +268,7 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
             window_tokens += total
             elapsed = time.perf_counter() - window_start
             tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
-            metrics = {"train_loss": step_loss, **logged, "lr": lr, "trained_tokens_per_s": tok_s,
+            metrics = {"train_loss": step_loss, **logged, "lr": lr, f"{objective.normaliser}_per_s": tok_s,
                        "epoch": stream.epoch_at(state.step)}
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 fabric.log_dict(metrics, step=state.step)

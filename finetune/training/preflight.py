@@ -15,7 +15,9 @@ from typing import Optional
 
 from finetune.config import Config
 from finetune.errors import UsageError
+from finetune.models.adapters import check_start_adapter
 from finetune.training.logs import check_loggers
+from finetune.training.objectives import objective_for
 
 
 def check_run(cfg: Config) -> None:
@@ -25,6 +27,8 @@ def check_run(cfg: Config) -> None:
     check_schedule(cfg)
     check_context(cfg)
     check_val_data(cfg)
+    check_start_adapter(cfg)  # model.adapter: an adapter the recipe's LoRA shape agrees with
+    objective_for(cfg).check()  # settings the objective cannot train with (e.g. a DPO variant for orpo)
 
 
 # --------------------------------------------------------------------------- settings vs each other

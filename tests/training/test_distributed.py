@@ -380,3 +380,19 @@ def test_fsdp_bf16_mixed_gives_one_dtype_per_unit(tmp_path):
     proc = cli(tmp_path / "run", 2, "train.optimizer=adamw", "train.max_steps=2", "precision=bf16-mixed",
                "quant.compute_dtype=bfloat16", recipe="tiny-qlora", strategy="fsdp")
     assert "saved adapter" in proc.stdout
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_equals_one(tmp_path):
+    # pairs as the normaliser across ranks, the reference pass inside DDP's forward, blank
+    # validation pairs on the short rank: the same adapter and the same logged rewards
+    one = in_process(tmp_path / "one", recipe="tiny-dpo", **{"train.max_steps": 3})
+    two = tmp_path / "two"
+    cli(two, 2, "train.max_steps=3", recipe="tiny-dpo")
+    assert max_diff(one.final_dir, two / "final") < TOL
+    import csv
+
+    a = [r for r in csv.DictReader(open(tmp_path / "one" / "logs" / "metrics.csv")) if r["train_loss"]]
+    b = [r for r in csv.DictReader(open(two / "logs" / "metrics.csv")) if r["train_loss"]]
+    for key in ("train_loss", "rewards_chosen", "reward_accuracy", "logps_rejected"):
+        assert np.allclose([float(r[key]) for r in a], [float(r[key]) for r in b], atol=1e-4), key

@@ -78,3 +78,23 @@ def test_measure_runs_the_training_step_router_term_included(tmp_path, monkeypat
     assert m["peak_allocated_bytes"] > 0
     assert built and built[0].lossmod.router_aux_coef == 0.02
     assert len(aux_calls) == 2  # one forward per measured step (the warm-up and the measured one)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_planner_counts_a_preference_step_within_10_percent(mid_model, objective):
+    # A micro-batch of pairs runs two sequences per unit (and, for dpo/kto, a no_grad reference
+    # forward before them, which adds no peak). At the tests' fp32; at the CPU's bf16 the planner's
+    # CPU constants are off for SFT alike (tests/plan).
+    cfg = load_config("tiny-lora", {"model.name": str(mid_model), "data.seq_len": "512", "lora.dropout": "0",
+                                    "train.loss_chunk_size": "256", "train.objective": objective})
+    plan = predict(cfg, slack=0.0)
+    m = measure(cfg)
+    assert abs((plan.peak_bytes - plan.parts["cuda_context"]) / m["peak_allocated_bytes"] - 1) < 0.10, (m, plan.parts)
+
+
+def test_measure_cli_on_tiny_dpo_within_10_percent():
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "plan", "recipe=tiny-dpo", "measure=true",
+                        "format=json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["measured"]
+    assert abs(m["error"]) < 0.10, m

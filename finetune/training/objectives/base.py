@@ -34,6 +34,8 @@ class Objective(ABC):
     name: ClassVar[str]
     batch_keys: ClassVar[tuple[str, ...]]
     """The collated tensors, in the order the loss module's forward takes them."""
+    normaliser: ClassVar[str] = "trained_tokens"
+    """What `trained_tokens` counts, as the throughput metric names it ({normaliser}_per_s)."""
     defining: ClassVar[tuple[str, ...]] = ()
     """Config keys (or key prefixes) of this objective that define the adapter it trains: a resumed
     run may not change them (finetune.training.changes)."""
@@ -56,6 +58,11 @@ class Objective(ABC):
         """A unit like `unit` worth nothing (no loss, no normaliser): what a rank with fewer
         validation units runs so every rank runs equally many forwards."""
 
+    def attach(self, lossmod: nn.Module, data: "DataBundle") -> "DataBundle":
+        """`data` with what the objective computes once from the built model before training (the
+        loop calls it after building the step). Nothing by default."""
+        return data
+
     @abstractmethod
     def synthetic_batch(self, vocab: int, micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
         """A micro-batch of random tokens shaped as training's at this size (the measured step)."""
@@ -70,6 +77,9 @@ class Objective(ABC):
     def trained_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """What the micro-batch adds to the step's normaliser (the loss is the sum over the step's
         micro-batches and ranks divided by the sum of this)."""
+
+    def check(self) -> None:
+        """Refuse settings this objective cannot train with (UsageError, one line), before any work."""
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple:
         """The loss module's positional arguments from a micro-batch."""

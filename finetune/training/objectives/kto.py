@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from finetune.errors import UsageError
 from finetune.training.loss import head_chunk, offloaded
 from finetune.training.objectives.preference import PairLossModule, PreferenceObjective
 
@@ -42,7 +43,14 @@ class KTO(PreferenceObjective):
     paired = False
     uses_reference = True
     batch_keys = ("input_ids", "position_ids", "seq_index", "weight", "label")
+    normaliser = "examples"
     metric_names = ("rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected", "kl")
+
+    def check(self) -> None:
+        super().check()
+        if self.cfg.train.micro_batch_size == 1:
+            raise UsageError("train.objective=kto estimates its KL term from the other examples of a micro-batch; "
+                             "train.micro_batch_size=1 has none: use 2 or more")
 
     def loss_module(self, model: nn.Module) -> nn.Module:
         t = self.cfg.train

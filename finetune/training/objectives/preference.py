@@ -28,6 +28,7 @@ from typing import ClassVar, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from finetune.errors import UsageError
 from finetune.training.loss import head_chunk, offloaded
 from finetune.training.objectives.base import Objective
 from finetune.training.objectives.logprobs import sequence_logps, sequence_rows
@@ -107,12 +108,14 @@ def unpaired_collate(units: Sequence[dict], pad_id: int, pack: bool) -> dict[str
 
 
 def synthetic_pairs(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -> list[dict]:
-    """micro_batch random pairs of seq_len tokens each side (prompt the first half): the shape of a
-    full-length training micro-batch."""
+    """micro_batch random pairs of about seq_len tokens each side (prompt the first half): the shape
+    of a full-length training micro-batch."""
     g = torch.Generator().manual_seed(seed)
     half = seq_len // 2
     ids = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
-    return [{"prompt_ids": ids(half), "chosen_ids": ids(seq_len - half), "rejected_ids": ids(seq_len - half)}
+    # The rejected side one token shorter: its padding restarts position ids, so attention takes
+    # the masked path every real batch takes (some sequence is shorter than the longest).
+    return [{"prompt_ids": ids(half), "chosen_ids": ids(seq_len - half), "rejected_ids": ids(seq_len - half - 1)}
             for _ in range(micro_batch)]
 
 
@@ -121,6 +124,16 @@ def synthetic_pairs(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -
 
 def has_reference_adapter(model: nn.Module) -> bool:
     return REFERENCE_ADAPTER in getattr(model, "peft_config", {})
+
+
+def add_reference_adapter(model: nn.Module, objective: "PreferenceObjective") -> None:
+    """A run that continues from an adapter (model.adapter) keeps that adapter, frozen, as the
+    reference of dpo/kto: loaded a second time, LoRA-sized, under the name "reference"."""
+    path = objective.cfg.model.adapter
+    if not (objective.uses_reference and path) or has_reference_adapter(model):
+        return
+    model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter("default")  # load_adapter leaves the trained one active; this also keeps it trainable
 
 
 @contextlib.contextmanager
@@ -151,9 +164,26 @@ class PreferenceObjective(Objective):
     paired: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = False
     batch_keys = ("input_ids", "position_ids", "seq_index", "weight")
+    normaliser = "pairs"
     defining = ("pref.", "train.objective")
     metric_names: ClassVar[tuple[str, ...]] = ("rewards_chosen", "rewards_rejected", "reward_accuracy",
                                                "reward_margin", "logps_chosen", "logps_rejected")
+
+    def check(self) -> None:
+        """Settings that would silently do nothing with this objective are refused."""
+        p, name = self.cfg.pref, self.name
+        if p.loss_type != "sigmoid" and name != "dpo":
+            raise UsageError(f"pref.loss_type={p.loss_type} is a DPO variant; train.objective={name} has one loss "
+                             "of its own: leave pref.loss_type at sigmoid, or use train.objective=dpo")
+        smoothing_for = "dpo's sigmoid and robust losses and simpo"
+        if p.precompute_reference and name != "dpo":
+            raise UsageError(f"pref.precompute_reference=true is for train.objective=dpo; {name} "
+                             + ("estimates its KL term from each micro-batch, so its reference runs with it"
+                                if name == "kto" else "has no reference"))
+        if p.label_smoothing and (name in ("orpo", "kto") or (name == "dpo" and p.loss_type in ("hinge", "ipo"))):
+            what = f"pref.loss_type={p.loss_type}" if name == "dpo" else f"train.objective={name}"
+            raise UsageError(f"pref.label_smoothing={p.label_smoothing} does nothing with {what} (it applies to "
+                             f"{smoothing_for}); set it to 0")
 
     def prepare(self, tokenizer, progress: bool = True):
         # Imported here: the data room's preference module is needed only by runs that train on pairs.
@@ -166,7 +196,36 @@ class PreferenceObjective(Objective):
 
     def collate(self, units: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         collate = paired_collate if self.paired else unpaired_collate
-        return collate(units, pad_id, pack=self.cfg.data.packing)
+        batch = collate(units, pad_id, pack=self.cfg.data.packing)
+        if "ref_logps" in units[0]:  # precomputed (pref.precompute_reference): chosen..., rejected...
+            batch["ref_logps"] = torch.tensor([u["ref_logps"][0] for u in units] + [u["ref_logps"][1] for u in units])
+        return batch
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple:
+        return super().inputs(batch) + ((batch["ref_logps"],) if "ref_logps" in batch else ())
+
+    def attach(self, lossmod: nn.Module, data):
+        """pref.precompute_reference: every unit's reference log-probs, in one no_grad pass in a
+        fixed order and layout (so a resumed run computes the same values)."""
+        if not (self.cfg.pref.precompute_reference and self.uses_reference and self.paired):
+            return data
+        device = next(lossmod.parameters()).device
+        data.train, data.val = (PreferenceUnits(self._with_reference(lossmod, units, device))
+                                for units in (data.train, data.val))
+        return data
+
+    def _with_reference(self, lossmod: nn.Module, units: Sequence[dict], device, per_batch: int = 8) -> list[dict]:
+        out = []
+        was_training = lossmod.training
+        lossmod.eval()  # no dropout in the reference pass (the adapter is off anyway)
+        for i in range(0, len(units), per_batch):
+            chunk = [units[j] for j in range(i, min(i + per_batch, len(units)))]
+            b = {k: v.to(device) for k, v in paired_collate(chunk, 0, pack=False).items()}
+            sums, _ = lossmod.reference_logps(b["input_ids"], b["position_ids"], b["seq_index"], 2 * len(chunk))
+            sums = sums.tolist()
+            out += [{**u, "ref_logps": [sums[k], sums[len(chunk) + k]]} for k, u in enumerate(chunk)]
+        lossmod.train(was_training)
+        return out
 
     def blank(self, unit: dict) -> dict:
         return {**unit, "blank": True}
@@ -184,6 +243,7 @@ class PreferenceObjective(Objective):
 
     def loss_module(self, model: nn.Module) -> nn.Module:
         t = self.cfg.train
+        add_reference_adapter(model, self)
         return PairLossModule(model, self, chunk=head_chunk(t, model), offload=t.offload_activations)
 
     def pair_loss(self, policy: Logps, reference: Optional[Logps]) -> PairLoss:
@@ -220,17 +280,26 @@ class PairLossModule(nn.Module):
         return sequence_logps(self.model, input_ids, position_ids, seq_index, n_seqs, self.chunk)
 
     def reference_logps(self, input_ids, position_ids, seq_index, n_seqs: int):
-        with torch.no_grad(), reference_policy(self.model):
-            return self.logps(input_ids, position_ids, seq_index, n_seqs)
+        # In eval mode: a frozen reference adapter's LoRA dropout would make the reference random.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), reference_policy(self.model):
+                return self.logps(input_ids, position_ids, seq_index, n_seqs)
+        finally:
+            self.model.train(was_training)
 
-    def forward(self, input_ids, position_ids, seq_index, weight):
+    def forward(self, input_ids, position_ids, seq_index, weight, ref_logps=None):
         n = weight.shape[0]
         ref = None
-        if self.objective.uses_reference:
-            s, k = self.reference_logps(input_ids, position_ids, seq_index, 2 * n)
-            ref = Logps(s[:n], s[n:], k[:n], k[n:])
+        if self.objective.uses_reference and ref_logps is None:
+            s, _ = self.reference_logps(input_ids, position_ids, seq_index, 2 * n)
+            ref_logps = s
         with offloaded(self.offload, pin_memory=input_ids.is_cuda):
             s, k = self.logps(input_ids, position_ids, seq_index, 2 * n)
         policy = Logps(s[:n], s[n:], k[:n], k[n:])
+        if ref_logps is not None:
+            ref_logps = ref_logps.to(s.dtype)
+            ref = Logps(ref_logps[:n], ref_logps[n:], k[:n], k[n:])
         out = self.objective.pair_loss(policy, ref)
         return (weight * out.losses).sum(), (weight > 0).sum(), pair_metrics(out, policy, weight)

@@ -75,3 +75,41 @@ def test_resume_reproduces_the_uninterrupted_run(hand_made, tmp_path):
         cfg = load_config("tiny-lora", {"train.objective": "dpo", key: value})
         with pytest.raises(UsageError, match=key.replace(".", r"\.")):
             schedule_changes(part / "step-000004", cfg)
+
+
+def test_continuing_from_an_sft_adapter_keeps_it_as_the_frozen_reference(hand_made, tmp_path):
+    sft = load_config("tiny-lora", {"out_dir": str(tmp_path / "sft"), "output.progress": "false",
+                                    "train.max_steps": "3", "train.lr": "0.01"})
+    start = main(make_fabric(sft), sft).final_dir
+    r = run(tmp_path / "dpo", **{"model.adapter": str(start), "train.max_steps": 2})
+    # the policy starts as the SFT adapter, which is the reference: ln 2 at the first step
+    assert r.state.losses[0][1] == pytest.approx(0.6931472, abs=1e-6)
+    assert "reference" in r.model.peft_config
+    assert not any(p.requires_grad for n, p in r.model.named_parameters() if ".reference." in n)
+    assert not (r.final_dir / "reference").exists()  # only the trained adapter is saved
+    trained, began = adapter(r.final_dir), adapter(start)
+    assert set(trained) == set(began) and any(not torch.equal(trained[k], began[k]) for k in began)
+
+
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])
+def test_default_precision_trains_from_ln2(hand_made, tmp_path, monkeypatch, precision):
+    # precision=auto: what this CPU's probe picks, forced both ways
+    monkeypatch.setenv("FINETUNE_CPU_PRECISION", precision)
+    r = run(tmp_path / "run", **{"train.max_steps": 3})
+    frozen = {p.dtype for n, p in r.model.named_parameters() if not p.requires_grad and p.dim() == 2}
+    assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert r.state.losses[0][1] == pytest.approx(0.6931472, abs=1e-6)
+    assert all(0 < l < 1 for _, l in r.state.losses)
+
+
+def test_precomputed_reference_equals_the_reference_forward(hand_made, tmp_path, monkeypatch):
+    live = run(tmp_path / "live", **{"train.max_steps": 3})
+    from finetune.training.objectives import preference
+
+    calls = []
+    real = preference.PairLossModule.reference_logps
+    monkeypatch.setattr(preference.PairLossModule, "reference_logps",
+                        lambda self, *a: calls.append(a[0].shape) or real(self, *a))
+    pre = run(tmp_path / "pre", **{"train.max_steps": 3, "pref.precompute_reference": "true"})
+    assert len(calls) == -(-14 // 8) + 1  # the one pass over 14 train + 2 val pairs, none in training
+    assert [l for _, l in pre.state.losses] == pytest.approx([l for _, l in live.state.losses], abs=1e-5)

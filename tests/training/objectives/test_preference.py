@@ -141,6 +141,6 @@ def test_synthetic_batch_is_full_length_pairs():
     obj = dpo()
     b = obj.synthetic_batch(100, 2, 10)
     assert b["input_ids"].shape == (4, 10) and obj.trained_tokens(b) == 2
-    assert int((b["seq_index"] >= 0).sum()) == 4 * 5
+    assert int((b["seq_index"] >= 0).sum()) == 2 * 5 + 2 * 4
     k = KTO(make_cfg(**{"train.objective": "kto"})).synthetic_batch(100, 2, 10)
     assert k["input_ids"].shape == (4, 10)
