@@ -180,8 +180,16 @@ def storage_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
 
 def fsdp_param_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
     """The one dtype every parameter has under FSDP, which flattens each unit's parameters into a
-    single tensor: the 4-bit storage dtype for QLoRA (= the compute dtype, so FSDP's mixed
-    precision never casts the packed bytes), the base dtype for LoRA."""
+    single tensor: the 4-bit storage dtype for QLoRA (= the compute dtype unless quant.storage_dtype
+    names another), the base dtype for LoRA.
+
+    It is also FSDP's whole mixed-precision policy, for every precision: parameters are gathered,
+    computed with and reduced in this dtype, buffers keep theirs, and Fabric's precision plugin
+    never casts the module (finetune.training.distributed.PolicyPrecision). Fabric's own policy
+    follows the precision string instead (32-true: fp32; *-mixed: the half type), which cast the
+    flat parameter holding the NF4 bytes as if they were numbers: at precision=auto on a bf16 CPU
+    (storage bf16, Fabric 32-true) bitsandbytes then read twice the bytes ("shape '[64, 32]' is
+    invalid for input of size 4096"); on a GPU it would have dequantized garbage."""
     return storage_dtype(cfg, device) if cfg.quant.mode == "nf4" else base_dtype(cfg, device)
 
 
