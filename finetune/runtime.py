@@ -197,15 +197,18 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
     """(accelerator, precision) for Lightning Fabric: the accelerator `auto` resolves to, and the
     recipe's precision, for `auto`: bf16-mixed on GPU (16-mixed without bf16); 32-true on CPU,
     where the frozen weights' dtype is base_dtype's (bf16 where this CPU measured it faster), so
-    Fabric neither autocasts nor casts the module (its bf16-true would turn the LoRA weights and
-    their optimizer state bf16 too)."""
+    Fabric neither autocasts nor casts the module. An explicit bf16-true / 16-true is 32-true for
+    Fabric too: base_dtype already makes the frozen weights that half type, and Fabric's own
+    *-true would also cast the LoRA weights and their optimizer state, where small updates
+    vanish. So bf16-true trains exactly as precision=auto on a bf16 CPU (what
+    planned_precision says and finetune.plan.predict counts)."""
     accelerator = cfg.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise UsageError(f"accelerator={cfg.accelerator} but no CUDA GPU is visible; use accelerator=cpu")
     if not _auto(cfg):
-        return accelerator, cfg.precision
+        return accelerator, "32-true" if cfg.precision in ("bf16-true", "16-true") else cfg.precision
     if accelerator == "cpu":
         return accelerator, "32-true"
     return accelerator, "bf16-mixed" if _gpu_half() == torch.bfloat16 else "16-mixed"

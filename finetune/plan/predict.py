@@ -157,20 +157,27 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     k = max(s.expert_top_k, 1) if s.n_expert else 1
     lin = s.linears()
 
+    # A LoRA branch reads its own copy of its input where peft casts it to the LoRA weights' dtype
+    # (_lora_copy_bytes: fp32 LoRA on a half base, e.g. precision=auto on a bf16 CPU); dropout
+    # then runs on that copy. Otherwise it shares the compute-dtype input others keep.
+    copy = _lora_copy_bytes(cfg, c)
+    d_in = copy or c  # dtype bytes of what the branch's dropout and lora_A see
+    a_out = c if _autocast(cfg) else _lora_param_bytes(cfg, c)  # lora_A's output, kept for lora_B
     # Dropout keeps its output and its mask: a bool mask on CUDA (native_dropout), on the CPU a
-    # compute-dtype noise tensor (torch's unfused dropout multiplies by scaled Bernoulli noise).
-    drop_bytes = (2 * c if cfg.accelerator == "cpu" else 1 + c) if drop else 0
+    # noise tensor of its input's dtype (torch's unfused dropout multiplies by scaled Bernoulli noise).
+    drop_bytes = (2 * d_in if cfg.accelerator == "cpu" else 1 + d_in) if drop else copy
+    shared = not drop and not copy  # the branch keeps nothing of its input beyond what others keep
 
     def lora_in(name: str) -> int:  # what the LoRA branch of `name` keeps per token
         if name not in targets:
             return 0
         size = lin[name][0] * (k if name in ("gate", "up", "down") else 1)
         extra = c * size if cfg.lora.use_dora else 0  # DoRA keeps the base output for its rescale
-        return drop_bytes * size + c * r + extra
+        return drop_bytes * size + a_out * r + extra
 
-    # RMSNorm upcasts to fp32: keeps the fp32 input and rsqrt; its output only if a LoRA without
-    # dropout reads it.
-    norm_out = lambda names: c * h if (set(names) & targets and not drop) else 0  # noqa: E731
+    # RMSNorm upcasts to fp32: keeps the fp32 input and rsqrt; its output only if a LoRA reads it
+    # as it is (no dropout, no cast).
+    norm_out = lambda names: c * h if (set(names) & targets and shared) else 0  # noqa: E731
     # transformers' sdpa path repeats k/v to n_head when a mask is passed (packing), and torch turns
     # the boolean mask into an additive one in the compute dtype in every layer, which the
     # attention's backward keeps (seq keys per token). flash_attention_2 takes neither; nor does
@@ -184,7 +191,7 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     mlp_saved = (2 if cfg.train.lean_activations and not cfg.train.liger else 3) if s.gated_mlp else 1
     mlp_linears = ("gate", "up", "down")
     mlp = {
-        "mlp": k * c * i * mlp_saved + (k * c * i if "down" in targets and not drop else 0)
+        "mlp": k * c * i * mlp_saved + (k * c * i if "down" in targets and shared else 0)
         + (4 * s.n_expert if s.n_expert else 0),
         "lora": sum(lora_in(n) for n in lin if n in mlp_linears),
     }
@@ -194,13 +201,42 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
         # q, k, v, the output and its logsumexp; o's LoRA input adds no tensor of its own with
         # sdpa (saved-tensor trace on CPU; flash assumed alike), one with eager
         "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head + layer_mask
-        + (c * qd if "o" in targets and not drop and attn == "eager" else 0),
+        + (c * qd if "o" in targets and shared and attn == "eager" else 0),
         "mlp": 0 if tiled else mlp["mlp"],
         "lora": sum(lora_in(n) for n in lin if n not in mlp_linears) + (0 if tiled else mlp["lora"]),
     }
     if cfg.model.attn_implementation == "eager":  # softmax in fp32 (+ its compute-dtype copy), per key
         d["attention"] += _upcast(c) * s.n_head * seq
     return d, (mlp if tiled else {})
+
+
+def _autocast(cfg) -> bool:
+    """Whether training runs under autocast: a *-mixed precision on a GPU (auto there is
+    bf16-mixed); on the CPU precision=auto and *-true never autocast (finetune.runtime)."""
+    if cfg.accelerator == "cpu":
+        return False
+    return cfg.precision in (None, "auto") or str(cfg.precision).endswith("-mixed")
+
+
+def _lora_param_bytes(cfg, c: int) -> int:
+    """Bytes per value of the LoRA weights (and their gradients): fp32, but under FSDP the one
+    dtype of every parameter, the compute dtype (finetune.runtime.fsdp_param_dtype)."""
+    return c if cfg.strategy == "fsdp" and cfg.devices * cfg.num_nodes > 1 else 4
+
+
+def _lora_copy_bytes(cfg, c: int) -> int:
+    """Bytes per value of the copy of its input each LoRA branch makes and keeps for lora_A's
+    weight gradient, 0 where it reads the compute-dtype input as it is. peft casts a branch's
+    input to the LoRA weights' dtype, each branch its own copy (q, k and v three): with fp32 LoRA
+    on a bf16 base that is an fp32 copy per branch (measured at precision=auto on a bf16 CPU:
+    bench/plan_vs_measured.py). Under autocast peft's bitsandbytes layers skip the cast and its
+    plain Linear casts to fp32, which autocast casts back: a compute-dtype copy."""
+    lora = _lora_param_bytes(cfg, c)
+    if lora == c:
+        return 0
+    if _autocast(cfg):
+        return 0 if cfg.quant.mode != "none" else c
+    return lora
 
 
 def _upcast(c: int) -> int:
@@ -273,7 +309,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         if m in ("lm_head", "embed_tokens"):
             trainable.append(V * h)
     n_train = sum(trainable)
-    lora_bytes = c if fsdp else 4  # under FSDP every parameter takes the compute dtype (finetune.models.load)
+    lora_bytes = _lora_param_bytes(cfg, c)
     opt = sum(_opt_bytes(t, cfg.train.optimizer) for t in trainable)
     if cfg.train.optimizer.startswith("paged"):
         notes["optimizer_state"] = "paged: can spill to CPU RAM under pressure"
