@@ -65,6 +65,7 @@ class Plan:
     parts: dict[str, int]
     notes: dict[str, str] = field(default_factory=dict)
     activations_detail: dict[str, int] = field(default_factory=dict)
+    load_peak_bytes: int = 0  # while the model loads, before the first step (_load_peak)
 
     @property
     def peak_bytes(self) -> int:
@@ -265,6 +266,23 @@ def _fused_head(cfg, targets: set[str]) -> bool:
             and "lm_head" not in cfg.lora.modules_to_save)
 
 
+def _load_peak(s: Shape, cfg, c: int, weights: int, unquant: int, on_cpu: bool) -> int:
+    """Bytes on the device while the model loads (every rank loads all of it, FSDP too): the
+    frozen weights as stored (`weights`: quantized linears with their constants; `unquant`:
+    embeddings, head, norms in the compute dtype; finetune.models.load no longer lets peft's
+    k-bit preparation round-trip them through fp32) plus the largest transient. bitsandbytes
+    quantizes each linear as it arrives (one weight in the compute dtype at a time); a MoE's
+    fused expert stacks are no Linear: transformers loads them all in the compute dtype, and
+    finetune.models.experts packs them afterwards, so all of them are unpacked at once."""
+    mode = cfg.quant.mode
+    biggest = max(fin * fout for fin, fout, _ in s.linears().values())
+    transient = biggest * c if mode != "none" else 0
+    if s.n_expert and mode == "nf4":  # `weights` counts the experts packed; at load they are not yet
+        per_expert = ((2 if s.gated_mlp else 1) + 1) * s.intermediate * s.hidden
+        transient = s.n_layer * s.n_expert * (per_expert * c - (per_expert + 1) // 2)
+    return weights + unquant + transient + (0 if on_cpu else CUDA_CONTEXT_BYTES)
+
+
 def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
             slack: float = 0.10) -> Plan:
     """Peak memory per device of one training step of `cfg`, itemised (bytes)."""
@@ -390,13 +408,13 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     parts["allocator_slack"] = int(allocated * slack)
     if not fsdp and world > 1:
         notes["strategy"] = "ddp: weights, LoRA and optimizer state replicated on every device"
+    load = _load_peak(s, cfg, c, w_shard + w_repl, unquant, on_cpu)
     if fsdp:
-        load = w_shard + w_repl + unquant + (0 if on_cpu else CUDA_CONTEXT_BYTES)
         notes["strategy"] = (f"fsdp: each device first loads the whole quantized model ({load / GiB:.2f} GiB), "
                              "then shards it; that load must fit one device too")
     return Plan(model=s.name, shape=s, world_size=world,
                 strategy=("fsdp" if fsdp else ("ddp" if world > 1 else "single")),
-                micro_batch=mb, seq_len=seq, parts=parts, notes=notes,
+                micro_batch=mb, seq_len=seq, parts=parts, notes=notes, load_peak_bytes=load,
                 activations_detail={"with_checkpointing": with_ckpt, "without_checkpointing": without_ckpt,
                                     "one_layer": layer_full, "attention_masks": masks,
                                     "loss_transient": logits, "backward_transient": backward,
@@ -455,6 +473,7 @@ def report(cfg, budget: int, slack: float = 0.10) -> dict:
         "loss_chunk_size": cfg.train.loss_chunk_size,
         "n_params": plan.shape.n_params(),
         "peak_bytes": plan.peak_bytes, "peak_gib": round(plan.peak_bytes / GiB, 3),
+        "load_peak_bytes": plan.load_peak_bytes, "load_fits": plan.load_peak_bytes <= budget,
         "budget_bytes": budget, "fits": plan.peak_bytes <= budget,
         "parts": plan.parts,
         "activations_detail": plan.activations_detail,
