@@ -371,15 +371,15 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
 
     # Logits. The fused frozen head (finetune.memory.lean) holds one chunk of logits in fp32 (+ their
     # compute-dtype form when that is not fp32) and keeps d loss / d hidden for backward; any other
-    # head: logits, their fp32 upcast, the log-softmax output and its grads, for the whole sequence
-    # or one chunk of train.loss_chunk_size tokens (recomputed in backward).
+    # head: the fp32 logits, the log-softmax output and its grads, for the whole sequence or one
+    # chunk of train.loss_chunk_size tokens (recomputed in backward); measured at fp32 and bf16.
     chunk = min(cfg.train.loss_chunk_size, tokens) if cfg.train.loss_chunk_size > 0 else tokens
     if _fused_head(cfg, targets):
         # + the final norm's output, its trained positions gathered (a copy; the [:, :-1] of more
         # than one row is another) and d loss / d hidden, all hidden-sized
         logits = chunk * V * _upcast(c) + (3 + (mb > 1)) * c * h * tokens
-    else:
-        logits = chunk * V * (8 + _upcast(c))
+    else:  # a half-precision head's output is freed once upcast (nothing keeps it for backward)
+        logits = chunk * V * (8 + 4)
     # The loss's transient peaks at the end of forward, a layer's backward later: they never
     # coexist, so the peak is the kept activations plus the larger of the two.
     backward = recomputed + workspace
