@@ -111,11 +111,12 @@ def test_chunked_loss_reduces_logits():
     s, tokens = plain.shape, 2 * 1024
     # bf16: the fused frozen head holds one chunk of fp32 logits + their bf16 form and three
     # hidden-sized tensors (norm output, trained positions, d loss/d hidden; micro-batch 2 adds the
-    # copy [:, :-1] makes); the plain loss holds every position's logits, upcast, log-softmax and grads.
+    # copy [:, :-1] makes); the plain loss holds every position's fp32 logits, log-softmax and grads
+    # (the bf16 logits are freed once upcast: measured at bf16 on the CPU, bench/plan_vs_measured.py).
     assert chunked.parts["logits_loss"] == 256 * s.vocab * (4 + 2) + 4 * 2 * s.hidden * tokens
-    assert plain.parts["logits_loss"] == tokens * s.vocab * (2 + 4 + 8)
+    assert plain.parts["logits_loss"] == tokens * s.vocab * (4 + 8)
     trained_head = predict(cfg_of(train__loss_chunk_size=256, lora__target_modules="[q_proj,v_proj,lm_head]"))
-    assert trained_head.parts["logits_loss"] == 256 * s.vocab * (2 + 4 + 8)  # chunk recomputed in backward
+    assert trained_head.parts["logits_loss"] == 256 * s.vocab * (4 + 8)  # chunk recomputed in backward
 
 
 def test_weight_bytes_nf4_lt_int8_lt_none():
