@@ -1,6 +1,6 @@
 """The device check's first part: package versions, the GPU, and bitsandbytes' NF4 path on it
 (a 4096 x 11008 NF4 + double-quant Linear4bit, bf16 compute, forward + backward, against the
-dequantized matmul; one paged AdamW 8-bit step). Prints one JSON line; exit 1 if bitsandbytes
+dequantized matmul; one paged AdamW 8-bit step on a parameter large enough to be paged). Prints one JSON line; exit 1 if bitsandbytes
 cannot run there (nothing else can then). `--cpu-smoke`: the same on a small layer on the CPU."""
 
 import importlib.metadata as md
@@ -9,6 +9,7 @@ import json
 import sys
 import time
 
+PAGED_PROBE_SHAPE = (4096, 64)  # 262,144 elements > bitsandbytes' 1e5 paging threshold
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "lightning", "bitsandbytes", "huggingface-hub",
             "tokenizers", "safetensors", "triton", "flash-attn", "liger-kernel", "jsonargparse", "datasets",
             "litgpt", "numpy", "nvidia-ml-py")
@@ -49,11 +50,16 @@ def main() -> int:
         rel = ((y.float() - ref).norm() / ref.norm()).item()
         out.update(bnb_linear4bit_out_dtype=str(y.dtype), bnb_rel_err_vs_dequant_matmul=round(rel, 5),
                    bnb_grad_finite=bool(torch.isfinite(x.grad).all()))
-        p = torch.nn.Parameter(torch.randn(4096, 16, device=dev))
+        # bitsandbytes pages (managed memory) an optimizer state only from 1e5 elements
+        # (Optimizer8bit's min size for paging): a smaller probe would leave the first paged
+        # allocation to the 7B part, a minute in.
+        p = torch.nn.Parameter(torch.randn(PAGED_PROBE_SHAPE, device=dev))
         opt = bnb.optim.PagedAdamW8bit([p], lr=1e-3)
         p.grad = torch.randn_like(p)
         opt.step()
-        out["bnb_paged_adamw8bit_step"] = "ok"
+        state1 = opt.state[p].get("state1")
+        out.update(bnb_paged_adamw8bit_step="ok", bnb_paged_probe_numel=p.numel(),
+                   bnb_paged_state=bool(getattr(state1, "is_paged", False)))
         out["bnb_numerics_ok"] = rel < 2e-2 and out["bnb_grad_finite"]  # reported; only an exception is fatal
         out["bnb_check_s"] = round(time.perf_counter() - t0, 2)
         out["bnb_ok"] = True

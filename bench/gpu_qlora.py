@@ -10,8 +10,10 @@ and compute are real; nothing is downloaded): Llama-2-7B and Llama-3.1-8B, writt
 (byte tokens). Every measurement runs in its own subprocess that first calls
 torch.cuda.set_per_process_memory_fraction(12 GiB / device memory), so an over-budget
 configuration fails with OOM as it would on a 12 GiB card; the parent never initialises CUDA,
-so a worker's context is its own. "fits a 12 GiB card" = peak reserved + that process's memory
-outside torch's allocator (CUDA context, cuBLAS workspaces, bitsandbytes' pages) <= 12 GiB.
+so a worker's context is its own. "fits a 12 GB card" = peak reserved + that process's memory
+outside torch's allocator (CUDA context, cuBLAS workspaces, bitsandbytes' pages) <= 11.5 GiB (a
+12 GB card shows torch about 11.7 GiB); each worker is capped to 11.5 GiB less its measured
+context, and records its load-time peak apart from the training peak (the cache emptied between).
 
 Parts (the JSON is rewritten the moment each part, and each worker, ends; every worker's whole
 output goes to --logs; --budget_s bounds the whole run, every worker's timeout included):
@@ -48,7 +50,7 @@ import time
 from pathlib import Path
 
 from common import versions
-from gpu_runner import BUDGET, SMOKE, SMOKE_ENV, Runner, fits, hardware, synthetic_data  # noqa: F401
+from gpu_runner import BUDGET, LIMIT, SMOKE, SMOKE_ENV, Runner, fits, hardware, synthetic_data  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -130,16 +132,34 @@ def _own_gpu_bytes(spec: dict) -> int:
 
 
 def cap_memory(spec: dict) -> dict:
-    """Cap this process to 12 GiB of the device; its CUDA context, before any tensor."""
+    """Cap this process to LIMIT (11.5 GiB) less its own CUDA context, measured first: torch's cap
+    covers only its allocator, the context comes on top on a real card."""
     if SMOKE:
-        return {"context_bytes": 0}
+        return {"context_bytes": 0, "cap_bytes": LIMIT}
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, BUDGET / total), 0)
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # the context exists from here on
-    return {"device_total_bytes": total, "context_bytes": _own_gpu_bytes(spec) - torch.cuda.memory_reserved()}
+    context = _own_gpu_bytes(spec) - torch.cuda.memory_reserved()
+    cap = LIMIT - max(context, 0)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), 0)
+    return {"device_total_bytes": total, "context_bytes": context, "cap_bytes": cap}
+
+
+def end_of_load() -> dict:
+    """Between loading and the first step: the load-time peaks, then the cache emptied and the
+    peaks reset, so the training peak is the steps' own (cached load blocks would count in it)."""
+    if SMOKE:
+        return {"load_peak_allocated_bytes": 0, "load_peak_reserved_bytes": 0}
+    import torch
+
+    _sync()
+    out = {"load_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+           "load_peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return out
 
 
 def _end_memory(spec: dict) -> dict:
@@ -208,11 +228,8 @@ def worker_ours(spec: dict) -> dict:
     def counting_forward(self, input_ids, labels, position_ids):
         if torch.is_grad_enabled():
             if not tokens:  # the training peak, not the model-loading one
-                _sync()
+                extra.update(end_of_load())
                 start.append(time.perf_counter())
-                if not SMOKE:
-                    extra["load_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
             tokens.append(int((labels[:, 1:] != -100).sum()))
         return real_forward(self, input_ids, labels, position_ids)
 
@@ -282,10 +299,8 @@ def worker_baseline(spec: dict) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    extra = {"static_bytes_by_dtype": _dtypes(model), "losses": []}
+    extra = {"static_bytes_by_dtype": _dtypes(model), "losses": [], **end_of_load()}
     model.train()
-    if not SMOKE:
-        torch.cuda.reset_peak_memory_stats()
     tokens, ends, start = [], [], []
     for step in range(spec["steps"]):
         for b in stream.step_batches(step):

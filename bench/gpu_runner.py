@@ -17,6 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1024 ** 3
 BUDGET = 12 * GiB  # the card the product is for
+# What a run may use of a "12 GB" card, CUDA context included: such cards report about 11.7 GiB
+# to torch, and the context sits outside torch's cap. The cap of every worker is this minus its
+# own measured context; "fits" is peak reserved + context within it.
+LIMIT = int(11.5 * GiB)
 # --cpu-smoke (inherited by the workers): tiny shape on the CPU, every code path, no GPU calls.
 SMOKE_ENV = "GPU_QLORA_CPU_SMOKE"
 SMOKE = os.environ.get(SMOKE_ENV) == "1"
@@ -94,12 +98,20 @@ def gpu_used_bytes():
 
 
 def fits(res: dict) -> dict:
-    """Whether a run fits a 12 GiB card: peak reserved + the process's memory outside torch."""
+    """Whether a run fits a 12 GB card: the training peak reserved + the process's memory outside
+    torch (the CUDA context as measured, or more at the end) within LIMIT (11.5 GiB), with the
+    named fields every part reports: limit_GiB, context_GiB, load_peak_reserved_GiB (loading,
+    before the cache was emptied) and train_peak_reserved_GiB (the steps)."""
     if not res.get("ok") or "peak_reserved_bytes" not in res:
         return {}
     outside = max(res.get("context_bytes") or 0, res.get("end_non_torch_bytes") or 0)
     total = res["peak_reserved_bytes"] + outside
-    return {"reserved_plus_context_bytes": total, "fits_12GiB_card": total <= BUDGET}
+    load = res.get("load_peak_reserved_bytes")
+    return {"reserved_plus_context_bytes": total, "fits_12GiB_card": total <= LIMIT,
+            "limit_GiB": round(LIMIT / GiB, 3), "context_GiB": round(outside / GiB, 3),
+            "load_peak_reserved_GiB": None if load is None else round(load / GiB, 3),
+            "train_peak_reserved_GiB": round(res["peak_reserved_bytes"] / GiB, 3),
+            "load_fits": None if load is None else load + outside <= LIMIT}
 
 
 def hardware() -> dict:

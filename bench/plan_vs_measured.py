@@ -1,7 +1,11 @@
 """The memory planner against measured peaks: `finetune.plan.predict` vs one real training step.
 
-    python bench/plan_vs_measured.py                  # 8 configs of SmolLM2-135M, ~6 min on 2 CPU cores
+    python bench/plan_vs_measured.py                  # 8 configs of SmolLM2-135M at precision=auto
+    python bench/plan_vs_measured.py --precision auto,bf16-true,32-true --out bench/results/x.json
     python bench/plan_vs_measured.py --model /path/to/hf-dir --seq 256
+
+Each precision is resolved as training resolves it (precision=auto on a CPU: the probe's choice,
+finetune.runtime.planned_precision), for the prediction and the measurement alike.
 
 Each config builds the recipe's model, loss and optimizer as training does and measures its second
 step with `finetune.training.measure.measure` (what `finetune plan ... measure=true` runs): on a GPU torch's
@@ -43,13 +47,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--only", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--precision", default="auto", help="comma-separated precisions, e.g. auto,bf16-true,32-true")
     ap.add_argument("--out", default=None, help="default: bench/results/plan-vs-measured-<device>.json")
     a = ap.parse_args()
 
     import torch
 
     from finetune.config import load_config
-    from finetune.training.measure import measure
+    from finetune.training.measure import STATIC_PARTS, measure, measured_device_cfg
     from finetune.plan.predict import predict
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,26 +62,29 @@ def main() -> None:
             "train.micro_batch_size": str(a.micro_batch), "lora.r": "16", "lora.alpha": "32", "lora.dropout": "0",
             "lora.target_modules": "[all-linear]", "train.optimizer": "adamw", "train.loss_chunk_size": "256"}
     rows = []
-    for name in a.only.split(","):
-        cfg = load_config("tiny-lora", dict(base, **CONFIGS[name]))
+    for precision, name in [(p, n) for p in a.precision.split(",") for n in a.only.split(",")]:
+        cfg = measured_device_cfg(load_config("tiny-lora", dict(base, precision=precision, **CONFIGS[name])))
         plan = predict(cfg, slack=0.0)
         predicted = plan.peak_bytes - plan.parts["cuda_context"]
         t0 = time.perf_counter()
         m = measure(cfg)
         err = predicted / m["peak_allocated_bytes"] - 1
-        rows.append({"config": name, "overrides": CONFIGS[name], "predicted_bytes": predicted,
+        rows.append({"config": name, "precision": precision, "planned_precision": cfg.precision,
+                     "overrides": CONFIGS[name], "predicted_bytes": predicted,
                      "measured_bytes": m["peak_allocated_bytes"], "error": round(err, 4),
+                     "static_error": round(sum(plan.parts.get(k, 0) for k in STATIC_PARTS) / m["static_bytes_total"] - 1, 4),
                      "parts": plan.parts, "measure": m, "wall_s": round(time.perf_counter() - t0, 1)})
-        print(f"{name:24s} predicted {predicted / 2**20:8.1f} MiB  measured {m['peak_allocated_bytes'] / 2**20:8.1f} MiB"
-              f"  error {100 * err:+5.1f}%", flush=True)
+        print(f"{name:24s} {precision:10s} predicted {predicted / 2**20:8.1f} MiB  measured {m['peak_allocated_bytes'] / 2**20:8.1f} MiB"
+              f"  error {100 * err:+5.1f}%  static {100 * rows[-1]['static_error']:+.1f}%", flush=True)
     worst = max(abs(r["error"]) for r in rows)
     out = {
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         "hardware": {"device": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
                      "nproc": os.cpu_count(), "platform": platform.platform()},
         "versions": versions(("torch", "transformers", "peft", "bitsandbytes")),
-        "base": base, "rows": rows, "max_abs_error": round(worst, 4),
+        "base": base, "precisions": a.precision.split(","), "rows": rows, "max_abs_error": round(worst, 4),
         "within_10_percent": sum(abs(r["error"]) <= 0.10 for r in rows),
+        "max_abs_static_error": max(abs(r["static_error"]) for r in rows),
     }
     path = Path(a.out or ROOT / "bench" / "results" / f"plan-vs-measured-{device}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

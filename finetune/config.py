@@ -274,7 +274,8 @@ class Config:
     train.optimizer=adamw). See docs/scale-out.md."""
     precision: Optional[Literal["auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"]] = "auto"
     """Fabric precision. auto (or null): bf16-mixed on GPU; on CPU frozen weights in bf16 where a
-    short probe measures bf16 faster on this CPU, else fp32 (LoRA weights fp32 either way)."""
+    short probe measures bf16 faster on this CPU, else fp32 (LoRA weights fp32 either way).
+    bf16-true / 16-true: frozen weights in that type, LoRA weights and their optimizer state fp32."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

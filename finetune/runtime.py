@@ -180,8 +180,16 @@ def storage_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
 
 def fsdp_param_dtype(cfg: Config, device: Union[str, torch.device]) -> torch.dtype:
     """The one dtype every parameter has under FSDP, which flattens each unit's parameters into a
-    single tensor: the 4-bit storage dtype for QLoRA (= the compute dtype, so FSDP's mixed
-    precision never casts the packed bytes), the base dtype for LoRA."""
+    single tensor: the 4-bit storage dtype for QLoRA (= the compute dtype unless quant.storage_dtype
+    names another), the base dtype for LoRA.
+
+    It is also FSDP's whole mixed-precision policy, for every precision: parameters are gathered,
+    computed with and reduced in this dtype, buffers keep theirs, and Fabric's precision plugin
+    never casts the module (finetune.training.distributed.PolicyPrecision). Fabric's own policy
+    follows the precision string instead (32-true: fp32; *-mixed: the half type), which cast the
+    flat parameter holding the NF4 bytes as if they were numbers: at precision=auto on a bf16 CPU
+    (storage bf16, Fabric 32-true) bitsandbytes then read twice the bytes ("shape '[64, 32]' is
+    invalid for input of size 4096"); on a GPU it would have dequantized garbage."""
     return storage_dtype(cfg, device) if cfg.quant.mode == "nf4" else base_dtype(cfg, device)
 
 
@@ -189,15 +197,18 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
     """(accelerator, precision) for Lightning Fabric: the accelerator `auto` resolves to, and the
     recipe's precision, for `auto`: bf16-mixed on GPU (16-mixed without bf16); 32-true on CPU,
     where the frozen weights' dtype is base_dtype's (bf16 where this CPU measured it faster), so
-    Fabric neither autocasts nor casts the module (its bf16-true would turn the LoRA weights and
-    their optimizer state bf16 too)."""
+    Fabric neither autocasts nor casts the module. An explicit bf16-true / 16-true is 32-true for
+    Fabric too: base_dtype already makes the frozen weights that half type, and Fabric's own
+    *-true would also cast the LoRA weights and their optimizer state, where small updates
+    vanish. So bf16-true trains exactly as precision=auto on a bf16 CPU (what
+    planned_precision says and finetune.plan.predict counts)."""
     accelerator = cfg.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise UsageError(f"accelerator={cfg.accelerator} but no CUDA GPU is visible; use accelerator=cpu")
     if not _auto(cfg):
-        return accelerator, cfg.precision
+        return accelerator, "32-true" if cfg.precision in ("bf16-true", "16-true") else cfg.precision
     if accelerator == "cpu":
         return accelerator, "32-true"
     return accelerator, "bf16-mixed" if _gpu_half() == torch.bfloat16 else "16-mixed"

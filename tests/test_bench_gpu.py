@@ -58,6 +58,41 @@ def test_workers_train_the_same_batches_with_warmup_0_and_record_dtypes(smoke_be
     # ours keeps the frozen embeddings/head/norms in bf16; peft's k-bit preparation (the baseline) in fp32
     assert set(ours["static_bytes_by_dtype"]["unquantized_weights"]) == {"bfloat16"}
     assert set(base["static_bytes_by_dtype"]["unquantized_weights"]) == {"float32"}
+    for res in (ours, base):  # the load-time peak recorded apart from the training peak
+        assert {"load_peak_allocated_bytes", "load_peak_reserved_bytes", "peak_reserved_bytes"} <= set(res)
+
+
+def test_fits_judges_11_5_GiB_with_the_measured_context_and_names_its_fields(smoke_bench):
+    from gpu_runner import LIMIT, fits
+
+    GiB = 1024 ** 3
+    assert LIMIT == int(11.5 * GiB)
+    res = {"ok": True, "peak_reserved_bytes": 11 * GiB, "context_bytes": int(0.6 * GiB),
+           "end_non_torch_bytes": int(0.5 * GiB), "load_peak_reserved_bytes": 11 * GiB}
+    f = fits(res)  # 11 + 0.6 > 11.5: over, though under 12 GiB
+    assert not f["fits_12GiB_card"] and f["limit_GiB"] == 11.5 and f["context_GiB"] == 0.6
+    assert f["train_peak_reserved_GiB"] == 11.0 and f["load_peak_reserved_GiB"] == 11.0 and not f["load_fits"]
+    assert fits({**res, "peak_reserved_bytes": 8 * GiB})["fits_12GiB_card"]
+
+
+def test_check_runs_the_7b_recipe_settings_within_the_default_budget(smoke_bench, monkeypatch):
+    sys.modules.pop("gpu_check", None)
+    gc = importlib.import_module("gpu_check")
+    assert gc.DEFAULT_BUDGET_S <= 330
+    monkeypatch.setattr(gc, "SMOKE", False)
+    parts = gc.variants(2048)
+    assert list(parts) == ["ours-ckpt", "ours-recipe", "ours-offload"]  # by value
+    seq, micro, ov = parts["ours-recipe"]
+    assert (seq, micro) == (1024, 2) and ov["lora.dropout"] == "0.05"  # recipes/qlora-7b-alpaca.yaml
+    assert parts["ours-ckpt"][:2] == (2048, 1)
+
+
+def test_env_probe_pages_above_the_bitsandbytes_threshold():
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_env.py"), "--cpu-smoke"], capture_output=True, text=True,
+                       timeout=300)
+    out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    assert out["bnb_ok"], out
+    assert out["bnb_paged_probe_numel"] > 1e5  # bitsandbytes pages optimizer state only from 1e5 elements
 
 
 def test_gpu_check_script_parses():
@@ -74,9 +109,17 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["smoke"] and summary["env"]["bnb_ok"]
     assert summary["planner"]["predictions"]["ours-ckpt"]["peak_bytes"] > 0
-    for part in ("ours-ckpt", "baseline-fair", "baseline-independent", "ours-offload"):
+    for part in ("ours-ckpt", "ours-recipe", "baseline-fair", "baseline-independent", "ours-offload"):
         assert summary["parts"][part]["ok"], (part, summary["parts"][part])
         assert summary["parts"][part]["tokens_per_s"] > 0
+    assert summary["budget_s"] <= 330 and summary["env"]["bnb_paged_probe_numel"] > 1e5
     assert "speedup_ours_ckpt_vs_baseline-fair" in summary["verdict"]
+    assert summary["verdict"]["limit_GiB"] == 11.5
+    for part in ("ours-ckpt", "ours-recipe", "ours-offload", "baseline-fair"):
+        fields = summary["parts"][part]
+        assert {"limit_GiB", "context_GiB", "load_peak_reserved_GiB", "train_peak_reserved_GiB"} <= set(fields), part
+        assert {"limit_GiB", "context_GiB", "load_peak_reserved_GiB", "train_peak_reserved_GiB"} <= \
+            set(summary["verdict"][part])
+    assert "ours-recipe" in summary["planner"]["predictions"]
     logs = {p.name for p in (tmp_path / "out" / "logs").iterdir()}
     assert {"env.log", "ours-ckpt.log", "baseline-fair.log", "baseline-independent.log"} <= logs

@@ -7,7 +7,7 @@ file so litgpt's torch-importing package __init__ never runs).
 
 What autograd keeps and when the step peaks is checked against measured training steps on the
 CPU (`finetune plan ... measure=true`, finetune.training.measure; bench/plan_vs_measured.py: 8 SmolLM2
-configs within +3%; tests/training/test_measure.py). The GPU-only constants are not measured yet
+configs within +3% at fp32, within +5% at bf16 frozen weights; tests/training/test_measure.py). The GPU-only constants are not measured yet
 (bench/gpu_qlora.py compares against a GPU when one is available). Sources for those:
 - bitsandbytes 0.50 NF4 layout (read from its source): 4-bit codes packed 2 per byte, one fp32
   absmax per 64 weights; with double quant the absmax become uint8 with one fp32 absmax per 256
@@ -65,6 +65,7 @@ class Plan:
     parts: dict[str, int]
     notes: dict[str, str] = field(default_factory=dict)
     activations_detail: dict[str, int] = field(default_factory=dict)
+    load_peak_bytes: int = 0  # while the model loads, before the first step (_load_peak)
 
     @property
     def peak_bytes(self) -> int:
@@ -157,20 +158,27 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     k = max(s.expert_top_k, 1) if s.n_expert else 1
     lin = s.linears()
 
+    # A LoRA branch reads its own copy of its input where peft casts it to the LoRA weights' dtype
+    # (_lora_copy_bytes: fp32 LoRA on a half base, e.g. precision=auto on a bf16 CPU); dropout
+    # then runs on that copy. Otherwise it shares the compute-dtype input others keep.
+    copy = _lora_copy_bytes(cfg, c)
+    d_in = copy or c  # dtype bytes of what the branch's dropout and lora_A see
+    a_out = c if _autocast(cfg) else _lora_param_bytes(cfg, c)  # lora_A's output, kept for lora_B
     # Dropout keeps its output and its mask: a bool mask on CUDA (native_dropout), on the CPU a
-    # compute-dtype noise tensor (torch's unfused dropout multiplies by scaled Bernoulli noise).
-    drop_bytes = (2 * c if cfg.accelerator == "cpu" else 1 + c) if drop else 0
+    # noise tensor of its input's dtype (torch's unfused dropout multiplies by scaled Bernoulli noise).
+    drop_bytes = (2 * d_in if cfg.accelerator == "cpu" else 1 + d_in) if drop else copy
+    shared = not drop and not copy  # the branch keeps nothing of its input beyond what others keep
 
     def lora_in(name: str) -> int:  # what the LoRA branch of `name` keeps per token
         if name not in targets:
             return 0
         size = lin[name][0] * (k if name in ("gate", "up", "down") else 1)
         extra = c * size if cfg.lora.use_dora else 0  # DoRA keeps the base output for its rescale
-        return drop_bytes * size + c * r + extra
+        return drop_bytes * size + a_out * r + extra
 
-    # RMSNorm upcasts to fp32: keeps the fp32 input and rsqrt; its output only if a LoRA without
-    # dropout reads it.
-    norm_out = lambda names: c * h if (set(names) & targets and not drop) else 0  # noqa: E731
+    # RMSNorm upcasts to fp32: keeps the fp32 input and rsqrt; its output only if a LoRA reads it
+    # as it is (no dropout, no cast).
+    norm_out = lambda names: c * h if (set(names) & targets and shared) else 0  # noqa: E731
     # transformers' sdpa path repeats k/v to n_head when a mask is passed (packing), and torch turns
     # the boolean mask into an additive one in the compute dtype in every layer, which the
     # attention's backward keeps (seq keys per token). flash_attention_2 takes neither; nor does
@@ -184,7 +192,7 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     mlp_saved = (2 if cfg.train.lean_activations and not cfg.train.liger else 3) if s.gated_mlp else 1
     mlp_linears = ("gate", "up", "down")
     mlp = {
-        "mlp": k * c * i * mlp_saved + (k * c * i if "down" in targets and not drop else 0)
+        "mlp": k * c * i * mlp_saved + (k * c * i if "down" in targets and shared else 0)
         + (4 * s.n_expert if s.n_expert else 0),
         "lora": sum(lora_in(n) for n in lin if n in mlp_linears),
     }
@@ -194,13 +202,42 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
         # q, k, v, the output and its logsumexp; o's LoRA input adds no tensor of its own with
         # sdpa (saved-tensor trace on CPU; flash assumed alike), one with eager
         "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head + layer_mask
-        + (c * qd if "o" in targets and not drop and attn == "eager" else 0),
+        + (c * qd if "o" in targets and shared and attn == "eager" else 0),
         "mlp": 0 if tiled else mlp["mlp"],
         "lora": sum(lora_in(n) for n in lin if n not in mlp_linears) + (0 if tiled else mlp["lora"]),
     }
     if cfg.model.attn_implementation == "eager":  # softmax in fp32 (+ its compute-dtype copy), per key
         d["attention"] += _upcast(c) * s.n_head * seq
     return d, (mlp if tiled else {})
+
+
+def _autocast(cfg) -> bool:
+    """Whether training runs under autocast: a *-mixed precision on a GPU (auto there is
+    bf16-mixed); on the CPU precision=auto and *-true never autocast (finetune.runtime)."""
+    if cfg.accelerator == "cpu":
+        return False
+    return cfg.precision in (None, "auto") or str(cfg.precision).endswith("-mixed")
+
+
+def _lora_param_bytes(cfg, c: int) -> int:
+    """Bytes per value of the LoRA weights (and their gradients): fp32, but under FSDP the one
+    dtype of every parameter, the compute dtype (finetune.runtime.fsdp_param_dtype)."""
+    return c if cfg.strategy == "fsdp" and cfg.devices * cfg.num_nodes > 1 else 4
+
+
+def _lora_copy_bytes(cfg, c: int) -> int:
+    """Bytes per value of the copy of its input each LoRA branch makes and keeps for lora_A's
+    weight gradient, 0 where it reads the compute-dtype input as it is. peft casts a branch's
+    input to the LoRA weights' dtype, each branch its own copy (q, k and v three): with fp32 LoRA
+    on a bf16 base that is an fp32 copy per branch (measured at precision=auto on a bf16 CPU:
+    bench/plan_vs_measured.py). Under autocast peft's bitsandbytes layers skip the cast and its
+    plain Linear casts to fp32, which autocast casts back: a compute-dtype copy."""
+    lora = _lora_param_bytes(cfg, c)
+    if lora == c:
+        return 0
+    if _autocast(cfg):
+        return 0 if cfg.quant.mode != "none" else c
+    return lora
 
 
 def _upcast(c: int) -> int:
@@ -244,6 +281,23 @@ def _fused_head(cfg, targets: set[str]) -> bool:
     and a head that neither LoRA nor modules_to_save trains (finetune.training.loss.head_loss_sum)."""
     return (cfg.train.loss_chunk_size > 0 and "lm_head" not in targets
             and "lm_head" not in cfg.lora.modules_to_save)
+
+
+def _load_peak(s: Shape, cfg, c: int, weights: int, unquant: int, on_cpu: bool) -> int:
+    """Bytes on the device while the model loads (every rank loads all of it, FSDP too): the
+    frozen weights as stored (`weights`: quantized linears with their constants; `unquant`:
+    embeddings, head, norms in the compute dtype; finetune.models.load no longer lets peft's
+    k-bit preparation round-trip them through fp32) plus the largest transient. bitsandbytes
+    quantizes each linear as it arrives (one weight in the compute dtype at a time); a MoE's
+    fused expert stacks are no Linear: transformers loads them all in the compute dtype, and
+    finetune.models.experts packs them afterwards, so all of them are unpacked at once."""
+    mode = cfg.quant.mode
+    biggest = max(fin * fout for fin, fout, _ in s.linears().values())
+    transient = biggest * c if mode != "none" else 0
+    if s.n_expert and mode == "nf4":  # `weights` counts the experts packed; at load they are not yet
+        per_expert = ((2 if s.gated_mlp else 1) + 1) * s.intermediate * s.hidden
+        transient = s.n_layer * s.n_expert * (per_expert * c - (per_expert + 1) // 2)
+    return weights + unquant + transient + (0 if on_cpu else CUDA_CONTEXT_BYTES)
 
 
 def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
@@ -291,7 +345,7 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         if m in ("lm_head", "embed_tokens"):
             trainable.append(V * h)
     n_train = sum(trainable)
-    lora_bytes = c if fsdp else 4  # under FSDP every parameter takes the compute dtype (finetune.models.load)
+    lora_bytes = _lora_param_bytes(cfg, c)
     opt = sum(_opt_bytes(t, cfg.train.optimizer) for t in trainable)
     if cfg.train.optimizer.startswith("paged"):
         notes["optimizer_state"] = "paged: can spill to CPU RAM under pressure"
@@ -335,15 +389,15 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
 
     # Logits. The fused frozen head (finetune.memory.lean) holds one chunk of logits in fp32 (+ their
     # compute-dtype form when that is not fp32) and keeps d loss / d hidden for backward; any other
-    # head: logits, their fp32 upcast, the log-softmax output and its grads, for the whole sequence
-    # or one chunk of train.loss_chunk_size tokens (recomputed in backward).
+    # head: the fp32 logits, the log-softmax output and its grads, for the whole sequence or one
+    # chunk of train.loss_chunk_size tokens (recomputed in backward); measured at fp32 and bf16.
     chunk = min(cfg.train.loss_chunk_size, tokens) if cfg.train.loss_chunk_size > 0 else tokens
     if _fused_head(cfg, targets):
         # + the final norm's output, its trained positions gathered (a copy; the [:, :-1] of more
         # than one row is another) and d loss / d hidden, all hidden-sized
         logits = chunk * V * _upcast(c) + (3 + (rows > 1)) * c * h * tokens
-    else:
-        logits = chunk * V * (8 + _upcast(c))
+    else:  # a half-precision head's output is freed once upcast (nothing keeps it for backward)
+        logits = chunk * V * (8 + 4)
     # The loss's transient peaks at the end of forward, a layer's backward later: they never
     # coexist, so the peak is the kept activations plus the larger of the two.
     backward = recomputed + workspace
@@ -378,13 +432,13 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
                                    if cfg.train.objective in ("dpo", "kto") else ""))
     if not fsdp and world > 1:
         notes["strategy"] = "ddp: weights, LoRA and optimizer state replicated on every device"
+    load = _load_peak(s, cfg, c, w_shard + w_repl, unquant, on_cpu)
     if fsdp:
-        load = w_shard + w_repl + unquant + (0 if on_cpu else CUDA_CONTEXT_BYTES)
         notes["strategy"] = (f"fsdp: each device first loads the whole quantized model ({load / GiB:.2f} GiB), "
                              "then shards it; that load must fit one device too")
     return Plan(model=s.name, shape=s, world_size=world,
                 strategy=("fsdp" if fsdp else ("ddp" if world > 1 else "single")),
-                micro_batch=mb, seq_len=seq, parts=parts, notes=notes,
+                micro_batch=mb, seq_len=seq, parts=parts, notes=notes, load_peak_bytes=load,
                 activations_detail={"with_checkpointing": with_ckpt, "without_checkpointing": without_ckpt,
                                     "one_layer": layer_full, "attention_masks": masks,
                                     "loss_transient": logits, "backward_transient": backward,
@@ -443,6 +497,7 @@ def report(cfg, budget: int, slack: float = 0.10) -> dict:
         "loss_chunk_size": cfg.train.loss_chunk_size,
         "n_params": plan.shape.n_params(),
         "peak_bytes": plan.peak_bytes, "peak_gib": round(plan.peak_bytes / GiB, 3),
+        "load_peak_bytes": plan.load_peak_bytes, "load_fits": plan.load_peak_bytes <= budget,
         "budget_bytes": budget, "fits": plan.peak_bytes <= budget,
         "parts": plan.parts,
         "activations_detail": plan.activations_detail,

@@ -29,6 +29,8 @@ def print_table(rep: dict) -> None:
         f"without {_gib(rep['activations_detail']['without_checkpointing'])} GiB",
         f"largest micro-batch at seq {rep['seq_len']}: {rep['max_micro_batch']}; "
         f"largest seq_len at micro-batch {rep['micro_batch']}: {rep['max_seq_len']}",
+        f"while loading (before the first step) {_gib(rep['load_peak_bytes'])} GiB: "
+        f"{'fits' if rep['load_fits'] else 'does NOT fit'}",
     ] + ([rep["notes"]["strategy"]] if "strategy" in rep["notes"] else [])
     if "max_seq_len_with_mlp_tiles" in rep:
         hint = rep["max_seq_len_with_mlp_tiles"]

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Optional
 
 import torch
+from lightning.fabric.plugins.precision.fsdp import FSDPPrecision
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from peft import get_peft_model_state_dict
 from torch import nn
@@ -26,17 +27,21 @@ from torch.distributed.fsdp import (
     FullOptimStateDictConfig,
     FullStateDictConfig,
     FullyShardedDataParallel,
+    MixedPrecision,
     ShardingStrategy,
     StateDictType,
 )
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from finetune.config import Config
-from finetune.errors import UsageError
+from finetune.errors import FinetuneError, UsageError
+from finetune.runtime import default_device, fsdp_param_dtype
 
 
-def make_strategy(cfg: Config, accelerator: str):
-    """The Fabric strategy for cfg.strategy (a name Fabric resolves itself where no setting is ours)."""
+def make_strategy(cfg: Config, accelerator: str, precision: str = "32-true"):
+    """The Fabric strategy for cfg.strategy (a name Fabric resolves itself where no setting is ours).
+    `precision` is the Fabric precision finetune.runtime.resolve_precision chose; under FSDP it
+    only decides autocast, the dtypes are finetune.runtime.fsdp_param_dtype's (PolicyPrecision)."""
     if cfg.strategy == "fsdp":
         if cfg.devices * cfg.num_nodes < 2:
             raise UsageError("strategy=fsdp shards over processes and needs devices x num_nodes >= 2; "
@@ -53,9 +58,14 @@ def make_strategy(cfg: Config, accelerator: str):
         if cfg.quant.mode == "nf4" and cfg.quant.storage_dtype == "uint8":
             raise UsageError("strategy=fsdp needs quant.storage_dtype=auto or a float dtype (got uint8): "
                              "FSDP flattens the packed 4-bit weights together with float parameters")
+        if precision not in PolicyPrecision.SUPPORTED:
+            raise UsageError(f"strategy=fsdp supports precision {', '.join(PolicyPrecision.SUPPORTED)} "
+                             f"(got {precision})")
+        dtype = fsdp_param_dtype(cfg, default_device(accelerator))
         return FSDPOnAnyDevice(auto_wrap_policy=decoder_layer_policy(), sharding_strategy=ShardingStrategy.FULL_SHARD,
                                state_dict_type="full", use_orig_params=True, cpu_offload=False,
-                               limit_all_gathers=True, process_group_backend="gloo" if accelerator == "cpu" else None)
+                               limit_all_gathers=True, process_group_backend="gloo" if accelerator == "cpu" else None,
+                               precision=PolicyPrecision(precision, dtype))
     if cfg.strategy == "ddp" and accelerator == "cpu":
         return DDPStrategy(process_group_backend="gloo")
     return cfg.strategy
@@ -67,6 +77,36 @@ def decoder_layer_policy():
         return type(module).__name__.endswith("DecoderLayer")
 
     return partial(lambda_auto_wrap_policy, lambda_fn=is_block)
+
+
+class PolicyPrecision(FSDPPrecision):
+    """Fabric's FSDP precision plugin with finetune.runtime's dtypes: FSDP's MixedPrecision is
+    `param_dtype` for parameters and gradient reduction (buffers keep theirs, e.g. RoPE's fp32
+    inverse frequencies), and the module is never cast, because load_model already put every
+    float parameter, the packed 4-bit bytes included, in that dtype. The precision string keeps
+    deciding autocast (bf16-mixed / 16-mixed on a GPU) and the gradient scaler (16-mixed).
+
+    Fabric's FSDPPrecision derives both from the string instead: `32-true` gathers the flat
+    parameters as fp32 and casts the module to fp32, which turned the bf16-stored NF4 bytes into
+    numbers (the crash at precision=auto on a bf16 CPU). Here a mismatch is impossible by
+    construction, and convert_module checks it anyway (an internal error, before any step)."""
+
+    SUPPORTED = ("32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
+
+    def __init__(self, precision: str, param_dtype: torch.dtype):
+        super().__init__(precision)
+        self.param_dtype = param_dtype
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        odd = sorted({str(p.dtype) for p in module.parameters() if p.is_floating_point() and p.dtype != self.param_dtype})
+        if odd:
+            raise FinetuneError(f"FSDP: parameters in {', '.join(odd)}, the dtype policy says {self.param_dtype} "
+                                "(finetune.runtime.fsdp_param_dtype)")
+        return module
+
+    @property
+    def mixed_precision_config(self) -> MixedPrecision:
+        return MixedPrecision(param_dtype=self.param_dtype, reduce_dtype=self.param_dtype, buffer_dtype=None)
 
 
 class FSDPOnAnyDevice(FSDPStrategy):
@@ -140,7 +180,9 @@ class CheckpointState:
             full = root.state_dict()  # on ranks > 0 only what bitsandbytes adds for its 4-bit weights
         if torch.distributed.get_rank() != 0:
             return {}
-        return {k: full[name].clone() for k, name in self.adapter_names.items()}
+        # fp32 on disk as without FSDP: under a half FSDP dtype the LoRA weights train in it
+        # (finetune.runtime.fsdp_param_dtype), and widening them loses nothing.
+        return {k: full[name].to(torch.float32, copy=True) for k, name in self.adapter_names.items()}
 
     def optimizer_state(self, lossmod: nn.Module, optimizer) -> dict:
         """The optimizer's state dict to save (called on every rank; under FSDP complete on rank 0)."""

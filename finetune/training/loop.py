@@ -75,7 +75,7 @@ def make_fabric(cfg: Config) -> L.Fabric:
     accelerator, precision = resolve_precision(cfg)
     loggers = make_loggers(cfg, Path(cfg.out_dir))
     return L.Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                    strategy=make_strategy(cfg, accelerator), precision=precision, loggers=loggers)
+                    strategy=make_strategy(cfg, accelerator, precision), precision=precision, loggers=loggers)
 
 
 def _preflight(cfg: Config) -> None:

@@ -3,7 +3,8 @@
 The planner (finetune.plan.predict) is arithmetic; this is the check. It builds the recipe's model, loss and
 optimizer with training's own `finetune.training.build.build_step` (memory features, chunked loss,
 MoE router term and optimizer included), runs one step so the optimizer state exists, then measures the
-next step: the bytes torch's allocator holds at its peak. That is the planner's "allocated" sum
+next step: the bytes torch's allocator holds at its peak, with the model and optimizer set up by Fabric under
+the precision plugin training uses (autocast on a GPU at bf16-mixed). That is the planner's "allocated" sum
 (every part but the CUDA context and the allocator slack), so the two compare directly. It lives in
 training, not in the planner, so the planner stays torch-free and below training.
 
@@ -37,7 +38,7 @@ from finetune.models.load import load_tokenizer
 from finetune.errors import UsageError
 from finetune.plan.predict import CUDA_CONTEXT_BYTES
 from finetune.plan.shapes import model_shape
-from finetune.runtime import default_device, planned_precision
+from finetune.runtime import default_device, planned_precision, resolve_precision
 from finetune.training.build import build_step
 from finetune.training.objectives import objective_for
 
@@ -167,7 +168,12 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
     torch.manual_seed(cfg.train.seed)
     objective = objective_for(cfg)
     built = build_step(cfg, device, load_tokenizer(cfg.model))
-    model, lossmod, optimizer = built.model, built.lossmod, built.optimizer
+    model, optimizer = built.model, built.optimizer
+    fabric = precision_fabric(cfg, device)
+    # Wrapped as training wraps them: Fabric's precision plugin converts the module, runs forward
+    # under its context (autocast for *-mixed, which changes peft's LoRA path and what autograd
+    # keeps) and scales the backward where it uses a scaler.
+    lossmod, fabric_optimizer = fabric.setup(built.lossmod, optimizer)
     vocab = model.get_output_embeddings().weight.shape[0]
     batch = objective.synthetic_batch(vocab, micro, seq)
     tokens = objective.trained_tokens(batch)
@@ -175,9 +181,9 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
 
     def step() -> float:
         loss, n = lossmod(*objective.inputs(batch))[:2]
-        (loss / n).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        fabric.backward(loss / n)
+        fabric_optimizer.step()
+        fabric_optimizer.zero_grad(set_to_none=True)
         return float(loss.detach() / n)
 
     step()  # creates the optimizer state
@@ -200,6 +206,17 @@ def measure(cfg: Config, micro_batch: Optional[int] = None, seq_len: Optional[in
     out["step_seconds"] = round(time.perf_counter() - t0, 3)
     out["trained_tokens"] = tokens
     return out
+
+
+def precision_fabric(cfg: Config, device: torch.device):
+    """A one-device Fabric with the precision plugin training gets for `cfg` (finetune.runtime.
+    resolve_precision), so the measured step runs as a training step does."""
+    import lightning as L
+
+    _, precision = resolve_precision(dataclasses.replace(cfg, accelerator=device.type))
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else 1
+    return L.Fabric(accelerator=device.type, devices=devices, strategy="auto", precision=precision)
 
 
 # --------------------------------------------------------------------------- against the prediction (`finetune plan ... measure=true`)

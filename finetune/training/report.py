@@ -28,9 +28,21 @@ def micro_batch(cfg: Config, device: torch.device) -> int:
     """train.micro_batch_size, or for `auto` the largest the planner fits in `device`'s memory."""
     if cfg.train.micro_batch_size != "auto":
         return int(cfg.train.micro_batch_size)
-    budget = (torch.cuda.get_device_properties(device).total_memory
-              if device.type == "cuda" else CPU_BUDGET_BYTES)
-    return auto_micro_batch(cfg, budget)
+    return auto_micro_batch(cfg, auto_budget(device))
+
+
+def auto_budget(device: torch.device) -> int:
+    """Bytes `train.micro_batch_size=auto` sizes a step's peak against. GPU: what is free before
+    the model loads (other processes, a capped fraction and this process's CUDA context are not
+    ours to fill; the total would overshoot by all of them), plus what torch already holds here
+    (cached blocks it can reuse) and the context the planner counts itself. Called once the model
+    is loaded, so what the model holds counts as ours: the planner's parts include it."""
+    if device.type != "cuda":
+        return CPU_BUDGET_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    cap = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device) * total
+    mine = torch.cuda.memory_reserved(device)
+    return int(min(free + mine, cap)) + CUDA_CONTEXT_BYTES
 
 
 def tiles_line(train: TrainConfig, memory: MemoryFeatures) -> Optional[str]:

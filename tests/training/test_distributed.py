@@ -158,6 +158,7 @@ def test_validation_respects_eval_batches_globally():
     ({"train.optimizer": "paged_adamw_8bit"}, "needs train.optimizer=adamw"),
     ({"quant.mode": "int8"}, "cannot shard int8"),
     ({"quant.mode": "nf4", "quant.storage_dtype": "uint8"}, "storage_dtype=auto or a float dtype"),
+    ({"precision": "64-true"}, r"strategy=fsdp supports precision 32-true, .* \(got 64-true\)"),  # bad-input 30f
 ])
 def test_fsdp_settings_it_cannot_run_are_usage_errors_before_launch(overrides, message):
     from finetune.training.loop import make_fabric

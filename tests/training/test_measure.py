@@ -30,9 +30,13 @@ def mid_model(tmp_path_factory):
     {"train.loss_chunk_size": "0"},
     {"train.lean_activations": "false"},
 ], ids=["lora", "nf4", "dropout", "eager", "full-logits", "plain-autograd"])
-def test_planner_within_10_percent_of_measured_cpu_step(mid_model, overrides):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_planner_within_10_percent_of_measured_cpu_step(mid_model, overrides, precision):
+    """At fp32 and with bf16 frozen weights (what precision=auto picks on a bf16 CPU), where each
+    LoRA branch keeps its own fp32 copy of its input."""
     cfg = load_config("tiny-lora", {"model.name": str(mid_model), "data.seq_len": "512", "lora.dropout": "0",
-                                    "train.loss_chunk_size": "256", **overrides})
+                                    "train.loss_chunk_size": "256", "accelerator": "cpu", "precision": precision,
+                                    **overrides})
     plan = predict(cfg, slack=0.0)
     predicted = plan.peak_bytes - plan.parts["cuda_context"]
     m = measure(cfg)
@@ -98,3 +102,29 @@ def test_measure_cli_on_tiny_dpo_within_10_percent():
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)["measured"]
     assert abs(m["error"]) < 0.10, m
+
+
+def test_measure_runs_the_step_under_trainings_precision_plugin(mid_model, monkeypatch):
+    """measure=true wraps the loss module with the Fabric precision plugin training gets: under
+    bf16-mixed the forward runs under autocast (on a GPU that is what changes peft's LoRA path)."""
+    import torch
+
+    from finetune.training import measure as measure_module
+
+    seen = []
+    real = measure_module.build_step
+
+    def build_step(cfg, device, tokenizer):
+        step = real(cfg, device, tokenizer)
+        step.model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+        return step
+
+    monkeypatch.setattr(measure_module, "build_step", build_step)
+    cfg = load_config("tiny-lora", {"model.name": str(mid_model), "data.seq_len": "128", "accelerator": "cpu",
+                                    "precision": "bf16-mixed"})
+    measure_module.measure(cfg)
+    assert seen and all(seen)
+    seen.clear()
+    measure_module.measure(load_config("tiny-lora", {"model.name": str(mid_model), "data.seq_len": "128",
+                                                     "accelerator": "cpu", "precision": "32-true"}))
+    assert seen and not any(seen)
