@@ -18,12 +18,13 @@ from typing import Optional, Union
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from finetune.config import Config, ModelConfig, QuantConfig
 from finetune.errors import FinetuneError, UsageError, first_line
 from finetune.models import embedded
+from finetune.models.dtypes import no_cpu_repack, one_float_dtype, prepare_kbit, trained_in_fp32
 from finetune.models.experts import keep_nf4_under_lora, quantize_fused_experts, unquantized_view
 from finetune.models.tiny import tiny_model_dir
 from finetune.portable import save_tokenizer
@@ -394,14 +395,14 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
                              attn_implementation=m.attn_implementation)
     if quant is not None and not quantized_modules(model):
         raise FinetuneError(f"quant.mode={cfg.quant.mode} was requested but no layer of {m.name} was quantized")
-    _no_cpu_repack(model)
+    no_cpu_repack(model)
     if quant is not None and cfg.quant.mode == "nf4":  # fused MoE experts are no Linear: NF4 them here
         quantize_fused_experts(model, compute_dtype(cfg, device), cfg.quant.double_quant)
     sync_special_tokens(model, tokenizer)
 
     no_reentrant = {"use_reentrant": False}
     if quant is not None:
-        model = _prepare_kbit(model, kbit_frozen_dtypes(cfg, device), gradient_checkpointing, no_reentrant)
+        model = prepare_kbit(model, kbit_frozen_dtypes(cfg, device), gradient_checkpointing, no_reentrant)
         if device.type == "cuda":  # loading's transient blocks are no training memory
             torch.cuda.empty_cache()
     elif gradient_checkpointing:
@@ -421,9 +422,9 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
                              f"linear modules are: {', '.join(linear_module_names(model))}") from None
         raise UsageError(f"lora settings rejected by peft for {m.name}: {first_line(e)}") from e
     _check_modules_to_save(model, cfg)
-    _trained_in_fp32(model)
+    trained_in_fp32(model)
     if cfg.strategy == "fsdp":
-        _one_float_dtype(model, fsdp_param_dtype(cfg, device))
+        one_float_dtype(model, fsdp_param_dtype(cfg, device))
     return model
 
 
@@ -434,98 +435,6 @@ def _from_adapter(model, cfg: Config):
         return PeftModel.from_pretrained(model, cfg.model.adapter, adapter_name="default", is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. a size mismatch: an adapter of another base
         raise UsageError(f"model.adapter {cfg.model.adapter} does not fit {cfg.model.name}: {first_line(e)}") from None
-
-
-def _prepare_kbit(model, dtypes: dict, gradient_checkpointing: bool, checkpoint_kwargs: dict):
-    """peft's prepare_model_for_kbit_training where the dtype policy is its own (fp32 frozen
-    weights: a compute dtype of fp32); else what it does (freeze every weight, non-reentrant
-    gradient checkpointing, which needs no input-grad hook) without its upcast of every frozen
-    half weight to fp32, which kbit_frozen_dtypes would cast straight back: on a GPU that round
-    trip holds the embeddings and head in fp32 at once (Llama-3.1-8B: about +4 GB at load)."""
-    if all(d is None for d in dtypes.values()):
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs=checkpoint_kwargs)
-    for p in model.parameters():
-        p.requires_grad = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
-    # None = peft's fp32 (the fp16 norms): cast here, as peft would have
-    _frozen_dtypes(model, {k: d or torch.float32 for k, d in dtypes.items()})
-    return model
-
-
-def _frozen_dtypes(model: torch.nn.Module, dtypes: dict) -> None:
-    """Undo prepare_model_for_kbit_training's fp32 upcast of the frozen, unquantized weights as
-    finetune.runtime.kbit_frozen_dtypes decides (norms: any module whose class name has 'Norm')."""
-    bnb = _import_bnb()
-    for module in model.modules():
-        kind = "norms" if "Norm" in type(module).__name__ else "embeddings"
-        dtype = dtypes[kind]
-        for p in module.parameters(recurse=False):
-            if dtype is not None and p.is_floating_point() and not isinstance(p, bnb.nn.Params4bit) \
-                    and not p.requires_grad and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-
-
-def _trained_in_fp32(model: torch.nn.Module) -> None:
-    """Trained parameters in fp32 (peft does it for LoRA weights, not for modules_to_save copies of a
-    half-precision base): their updates are small against the weights, and bf16 rounds them away.
-
-    A modules_to_save copy made fp32 here then meets its neighbours' half-precision activations.
-    Under GPU autocast that is fine; on CPU (Fabric's 32-true over bf16 frozen weights, what
-    precision=auto picks there) a MoE router's linear failed with "BFloat16 != float". So the copy
-    computes in fp32 on inputs cast up and hands its neighbours their own dtype back, as peft's
-    LoRA branch does."""
-    for module in model.modules():
-        copies = getattr(module, "modules_to_save", None)
-        if not isinstance(copies, torch.nn.ModuleDict):
-            continue
-        for copy in copies.values():
-            half = {p.dtype for p in copy.parameters() if p.is_floating_point() and p.dtype != torch.float32}
-            if half:
-                copy.register_forward_pre_hook(_inputs_to_fp32)
-                copy.register_forward_hook(_outputs_to_input_dtype, with_kwargs=True)
-    for p in model.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
-def _inputs_to_fp32(module, args):
-    module._finetune_in_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
-def _outputs_to_input_dtype(module, args, kwargs, output):
-    dtype = getattr(module, "_finetune_in_dtype", None)
-    if dtype is None or dtype == torch.float32:
-        return output
-    cast = lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
-    return tuple(cast(t) for t in output) if isinstance(output, tuple) else cast(output)
-
-
-def _no_cpu_repack(model: torch.nn.Module) -> None:
-    """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
-
-    On such CPUs a Linear4bit in eval mode without grad (validation) rewrites its packed weight in
-    place into another layout. Under FSDP that weight is a shard of a flat parameter stored in the
-    compute dtype, and the inverse repack bitsandbytes runs on state_dict() asserts uint8, so the
-    next checkpoint crashed. A training model keeps one layout; validation then also computes with
-    the same kernel as training, on every CPU.
-    """
-    for m in model.modules():
-        if getattr(m, "support_avx512bf16_for_cpu", False):
-            m.support_avx512bf16_for_cpu = False
-
-
-def _one_float_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast every float parameter but the packed 4-bit weights to `dtype`. peft keeps LoRA weights
-    in fp32 and k-bit preparation upcasts norms to fp32; FSDP refuses a unit of mixed dtypes
-    ("Must flatten tensors with uniform dtype"). Under bf16 this trains LoRA weights in bf16."""
-    bnb = _import_bnb() if quantized_modules(model) else None
-    for p in model.parameters():
-        packed = bnb is not None and isinstance(p, bnb.nn.Params4bit)
-        if not packed and p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
 
 
 def _check_modules_to_save(model, cfg: Config) -> None:

@@ -1,0 +1,106 @@
+"""The trained model's dtypes, as finetune.runtime's policy decides them: frozen weights kept in
+the policy's dtype (no fp32 round trip through peft's k-bit preparation), trained weights in fp32
+(their small updates vanish in bf16) computing beside half-precision neighbours, one float dtype
+for FSDP's flat parameters, and bitsandbytes' 4-bit layout kept as trained. finetune.models.load
+applies them while it builds the model to train.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import prepare_model_for_kbit_training
+
+
+def _packed(p: torch.Tensor) -> bool:
+    # bitsandbytes' packed 4-bit weights (stored in the quant storage dtype, possibly a float one)
+    # are never cast. By class name: importing bitsandbytes here would load it for every model.
+    return type(p).__name__ == "Params4bit"
+
+
+def prepare_kbit(model, dtypes: dict, gradient_checkpointing: bool, checkpoint_kwargs: dict):
+    """peft's prepare_model_for_kbit_training where the dtype policy is its own (fp32 frozen
+    weights: a compute dtype of fp32); else what it does (freeze every weight, non-reentrant
+    gradient checkpointing, which needs no input-grad hook) without its upcast of every frozen
+    half weight to fp32, which kbit_frozen_dtypes would cast straight back: on a GPU that round
+    trip holds the embeddings and head in fp32 at once (Llama-3.1-8B: about +4 GB at load)."""
+    if all(d is None for d in dtypes.values()):
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=checkpoint_kwargs)
+    for p in model.parameters():
+        p.requires_grad = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    # None = peft's fp32 (the fp16 norms): cast here, as peft would have
+    frozen_dtypes(model, {k: d or torch.float32 for k, d in dtypes.items()})
+    return model
+
+
+def frozen_dtypes(model: torch.nn.Module, dtypes: dict) -> None:
+    """Undo prepare_model_for_kbit_training's fp32 upcast of the frozen, unquantized weights as
+    finetune.runtime.kbit_frozen_dtypes decides (norms: any module whose class name has 'Norm')."""
+    for module in model.modules():
+        kind = "norms" if "Norm" in type(module).__name__ else "embeddings"
+        dtype = dtypes[kind]
+        for p in module.parameters(recurse=False):
+            if dtype is not None and p.is_floating_point() and not _packed(p) \
+                    and not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def trained_in_fp32(model: torch.nn.Module) -> None:
+    """Trained parameters in fp32 (peft does it for LoRA weights, not for modules_to_save copies of a
+    half-precision base): their updates are small against the weights, and bf16 rounds them away.
+
+    A modules_to_save copy made fp32 here then meets its neighbours' half-precision activations.
+    Under GPU autocast that is fine; on CPU (Fabric's 32-true over bf16 frozen weights, what
+    precision=auto picks there) a MoE router's linear failed with "BFloat16 != float". So the copy
+    computes in fp32 on inputs cast up and hands its neighbours their own dtype back, as peft's
+    LoRA branch does."""
+    for module in model.modules():
+        copies = getattr(module, "modules_to_save", None)
+        if not isinstance(copies, torch.nn.ModuleDict):
+            continue
+        for copy in copies.values():
+            half = {p.dtype for p in copy.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+            if half:
+                copy.register_forward_pre_hook(_inputs_to_fp32)
+                copy.register_forward_hook(_outputs_to_input_dtype, with_kwargs=True)
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _inputs_to_fp32(module, args):
+    module._finetune_in_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _outputs_to_input_dtype(module, args, kwargs, output):
+    dtype = getattr(module, "_finetune_in_dtype", None)
+    if dtype is None or dtype == torch.float32:
+        return output
+    cast = lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+    return tuple(cast(t) for t in output) if isinstance(output, tuple) else cast(output)
+
+
+def no_cpu_repack(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    On such CPUs a Linear4bit in eval mode without grad (validation) rewrites its packed weight in
+    place into another layout. Under FSDP that weight is a shard of a flat parameter stored in the
+    compute dtype, and the inverse repack bitsandbytes runs on state_dict() asserts uint8, so the
+    next checkpoint crashed. A training model keeps one layout; validation then also computes with
+    the same kernel as training, on every CPU.
+    """
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+
+
+def one_float_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every float parameter but the packed 4-bit weights to `dtype`. peft keeps LoRA weights
+    in fp32 and k-bit preparation upcasts norms to fp32; FSDP refuses a unit of mixed dtypes
+    ("Must flatten tensors with uniform dtype"). Under bf16 this trains LoRA weights in bf16."""
+    for p in model.parameters():
+        if not _packed(p) and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
