@@ -20,7 +20,7 @@ from torch import nn
 
 from finetune.errors import UsageError
 from finetune.training.loss import head_chunk, offloaded
-from finetune.training.objectives.preference import PairLossModule, PreferenceObjective
+from finetune.training.objectives.preference import PairLossModule, PreferenceObjective, add_reference_adapter
 
 
 def kto_loss(policy: torch.Tensor, reference: torch.Tensor, label: torch.Tensor, kl: torch.Tensor, beta: float,
@@ -54,6 +54,7 @@ class KTO(PreferenceObjective):
 
     def loss_module(self, model: nn.Module) -> nn.Module:
         t = self.cfg.train
+        add_reference_adapter(model, self)  # model.adapter: that adapter, frozen, is the reference (as dpo)
         return KTOLossModule(model, self, chunk=head_chunk(t, model), offload=t.offload_activations)
 
     def step_metrics(self, outputs: list[tuple]) -> dict[str, torch.Tensor]:

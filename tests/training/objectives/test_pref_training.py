@@ -77,13 +77,15 @@ def test_resume_reproduces_the_uninterrupted_run(hand_made, tmp_path):
             schedule_changes(part / "step-000004", cfg)
 
 
-def test_continuing_from_an_sft_adapter_keeps_it_as_the_frozen_reference(hand_made, tmp_path):
+@pytest.mark.parametrize("objective,first", [("dpo", 0.6931472), ("kto", 0.5)])
+def test_continuing_from_an_sft_adapter_keeps_it_as_the_frozen_reference(hand_made, tmp_path, objective, first):
     sft = load_config("tiny-lora", {"out_dir": str(tmp_path / "sft"), "output.progress": "false",
                                     "train.max_steps": "3", "train.lr": "0.01"})
     start = main(make_fabric(sft), sft).final_dir
-    r = run(tmp_path / "dpo", **{"model.adapter": str(start), "train.max_steps": 2})
-    # the policy starts as the SFT adapter, which is the reference: ln 2 at the first step
-    assert r.state.losses[0][1] == pytest.approx(0.6931472, abs=1e-6)
+    r = run(tmp_path / objective, objective, **{"model.adapter": str(start), "train.max_steps": 2})
+    # the policy starts as the SFT adapter, which is the reference: every log-ratio 0 at the first
+    # step (dpo: ln 2; kto: 1 - sigmoid(0) = 0.5)
+    assert r.state.losses[0][1] == pytest.approx(first, abs=1e-6)
     assert "reference" in r.model.peft_config
     assert not any(p.requires_grad for n, p in r.model.named_parameters() if ".reference." in n)
     assert not (r.final_dir / "reference").exists()  # only the trained adapter is saved
