@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from finetune.errors import UsageError
-from finetune.plan.predict import parse_bytes, report
+from finetune.plan.fit import report
+from finetune.plan.predict import parse_bytes
 from finetune.plan.shapes import model_shape
 from finetune.plan.show import print_measured, print_table
 from finetune.ranges import ranged

@@ -18,7 +18,7 @@ def _gib(n: int) -> str:
 
 
 def print_table(rep: dict) -> None:
-    """`rep` (finetune.plan.predict.report) as a table of parts, the verdict and the largest fits."""
+    """`rep` (finetune.plan.fit.report) as a table of parts, the verdict and the largest fits."""
     title = (f"{rep['model']} · {rep['quant']} · {rep['devices']} device(s) {rep['strategy']} · "
              f"micro-batch {rep['micro_batch']} x seq {rep['seq_len']} · per device")
     rows = [(k.replace("_", " "), _gib(v), rep["notes"].get(k, "")) for k, v in rep["parts"].items()]

@@ -17,7 +17,8 @@ from torch import nn
 from finetune.config import Config, TrainConfig
 from finetune.errors import UsageError
 from finetune.memory.apply import MemoryFeatures
-from finetune.plan.predict import CUDA_CONTEXT_BYTES, auto_micro_batch, predict
+from finetune.plan.fit import auto_micro_batch
+from finetune.plan.predict import CUDA_CONTEXT_BYTES, predict
 from finetune.training.distributed import fsdp_root, param_bytes
 
 # A CPU has no device memory to fill: the planner sizes against this and caps the result anyway.

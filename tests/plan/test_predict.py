@@ -12,7 +12,8 @@ import pytest
 
 from finetune.config import load_config
 from finetune.errors import UsageError
-from finetune.plan.predict import GiB, auto_micro_batch, max_micro_batch, max_seq_len, parse_bytes, predict
+from finetune.plan.fit import auto_micro_batch, max_micro_batch, max_seq_len
+from finetune.plan.predict import GiB, parse_bytes, predict
 from finetune.plan.shapes import model_shape
 
 ROOT = Path(__file__).resolve().parents[2]
