@@ -16,13 +16,14 @@ with. For any other format it says so and leaves the template to Ollama, which r
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import yaml
 
@@ -154,9 +155,13 @@ def _check(out_dir: str, model: Optional[str], adapter: Optional[str], base: Opt
 
 def export(out_dir: str, *, model: Optional[str] = None, adapter: Optional[str] = None,
            base: Optional[str] = None, quant: Quant = "f16", name: Optional[str] = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, base_weights: str = "auto",
+           check: Optional[Callable[[Path], Optional[dict]]] = None) -> Path:
     """Write NAME-QUANT.gguf and Modelfile into out_dir, from `model` or from `adapter` merged into
-    its base (or `base`); returns the GGUF's final path."""
+    its base (or `base`, into `base_weights`: finetune.merge); returns the GGUF's final path.
+
+    `check(model_dir)` runs on the model that is converted (for an adapter, the merged one, before
+    it is removed); what it returns is written as fidelity.json beside the GGUF."""
     _check(out_dir, model, adapter, base, name, overwrite)
     out = Path(os.path.expanduser(out_dir))
     name = name or out.resolve().name or "model"
@@ -164,11 +169,14 @@ def export(out_dir: str, *, model: Optional[str] = None, adapter: Optional[str] 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as work:
         if adapter:
-            src = merge_adapter(adapter, str(Path(work) / "merged"), base=base)
+            src = merge_adapter(adapter, str(Path(work) / "merged"), base=base, base_weights=base_weights)
         else:
             src = _model_dir(model)
         tok = read_tokenizer(src)
+        report = check(src) if check is not None else None
         with atomic_out_dir(out, overwrite) as tmp:
+            if report is not None:
+                atomic_write(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
             convert(src, tmp / gguf_name, quant)
             atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,
                                                       training_system_prompt(adapter)))
