@@ -66,6 +66,7 @@ class DataStats:
     tool_fallback: int = 0                           # ... rendered by the fallback, not the template
     cached: bool = False
     seconds: float = 0.0
+    sources: list = field(default_factory=list)      # data.sources: one dict per source (finetune.data.mix)
 
     @property
     def trained_fraction(self) -> float:
@@ -82,6 +83,10 @@ class DataStats:
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs: the statistics table."""
         out = [("source", self.source)]
+        for i, s in enumerate(self.sources):
+            out.append((f"  source {i + 1}", f"{s['source']}: weight {s['weight']:g}, {s['rows']:,} rows "
+                        f"({s['dropped']:,} dropped), {s['examples']:,} train examples -> {s['used']:,} in the mix, "
+                        f"{s['trained_share']:.1%} of trained tokens" + (" (cached)" if s["cached"] else "")))
         if self.files and (len(self.files) > 1 or self.files[0] != self.source):
             more = f" (+{len(self.files) - 5} more)" if len(self.files) > 5 else ""
             out.append(("files read", ", ".join(self.files[:5]) + more))

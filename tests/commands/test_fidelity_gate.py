@@ -42,18 +42,18 @@ def _report(path):
     return json.loads((path / "fidelity.json").read_text())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_dequantized_merge_is_closer_to_the_adapter_as_trained(qlora, tmp_path, capsys, monkeypatch, precision):
     monkeypatch.setenv("FINETUNE_CPU_PRECISION", precision)
     reports = {}
     for weights in ("dequantized", "original"):
         out = tmp_path / weights
-        line = _ok(["merge", f"adapter={qlora}", f"out_dir={out}", f"base_weights={weights}", "fidelity.n=3",
-                    "fidelity.max_new_tokens=4"], capsys)
-        assert "fidelity (merged vs adapter as trained, 3 held-out rows" in line and "top-1 agreement" in line
+        line = _ok(["merge", f"adapter={qlora}", f"out_dir={out}", f"base_weights={weights}", "fidelity.n=2",
+                    "fidelity.max_new_tokens=3"], capsys)
+        assert "fidelity (merged vs adapter as trained, 2 held-out rows" in line and "top-1 agreement" in line
         reports[weights] = _report(out)
         assert reports[weights]["base_weights"] == weights and reports[weights]["passed"] is None
-        assert len(reports[weights]["continuations"]) == 3
+        assert len(reports[weights]["continuations"]) == 2
     deq, orig = reports["dequantized"], reports["original"]
     assert deq["mean_kl"] < 1e-4 and deq["top1_agreement"] == 1.0  # the same weights up to fp32 rounding
     assert orig["mean_kl"] > 10 * deq["mean_kl"]  # the NF4 error the adapter never saw
