@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -33,8 +33,10 @@ from finetune.config import DataConfig
 from finetune.data.formats import Format
 from finetune.data.pipeline import load_conversations, render_prompt, tokenize_conversation
 from finetune.errors import FinetuneError, UsageError
+from finetune.data.rows import read_json_rows
 from finetune.eval.generate import generate
-from finetune.eval.suites import GenerationSpec
+from finetune.eval.prompting import to_conversation
+from finetune.eval.suites import GenerationSpec, example_from_row
 from finetune.fs import atomic_write
 from finetune.models.adapters import load_for_inference
 from finetune.models.trained import load_as_trained, run_config
@@ -56,8 +58,9 @@ class FidelitySettings:
     """Held-out rows compared (0 = no report)."""
     data: Optional[str] = None
     """Rows to compare on (a json/jsonl/csv/parquet file); default: the recipe's validation rows."""
-    format: Optional[Format] = None
-    """Row format of fidelity.data (default: the training run's data.format)."""
+    format: Optional[Union[Format, Literal["eval"]]] = None
+    """Row format of fidelity.data: a training format, or eval (an eval suite's held-out rows:
+    messages/prompt + answer); default: the training run's data.format."""
     max_new_tokens: int = ranged(24, ge=1)
     """Length of the greedy continuations compared side by side."""
     min_agreement: Optional[float] = ranged(None, ge=0, le=1)
@@ -99,6 +102,13 @@ def plan(adapter: Optional[str], settings: FidelitySettings, out_dir, base: Opti
     if gate and failed_name(out_dir).exists():
         raise UsageError(f"{failed_name(out_dir)} exists (a failed earlier output); move it away before gating again")
     cfg = run_config(adapter)
+    if s.data and s.format == "eval":  # an eval suite's rows: prompt + reference answer
+        data = dataclasses.replace(cfg.data) if cfg is not None else DataConfig()
+        data.cache, data.chat_template = False, None
+        rows = read_json_rows(s.data, "fidelity.data").rows[: s.n]
+        convs = [to_conversation(example_from_row(r, f"{s.data} row {i + 1}").conversation(), data)
+                 for i, r in enumerate(rows)]
+        return Plan(str(adapter), base, s, data, convs, s.data)
     if s.data:
         data = dataclasses.replace(cfg.data) if cfg is not None else DataConfig()
         data.card, data.path, data.val_path, data.val_fraction = None, s.data, None, 0.0
@@ -109,9 +119,11 @@ def plan(adapter: Optional[str], settings: FidelitySettings, out_dir, base: Opti
         split, seed, source = "all", 0, s.data
     elif cfg is not None:
         data, split, seed = dataclasses.replace(cfg.data), "val", cfg.train.seed
-        if data.val_fraction <= 0 and not data.val_path:
-            data.val_fraction = DataConfig.val_fraction
         source = f"the recipe's validation rows ({data.card or data.path})"
+        if data.val_fraction <= 0 and not data.val_path:  # nothing was held out: say so, do not pretend
+            data.val_fraction = DataConfig.val_fraction
+            source = (f"rows of the training data ({data.card or data.path}; the recipe holds none out: "
+                      "give fidelity.data= for held-out ones)")
     else:
         why = f"{adapter} records no training run (config.yaml); give fidelity.data=FILE"
         if gate:
@@ -196,7 +208,8 @@ def measure(plan: Plan, candidate_dir, candidate_name: Optional[str] = None, lab
 
 def summary(report: dict, label: str = "merged") -> str:
     ppl = report["perplexity"]
-    return (f"fidelity ({label} vs adapter as trained, {report['rows']} held-out rows, {report['tokens']} tokens): "
+    rows = "held-out rows" if "training data" not in report["data"] else "training rows"
+    return (f"fidelity ({label} vs adapter as trained, {report['rows']} {rows}, {report['tokens']} tokens): "
             f"top-1 agreement {100 * report['top1_agreement']:.1f}%, mean KL {report['mean_kl']:.2g}, "
             f"perplexity {ppl[label]:.3g} vs {ppl['reference']:.3g}, "
             f"greedy continuations equal {report['greedy_equal']}/{report['greedy_total']}")

@@ -117,3 +117,15 @@ def test_base_weights_only_for_adapter_merges(tmp_path, capsys):
     assert code == 2 and "base_weights= applies to adapter= merges" in err
     code, _, err = _main(["export", "model=tiny", "base_weights=original", f"out_dir={tmp_path / 'g'}"], capsys)
     assert code == 2 and "base_weights= applies to adapter=" in err
+
+
+def test_fidelity_on_an_eval_suites_rows(qlora, tmp_path, capsys):
+    f = tmp_path / "heldout.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q}], "answer": a})
+                           for q, a in (("Capital?", "Quessmarin"), ("Currency?", "the tidemark"), ("x", "y"))))
+    out = _ok(["merge", f"adapter={qlora}", f"out_dir={tmp_path / 'm'}", f"fidelity.data={f}", "fidelity.format=eval",
+               "fidelity.n=2", "fidelity.max_new_tokens=2"], capsys)
+    assert "2 held-out rows" in out
+    rep = _report(tmp_path / "m")
+    assert rep["rows"] == 2 and rep["greedy_total"] == 2 and "Capital?" in rep["continuations"][0]["prompt"] + \
+        rep["continuations"][1]["prompt"]
