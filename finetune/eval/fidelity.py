@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import torch
 
 from finetune.config import DataConfig
 from finetune.data.formats import Format
+from finetune.data.mix import source_config
 from finetune.data.pipeline import load_conversations, render_prompt, tokenize_conversation
 from finetune.errors import FinetuneError, UsageError
 from finetune.data.rows import read_json_rows
@@ -131,7 +133,12 @@ def plan(adapter: Optional[str], settings: FidelitySettings, out_dir, base: Opti
         empty.skip = why
         return empty
     data.cache, data.strict, data.chat_template = False, False, None  # the adapter's tokenizer has the template
-    convs, _ = load_conversations(data, seed=seed, split=split)
+    if data.sources and not s.data:  # several sources: each one's validation rows, taken in turn
+        per = [load_conversations(source_config(data, src), seed=seed, split=split)[0] for src in data.sources]
+        convs = [c for group in itertools.zip_longest(*per) for c in group if c is not None]
+        source = f"the recipe's validation rows ({len(per)} data.sources)"
+    else:
+        convs, _ = load_conversations(data, seed=seed, split=split)
     return Plan(str(adapter), base, s, data, list(convs)[: s.n], source)
 
 

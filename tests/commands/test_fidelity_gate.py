@@ -6,7 +6,7 @@ import pytest
 from tiny_peft import random_lora_adapter
 
 from finetune.cli import main
-from finetune.config import Config, to_yaml
+from finetune.config import Config, DataSource, to_yaml
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,15 @@ def test_fidelity_on_an_eval_suites_rows(qlora, tmp_path, capsys):
     rep = _report(tmp_path / "m")
     assert rep["rows"] == 2 and rep["greedy_total"] == 2 and "Capital?" in rep["continuations"][0]["prompt"] + \
         rep["continuations"][1]["prompt"]
+
+
+def test_adapter_trained_on_several_sources(tiny_model, tmp_path, capsys):
+    d = random_lora_adapter(tmp_path / "multi", tiny_model, seed=8, scale=0.2)
+    cfg = Config()
+    cfg.model.name = "tiny"
+    cfg.data.val_fraction, cfg.data.seq_len = 0.1, 128
+    cfg.data.sources = [DataSource(card="sample-alpaca"), DataSource(card="sample-sharegpt")]
+    (d / "config.yaml").write_text(to_yaml(cfg))
+    out = _ok(["merge", f"adapter={d}", f"out_dir={tmp_path / 'm'}", "fidelity.n=2", "fidelity.max_new_tokens=2"],
+              capsys)
+    assert "2 held-out rows" in out and "2 data.sources" in _report(tmp_path / "m")["data"]
