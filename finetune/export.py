@@ -25,13 +25,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-import yaml
-
 from finetune.errors import FinetuneError, UsageError
 from finetune.fs import atomic_out_dir, atomic_write, check_out_dir
 from finetune.merge import merge_adapter
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import read_tokenizer, resolve_model_path
+from finetune.models.trained import run_config
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +116,8 @@ def modelfile(gguf_name: str, chat_template: Optional[str], eos: Optional[str], 
 def training_system_prompt(adapter_dir: Optional[str]) -> Optional[str]:
     """data.system_prompt of the run that wrote `adapter_dir` (its config.yaml), if any: served
     without it, the model sees no system turn where every training example had one."""
-    f = Path(os.path.expanduser(str(adapter_dir or ""))) / "config.yaml"
-    if not adapter_dir or not f.is_file():
-        return None
-    try:
-        data = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("data") or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    return data.get("system_prompt") if isinstance(data, dict) else None
+    cfg = run_config(adapter_dir)
+    return cfg.data.system_prompt if cfg is not None else None
 
 
 def _model_dir(name: str) -> Path:
