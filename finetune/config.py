@@ -325,8 +325,20 @@ def load_config(recipe: Optional[str], overrides: dict[str, Any]) -> Config:
 RESUME_WORDS = {"no": "no", "false": "no", "off": "no", "auto": "auto", "yes": "auto", "true": "auto", "on": "auto"}
 
 
+def check_data_sources(data: DataConfig) -> None:
+    """data.sources and data.card/data.path contradict each other; each source names its data."""
+    if data.sources and (data.card or data.path):
+        given = "data.card" if data.card else "data.path"
+        raise UsageError(f"data.sources replaces data.card and data.path, but {given} is set too; "
+                         f"set {given}=null or move it into data.sources")
+    for i, s in enumerate(data.sources):
+        if not (s.card or s.path):
+            raise UsageError(f"data.sources[{i}]: give card: NAME or path: FILE")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks jsonargparse cannot express (single-field ranges are `ranged` fields)."""
+    check_data_sources(cfg.data)
     # YAML reads no/yes/true/false (recipe files and key=value alike) as booleans: the words mean no / auto.
     if isinstance(cfg.resume, bool) or str(cfg.resume).lower() in RESUME_WORDS:
         cfg.resume = RESUME_WORDS[str(cfg.resume).lower()]

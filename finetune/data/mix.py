@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from finetune.config import DataConfig, DataSource
+from finetune.config import DataConfig, DataSource, check_data_sources
 from finetune.data import pipeline
 from finetune.data.pack import PackedUnits, packing_efficiency
 from finetune.data.tokenize import IGNORE
@@ -38,17 +38,6 @@ def prepare_data(data_cfg: DataConfig, tokenizer, seed: int, progress: bool = Tr
     if not data_cfg.sources:
         return pipeline.prepare(data_cfg, tokenizer, seed, progress)
     return prepare_mixed(data_cfg, tokenizer, seed, progress)
-
-
-def check_sources(data_cfg: DataConfig) -> None:
-    """Refuse contradictory source settings before anything is read."""
-    if data_cfg.card or data_cfg.path:
-        given = "data.card" if data_cfg.card else "data.path"
-        raise UsageError(f"data.sources replaces data.card and data.path, but {given} is set too; "
-                         f"set {given}=null or move it into data.sources")
-    for i, s in enumerate(data_cfg.sources):
-        if not (s.card or s.path):
-            raise UsageError(f"data.sources[{i}]: give card: NAME or path: FILE")
 
 
 def source_config(data_cfg: DataConfig, src: DataSource) -> DataConfig:
@@ -93,7 +82,7 @@ def _gather(parts: list[tuple[PackedUnits, np.ndarray]], order_rng=None):
 
 def prepare_mixed(data_cfg: DataConfig, tokenizer, seed: int, progress: bool = True) -> pipeline.DataBundle:
     t0 = time.perf_counter()
-    check_sources(data_cfg)
+    check_data_sources(data_cfg)  # also checked when a Config is built (before any model loads)
     bundles = []
     for i, src in enumerate(data_cfg.sources):
         try:

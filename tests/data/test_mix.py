@@ -110,3 +110,8 @@ def test_bad_source_keys_are_one_line(value, says):
     with pytest.raises(UsageError) as e:
         load_config("tiny-lora", {"data.card": "null", "data.sources": value})
     assert says in str(e.value)
+
+
+def test_contradiction_refused_when_the_config_is_built():
+    with pytest.raises(UsageError, match="data.sources replaces data.card and data.path, but data.card is set too"):
+        load_config("tiny-lora", {"data.sources": "[{card: sample-sharegpt}]"})
