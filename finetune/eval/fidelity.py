@@ -206,7 +206,7 @@ def measure(plan: Plan, candidate_dir, candidate_name: Optional[str] = None, lab
                      + (f" ({quant.quant.mode}, as trained)" if quant is not None and quant.quant.mode != "none" else ""),
         "candidate": candidate_name or str(candidate_dir),
         "rows": len(plan.rows), "data": plan.source, "tokens": count, "device": device, "dtype": str(dtype),
-        "top1_agreement": agree / count, "mean_kl": kl / count,
+        "top1_agreement": agree / count, "mean_kl": max(kl / count, 0.0),  # float error can dip below 0
         "perplexity": {"reference": math.exp(nll_r / count), label: math.exp(nll_c / count)},
         "greedy_equal": sum(s["equal"] for s in side), "greedy_total": len(side),
         "continuations": side,

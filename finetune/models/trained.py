@@ -19,6 +19,7 @@ import yaml
 from finetune.config import Config
 from finetune.errors import UsageError
 from finetune.models.adapters import attach_adapter, load_for_inference, read_adapter_config
+from finetune.models.load import _no_cpu_repack as same_kernel_as_training
 from finetune.models.load import bnb_config, load_full_precision, load_pretrained, resolve_model_path
 from finetune.typed import instantiate, read_mapping
 
@@ -65,6 +66,10 @@ def load_as_trained(path: str, device: Union[str, torch.device], dtype: torch.dt
     base_path = resolve_model_path(base_name)
     quant = bnb_config(cfg.quant, device, compute=dtype)
     model = load_pretrained(base_path, dtype=dtype, device=device, quant=quant)
+    # Training never lets bitsandbytes repack 4-bit weights for its AVX512-BF16 CPU kernel (see
+    # load._no_cpu_repack); that kernel's rounding differs, so "as trained" computes without it too
+    # (SmolLM2-135M: a dequantized merge agreed 94.7% with the repacked kernel, 100.0% without).
+    same_kernel_as_training(model)
     if cfg.quant.mode == "nf4":  # fused MoE experts are no Linear: NF4 them as training did
         from finetune.models.experts import quantize_fused_experts
 
