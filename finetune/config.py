@@ -18,7 +18,7 @@ from finetune.data.formats import ROLES, Format
 from finetune.errors import UsageError
 from finetune.ranges import ranged
 from finetune.resources import find_resource, read_yaml_mapping
-from finetune.typed import instantiate, parse_args, read_mapping
+from finetune.typed import instantiate, items, parse_args, read_mapping
 
 # Sequences per optimizer step: beyond this, accumulation runs to millions of micro-batches per step
 # (a typo'd 10**7), which no fine-tune wants; pretraining-scale batches stay far below it.
@@ -83,6 +83,38 @@ class LoraConfig:
 
 
 @dataclass
+class DataSource:
+    """One entry of data.sources: a data set with its own reading and rendering settings
+    (finetune.data.mix mixes them); unset fields take data.*'s value."""
+
+    card: Optional[str] = None
+    """Dataset card name or path."""
+    path: Optional[str] = None
+    """A hub id, or a local json/jsonl/parquet/csv file or folder (overrides the card's source)."""
+    format: Optional[Format] = None
+    """Row format (default: the card's)."""
+    split: str = "train"
+    """Split to read."""
+    data_files: Optional[Union[str, list[str]]] = None
+    """Files (or globs) to read instead of matching the split."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column renames for this source."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Extra role-name mappings for this source (sharegpt)."""
+    system_prompt: Optional[str] = None
+    """System prompt for this source's conversations that have none (default: data.system_prompt)."""
+    prompt_style: Optional[str] = None
+    """Prompt style for this source (default: data.prompt_style)."""
+    train_on_prompt: Optional[bool] = None
+    """Train on every token of this source (default: data.train_on_prompt)."""
+    max_rows: Optional[int] = ranged(None, ge=1, hint="(null = every row)")
+    """Use at most this many rows of this source."""
+    weight: float = ranged(1.0, gt=0)
+    """Share of the mix (weights are normalised): data.mix=weight draws this source's share of the
+    training examples, repeating a small source, subsampling a large one."""
+
+
+@dataclass
 class DataConfig:
     """data.*: where the rows come from and how they become token sequences."""
 
@@ -132,6 +164,12 @@ class DataConfig:
     """Cache the tokenized dataset (keyed by data, tokenizer and these settings)."""
     num_proc: Optional[int] = ranged(None, ge=1, hint="(null = all cores)")
     """Processes for tokenization (default: all cores)."""
+    sources: list[DataSource] = items("data.sources[{i}]")
+    """Several data sets in one run, instead of card/path: [{card: alpaca-cleaned, weight: 0.7},
+    {path: my.jsonl, format: sharegpt, weight: 0.3}] (each cached and counted on its own)."""
+    mix: Literal["weight", "concat"] = "weight"
+    """How data.sources combine: weight (each source's share of the examples is its weight) or
+    concat (every example of every source, once)."""
 
 
 @dataclass
@@ -300,8 +338,20 @@ def load_config(recipe: Optional[str], overrides: dict[str, Any]) -> Config:
 RESUME_WORDS = {"no": "no", "false": "no", "off": "no", "auto": "auto", "yes": "auto", "true": "auto", "on": "auto"}
 
 
+def check_data_sources(data: DataConfig) -> None:
+    """data.sources and data.card/data.path contradict each other; each source names its data."""
+    if data.sources and (data.card or data.path):
+        given = "data.card" if data.card else "data.path"
+        raise UsageError(f"data.sources replaces data.card and data.path, but {given} is set too; "
+                         f"set {given}=null or move it into data.sources")
+    for i, s in enumerate(data.sources):
+        if not (s.card or s.path):
+            raise UsageError(f"data.sources[{i}]: give card: NAME or path: FILE")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks jsonargparse cannot express (single-field ranges are `ranged` fields)."""
+    check_data_sources(cfg.data)
     # YAML reads no/yes/true/false (recipe files and key=value alike) as booleans: the words mean no / auto.
     if isinstance(cfg.resume, bool) or str(cfg.resume).lower() in RESUME_WORDS:
         cfg.resume = RESUME_WORDS[str(cfg.resume).lower()]

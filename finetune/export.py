@@ -16,15 +16,14 @@ with. For any other format it says so and leaves the template to Ollama, which r
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
-
-import yaml
+from typing import Callable, Literal, Optional
 
 from finetune.errors import FinetuneError, UsageError
 from finetune.fs import atomic_out_dir, atomic_write, check_out_dir, out_dir_lock, write_error
@@ -33,6 +32,7 @@ from finetune.merge import merge_adapter
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import read_tokenizer, resolve_model_path
 from finetune.resources import install_hint
+from finetune.models.trained import run_config
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,8 @@ def modelfile(gguf_name: str, chat_template: Optional[str], eos: Optional[str], 
 def training_system_prompt(adapter_dir: Optional[str]) -> Optional[str]:
     """data.system_prompt of the run that wrote `adapter_dir` (its config.yaml), if any: served
     without it, the model sees no system turn where every training example had one."""
-    f = Path(os.path.expanduser(str(adapter_dir or ""))) / "config.yaml"
-    if not adapter_dir or not f.is_file():
-        return None
-    try:
-        data = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("data") or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    return data.get("system_prompt") if isinstance(data, dict) else None
+    cfg = run_config(adapter_dir)
+    return cfg.data.system_prompt if cfg is not None else None
 
 
 def _model_dir(name: str) -> Path:
@@ -157,20 +151,27 @@ def _check(out_dir: str, model: Optional[str], adapter: Optional[str], base: Opt
 
 def export(out_dir: str, *, model: Optional[str] = None, adapter: Optional[str] = None,
            base: Optional[str] = None, quant: Quant = "f16", name: Optional[str] = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, base_weights: str = "auto",
+           check: Optional[Callable[[Path], Optional[dict]]] = None) -> Path:
     """Write NAME-QUANT.gguf and Modelfile into out_dir, from `model` or from `adapter` merged into
-    its base (or `base`); returns the GGUF's final path."""
+    its base (or `base`, into `base_weights`: finetune.merge); returns the GGUF's final path.
+
+    `check(model_dir)` runs on the model that is converted (for an adapter, the merged one, before
+    it is removed); what it returns is written as fidelity.json beside the GGUF."""
     _check(out_dir, model, adapter, base, name, overwrite)
     out = Path(os.path.expanduser(out_dir))
     name = name or out.resolve().name or "model"
     gguf_name = f"{name}-{quant}.gguf"
     with out_dir_lock(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as work:
         if adapter:
-            src = merge_adapter(adapter, str(Path(work) / "merged"), base=base)
+            src = merge_adapter(adapter, str(Path(work) / "merged"), base=base, base_weights=base_weights)
         else:
             src = _model_dir(model)
         tok = read_tokenizer(src)
+        report = check(src) if check is not None else None
         with write_error(out), atomic_out_dir(out, overwrite) as tmp:
+            if report is not None:
+                atomic_write(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
             convert(src, tmp / gguf_name, quant)
             atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,
                                                       training_system_prompt(adapter)))

@@ -2,7 +2,11 @@
 
 Merging into the base always loads the base unquantized and merges in fp32: a QLoRA adapter was
 trained against NF4 weights, but folding its delta into 4-bit storage would re-quantize (and lose)
-it, so the delta goes into the full-precision base and only the result is cast to `dtype`.
+it, so the delta goes into a full-precision base and only the result is cast to `dtype`. Which
+full-precision weights is `base_weights`: `original` (the checkpoint's), or `dequantized` (the NF4
+weights the QLoRA adapter was trained against, dequantized: finetune.models.trained); `auto` takes
+`dequantized` for an adapter trained on an NF4 base (closer to the adapter as trained, measured by
+finetune.eval.fidelity; README "Merge"), `original` otherwise.
 The output is a plain transformers checkpoint (sharded safetensors + config + tokenizer +
 generation config) that `AutoModelForCausalLM.from_pretrained` loads with no project code.
 
@@ -35,6 +39,7 @@ from finetune.models.adapters import (
     read_adapter_config,
 )
 from finetune.models.load import copy_tokenizer, load_full_precision, resolve_model_path
+from finetune.models.trained import dequantized_base, trained_quant
 from finetune.portable import portable_config
 from finetune.runtime import checkpoint_dtype
 
@@ -47,6 +52,14 @@ SignMethod = Literal["total", "frequency"]  # ties/dare_ties sign election
 # peft requires one common rank for these (it sums lora_A/lora_B factors directly).
 EQUAL_RANK_METHODS = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
 DENSITY_METHODS = {m for m in METHODS if m.startswith(("ties", "dare", "magnitude"))}
+BaseWeights = Literal["auto", "original", "dequantized"]
+
+
+def merge_base_weights(adapter_dir: str, base_weights: str = "auto") -> str:
+    """original or dequantized: what `auto` means for this adapter (dequantized when trained on NF4)."""
+    if base_weights != "auto":
+        return base_weights
+    return "dequantized" if trained_quant(adapter_dir) == "nf4" else "original"
 
 
 
@@ -55,16 +68,18 @@ DENSITY_METHODS = {m for m in METHODS if m.startswith(("ties", "dare", "magnitud
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False,
-                  max_shard_size: Union[int, str] = "2GB", base: Optional[str] = None) -> Path:
+                  max_shard_size: Union[int, str] = "2GB", base: Optional[str] = None,
+                  base_weights: BaseWeights = "auto") -> Path:
     """Merge one LoRA adapter into its full-precision base (or `base`) and save a standalone checkpoint."""
     base_path = resolve_model_path(base) if base else adapter_base_path(adapter_dir)
     check_apart(out_dir, [("adapter", adapter_dir), ("base model", base_path)])
     check_out_dir(out_dir, overwrite, whole=True)
     check_input(adapter_dir, "adapter")
     check_input(base_path, "base model")
+    weights = merge_base_weights(adapter_dir, base_weights)
     with out_dir_lock(out_dir), doing(f"merging {adapter_dir} into {base_path}",
                                       f"nothing was written to {out_dir}; run the same command again"):
-        base = load_full_precision(base_path)
+        base = dequantized_base(adapter_dir, base_path) if weights == "dequantized" else load_full_precision(base_path)
         out_dtype = checkpoint_dtype(dtype, base.config)
         check_adapter_fits(adapter_dir, base, base_path)  # one line naming the module, not torch's size dump
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
@@ -75,7 +90,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
             merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
             portable_config(tmp)
             copy_tokenizer(tmp, adapter_dir, base_path)
-    log.info("merged %s into %s -> %s", adapter_dir, base_path, out_dir)
+    log.info("merged %s into %s (%s weights) -> %s", adapter_dir, base_path, weights, out_dir)
     return Path(out_dir)
 
 

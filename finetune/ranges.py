@@ -75,6 +75,9 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
         key = prefix + f.name
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             check_ranges(value, key + ".")
+        elif isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for i, item in enumerate(value):  # items of a list-of-dataclasses field (data.sources)
+                check_ranges(item, f"{key}[{i}].")
         else:
             check_value(key, value, f.metadata.get(RANGE_KEY))
 

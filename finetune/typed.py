@@ -80,6 +80,10 @@ def check(cls: type, values: dict[str, Any], where: str) -> None:
         key = key.removesuffix("+")  # `lora.target_modules+=o_proj` appends (jsonargparse's syntax)
         if key not in types and key not in sections:
             raise UsageError(f"{where}: unknown key '{key}'{did_you_mean(key, types)}")
+        nested = typing.get_args(types.get(key))  # a list-of-dataclasses field in a section (data.sources)
+        if key not in listed and typing.get_origin(types.get(key)) is list and nested \
+                and dataclasses.is_dataclass(nested[0]):
+            listed[key] = (nested[0], key + "[{i}]")
         if key in listed:
             _check_items(*listed[key], key, value, where)
             continue

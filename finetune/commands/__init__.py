@@ -21,6 +21,7 @@ COMMANDS = {
     "moe": "assemble a Mixtral-style MoE from fine-tunes; routing report",
     "plan": "predict peak GPU memory for a recipe, and what fits a budget",
     "export": "write a model or adapter as one GGUF file and an Ollama Modelfile",
+    "chat": "talk to an adapter or model you trained (streamed; /reset, /exit)",
 }
 
 

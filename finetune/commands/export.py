@@ -3,15 +3,21 @@
     finetune export model=DIR|ALIAS out_dir=OUT [quant=f16|bf16|f32|q8_0]
     finetune export adapter=DIR [base=BASE] out_dir=OUT [quant=...]
 
-The work is finetune.export.export (llama.cpp's converter, the Modelfile).
+The work is finetune.export.export (llama.cpp's converter, the Modelfile). An adapter's export
+carries the fidelity report of the merged model that was converted (finetune.eval.fidelity:
+OUT/fidelity.json and one line; fidelity.min_agreement gates it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+from finetune.errors import UsageError
+from finetune.eval import fidelity
+from finetune.eval.fidelity import FidelitySettings
 from finetune.export import Quant, export
+from finetune.merge import BaseWeights, merge_base_weights
 
 
 @dataclass
@@ -22,6 +28,11 @@ class Args:
     """LoRA adapter dir to export: merged into its base first."""
     base: Optional[str] = None
     """With adapter=: merge into this base instead of the one the adapter records."""
+    base_weights: BaseWeights = "auto"
+    """With adapter=: merge into original or dequantized (NF4) base weights; auto = dequantized for an
+    adapter trained on NF4 (see finetune merge)."""
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
+    """Report comparing the merged model that is converted with the adapter as trained (adapter= only)."""
     quant: Quant = "f16"
     """GGUF tensor type: f16, bf16, f32 or q8_0 (8-bit, about half the size of f16)."""
     name: Optional[str] = None
@@ -34,8 +45,28 @@ class Args:
 
 
 def run(args: Args, cfg=None) -> int:
+    weights = merge_base_weights(args.adapter, args.base_weights) if args.adapter else args.base_weights
+    if not args.adapter and args.base_weights != "auto":
+        raise UsageError("base_weights= applies to adapter=; a model is exported as it is")
+    check = fidelity.plan(args.adapter, args.fidelity, args.out_dir, base=args.base)
+    reports = []
+
+    def measured(model_dir):
+        # llama.cpp's side is not compared here (it is not importable in general): the merged model
+        # that goes into the converter is; tests/test_export.py checks the GGUF against it.
+        report = fidelity.measure(check, model_dir, candidate_name=f"merged model converted to {args.quant} GGUF")
+        report["base_weights"] = weights
+        reports.append(fidelity.write_report(report, None, args.fidelity))
+        return report
+
     path = export(args.out_dir, model=args.model, adapter=args.adapter, base=args.base, quant=args.quant,
-                  name=args.name, overwrite=args.overwrite)
+                  name=args.name, overwrite=args.overwrite, base_weights=weights,
+                  check=None if check.skip else measured)
     name = path.name[: -len(f"-{args.quant}.gguf")]
     print(f"GGUF written to {path}; Ollama: cd {path.parent} && ollama create {name} -f Modelfile")
+    if check.skip:
+        print(f"fidelity: no report ({check.skip})")
+        return 0
+    print(fidelity.summary(reports[0]))
+    fidelity.apply_gate(reports[0], args.out_dir)
     return 0

@@ -69,6 +69,7 @@ class DataStats:
     seconds: float = 0.0
     kind: str = "examples"                           # what a unit is: examples (SFT), pairs, feedback (KTO)
     extra: dict = field(default_factory=dict)        # label -> value: rows the kind adds (preference data)
+    sources: list = field(default_factory=list)      # data.sources: one dict per source (finetune.data.mix)
 
     @property
     def trained_fraction(self) -> float:
@@ -85,6 +86,10 @@ class DataStats:
     def rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs: the statistics table."""
         out = [("source", self.source)]
+        for i, s in enumerate(self.sources):
+            out.append((f"  source {i + 1}", f"{s['source']}: weight {s['weight']:g}, {s['rows']:,} rows "
+                        f"({s['dropped']:,} dropped), {s['examples']:,} train examples -> {s['used']:,} in the mix, "
+                        f"{s['trained_share']:.1%} of trained tokens" + (" (cached)" if s["cached"] else "")))
         if self.files and (len(self.files) > 1 or self.files[0] != self.source):
             more = f" (+{len(self.files) - 5} more)" if len(self.files) > 5 else ""
             out.append(("files read", ", ".join(self.files[:5]) + more))

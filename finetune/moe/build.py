@@ -4,7 +4,7 @@
 The YAML uses mergekit-moe's keys, so existing configs work:
 
     base_model: path-or-hub-id
-    gate_mode: hidden            # hidden | cheap_embed | random | uniform_random
+    gate_mode: hidden            # hidden | hidden_avg | hidden_last | cheap_embed | random | uniform_random
     dtype: bfloat16              # output dtype (default: the base's)
     experts_per_token: 2
     experts:
@@ -64,7 +64,7 @@ from finetune.fs import atomic_out_dir, check_out_dir, out_dir_lock, write_error
 from finetune.manifest import check_input
 from finetune.models.adapters import read_adapter_config
 from finetune.models.load import copy_tokenizer, load_inference_model, read_tokenizer, resolve_model_path
-from finetune.moe.gates import compute_gates, warn_gates
+from finetune.moe.gates import HIDDEN_MODES, compute_gates, warn_gates
 from finetune.moe.spec import SUPPORTED_BASES, ExpertSpec, MoESpec
 from finetune.portable import portable_config
 from finetune.moe.stream import AdapterDeltas, ModelTensors, ShardWriter
@@ -223,7 +223,7 @@ def _load_prompting_model(base_path: str, quantize: bool, dtype: torch.dtype):
 def _gates(spec: MoESpec, base_path: str, base_cfg, base: ModelTensors, tokenizer) -> torch.Tensor:
     L, H = base_cfg.num_hidden_layers, base_cfg.hidden_size
     model = embed = None
-    if spec.gate_mode == "hidden":
+    if spec.gate_mode in HIDDEN_MODES:
         model = _load_prompting_model(base_path, spec.quantize_prompting,
                                       prompting_dtype(base_cfg, base.dtype("model.embed_tokens.weight")))
     if spec.gate_mode == "cheap_embed":

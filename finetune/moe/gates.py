@@ -7,6 +7,10 @@ the router weight of expert e in layer l (Mixtral's `mlp.gate.weight[l]`).
   (`output_hidden_states[l]`) at the last token of each prompt (raw format; with the chat format:
   averaged over the prompt's own tokens, see below), averaged over the expert's positive prompts,
   minus the same average over its negative prompts, L2-normalised per layer.
+* hidden_last, hidden_avg (mergekit's names for its two hidden modes): the same, at the last gate
+  position of each prompt (hidden_last; mergekit's `hidden`) or averaged over all of them
+  (hidden_avg; with the raw format every token of the prompt, bos included). `hidden` is
+  hidden_last with the raw format and hidden_avg with the chat format (see below).
 * cheap_embed: input embeddings summed over each prompt's tokens and over the prompts, normalised;
   the same for the negative prompts; their difference normalised again (mergekit normalises the
   positive and the negative sums separately before subtracting). The row is the same in every layer.
@@ -40,6 +44,8 @@ from finetune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+HIDDEN_MODES = ("hidden", "hidden_avg", "hidden_last")  # the base runs the prompts (mergekit accepts all three)
+
 PARALLEL_COS = 0.95  # gate rows closer than this route their experts alike
 ZERO_REL = 1e-4  # a difference this small against the positive vector is rounding, not signal
 
@@ -59,11 +65,14 @@ def prompt_ids(tokenizer, prompt: str, prompt_format: str = "raw") -> list[int]:
     return list(ids)
 
 
-def own_positions(tokenizer, prompt: str, prompt_format: str, num_ids: int) -> list[int]:
+def own_positions(tokenizer, prompt: str, prompt_format: str, num_ids: int, mode: str = "hidden") -> list[int]:
     """Positions whose hidden states make a prompt's gate vector: the last one (raw), or those of
-    the prompt's own text inside the chat template (chat; all positions if the template rewrote it)."""
+    the prompt's own text inside the chat template (chat; all positions if the template rewrote it).
+    hidden_last keeps only the last of these, hidden_avg all of them (raw: every token)."""
     if prompt_format != "chat":
-        return [num_ids - 1]
+        return list(range(num_ids)) if mode == "hidden_avg" else [num_ids - 1]
+    if mode == "hidden_last":
+        return own_positions(tokenizer, prompt, prompt_format, num_ids)[-1:]
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     at = text.rfind(prompt)
@@ -76,14 +85,15 @@ def own_positions(tokenizer, prompt: str, prompt_format: str, num_ids: int) -> l
 
 
 @torch.no_grad()
-def hidden_vector(model, tokenizer, prompts: Sequence[str], prompt_format: str = "raw") -> torch.Tensor:
+def hidden_vector(model, tokenizer, prompts: Sequence[str], prompt_format: str = "raw",
+                  mode: str = "hidden") -> torch.Tensor:
     """(num_layers, hidden): mean over prompts of each layer's input hidden state at the prompt's
     gate positions (`own_positions`)."""
     device = next(model.parameters()).device
     acc = None
     for p in prompts:
         ids = prompt_ids(tokenizer, p, prompt_format)
-        pos = own_positions(tokenizer, p, prompt_format, len(ids))
+        pos = own_positions(tokenizer, p, prompt_format, len(ids), mode)
         out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True, use_cache=False)
         # hidden_states[0] is the embedding output = input of layer 0; the last entry is after
         # the final norm and feeds no layer, so it is dropped (as mergekit does).
@@ -118,9 +128,9 @@ def compute_gates(mode: str, experts: Sequence, num_layers: int, hidden_size: in
         return (torch.rand((num_layers, n, hidden_size), generator=gen) * 2 - 1) * bound
     rows = []
     for e in experts:
-        if mode == "hidden":
-            pos = hidden_vector(model, tokenizer, e.positive_prompts, prompt_format)
-            v = pos - hidden_vector(model, tokenizer, e.negative_prompts, prompt_format) \
+        if mode in HIDDEN_MODES:
+            pos = hidden_vector(model, tokenizer, e.positive_prompts, prompt_format, mode)
+            v = pos - hidden_vector(model, tokenizer, e.negative_prompts, prompt_format, mode) \
                 if e.negative_prompts else pos
             zero = v.norm(dim=-1) <= ZERO_REL * pos.norm(dim=-1)
             rows.append(torch.where(zero[:, None], torch.zeros_like(v), _normalise(v)))

@@ -51,8 +51,9 @@ class MoESpec:
     """The base every expert was fine-tuned from: a directory (relative to the YAML) or a hub id."""
     experts: list[ExpertSpec] = items("experts[{i}]")
     """At least two experts."""
-    gate_mode: Literal["hidden", "cheap_embed", "random", "uniform_random"] = "hidden"
-    """How router weights are made from the prompts (finetune.moe.gates computes them)."""
+    gate_mode: Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"] = "hidden"
+    """How router weights are made from the prompts (finetune.moe.gates computes them); hidden_avg and
+    hidden_last are mergekit's names for averaging the prompt's hidden states or taking the last one."""
     dtype: Optional[Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]] = None
     """Output dtype (default: the base's)."""
     experts_per_token: int = 2
@@ -89,7 +90,7 @@ def parse_moe_config(data: dict, where: str = "moe config") -> MoESpec:
     for i, e in enumerate(spec.experts):
         if bool(e.source_model) == bool(e.adapter):
             raise UsageError(f"{where}: experts[{i}] needs exactly one of source_model or adapter")
-        if spec.gate_mode in ("hidden", "cheap_embed") and not e.positive_prompts:
+        if spec.gate_mode in ("hidden", "hidden_avg", "hidden_last", "cheap_embed") and not e.positive_prompts:
             raise UsageError(f"{where}: experts[{i}] ({e.name}) has no positive_prompts, "
                              f"which gate_mode {spec.gate_mode} needs (or use gate_mode random)")
     k = spec.experts_per_token

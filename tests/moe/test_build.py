@@ -194,7 +194,7 @@ def test_refusals(tiny_model, adapters, tmp_path):
     src = {"source_model": str(tiny_model), "positive_prompts": ["x"]}
     cases = [
         ({"experts": [src]}, "at least 2 experts, got 1"),
-        ({"experts": [src, src], "gate_mode": "hiden"}, "gate_mode must be one of hidden, cheap_embed, random, uniform_random, got 'hiden'"),
+        ({"experts": [src, src], "gate_mode": "hiden"}, "gate_mode must be one of hidden, hidden_avg, hidden_last, cheap_embed, random, uniform_random, got 'hiden'"),
         ({"experts": [src, {"source_model": str(tiny_model)}], "gate_mode": "hidden"},
          r"experts\[1\] .* has no positive_prompts"),
         ({"experts": [src, {"source_model": str(tiny_model)}], "gate_mode": "cheap_embed"}, "no positive_prompts"),

@@ -72,3 +72,45 @@ def test_warn_gates_parallel_and_zero():
     msgs = warn_gates(g, ["a", "b", "c"])
     assert "experts 0 (a) and 1 (b) have nearly parallel gate rows in all layers" in msgs[0]
     assert "expert 2 (c) has a zero gate row in layers [0]" in msgs[1] and len(msgs) == 2
+
+
+def _mode(base, experts, mode, fmt="raw"):
+    model, tok = base
+    return compute_gates(mode, experts, model.config.num_hidden_layers, model.config.hidden_size,
+                         model=model, tokenizer=tok, prompt_format=fmt)
+
+
+def test_mergekit_hidden_mode_names(base):
+    """hidden_last and hidden_avg, as mergekit names them: last gate position or the mean of all."""
+    model, tok = base
+    emb = model.model.embed_tokens.weight.detach()
+    experts = [expert(["abc", "hello"], ["xyz"]), expert(["xyz"], ["abc"])]
+    assert torch.equal(_mode(base, experts, "hidden_last"), _mode(base, experts, "hidden"))  # raw: mergekit's hidden
+    assert torch.equal(_mode(base, experts, "hidden_avg", "chat"), _mode(base, experts, "hidden", "chat"))
+
+    def mean_emb(p, fmt="raw", last=False):
+        ids = prompt_ids(tok, p, fmt)
+        pos = own_positions(tok, p, fmt, len(ids), "hidden_last" if last else "hidden_avg")
+        return emb[[ids[i] for i in pos]].mean(0)
+
+    avg = _mode(base, experts, "hidden_avg")
+    v = (mean_emb("abc") + mean_emb("hello")) / 2 - mean_emb("xyz")  # every token of each raw prompt
+    assert torch.allclose(avg[0, 0], v / v.norm(), atol=1e-5)
+    last_chat = _mode(base, experts, "hidden_last", "chat")
+    w = (emb[BYTE_OFFSET + ord("c")] + emb[BYTE_OFFSET + ord("o")]) / 2 - emb[BYTE_OFFSET + ord("z")]
+    assert torch.allclose(last_chat[0, 0], w / w.norm(), atol=1e-5)  # the prompt's own last character
+    assert own_positions(tok, "abc", "raw", 4, "hidden_avg") == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["hidden_avg", "hidden_last"])
+def test_spec_accepts_mergekit_gate_modes(tiny_model, mode):
+    from finetune.moe.spec import parse_moe_config
+
+    spec = parse_moe_config({"base_model": str(tiny_model), "gate_mode": mode,
+                             "experts": [{"source_model": str(tiny_model), "positive_prompts": "a"}] * 2})
+    assert spec.gate_mode == mode
+    from finetune.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"experts\\[0\\] .* has no positive_prompts, which gate_mode {mode} needs"):
+        parse_moe_config({"base_model": str(tiny_model), "gate_mode": mode,
+                          "experts": [{"source_model": str(tiny_model)}] * 2})

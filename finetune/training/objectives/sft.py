@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from finetune.data import pipeline
+from finetune.data.mix import prepare_data
 from finetune.data.pack import collate
 from finetune.training.loss import head_chunk, offloaded, router_aux_loss, token_loss_sum
 from finetune.training.objectives.base import Objective
@@ -24,7 +25,7 @@ class SFT(Objective):
     defining = ("train.router_aux_loss_coef",)
 
     def prepare(self, tokenizer, progress: bool = True) -> pipeline.DataBundle:
-        return pipeline.prepare(self.cfg.data, tokenizer, seed=self.cfg.train.seed, progress=progress)
+        return prepare_data(self.cfg.data, tokenizer, seed=self.cfg.train.seed, progress=progress)
 
     def collate(self, units: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(units, pad_id)
