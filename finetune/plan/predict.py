@@ -285,16 +285,29 @@ def _load_peak(s: Shape, cfg, c: int, weights: int, unquant: int, on_cpu: bool) 
     frozen weights as stored (`weights`: quantized linears with their constants; `unquant`:
     embeddings, head, norms in the compute dtype; finetune.models.load no longer lets peft's
     k-bit preparation round-trip them through fp32) plus the largest transient. bitsandbytes
-    quantizes each linear as it arrives (one weight in the compute dtype at a time); a MoE's
-    fused expert stacks are no Linear: transformers loads them all in the compute dtype, and
-    finetune.models.experts packs them afterwards, so all of them are unpacked at once."""
+    quantizes each linear as it arrives (one weight in the compute dtype at a time).
+
+    A MoE's fused expert stacks are no Linear (finetune.models.experts packs them after loading).
+    On a GPU the NF4 model loads on the CPU, each stack is packed onto the device alone and the
+    rest follows packed (finetune.models.load.load_pretrained): the peak is the larger of the
+    experts packed plus the largest stack unpacked and the whole model packed. On the CPU it loads
+    where it runs: all stacks unpacked at once, then packed."""
     mode = cfg.quant.mode
     biggest = max(fin * fout for fin, fout, _ in s.linears().values())
     transient = biggest * c if mode != "none" else 0
+    total = weights + unquant + transient
     if s.n_expert and mode == "nf4":  # `weights` counts the experts packed; at load they are not yet
-        per_expert = ((2 if s.gated_mlp else 1) + 1) * s.intermediate * s.hidden
-        transient = s.n_layer * s.n_expert * (per_expert * c - (per_expert + 1) // 2)
-    return weights + unquant + transient + (0 if on_cpu else CUDA_CONTEXT_BYTES)
+        mlp = {n: v for n, v in s.linears().items() if n in ("gate", "up", "down")}
+        if on_cpu:
+            per_expert = sum(fin * fout for fin, fout, _ in mlp.values())
+            total = weights + unquant + s.n_layer * s.n_expert * (per_expert * c - (per_expert + 1) // 2)
+        else:
+            packed = s.n_layer * sum(n * sum(_quant_bytes(fin * fout, fout, mode, cfg.quant.double_quant, c))
+                                     for fin, fout, n in mlp.values())
+            up = mlp["up"][0] * mlp["up"][1] * (2 if s.gated_mlp else 1)  # gate_up_proj, one expert
+            stack = s.n_expert * max(up, mlp["down"][0] * mlp["down"][1])
+            total = max(packed + stack * c, weights + unquant)
+    return total + (0 if on_cpu else CUDA_CONTEXT_BYTES)
 
 
 def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
