@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from finetune.cpuprobe import planned_cpu_precision
 from finetune.errors import UsageError
 from finetune.plan.moe import moe_parts
 from finetune.plan.shapes import Shape, model_shape
@@ -96,14 +97,19 @@ def _targets(cfg) -> set[str]:
 
 def _compute_bytes(cfg) -> int:
     """Bytes per value of the compute dtype, which finetune.runtime also gives the frozen
-    embeddings, head and norms (kbit_frozen_dtypes). precision=auto on a CPU counts as fp32 here:
-    this module never runs the CPU probe; `measure=true` plans with what it chose
-    (runtime.planned_precision)."""
+    embeddings, head and norms (kbit_frozen_dtypes). precision=auto on a CPU is what training picks
+    there (bf16 frozen weights where the CPU probe measured bf16 faster, else fp32), read from
+    FINETUNE_CPU_PRECISION or the probe's cache without torch (finetune.cpuprobe); fp32 while the
+    probe has not run (_auto_cpu_unprobed)."""
     if cfg.quant.compute_dtype != "auto":
         return 4 if cfg.quant.compute_dtype == "float32" else 2
     precision = cfg.precision if cfg.precision not in (None, "auto") else \
-        ("32-true" if cfg.accelerator == "cpu" else "bf16-mixed")
+        ((planned_cpu_precision() or "32-true") if cfg.accelerator == "cpu" else "bf16-mixed")
     return 4 if precision.startswith(("32", "64")) else 2
+
+
+def _auto_cpu_unprobed(cfg) -> bool:
+    return cfg.accelerator == "cpu" and cfg.precision in (None, "auto") and planned_cpu_precision() is None
 
 
 def _fp32_norms(cfg, c: int) -> bool:
@@ -440,6 +446,9 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         notes["activations"] = (f"{cfg.train.objective}: {rows} sequences per micro-batch of {mb}"
                                 + (" (+ the reference's forward, under no_grad before the policy's: time, not peak)"
                                    if cfg.train.objective in ("dpo", "kto") else ""))
+    if _auto_cpu_unprobed(cfg):
+        notes["precision"] = ("auto, counted as fp32: this CPU's bf16 probe has not run yet "
+                              "(measure=true or a training run measures it)")
     if not fsdp and world > 1:
         notes["strategy"] = "ddp: weights, LoRA and optimizer state replicated on every device"
     load = _load_peak(s, cfg, c, w_shard + w_repl, unquant, on_cpu)
