@@ -9,10 +9,7 @@ why not the norms). Training, planning's `measure=true`, eval, merge and the MoE
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 import re
 import time
 from typing import Optional, Union
@@ -20,8 +17,10 @@ from typing import Optional, Union
 import torch
 
 from finetune.config import Config
+# the override and the probe's cache key live in finetune.cpuprobe, torch-free for the planner
+from finetune.cpuprobe import CPU_PRECISION_ENV, forced_cpu_precision, probe_key, probe_path  # noqa: F401
 from finetune.errors import UsageError, did_you_mean
-from finetune.fs import atomic_write, cache_root
+from finetune.fs import atomic_write
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,21 +47,14 @@ def _gpu_half() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
 
 
-# FINETUNE_CPU_PRECISION=fp32|bf16 overrides the CPU probe (tests pin fp32: their expected losses are fp32's).
-CPU_PRECISION_ENV = "FINETUNE_CPU_PRECISION"
-
-
 def cpu_auto_dtype() -> torch.dtype:
     """What `precision=auto` keeps the frozen weights in on this CPU: bf16 where a bf16 matmul
     measures clearly faster than fp32 (AVX512-BF16, AMX), else fp32 (bf16 without hardware support
-    is emulated and several times slower). Measured once per CPU, torch version and thread count."""
-    forced = os.environ.get(CPU_PRECISION_ENV, "").strip().lower()
-    if forced in ("fp32", "float32", "32"):
-        return torch.float32
-    if forced in ("bf16", "bfloat16"):
-        return torch.bfloat16
+    is emulated and several times slower). Measured once per CPU, torch version and thread count;
+    FINETUNE_CPU_PRECISION=fp32|bf16 overrides it (finetune.cpuprobe)."""
+    forced = forced_cpu_precision()
     if forced:
-        raise UsageError(f"{CPU_PRECISION_ENV}={forced}: expected fp32 or bf16 (or unset: measure)")
+        return torch.bfloat16 if forced == "bf16" else torch.float32
     return torch.bfloat16 if cpu_probe()["bf16_faster"] else torch.float32
 
 
@@ -75,16 +67,7 @@ PROBE_MARGIN = 1.3
 
 def _cpu_key() -> str:
     """This CPU's identity for the probe cache: model name, ISA flags, torch version, threads."""
-    info = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        info = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), info)
-        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-        info += " " + " ".join(sorted(f for f in flags if f.startswith(("avx512", "amx"))))
-    except OSError:
-        pass
-    return f"{info}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    return probe_key(torch.__version__, torch.get_num_threads())
 
 
 def _matmul_gflops(dtype: torch.dtype, reps: int = 5) -> float:
@@ -104,7 +87,7 @@ def cpu_probe(refresh: bool = False) -> dict:
     """fp32 and bf16 matmul GFLOP/s on this CPU at PROBE_SHAPE and whether bf16 wins by
     PROBE_MARGIN; measured once (~0.5 s) and cached in <cache root>/cpu-precision/<key>.json."""
     key = _cpu_key()
-    path = cache_root() / "cpu-precision" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    path = probe_path(key)
     if path.is_file() and not refresh:
         try:
             return json.loads(path.read_text())
@@ -216,7 +199,8 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
 
 def planned_precision(cfg: Config, device: Union[str, torch.device]) -> str:
     """A concrete precision naming the dtypes `cfg` gets on `device`, for the torch-free planner
-    (finetune.plan.predict reads the precision string, never the CPU probe): on a CPU where
+    (which reads the same choice for precision=auto on a CPU from the probe's cache:
+    finetune.cpuprobe.planned_cpu_precision): on a CPU where
     precision=auto chose bf16 that is bf16-true (same frozen dtypes; the LoRA weights stay fp32)."""
     device = torch.device(device)
     if not _auto(cfg):

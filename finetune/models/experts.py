@@ -16,6 +16,7 @@ by full name only, which `full_target_parameters` supplies from the short names 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import nn
@@ -57,19 +58,34 @@ def fused_expert_modules(model: nn.Module):
             yield name, m
 
 
-def quantize_fused_experts(model: nn.Module, dtype: torch.dtype, double_quant: bool = False) -> int:
+def quantize_fused_experts(model: nn.Module, dtype: torch.dtype, double_quant: bool = False,
+                           device: Optional[torch.device] = None) -> int:
     """Store every fused expert weight of `model` as NF4 (in place, one stack at a time; with
     double_quant the absmax are quantized too, as quant.double_quant does for Linear4bit); returns
-    how many were quantized (0 for a dense model)."""
+    how many were quantized (0 for a dense model).
+
+    With `device`, each stack still elsewhere (finetune.models.load leaves them on the CPU) moves
+    there alone and is packed there, its CPU copy dropped first: the device holds one unpacked
+    stack at a time, never all of them (8 x 1B in bf16: 12.9 GB)."""
     n = 0
     for _, m in list(fused_expert_modules(model)):
         for p in FUSED_EXPERT_PARAMS:
             if parametrize.is_parametrized(m, p):
                 continue
+            if device is not None:
+                _stage(m, p, torch.device(device))
             parametrize.register_parametrization(m, p, NF4Stored(dtype, double_quant), unsafe=True)
+            # the parametrization empties the staged parameter in place (torch's set_): the
+            # unpacked stack is gone before the next one is staged
             getattr(m.parametrizations, p).original.requires_grad_(False)
             n += 1
     return n
+
+
+def _stage(m: nn.Module, name: str, device: torch.device) -> None:
+    """Replace the parameter `name` of `m` by its copy on `device` (the source copy is freed; on
+    the same device the same tensor)."""
+    setattr(m, name, nn.Parameter(getattr(m, name).detach().to(device), requires_grad=False))
 
 
 @contextmanager

@@ -311,21 +311,51 @@ def _device_map(device: torch.device) -> dict:
 
 
 def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device, quant=None, revision=None,
-                     trust_remote_code=False, attn_implementation: Optional[str] = None):
+                     trust_remote_code=False, attn_implementation: Optional[str] = None, nf4_experts: bool = False):
+    """`path` as a transformers model in `dtype` on `device`, quantized per `quant` (a
+    BitsAndBytesConfig or None). nf4_experts=True (quant is NF4) also stores the fused MoE expert
+    stacks in NF4 (finetune.models.experts), packed onto `device` one stack at a time."""
     kw = hub_kwargs(revision, trust_remote_code)
     kw["dtype"] = dtype
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    staged = False
     if quant is not None:
         # bitsandbytes places weights while quantizing; device_map is how transformers is told where
         # (on CPU too: bitsandbytes >= 0.48 runs NF4/int8 there).
         kw["quantization_config"] = quant
-        kw["device_map"] = _device_map(device)
+        staged = nf4_experts and _experts_staged(path, kw, device)
+        kw["device_map"] = _device_map(torch.device("cpu") if staged else device)
     with loading_errors(path, revision):
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if nf4_experts:
+        # A MoE for the device loads whole on the CPU (staged): fused expert stacks are no Linear,
+        # so bitsandbytes would leave them all unpacked in `dtype` on the device (8 x 1B: 12.9 GB)
+        # before they are packed. A device_map with only the experts on "cpu" is accepted by
+        # transformers 5.3 only with llm_int8_enable_fp32_cpu_offload, and then accelerate's
+        # dispatch_model makes those modules CPU-offloaded (meta parameters, hooks copying them to
+        # the device on every forward), so the whole model loads on the CPU instead, each expert
+        # stack is packed onto the device alone, and the rest (already quantized) follows.
+        quantize_fused_experts(model, quant.bnb_4bit_compute_dtype, quant.bnb_4bit_use_double_quant,
+                               device=device if staged else None)
+    if staged:
+        model.to(device)
+        model.hf_device_map = _device_map(device)
     if quant is None and device.type != "cpu":
         model.to(device)
     return model
+
+
+def _experts_staged(path: str, kw: dict, device: torch.device) -> bool:
+    """Whether an NF4 load of `path` for `device` goes through the CPU (see load_pretrained): a
+    device other than the CPU and a config with routed experts (fused into stacks in transformers 5)."""
+    if device.type == "cpu":
+        return False
+    hub = {k: kw[k] for k in ("revision", "trust_remote_code") if k in kw}
+    with loading_errors(path, kw.get("revision")):
+        config = AutoConfig.from_pretrained(path, **hub)
+    config = getattr(config, "text_config", None) or config
+    return bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
 
 
 def load_inference_model(path: str, dtype: torch.dtype, device: Union[str, torch.device], nf4: bool = False):
@@ -390,14 +420,14 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     if tokenizer is None:
         tokenizer = load_tokenizer(m)
     quant = bnb_config(cfg.quant, device, compute_dtype(cfg, device), storage_dtype(cfg, device))
+    # fused MoE experts are no Linear: load_pretrained NF4s them itself, onto the device one at a time
     model = load_pretrained(path, dtype=base_dtype(cfg, device), device=device, quant=quant,
                              revision=m.revision, trust_remote_code=m.trust_remote_code,
-                             attn_implementation=m.attn_implementation)
+                             attn_implementation=m.attn_implementation,
+                             nf4_experts=quant is not None and cfg.quant.mode == "nf4")
     if quant is not None and not quantized_modules(model):
         raise FinetuneError(f"quant.mode={cfg.quant.mode} was requested but no layer of {m.name} was quantized")
     no_cpu_repack(model)
-    if quant is not None and cfg.quant.mode == "nf4":  # fused MoE experts are no Linear: NF4 them here
-        quantize_fused_experts(model, compute_dtype(cfg, device), cfg.quant.double_quant)
     sync_special_tokens(model, tokenizer)
 
     no_reentrant = {"use_reentrant": False}

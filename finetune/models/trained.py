@@ -65,15 +65,12 @@ def load_as_trained(path: str, device: Union[str, torch.device], dtype: torch.dt
     base_name = base or read_adapter_config(path)["base_model_name_or_path"]
     base_path = resolve_model_path(base_name)
     quant = bnb_config(cfg.quant, device, compute=dtype)
-    model = load_pretrained(base_path, dtype=dtype, device=device, quant=quant)
+    # fused MoE experts are no Linear: load_pretrained NF4s them as training did
+    model = load_pretrained(base_path, dtype=dtype, device=device, quant=quant, nf4_experts=cfg.quant.mode == "nf4")
     # Training never lets bitsandbytes repack 4-bit weights for its AVX512-BF16 CPU kernel (see
     # finetune.models.dtypes.no_cpu_repack); that kernel's rounding differs, so "as trained" computes without it too
     # (SmolLM2-135M: a dequantized merge agreed 94.7% with the repacked kernel, 100.0% without).
     same_kernel_as_training(model)
-    if cfg.quant.mode == "nf4":  # fused MoE experts are no Linear: NF4 them as training did
-        from finetune.models.experts import quantize_fused_experts
-
-        quantize_fused_experts(model, dtype, cfg.quant.double_quant)
     return attach_adapter(model, path, base_name, base_path)
 
 

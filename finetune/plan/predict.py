@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from finetune.cpuprobe import planned_cpu_precision
 from finetune.errors import UsageError
 from finetune.plan.moe import moe_parts
 from finetune.plan.shapes import Shape, model_shape
@@ -96,14 +97,19 @@ def _targets(cfg) -> set[str]:
 
 def _compute_bytes(cfg) -> int:
     """Bytes per value of the compute dtype, which finetune.runtime also gives the frozen
-    embeddings, head and norms (kbit_frozen_dtypes). precision=auto on a CPU counts as fp32 here:
-    this module never runs the CPU probe; `measure=true` plans with what it chose
-    (runtime.planned_precision)."""
+    embeddings, head and norms (kbit_frozen_dtypes). precision=auto on a CPU is what training picks
+    there (bf16 frozen weights where the CPU probe measured bf16 faster, else fp32), read from
+    FINETUNE_CPU_PRECISION or the probe's cache without torch (finetune.cpuprobe); fp32 while the
+    probe has not run (_auto_cpu_unprobed)."""
     if cfg.quant.compute_dtype != "auto":
         return 4 if cfg.quant.compute_dtype == "float32" else 2
     precision = cfg.precision if cfg.precision not in (None, "auto") else \
-        ("32-true" if cfg.accelerator == "cpu" else "bf16-mixed")
+        ((planned_cpu_precision() or "32-true") if cfg.accelerator == "cpu" else "bf16-mixed")
     return 4 if precision.startswith(("32", "64")) else 2
+
+
+def _auto_cpu_unprobed(cfg) -> bool:
+    return cfg.accelerator == "cpu" and cfg.precision in (None, "auto") and planned_cpu_precision() is None
 
 
 def _fp32_norms(cfg, c: int) -> bool:
@@ -285,16 +291,29 @@ def _load_peak(s: Shape, cfg, c: int, weights: int, unquant: int, on_cpu: bool) 
     frozen weights as stored (`weights`: quantized linears with their constants; `unquant`:
     embeddings, head, norms in the compute dtype; finetune.models.load no longer lets peft's
     k-bit preparation round-trip them through fp32) plus the largest transient. bitsandbytes
-    quantizes each linear as it arrives (one weight in the compute dtype at a time); a MoE's
-    fused expert stacks are no Linear: transformers loads them all in the compute dtype, and
-    finetune.models.experts packs them afterwards, so all of them are unpacked at once."""
+    quantizes each linear as it arrives (one weight in the compute dtype at a time).
+
+    A MoE's fused expert stacks are no Linear (finetune.models.experts packs them after loading).
+    On a GPU the NF4 model loads on the CPU, each stack is packed onto the device alone and the
+    rest follows packed (finetune.models.load.load_pretrained): the peak is the larger of the
+    experts packed plus the largest stack unpacked and the whole model packed. On the CPU it loads
+    where it runs: all stacks unpacked at once, then packed."""
     mode = cfg.quant.mode
     biggest = max(fin * fout for fin, fout, _ in s.linears().values())
     transient = biggest * c if mode != "none" else 0
+    total = weights + unquant + transient
     if s.n_expert and mode == "nf4":  # `weights` counts the experts packed; at load they are not yet
-        per_expert = ((2 if s.gated_mlp else 1) + 1) * s.intermediate * s.hidden
-        transient = s.n_layer * s.n_expert * (per_expert * c - (per_expert + 1) // 2)
-    return weights + unquant + transient + (0 if on_cpu else CUDA_CONTEXT_BYTES)
+        mlp = {n: v for n, v in s.linears().items() if n in ("gate", "up", "down")}
+        if on_cpu:
+            per_expert = sum(fin * fout for fin, fout, _ in mlp.values())
+            total = weights + unquant + s.n_layer * s.n_expert * (per_expert * c - (per_expert + 1) // 2)
+        else:
+            packed = s.n_layer * sum(n * sum(_quant_bytes(fin * fout, fout, mode, cfg.quant.double_quant, c))
+                                     for fin, fout, n in mlp.values())
+            up = mlp["up"][0] * mlp["up"][1] * (2 if s.gated_mlp else 1)  # gate_up_proj, one expert
+            stack = s.n_expert * max(up, mlp["down"][0] * mlp["down"][1])
+            total = max(packed + stack * c, weights + unquant)
+    return total + (0 if on_cpu else CUDA_CONTEXT_BYTES)
 
 
 def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
@@ -427,6 +446,9 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
         notes["activations"] = (f"{cfg.train.objective}: {rows} sequences per micro-batch of {mb}"
                                 + (" (+ the reference's forward, under no_grad before the policy's: time, not peak)"
                                    if cfg.train.objective in ("dpo", "kto") else ""))
+    if _auto_cpu_unprobed(cfg):
+        notes["precision"] = ("auto, counted as fp32: this CPU's bf16 probe has not run yet "
+                              "(measure=true or a training run measures it)")
     if not fsdp and world > 1:
         notes["strategy"] = "ddp: weights, LoRA and optimizer state replicated on every device"
     load = _load_peak(s, cfg, c, w_shard + w_repl, unquant, on_cpu)

@@ -50,3 +50,18 @@ def test_table_suggests_mlp_tiling(capsys):
 def test_slack_out_of_range_is_refused_where_it_is_parsed():
     with pytest.raises(UsageError, match=r"slack must be in \[0, 1\), got 1.5"):
         build(Args, {"recipe": "qlora-7b-alpaca", "slack": "1.5"})
+
+
+@pytest.mark.parametrize("forced, counted", [("bf16", "bf16-true"), ("fp32", "32-true")])
+def test_auto_on_the_cpu_is_planned_as_measure_true_runs_it(capsys, monkeypatch, forced, counted):
+    """`finetune plan recipe=tiny-lora` (accelerator cpu, precision=auto) predicts the dtypes
+    training picks there, the same prediction measure=true makes with the precision it resolved."""
+    monkeypatch.setenv("FINETUNE_CPU_PRECISION", forced)
+    cfg = cfg_of("tiny-lora")
+    assert cfg.accelerator == "cpu" and cfg.precision == "auto"
+    assert run(Args(recipe="tiny-lora", format="json"), cfg) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert run(Args(recipe="tiny-lora", format="json", measure=True), cfg_of("tiny-lora")) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert plain["peak_bytes"] == measured["peak_bytes"] == predict(load_config("tiny-lora", {"precision": counted})).peak_bytes
+    assert plain["parts"] == measured["parts"] and "precision" not in plain["notes"]

@@ -71,3 +71,83 @@ def test_expert_lora_without_quantization(tiny_moe):
     ids = torch.randint(3, 200, (1, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if "experts" in n and "lora_A" in n)
+
+
+def test_stacks_are_packed_onto_the_device_one_at_a_time(tiny_moe, monkeypatch):
+    """With a device, each stack is moved there alone and packed before the next one moves: a spy
+    on the staging step and the packing step counts the unpacked stacks staged at any time."""
+    pytest.importorskip("bitsandbytes")
+    from torch.nn.utils import parametrize
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import experts
+
+    staged, unpacked_at_pack, unpacked_at_stage = [], [], []
+    live = lambda: sum(not parametrize.is_parametrized(m, p) for m, p in staged)  # noqa: E731
+    real_stage, real_pack = experts._stage, NF4Stored.right_inverse
+
+    def stage(m, p, device):
+        unpacked_at_stage.append(live())
+        staged.append((m, p))
+        real_stage(m, p, device)
+
+    def pack(self, w):
+        unpacked_at_pack.append(live())
+        return real_pack(self, w)
+
+    monkeypatch.setattr(experts, "_stage", stage)
+    monkeypatch.setattr(NF4Stored, "right_inverse", pack)
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    assert experts.quantize_fused_experts(model, torch.float32, device=torch.device("cpu")) == 4
+    assert unpacked_at_stage == [0, 0, 0, 0] and unpacked_at_pack == [1, 1, 1, 1] and live() == 0
+
+    monkeypatch.undo()  # without a device: the same codes, bit for bit
+    plain = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    experts.quantize_fused_experts(plain, torch.float32)
+    a = {n: b for n, b in model.named_buffers() if n.endswith(".packed")}
+    b = {n: b for n, b in plain.named_buffers() if n.endswith(".packed")}
+    assert len(a) == 4 and a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_staged_load_is_todays_model_bit_for_bit(tiny_moe, monkeypatch):
+    """The MoE+NF4 load for a GPU (whole model on the CPU, experts packed onto the device one by
+    one, the rest moved after) run with the CPU as the device gives the same model as a direct load."""
+    pytest.importorskip("bitsandbytes")
+    from finetune.models import load
+
+    cfg = moe_cfg(tiny_moe, **{"quant.mode": "nf4"})
+    torch.manual_seed(0)
+    direct = load_model(cfg, "cpu", gradient_checkpointing=False).state_dict()
+    monkeypatch.setattr(load, "_experts_staged", lambda path, kw, device: True)
+    torch.manual_seed(0)
+    model = load_model(cfg, "cpu", gradient_checkpointing=False)
+    staged = model.state_dict()
+    assert sum(isinstance(m, NF4Stored) for m in model.modules()) == 4
+    assert staged.keys() == direct.keys()
+    assert all(torch.equal(staged[k], direct[k]) for k in direct)
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("moe, nf4_experts, where", [(True, True, "cpu"), (True, False, 0), (False, True, 0)])
+def test_a_moe_for_a_gpu_loads_on_the_cpu(tiny_moe, tiny_model, monkeypatch, moe, nf4_experts, where):
+    """Only a MoE whose experts are packed to NF4 loads through the CPU; everything else straight
+    onto the device (the GPU is mocked: from_pretrained records where it was asked to load)."""
+    from transformers import BitsAndBytesConfig
+
+    from finetune.models import load
+
+    asked = {}
+
+    def from_pretrained(path, **kw):
+        asked.update(kw)
+        raise _Loaded
+
+    monkeypatch.setattr(load.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    with pytest.raises(_Loaded):
+        load.load_pretrained(str(tiny_moe if moe else tiny_model), dtype=torch.bfloat16,
+                             device=torch.device("cuda", 0), quant=quant, nf4_experts=nf4_experts)
+    assert asked["device_map"] == {"": where}

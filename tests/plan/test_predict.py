@@ -295,10 +295,22 @@ def test_bf16_counts_each_lora_branch_own_fp32_copy_of_its_input():
     assert _lora_per_token(accelerator="cuda", precision="bf16-mixed") == 2 * (6 * h + i) + 7 * 2 * r
 
 
-def test_load_peak_is_predicted_and_a_moe_loads_its_experts_unpacked():
+def test_load_peak_is_predicted_and_a_moe_packs_one_expert_stack_at_a_time():
     dense = predict(load_config("qlora-7b-alpaca", {}))
     weights = sum(dense.parts[k] for k in ("quantized_weights", "unquantized_weights"))
     assert weights < dense.load_peak_bytes < weights + 1 * GiB  # + context + one bf16 weight
-    moe = predict(load_config("qlora-7b-alpaca", {"model.name": "8xmeta-llama/Llama-3.2-1B"}))
-    # 8 x 1B: 16 layers x 8 experts x 3 x 8192 x 2048 bf16 = 12.9 GB before NF4 packing
-    assert moe.load_peak_bytes > 12 * GiB > moe.peak_bytes
+    for experts in (8, 16):
+        name = f"{experts}xmeta-llama/Llama-3.2-1B"
+        # On a GPU the MoE loads on the CPU and each fused stack is packed onto the device alone
+        # (finetune.models.load): the experts packed + the largest stack unpacked (gate_up_proj:
+        # E x 2 x 8192 x 2048 bf16) or the whole packed model, whichever is larger, + context.
+        moe = predict(load_config("qlora-7b-alpaca", {"model.name": name, "quant.double_quant": False}))
+        weights = moe.parts["quantized_weights"] + moe.parts["unquantized_weights"]
+        experts_packed = 16 * 3 * experts * (8192 * 2048 // 2 + 4 * 8192 * 2048 // 64 + 64)
+        stack = experts * 2 * 8192 * 2048 * 2
+        assert moe.load_peak_bytes == max(experts_packed + stack, weights) + moe.parts["cuda_context"]
+        assert moe.load_peak_bytes < moe.peak_bytes
+    assert experts_packed + stack > weights  # 16 experts: the stack being packed is the peak
+    # On the CPU it loads where it runs: all 8 x 1B stacks unpacked (12.9 GB) before packing
+    cpu = predict(load_config("qlora-7b-alpaca", {"model.name": "8xmeta-llama/Llama-3.2-1B", "accelerator": "cpu"}))
+    assert cpu.load_peak_bytes > 12 * GiB > cpu.peak_bytes
