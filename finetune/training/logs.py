@@ -8,6 +8,7 @@ import importlib.util
 import io
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -123,14 +124,19 @@ class HistoryCSV(Logger):
     the loop calls before every checkpoint: the file then holds every step up to the checkpoint a
     resume starts from. `start_at(step)` drops rows past that step (a kill -9 or SIGTERM after the
     checkpoint: those steps are trained, and logged, again). A failed write (disk full) keeps the
-    file as it was and the rows in memory for the next save, with one warning.
+    file as it was and the rows in memory for the next save, with one warning. Between checkpoints
+    the rows are also written every `flush_seconds`, so a long run without step checkpoints can be
+    watched (rows past the checkpoint a resume starts from are dropped then, as above).
     """
+
+    flush_seconds = 30.0
 
     def __init__(self, out_dir: Path):
         super().__init__()
         self.path = Path(out_dir) / "logs" / "metrics.csv"
         self._rows: list[dict] = []
         self._warned = False
+        self._saved_at = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -149,6 +155,8 @@ class HistoryCSV(Logger):
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
         row["step"] = step if step is not None else len(self._rows)
         self._rows.append(row)
+        if time.monotonic() - self._saved_at >= self.flush_seconds:
+            self.save()
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
@@ -178,6 +186,7 @@ class HistoryCSV(Logger):
 
     @rank_zero_only
     def save(self) -> None:
+        self._saved_at = time.monotonic()
         if not self._rows:
             return
         try:

@@ -58,3 +58,13 @@ def test_history_csv_survives_a_full_disk(tmp_path, monkeypatch, capsys):
     h.save()
     assert [r["step"] for r in csv.DictReader((tmp_path / "logs" / "metrics.csv").open())] == ["1", "2"]
     assert fs  # noqa
+
+
+def test_history_csv_is_written_between_checkpoints_too(tmp_path, monkeypatch):
+    # A long run with train.save_every=0 can be watched: rows reach the file every flush_seconds.
+    h = HistoryCSV(tmp_path)
+    h.log_metrics({"train_loss": 2.0}, step=1)
+    assert not (tmp_path / "logs" / "metrics.csv").exists()
+    monkeypatch.setattr(HistoryCSV, "flush_seconds", 0.0)
+    h.log_metrics({"train_loss": 1.5}, step=2)
+    assert [r["step"] for r in csv.DictReader((tmp_path / "logs" / "metrics.csv").open())] == ["1", "2"]
