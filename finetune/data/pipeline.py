@@ -136,13 +136,14 @@ def _raise_strict(where: str, e: BadRow) -> None:
     raise UsageError(f"{where}:{field_part} {e.reason}{': ' + e.detail if e.detail else ''} (data.strict=true)")
 
 
-def _convert(rows: Rows, idx: Sequence[int], src: Source, data_cfg, stats: DataStats) -> tuple[list, list]:
-    cols = columns_for(src.format, src.columns)
-    convs, wheres = [], []
+def convert_rows(rows: Rows, idx: Sequence[int], convert, data_cfg, stats: DataStats):
+    """(convert(row, fixes), where) for each row of `idx`; a BadRow is dropped with its counted reason
+    (refused with data.strict=true) and the fixes applied are counted. SFT conversations and
+    preference pairs are read through this one rule."""
     for i in idx:
         fixes: list[str] = []
         try:
-            conv = to_conversation(rows.rows[i], src.format, cols, src.roles, data_cfg.system_prompt, fixes)
+            result = convert(rows.rows[i], fixes)
         except BadRow as e:
             if data_cfg.strict:
                 _raise_strict(rows.where[i], e)
@@ -150,9 +151,14 @@ def _convert(rows: Rows, idx: Sequence[int], src: Source, data_cfg, stats: DataS
             continue
         for f in fixes:
             stats.fixed[f] = stats.fixed.get(f, 0) + 1
-        convs.append(conv)
-        wheres.append(rows.where[i])
-    return convs, wheres
+        yield result, rows.where[i]
+
+
+def _convert(rows: Rows, idx: Sequence[int], src: Source, data_cfg, stats: DataStats) -> tuple[list, list]:
+    cols = columns_for(src.format, src.columns)
+    done = list(convert_rows(rows, idx, lambda row, fixes: to_conversation(
+        row, src.format, cols, src.roles, data_cfg.system_prompt, fixes), data_cfg, stats))
+    return [c for c, _ in done], [w for _, w in done]
 
 
 def _split_indices(n: int, data_cfg, seed: int, has_val_file: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,7 @@ from finetune.data.pipeline import (
     _drop_summary,
     _raise_strict,
     _split_indices,
+    convert_rows,
     cache_key,
     get_renderer,
 )
@@ -70,20 +71,11 @@ SIDES = {True: ("chosen_ids", "rejected_ids"), False: ("completion_ids",)}
 def _convert(rows: Rows, idx, fmt: str, cols: dict, roles: dict, data_cfg, stats: DataStats,
              paired: bool) -> tuple[list[PrefExample], list[str]]:
     out, wheres = [], []
-    for i in idx:
-        fixes: list[str] = []
-        try:
-            ex = to_preference(rows.rows[i], fmt, cols, roles, data_cfg.system_prompt, fixes)
-        except BadRow as e:
-            if data_cfg.strict:
-                _raise_strict(rows.where[i], e)
-            stats.drop(e.reason, rows.where[i])
-            continue
-        for f in fixes:
-            stats.fixed[f] = stats.fixed.get(f, 0) + 1
+    for ex, where in convert_rows(rows, idx, lambda row, fixes: to_preference(
+            row, fmt, cols, roles, data_cfg.system_prompt, fixes), data_cfg, stats):
         parts = [ex] if paired else ex.unpaired()
         out += parts
-        wheres += [rows.where[i]] * len(parts)
+        wheres += [where] * len(parts)
     return out, wheres
 
 
