@@ -171,16 +171,22 @@ def _split_indices(n: int, data_cfg, seed: int, has_val_file: bool) -> tuple[np.
     return order[n_val:], order[:n_val]
 
 
-def _load(data_cfg, seed: int, stats: DataStats, src: Optional[Source] = None):
-    src = src or resolve(data_cfg)
-    stats.source = src.name
-    stats.files = [str(f) for f in src.files]
+def load_counted_rows(src: Source, data_cfg, stats: DataStats) -> Rows:
+    """The source's rows, counted in `stats` (broken JSON lines dropped with their reason); an empty
+    dataset is refused. SFT and preference data load through this."""
+    stats.source, stats.files = src.name, [str(f) for f in src.files]
     rows = load_rows(src, strict=data_cfg.strict)
     stats.rows_loaded = len(rows.rows) + len(rows.broken)
     for where, _ in rows.broken:
         stats.drop("invalid JSON line", where)
     if not rows.rows:
         raise UsageError(f"{src.name}: the dataset is empty (no rows{', only broken lines' if rows.broken else ''})")
+    return rows
+
+
+def _load(data_cfg, seed: int, stats: DataStats, src: Optional[Source] = None):
+    src = src or resolve(data_cfg)
+    rows = load_counted_rows(src, data_cfg, stats)
     train_idx, val_idx = _split_indices(len(rows.rows), data_cfg, seed, bool(data_cfg.val_path))
     if data_cfg.strict:  # the first bad row in file order is the one to name, not the first after shuffling
         _convert(rows, sorted(np.concatenate([train_idx, val_idx]).tolist()), src, data_cfg, DataStats())

@@ -45,6 +45,7 @@ from finetune.data.pipeline import (
     _raise_strict,
     _split_indices,
     convert_rows,
+    load_counted_rows,
     cache_key,
     get_renderer,
 )
@@ -92,13 +93,7 @@ def _format(data_cfg, src, rows: Rows, paired: bool) -> tuple[str, dict]:
 
 
 def _load(data_cfg, seed: int, stats: DataStats, src, paired: bool):
-    stats.source, stats.files = src.name, [str(f) for f in src.files]
-    rows = load_rows(src, strict=data_cfg.strict)
-    stats.rows_loaded = len(rows.rows) + len(rows.broken)
-    for where, _ in rows.broken:
-        stats.drop("invalid JSON line", where)
-    if not rows.rows:
-        raise UsageError(f"{src.name}: the dataset is empty (no rows{', only broken lines' if rows.broken else ''})")
+    rows = load_counted_rows(src, data_cfg, stats)
     fmt, cols = _format(data_cfg, src, rows, paired)
     told = data_cfg.format or ("" if data_cfg.path else src.format)
     stats.notes.append(f"format {fmt}" + ("" if told else " (detected from the first row; data.format sets it)"))
