@@ -36,8 +36,11 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers: sdpa, eager or flash_attention_2."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """Attention kernel passed to transformers: auto (on a CUDA GPU flash_attention_2 where
+    flash-attn is installed, which runs packed rows as variable-length sequences with no mask,
+    else sdpa; on the CPU sdpa), sdpa, eager, flash_attention_2 or flex_attention (GPU training:
+    torch has no flex backward on the CPU)."""
     adapter: Optional[str] = None
     """A LoRA adapter directory (e.g. an SFT run's final/) to continue training from: the trained
     adapter starts as it (its LoRA shape; lora.r and lora.alpha must match it), and dpo/kto keep it,
@@ -217,8 +220,9 @@ class TrainConfig:
     fixed_mmap_threshold: bool = True
     """CPU with glibc: fix malloc's mmap threshold at 32 MiB (with glibc's dynamic one the heap
     fragmented more: ~8% more peak RSS measured). Not applied if MALLOC_MMAP_THRESHOLD_ is set."""
-    liger: bool = False
-    """Use Liger kernels when installed (GPU only)."""
+    liger: Union[bool, Literal["auto"]] = "auto"
+    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE): auto (on on a CUDA GPU where liger-kernel
+    is installed, off on the CPU), true (GPU only) or false."""
     router_aux_loss_coef: float = ranged(0.0, ge=0)
     """MoE (Mixtral) models: weight of the load-balancing loss on router probabilities (0 = off)."""
     save_every: int = ranged(0, ge=0, hint="(0 = only the final adapter)")

@@ -21,6 +21,7 @@ from finetune.config import Config
 from finetune.cpuprobe import CPU_PRECISION_ENV, forced_cpu_precision, probe_key, probe_path  # noqa: F401
 from finetune.errors import UsageError, did_you_mean
 from finetune.fs import atomic_write
+from finetune.kernels import attention, liger_on
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -208,6 +209,25 @@ def planned_precision(cfg: Config, device: Union[str, torch.device]) -> str:
     if device.type == "cpu":
         return "bf16-true" if base_dtype(cfg, device) == torch.bfloat16 else "32-true"
     return "bf16-mixed" if _gpu_half() == torch.bfloat16 else "16-mixed"
+
+
+def use_liger(cfg: Config, device: Union[str, torch.device]) -> bool:
+    """Whether a training model on `device` gets Liger's kernels: train.liger, auto = on a CUDA
+    GPU where liger-kernel is installed (finetune.kernels.liger_on)."""
+    return liger_on(cfg.train.liger, torch.device(device).type == "cuda")
+
+
+def attention_implementation(cfg: Config, device: Union[str, torch.device]) -> str:
+    """The attention implementation a training model on `device` loads with:
+    model.attn_implementation, auto = flash_attention_2 on a CUDA GPU with flash-attn installed,
+    else sdpa (finetune.kernels.attention says why). flex_attention on the CPU is refused here,
+    before the model loads: torch has no flex backward on the CPU."""
+    on_gpu = torch.device(device).type == "cuda"
+    attn = attention(cfg.model.attn_implementation, on_gpu)
+    if attn == "flex_attention" and not on_gpu:
+        raise UsageError("model.attn_implementation=flex_attention cannot train on the CPU (torch has no "
+                         "flex_attention backward there); use model.attn_implementation=auto")
+    return attn
 
 
 # --------------------------------------------------------------------------- eval, merge and moe

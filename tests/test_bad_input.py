@@ -321,8 +321,8 @@ def test_recipe_unknown_key_names_file(work, capsys):
 def test_recipe_bad_value_names_file(work, capsys):
     f = work / "mine.yaml"
     f.write_text("model:\n  attn_implementation: flash\ntrain:\n  max_steps: 3\n")
-    expect_error([f"recipe={f}"], 2, f"recipe {f}: model.attn_implementation must be one of sdpa, eager, "
-                 "flash_attention_2, got 'flash'", capsys=capsys, root=work)
+    expect_error([f"recipe={f}"], 2, f"recipe {f}: model.attn_implementation must be one of auto, sdpa, eager, "
+                 "flash_attention_2, flex_attention, got 'flash'", capsys=capsys, root=work)
 
 
 # --------------------------------------------------------------------------- model, LoRA, quantization

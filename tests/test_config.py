@@ -48,7 +48,7 @@ def test_overrides_types_and_lists():
     ("train.max_step", "3", "did you mean train.max_steps"),
     ("train.max_steps", "three", "command line: train.max_steps: expected an integer, got 'three'"),
     ("quant.mode", "nf3", "command line: quant.mode must be one of none, nf4, int8, got 'nf3'"),
-    ("model.attn_implementation", "flash", "must be one of sdpa, eager, flash_attention_2, got 'flash'"),
+    ("model.attn_implementation", "flash", "must be one of auto, sdpa, eager, flash_attention_2, flex_attention, got 'flash'"),
     ("accelerator", "tpu", "accelerator must be one of auto, cpu, cuda, gpu, mps, got 'tpu'"),
     ("precision", "bf16", "precision must be one of auto, 32-true, bf16-mixed,"),
     ("output.loggers", "[csv,neptune]", "output.loggers must be one of csv, tensorboard, wandb, mlflow, got 'neptune'"),
@@ -64,7 +64,7 @@ def test_override_errors_name_the_key(key, value, expect):
 def test_sections_and_appends():
     cfg = load_config("tiny-lora", {"model": "{name: smollm2-135m}", "lora.target_modules+": "o_proj",
                                     "precision": "null", "data.system_prompt": "You are: terse"})
-    assert cfg.model.name == "smollm2-135m" and cfg.model.attn_implementation == "sdpa"
+    assert cfg.model.name == "smollm2-135m" and cfg.model.attn_implementation == "auto"
     assert cfg.lora.target_modules == load_config("tiny-lora", {}).lora.target_modules + ["o_proj"]
     assert cfg.precision is None and cfg.data.system_prompt == "You are: terse"
 

@@ -8,8 +8,8 @@ is checked against the model training really runs:
    activations every later step mallocs (finetune.memory.malloc);
 2. lean autograd (`train.lean_activations`): SwiGLU MLPs keep two tensors instead of three, sdpa
    attention on the CPU keeps k/v unrepeated and one mask (finetune.memory.lean);
-3. Liger's Triton kernels (`train.liger`, GPU only): RMSNorm, SwiGLU and RoPE of the base model.
-   After lean: where both apply to an MLP, Liger's forward replaces the lean one;
+3. Liger's Triton kernels (`train.liger`, auto = on on a CUDA GPU with liger-kernel installed:
+   finetune.runtime.use_liger): RMSNorm, SwiGLU and RoPE of the base model. After lean: where both apply to an MLP, Liger's forward replaces the lean one;
 4. sequence-tiled MLPs (`train.mlp_tile_size`, finetune.memory.tiled): last, because each tile
    runs whatever forward the MLP has by then (the class's, lean's or Liger's).
 """
@@ -27,6 +27,7 @@ from finetune.errors import UsageError
 from finetune.memory.lean import patch_attention, patch_swiglu
 from finetune.memory.malloc import fix_mmap_threshold
 from finetune.memory.tiled import tile_mlps
+from finetune.kernels import liger_on
 
 
 @dataclass
@@ -50,7 +51,7 @@ def apply_memory_features(model: nn.Module, train: TrainConfig, device: Union[st
     if train.lean_activations:
         done.lean_mlps = patch_swiglu(model)
         done.lean_attention = patch_attention(model)
-    if train.liger:
+    if liger_on(train.liger, device.type == "cuda"):  # = finetune.runtime.use_liger, from the train section alone
         _apply_liger(model, device)
         done.liger = True
     if train.mlp_tile_size:
@@ -66,6 +67,12 @@ def _apply_liger(model: nn.Module, device: torch.device) -> None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
         raise UsageError("train.liger=true but liger-kernel is not installed: pip install liger-kernel") from None
-    # The cross-entropy kernels stay off: the chunked loss already avoids full logits.
+    # Liger's cross-entropy kernels stay off. Its fused linear cross-entropy would fit our loss
+    # (reduction="sum" over the trained rows, which finetune.training.loss then divides by the
+    # trained tokens of the whole optimizer step, all micro-batches and ranks: the parity test in
+    # tests/memory/test_apply.py checks that, on CUDA with liger-kernel), but it is the same
+    # algorithm as finetune.memory.lean.linear_cross_entropy, which the chunked loss already runs
+    # for a frozen head: the gradient wrt the hidden states formed in forward, chunk by chunk, and
+    # only that kept. So no memory to gain; a kernel-speed gain is possible but unmeasured on a GPU.
     _apply_liger_kernel_to_instance(model=model.get_base_model(), cross_entropy=False,
                                     fused_linear_cross_entropy=False)

@@ -29,6 +29,7 @@ from finetune.models.experts import keep_nf4_under_lora, quantize_fused_experts,
 from finetune.models.tiny import tiny_model_dir
 from finetune.portable import save_tokenizer
 from finetune.runtime import (
+    attention_implementation,
     base_dtype,
     compute_dtype,
     default_device,
@@ -423,7 +424,7 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
     # fused MoE experts are no Linear: load_pretrained NF4s them itself, onto the device one at a time
     model = load_pretrained(path, dtype=base_dtype(cfg, device), device=device, quant=quant,
                              revision=m.revision, trust_remote_code=m.trust_remote_code,
-                             attn_implementation=m.attn_implementation,
+                             attn_implementation=attention_implementation(cfg, device),
                              nf4_experts=quant is not None and cfg.quant.mode == "nf4")
     if quant is not None and not quantized_modules(model):
         raise FinetuneError(f"quant.mode={cfg.quant.mode} was requested but no layer of {m.name} was quantized")

@@ -32,6 +32,7 @@ from typing import Optional
 
 from finetune.cpuprobe import planned_cpu_precision
 from finetune.errors import UsageError
+from finetune.kernels import attention, liger_on, varlen
 from finetune.plan.moe import moe_parts
 from finetune.plan.shapes import Shape, model_shape
 from finetune.ranges import parse_size
@@ -184,15 +185,17 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     norm_out = lambda names: c * h if (set(names) & targets and shared) else 0  # noqa: E731
     # transformers' sdpa path repeats k/v to n_head when a mask is passed (packing), and torch turns
     # the boolean mask into an additive one in the compute dtype in every layer, which the
-    # attention's backward keeps (seq keys per token). flash_attention_2 takes neither; nor does
-    # finetune.memory.lean's CPU attention (k/v unrepeated, one float mask per forward: _mask_bytes).
-    attn = cfg.model.attn_implementation
+    # attention's backward keeps (seq keys per token). flash_attention_2 takes neither (packed rows
+    # run varlen, with no mask at all), nor does flex_attention (a block mask, k/v unrepeated);
+    # nor does finetune.memory.lean's CPU attention (k/v unrepeated, one float mask per forward: _mask_bytes).
+    attn = _attention(cfg)
     lean_cpu = _lean_cpu_attention(cfg)
-    kv = s.kv_dim if attn == "flash_attention_2" or lean_cpu else qd
+    kv = s.kv_dim if varlen(attn) or attn == "flex_attention" or lean_cpu else qd
     layer_mask = c * seq if (attn == "sdpa" and _masked(cfg) and not lean_cpu) else 0
-    # gate, up and silu(gate) for a SwiGLU MLP; two with finetune.memory.lean (silu recomputed in backward),
-    # unless Liger's kernels replace the MLP.
-    mlp_saved = (2 if cfg.train.lean_activations and not cfg.train.liger else 3) if s.gated_mlp else 1
+    # gate, up and silu(gate) for a SwiGLU MLP; two with finetune.memory.lean's or Liger's SwiGLU
+    # (both keep gate and up and recompute silu in backward).
+    liger = _liger(cfg)
+    mlp_saved = (2 if cfg.train.lean_activations or liger else 3) if s.gated_mlp else 1
     mlp_linears = ("gate", "up", "down")
     mlp = {
         "mlp": k * c * i * mlp_saved + (k * c * i if "down" in targets and shared else 0)
@@ -201,7 +204,7 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     }
     d = {
         # tiled, the tile checkpoints keep the MLP's input whether or not a LoRA reads it
-        "norms": 2 * (4 * h + 4) + norm_out("qkv") + (c * h if tiled else norm_out(("gate", "up"))),
+        "norms": 2 * _norm_saved(cfg, c, h) + norm_out("qkv") + (c * h if tiled else norm_out(("gate", "up"))),
         # q, k, v, the output and its logsumexp; o's LoRA input adds no tensor of its own with
         # sdpa (saved-tensor trace on CPU; flash assumed alike), one with eager
         "attention": c * (qd + 2 * kv) + c * qd + 4 * s.n_head + layer_mask
@@ -209,7 +212,7 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
         "mlp": 0 if tiled else mlp["mlp"],
         "lora": sum(lora_in(n) for n in lin if n not in mlp_linears) + (0 if tiled else mlp["lora"]),
     }
-    if cfg.model.attn_implementation == "eager":  # softmax in fp32 (+ its compute-dtype copy), per key
+    if attn == "eager":  # softmax in fp32 (+ its compute-dtype copy), per key
         d["attention"] += _upcast(c) * s.n_head * seq
     return d, (mlp if tiled else {})
 
@@ -248,8 +251,27 @@ def _upcast(c: int) -> int:
     return 4 + (0 if c == 4 else c)
 
 
+def _attention(cfg) -> str:
+    """The attention implementation training loads (finetune.kernels.attention: auto = flash on a
+    GPU with flash-attn installed, else sdpa); any accelerator but cpu plans for a CUDA GPU."""
+    return attention(cfg.model.attn_implementation, cfg.accelerator != "cpu")
+
+
+def _liger(cfg) -> bool:
+    """Whether training runs Liger's kernels (finetune.kernels.liger_on: auto = on a GPU with liger-kernel)."""
+    return liger_on(cfg.train.liger, cfg.accelerator != "cpu")
+
+
+def _norm_saved(cfg, c: int, h: int) -> int:
+    """What one RMSNorm keeps per token: its fp32 input (the class upcasts) and rsqrt; Liger's
+    fused RMSNorm keeps its input as it came (the residual stream's dtype) and one fp32 rstd."""
+    if not _liger(cfg):
+        return 4 * h + 4
+    return (4 if _fp32_norms(cfg, c) else c) * h + 4
+
+
 def _lean_cpu_attention(cfg) -> bool:
-    return cfg.accelerator == "cpu" and cfg.train.lean_activations and cfg.model.attn_implementation == "sdpa"
+    return cfg.accelerator == "cpu" and cfg.train.lean_activations and _attention(cfg) == "sdpa"
 
 
 def _mask_bytes(cfg, micro_batch: int, seq: int, c: int) -> int:
