@@ -62,7 +62,7 @@ def apply_memory_features(model: nn.Module, train: TrainConfig, device: Union[st
 def _apply_liger(model: nn.Module, device: torch.device) -> None:
     """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the base model, GPU only."""
     if device.type != "cuda":
-        raise UsageError("train.liger=true needs a CUDA GPU (Liger kernels are Triton); set train.liger=false")
+        raise UsageError("train.liger=true needs a CUDA GPU (Liger kernels are Triton); use train.liger=auto (off on the CPU)")
     try:  # an optional dependency, imported only when asked for
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:

@@ -54,16 +54,14 @@ def tiny_models():
     return {**models, "lean_sdpa": lean}
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager", "lean_sdpa"])
-def test_no_leak_inside_pack(tiny_models, impl):
-    """An example's logits inside a pack (and inside a padded batch) equal its logits alone."""
-    model = tiny_models[impl]
+def assert_no_leak(model, device="cpu", atol=1e-5):
+    """Packed logits of four examples in two units equal each example's logits alone; the units."""
     g = torch.Generator().manual_seed(0)
     examples = [(torch.randint(3, 259, (n,), generator=g).tolist(), None) for n in (9, 7, 5, 3)]
     examples = [(ids, [-100] + ids[1:]) for ids, _ in examples]
     units = pack(examples, seq_len=16)
     assert len(units) == 2 and all(len(set(u["position_ids"])) < len(u["position_ids"]) for u in units)
-    batch = collate(units, pad_id=0)
+    batch = {k: v.to(device) for k, v in collate(units, pad_id=0).items()}
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
                        use_cache=False).logits
@@ -71,11 +69,51 @@ def test_no_leak_inside_pack(tiny_models, impl):
             pos = u["position_ids"]
             starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
             for a, b in zip(starts, starts[1:]):
-                alone = model(input_ids=torch.tensor([u["input_ids"][a:b]]), use_cache=False).logits[0]
-                torch.testing.assert_close(packed[row, a:b], alone, atol=1e-5, rtol=0)
+                alone = model(input_ids=torch.tensor([u["input_ids"][a:b]], device=device), use_cache=False).logits[0]
+                torch.testing.assert_close(packed[row, a:b], alone, atol=atol, rtol=0)
+    return units
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "lean_sdpa"])
+def test_no_leak_inside_pack(tiny_models, impl):
+    """An example's logits inside a pack (and inside a padded batch) equal its logits alone."""
+    model = tiny_models[impl]
+    units = assert_no_leak(model)
     # and the check is not vacuous: without position ids the second example does see the first
     with torch.no_grad():
-        leaky = model(input_ids=batch["input_ids"][:1], use_cache=False).logits[0]
+        leaky = model(input_ids=collate(units, pad_id=0)["input_ids"][:1], use_cache=False).logits[0]
     a = units[0]["position_ids"].index(0, 1)
     alone = model(input_ids=torch.tensor([units[0]["input_ids"][a:]]), use_cache=False).logits[0]
     assert not torch.allclose(leaky[a:], alone, atol=1e-3)
+
+
+def _load_tiny(attn: str, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models.tiny import tiny_model_dir
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir(), attn_implementation=attn,
+                                                dtype=torch.float32).to(device).eval()
+
+
+@pytest.mark.slow  # compiles flex_attention: ~35 s on the shared CPU
+def test_no_leak_with_flex_attention_on_cpu():
+    """The CPU rehearsal of the document-masked attention a GPU may use instead of a dense mask:
+    transformers turns the restarting position ids into a flex_attention BlockMask (packed-sequence
+    detection in masking_utils), and packed logits equal each document's alone. Forward only:
+    torch has no flex backward on the CPU (finetune.runtime refuses to train with it there)."""
+    try:
+        model = _load_tiny("flex_attention")
+        assert_no_leak(model)
+    except (ImportError, NotImplementedError, RuntimeError) as e:  # a torch without CPU flex (a leak is an AssertionError)
+        pytest.skip(f"flex_attention does not run on this CPU: {e}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn's varlen kernel is CUDA only")
+def test_no_leak_with_flash_attention_varlen():
+    """On a GPU with flash-attn (what model.attn_implementation=auto picks there): packed rows run
+    varlen, with no mask, and attend only inside their documents."""
+    pytest.importorskip("flash_attn")
+    model = _load_tiny("flash_attention_2", "cuda").to(torch.bfloat16)
+    assert_no_leak(model, device="cuda", atol=3e-2)
+

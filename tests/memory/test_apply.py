@@ -54,7 +54,7 @@ def test_cpu_order_malloc_lean_tiles(monkeypatch):
 
 def test_the_threshold_is_a_cpu_setting(monkeypatch):
     monkeypatch.setattr(apply, "fix_mmap_threshold", lambda: pytest.fail("threshold set for a GPU run"))
-    model, cfg = plain_model(**{"train.lean_activations": "false"})
+    model, cfg = plain_model(**{"train.lean_activations": "false", "train.liger": "false"})
     assert apply_memory_features(model, cfg.train, torch.device("cuda", 0)) == MemoryFeatures()
 
 
@@ -99,3 +99,40 @@ def test_liger_not_installed_is_one_line_usage_error(monkeypatch):
     model, cfg = plain_model(**{"train.liger": "true", "train.lean_activations": "false"})
     with pytest.raises(UsageError, match=r"liger-kernel is not installed: pip install liger-kernel$"):
         apply_memory_features(model, cfg.train, torch.device("cuda", 0))
+
+
+def test_liger_auto_is_on_on_a_gpu_with_liger_and_off_on_the_cpu(monkeypatch):
+    """train.liger=auto (the default): Liger goes on for a CUDA device where liger-kernel is
+    installed, never on the CPU (where true is the one-line refusal above), and not where it is
+    missing (auto never refuses)."""
+    from finetune import kernels
+
+    liger_forward = fake_liger(monkeypatch)
+    monkeypatch.setattr(kernels, "installed", lambda module: module == kernels.LIGER_MODULE)
+    model, cfg = plain_model(**{"train.lean_activations": "false", "train.fixed_mmap_threshold": "false"})
+    assert cfg.train.liger == "auto"
+    assert apply_memory_features(model, cfg.train, "cpu") == MemoryFeatures()
+    assert apply_memory_features(model, cfg.train, torch.device("cuda", 0)).liger
+    assert all(m.forward.__func__ is liger_forward for m in mlps(model))
+    model, cfg = plain_model(**{"train.lean_activations": "false"})
+    monkeypatch.setattr(kernels, "installed", lambda module: False)
+    assert not apply_memory_features(model, cfg.train, torch.device("cuda", 0)).liger
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton: CUDA only")
+def test_liger_fused_linear_cross_entropy_fits_our_summed_loss():
+    """Why Liger's fused linear cross-entropy could stand in for ours (finetune.memory.apply says why it
+    stays off): with reduction="sum" it is the summed loss over the trained rows and its gradient
+    wrt the hidden states, as finetune.memory.lean.linear_cross_entropy gives them."""
+    liger_loss = pytest.importorskip("liger_kernel.transformers").LigerFusedLinearCrossEntropyLoss
+    g = torch.Generator(device="cuda").manual_seed(0)
+    head = torch.nn.Linear(64, 1000, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    targets = torch.randint(0, 1000, (300,), device="cuda", generator=g)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    ours = lean.linear_cross_entropy(head, h1, targets, 128)
+    theirs = liger_loss(reduction="sum")(head.weight, h2, targets)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(theirs.float(), ours, rtol=2e-3, atol=0)
+    torch.testing.assert_close(h2.grad.float(), h1.grad.float(), rtol=2e-2, atol=2e-3)

@@ -314,3 +314,36 @@ def test_load_peak_is_predicted_and_a_moe_packs_one_expert_stack_at_a_time():
     # On the CPU it loads where it runs: all 8 x 1B stacks unpacked (12.9 GB) before packing
     cpu = predict(load_config("qlora-7b-alpaca", {"model.name": "8xmeta-llama/Llama-3.2-1B", "accelerator": "cpu"}))
     assert cpu.load_peak_bytes > 12 * GiB > cpu.peak_bytes
+
+
+def test_kernel_choices_are_counted(monkeypatch):
+    """What auto's choices keep per token per layer, 7B QLoRA packed at 2048 on a GPU: flash
+    attention's varlen path drops sdpa's per-layer float copy of the dense mask (2048 bf16 keys per
+    token); Liger's RMSNorm keeps its bf16 input instead of an fp32 upcast; Liger's SwiGLU, like
+    lean's, keeps gate and up only. auto follows what is installed (finetune.kernels)."""
+    from finetune import kernels
+
+    def per_token(**overrides):
+        return predict(cfg_of(**overrides), 1, 2048).activations_detail
+
+    h, i, seq = 4096, 11008, 2048
+    monkeypatch.setattr(kernels, "installed", lambda module: False)
+    sdpa = per_token()
+    assert sdpa == per_token(model__attn_implementation="sdpa", train__liger="false")
+    flash = per_token(model__attn_implementation="flash_attention_2")
+    assert sdpa["per_token_layer_attention"] - flash["per_token_layer_attention"] == 2 * seq
+    liger = per_token(train__liger="true")
+    assert sdpa["per_token_layer_norms"] - liger["per_token_layer_norms"] == 2 * (4 * h - 2 * h)
+    assert liger["per_token_layer_mlp"] == sdpa["per_token_layer_mlp"]  # lean's two tensors, or Liger's
+    plain = per_token(train__lean_activations="false")
+    assert plain["per_token_layer_mlp"] - sdpa["per_token_layer_mlp"] == 2 * i
+    assert per_token(train__lean_activations="false", train__liger="true")["per_token_layer_mlp"] == \
+        sdpa["per_token_layer_mlp"]
+    monkeypatch.setattr(kernels, "installed", lambda module: True)  # flash-attn and liger-kernel there
+    auto = per_token()
+    assert auto["per_token_layer_attention"] == flash["per_token_layer_attention"]
+    assert auto["per_token_layer_norms"] == liger["per_token_layer_norms"]
+    # on the CPU auto is the lean sdpa attention and no Liger, installed or not
+    cpu = predict(cfg_of("tiny-lora", accelerator="cpu"), 1, 64)
+    assert cpu.activations_detail == predict(cfg_of("tiny-lora", accelerator="cpu", train__liger="false",
+                                                    model__attn_implementation="sdpa"), 1, 64).activations_detail
