@@ -1,7 +1,7 @@
 """7B/8B QLoRA on one GPU capped to 12 GiB: our trainer vs a fair transformers+peft+bitsandbytes loop.
 
-    python bench/gpu_qlora.py [--parts speed,longest,planner] [--steps 6] [--warmup 2] [--budget_s 3000]
-                              [--out bench/results/gpu-qlora.json] [--logs DIR] [--cpu-smoke]
+    python bench/gpu_qlora.py [--parts speed,best,longest,planner] [--steps 6] [--warmup 2] [--budget_s 3000]
+                              [--best_start 8] [--out bench/results/gpu-qlora.json] [--logs DIR] [--cpu-smoke]
 
 Needs a CUDA GPU, except with --cpu-smoke: every code path on a tiny shape on the CPU (bf16
 compute, no memory cap; its numbers mean nothing). Models are random-init from the real configs (the shapes and therefore the memory
@@ -26,6 +26,9 @@ output goes to --logs; --budget_s bounds the whole run, every worker's timeout i
   batches ours trains on (same data pipeline, same seed). Reports peak allocated/reserved memory
   and trained tokens/s (steps after --warmup; 0 times from the first forward). Targets: ours
   reserved + context <= 9 GiB and >= 2x the baseline's tokens/s.
+- best: the same 7B, each trainer at its largest micro-batch within 11.5 GiB: ours at
+  train.micro_batch_size=auto (the planner's), the baseline by a measured search halving on OOM
+  from --best_start (bench/gpu_parts.py, with `longest` and `planner`).
 - longest: Llama-3.1-8B shape, micro-batch 1, with recipes/qlora-8b-longctx.yaml's memory settings
   (checkpointing, activation offload, MLP tiles, loss chunks of 256, LoRA dropout 0,
   flash_attention_2 when flash-attn is installed, else sdpa), one example per sequence
@@ -73,13 +76,6 @@ OURS_VARIANTS = {
     "ours-ckpt": {"train.gradient_checkpointing": "true", "train.offload_activations": "false"},
     "ours-offload": {"train.gradient_checkpointing": "false", "train.offload_activations": "true"},
 }
-LONGCTX_RECIPE = "qlora-8b-longctx"  # the part `longest` measures this recipe's memory settings
-LONGCTX_KEYS = ("train.gradient_checkpointing", "train.offload_activations", "train.mlp_tile_size",
-                "train.loss_chunk_size", "lora.dropout", "model.attn_implementation")
-PLANNER_CONFIGS = [  # (seq_len, micro_batch, gradient_checkpointing, offload_activations)
-    (512, 1, True, False), (1024, 1, True, False), (2048, 1, True, False), (4096, 1, True, False),
-    (2048, 2, True, False), (1024, 1, False, False), (2048, 1, False, True), (8192, 1, True, False),
-]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,7 +217,7 @@ def worker_ours(spec: dict) -> dict:
     from finetune.training.progress import TrainProgress
 
     ctx = cap_memory(spec)
-    tokens, ends, start = [], [], []
+    tokens, ends, start, marks = [], [], [], []
     real_forward, real_build = CausalLMLoss._forward, loop.build_step
     extra = {}
 
@@ -236,21 +232,30 @@ def worker_ours(spec: dict) -> dict:
     def step_end(self, step, loss, lr, tok_s):
         _sync()
         ends.append(time.perf_counter())
+        marks.append(len(tokens))  # micro-batches so far: a step accumulates several under auto
         extra.setdefault("losses", []).append(round(float(loss), 4))
 
     def build_step(cfg, device, tokenizer):  # which tensors hold which dtype, as loaded
         step = real_build(cfg, device, tokenizer)
         extra["static_bytes_by_dtype"] = _dtypes(step.model)
+        base = step.model.get_base_model() if hasattr(step.model, "get_base_model") else step.model
+        extra.update(liger=step.memory.liger, attention=base.config._attn_implementation)  # what auto chose
         if not SMOKE:
             extra["after_load_allocated_bytes"] = torch.cuda.memory_allocated()
         return step
 
+    def micro_batch(cfg, device):  # what train.micro_batch_size=auto picked (bench/gpu_parts.py's best)
+        extra["micro_batch"] = real_micro(cfg, device)
+        return extra["micro_batch"]
+
+    real_micro = loop.report.micro_batch
     CausalLMLoss._forward, TrainProgress.update, loop.build_step = counting_forward, step_end, build_step
+    loop.report.micro_batch = micro_batch
     with tempfile.TemporaryDirectory() as tmp:
         cfg, overrides = ours_cfg(Path(spec["model_dir"]), Path(spec["data"]), spec["seq"], spec["micro"],
                                   spec["steps"], Path(tmp) / "run", **spec.get("overrides", {}))
         loop.main(loop.make_fabric(cfg), cfg)
-    return {**ctx, **_timing(tokens, ends, start, spec["warmup"]), **_end_memory(spec), **extra}
+    return {**ctx, **_timing(tokens, ends, start, spec["warmup"], marks), **_end_memory(spec), **extra}
 
 
 def worker_build(spec: dict) -> dict:
@@ -320,12 +325,14 @@ def worker_baseline(spec: dict) -> dict:
     return {**ctx, **_timing(tokens, ends, start, spec["warmup"]), **_end_memory(spec), **extra}
 
 
-def _timing(tokens: list, ends: list, start: list, warmup: int) -> dict:
-    """Trained tokens/s over the steps after `warmup` (warmup 0: from the first forward)."""
+def _timing(tokens: list, ends: list, start: list, warmup: int, marks=None) -> dict:
+    """Trained tokens/s over the steps after `warmup` (warmup 0: from the first forward); `marks`:
+    micro-batches done at each step's end (default one per step)."""
     if len(ends) <= warmup or (not warmup and not start):
         return {"steps": len(ends)}
     dt = ends[-1] - (ends[warmup - 1] if warmup else start[0])
-    n = sum(tokens[warmup:len(ends)])  # one micro-batch per step here
+    marks = marks or list(range(1, len(ends) + 1))
+    n = sum(tokens[marks[warmup - 1] if warmup else 0:marks[len(ends) - 1]])
     return {"steps": len(ends), "measured_s": round(dt, 3), "trained_tokens": n, "tokens_per_s": round(n / dt, 1)}
 
 
@@ -362,84 +369,17 @@ def part_speed(a, run: Runner, model_dir: Path, data: Path, seq: int = 2048) -> 
     return part
 
 
-def longctx_overrides() -> dict:
-    """The long-context recipe's memory settings as overrides (sdpa where flash-attn is missing),
-    one example per sequence (no packing: the rows are longer than any length tried)."""
-    import importlib.util
-
-    from finetune.config import load_config, to_dict
-
-    recipe = to_dict(load_config(LONGCTX_RECIPE, {}))
-    out = {key: str(recipe[key.split(".")[0]][key.split(".")[1]]) for key in LONGCTX_KEYS}
-    if out["model.attn_implementation"] == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        out["model.attn_implementation"] = "sdpa"
-    out["data.packing"] = "false"
-    return out
-
-
-def part_longest(a, run: Runner, model_dir: Path, data: Path) -> dict:
-    from finetune.plan import predict as plan
-
-    overrides = longctx_overrides()
-    part = run.out.setdefault("longest", {"longest_seq_len": 0, "overrides": overrides, "tried": {}, "target": 32768})
-    for seq in a.seq_lens:
-        cfg, _ = ours_cfg(model_dir, data, seq, 1, 2, Path("unused"), **overrides)  # what the worker trains
-        predicted = plan.predict(cfg, 1, seq).peak_bytes
-        res = run.worker(f"longest-{seq}", "ours", {"model_dir": str(model_dir), "data": str(data), "seq": seq,
-                                                   "micro": 1, "steps": 2, "warmup": 1, "overrides": overrides})
-        res = {**res, **fits(res), "predicted_peak_bytes": predicted}
-        part["tried"][seq] = res
-        outcome = (f"ok, reserved + context {res['reserved_plus_context_bytes'] / GiB:.2f} GiB" if res.get("ok")
-                   else f"failed: {res.get('error') or res.get('skipped')}")
-        print(f"  longest seq {seq:6d} (predicted {predicted / GiB:.2f} GiB): {outcome}", flush=True)
-        if not res.get("ok") or not res.get("fits_12GiB_card", SMOKE):
-            break
-        part["longest_seq_len"] = seq
-        run.save()
-    run.save()
-    return part
-
-
-def part_planner(a, run: Runner, model_dir: Path, data: Path, configs=None) -> dict:
-    from finetune.plan import predict as plan
-
-    part = run.out.setdefault("planner", {"configs": [], "target": 0.10})
-    for seq, micro, ckpt, offload in configs or PLANNER_CONFIGS:
-        ov = {"train.gradient_checkpointing": str(ckpt).lower(), "train.offload_activations": str(offload).lower()}
-        cfg, _ = ours_cfg(model_dir, data, seq, micro, 2, Path("unused"), **ov)  # shape from its config.json
-        p = plan.predict(cfg, micro, seq)
-        predicted_alloc = p.peak_bytes - p.parts.get("cuda_context", 0) - p.parts.get("allocator_slack", 0)
-        res = run.worker(f"planner-{seq}-{micro}-{int(ckpt)}{int(offload)}", "ours",
-                         {"model_dir": str(model_dir), "data": str(data), "seq": seq, "micro": micro, "steps": 2,
-                          "warmup": 1, "overrides": ov})
-        row = {"seq_len": seq, "micro_batch": micro, "gradient_checkpointing": ckpt, "offload": offload,
-               "predicted_peak_bytes": p.peak_bytes, "predicted_allocated_bytes": predicted_alloc,
-               "measured": {**res, **fits(res)}}
-        if res.get("ok") and res["peak_allocated_bytes"]:
-            measured = row["measured"]["reserved_plus_context_bytes"]
-            row.update(measured_peak_bytes=measured, error=round(p.peak_bytes / measured - 1, 4),
-                       error_allocated=round(predicted_alloc / res["peak_allocated_bytes"] - 1, 4))
-            print(f"  planner seq {seq:5d} mb {micro} ckpt {ckpt!s:5} offload {offload!s:5}: predicted "
-                  f"{p.peak_bytes / GiB:5.2f} GiB, measured {measured / GiB:5.2f} GiB ({row['error']:+.1%})", flush=True)
-        part["configs"].append(row)
-        run.save()
-    errors = [abs(r["error"]) for r in part["configs"] if "error" in r]
-    part.update(max_abs_error=max(errors) if errors else None, within_10_percent=sum(e <= 0.10 for e in errors),
-                measured_configs=len(errors))
-    run.save()
-    return part
-
-
 # --------------------------------------------------------------------------- driver
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="speed,longest,planner")
+    ap.add_argument("--parts", default="speed,best,longest,planner")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per speed run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps excluded from the timing (0: none)")
     ap.add_argument("--seq_lens", type=lambda s: [int(x) for x in s.split(",")],
                     default=[8192, 16384, 24576, 32768, 40960, 49152], help="lengths tried for the 8B, ascending")
+    ap.add_argument("--best_start", type=int, default=8, help="best: the baseline's first micro-batch (halved on OOM)")
     ap.add_argument("--model_cache", default=os.path.join(tempfile.gettempdir(), "finetune-bench-models"))
     ap.add_argument("--timeout", type=int, default=600, help="seconds per measurement process at most")
     ap.add_argument("--budget_s", type=int, default=3000, help="seconds for the whole run, workers included")
@@ -483,8 +423,11 @@ def main() -> None:
                  a.budget_s, a.timeout, out)
     run.save()
     seven, eight = ("tiny", "tiny") if SMOKE else ("llama2-7b", "llama31-8b")
+    from gpu_parts import part_best, part_longest, part_planner
     if "speed" in parts:
         part_speed(a, run, model_dir(run, seven, cache), data, 256 if SMOKE else 2048)
+    if "best" in parts:
+        part_best(a, run, model_dir(run, seven, cache), data, 256 if SMOKE else 2048)
     if "longest" in parts:  # one long example per sequence, so attention really spans seq_len
         long_rows = synthetic_data(cache / "synthetic-long.jsonl", rows=6, lo=max(a.seq_lens) + 1024,
                                    hi=max(a.seq_lens) + 1024)
@@ -496,6 +439,8 @@ def main() -> None:
     line = ["gpu_qlora:"]
     if "speed" in out:
         line.append(f"speedup_vs_baseline {out['speed'].get('speedup_vs_baseline')} ({out['speed'].get('best_ours')})")
+    if "best" in out:
+        line.append(f"best speedup_vs_baseline {out['best'].get('speedup_vs_baseline')}")
     if "longest" in out:
         line.append(f"longest 8B seq {out['longest']['longest_seq_len']}")
     if "planner" in out:

@@ -22,7 +22,7 @@ def smoke_bench(monkeypatch):
     monkeypatch.setenv("GPU_QLORA_CPU_SMOKE", "1")
     monkeypatch.setenv("FINETUNE_CPU_PRECISION", "bf16")
     monkeypatch.syspath_prepend(str(BENCH))
-    for name in ("gpu_runner", "gpu_qlora"):
+    for name in ("gpu_runner", "gpu_qlora", "gpu_parts"):
         sys.modules.pop(name, None)
     gq = importlib.import_module("gpu_qlora")
     # the workers patch these for timing; monkeypatch puts them back afterwards
@@ -33,11 +33,12 @@ def smoke_bench(monkeypatch):
     monkeypatch.setattr(CausalLMLoss, "_forward", CausalLMLoss._forward)
     monkeypatch.setattr(TrainProgress, "update", TrainProgress.update)
     monkeypatch.setattr(loop, "build_step", loop.build_step)
+    monkeypatch.setattr(loop.report, "micro_batch", loop.report.micro_batch)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield gq
     torch.set_num_threads(n)
-    for name in ("gpu_runner", "gpu_qlora"):
+    for name in ("gpu_runner", "gpu_qlora", "gpu_parts"):
         sys.modules.pop(name, None)
 
 
@@ -60,6 +61,60 @@ def test_workers_train_the_same_batches_with_warmup_0_and_record_dtypes(smoke_be
     assert set(base["static_bytes_by_dtype"]["unquantized_weights"]) == {"float32"}
     for res in (ours, base):  # the load-time peak recorded apart from the training peak
         assert {"load_peak_allocated_bytes", "load_peak_reserved_bytes", "peak_reserved_bytes"} <= set(res)
+
+
+def test_ours_at_auto_micro_batch_records_what_it_picked_and_times_accumulation(smoke_bench, tmp_path):
+    """The `best` part's ours worker: train.micro_batch_size=auto in the real loop (on the CPU the
+    planner's cap, a divisor of the global batch), several micro-batches per step timed as one
+    step, and which kernels auto chose (on the CPU: no Liger, the lean sdpa attention)."""
+    gq = smoke_bench
+    model_dir = gq.worker_build({"shape": "tiny", "cache": str(tmp_path)})["model_dir"]
+    data = gq.synthetic_data(tmp_path / "data.jsonl", rows=40, lo=100, hi=300)
+    res = gq.worker_ours({"model_dir": model_dir, "data": str(data), "seq": 128, "micro": "auto", "steps": 2,
+                          "warmup": 1, "overrides": {**gq.OURS_VARIANTS["ours-ckpt"], "train.global_batch_size": "4"}})
+    assert res["micro_batch"] == 4 and res["steps"] == 2 and res["tokens_per_s"] > 0
+    assert res["liger"] is False and res["attention"] == "finetune_lean_sdpa"
+    json.dumps(res)
+
+
+def test_best_halves_the_baseline_micro_batch_on_oom(smoke_bench, tmp_path):
+    """`best`: the baseline searched from --best_start down, halving on OOM or on a run that does not
+    fit 11.5 GiB, ours once at auto; the speedup is over the baseline's largest that fits."""
+    import types
+
+    import gpu_parts
+
+    GiB = 1024 ** 3
+    calls = []
+
+    class FakeRunner:
+        out = {}
+
+        def worker(self, name, kind, spec, min_s=30):
+            calls.append((name, spec["micro"]))
+            if kind == "ours":
+                return {"ok": True, "micro_batch": 4, "tokens_per_s": 300.0, "peak_reserved_bytes": 9 * GiB}
+            if spec["micro"] == 8:
+                return {"ok": False, "oom": True, "error": "torch.OutOfMemoryError: CUDA out of memory"}
+            if spec["micro"] == 4:  # ran, but over 11.5 GiB with its context
+                return {"ok": True, "tokens_per_s": 150.0, "peak_reserved_bytes": 11.4 * GiB, "context_bytes": GiB}
+            return {"ok": True, "tokens_per_s": 100.0, "peak_reserved_bytes": 10 * GiB, "context_bytes": GiB}
+
+        def save(self):
+            pass
+
+    monkey_smoke = gpu_parts.SMOKE
+    gpu_parts.SMOKE = False
+    try:
+        part = gpu_parts.part_best(types.SimpleNamespace(steps=3, warmup=1, best_start=8), FakeRunner(),
+                                   tmp_path, tmp_path / "d.jsonl", 2048)
+    finally:
+        gpu_parts.SMOKE = monkey_smoke
+    assert calls == [("best-ours-auto", "auto"), ("best-baseline-mb8", 8), ("best-baseline-mb4", 4),
+                     ("best-baseline-mb2", 2)]
+    assert part["baseline"]["micro_batch"] == 2 and part["speedup_vs_baseline"] == 3.0
+    assert part["baseline_tries"]["8"]["oom"] and not part["baseline_tries"]["4"]["fits_12GiB_card"]
+    assert part["summary"]["ours"]["micro_batch"] == 4
 
 
 def test_fits_judges_11_5_GiB_with_the_measured_context_and_names_its_fields(smoke_bench):
