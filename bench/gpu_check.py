@@ -16,21 +16,27 @@ process's whole output is in `DIR/logs/`:
    micro-batch 2, LoRA dropout 0.05, its loss chunk and optimizer).
 6. baseline-fair: the same batches through plain transformers + peft + bitsandbytes as HF
    Trainer/TRL users run it (bf16 autocast, non-reentrant checkpointing; worker_baseline).
-7. ours-offload: activation offload instead of checkpointing, if time is left.
-8. baseline-independent: bench/hf_qlora_baseline.py, which shares no code with the project
+7. ours-liger-off: ours-ckpt with train.liger=false. ours-ckpt runs the default, auto (Liger on
+   where liger-kernel is installed), so this is the on/off pair (skipped where it is not installed:
+   ours-ckpt then ran without Liger already).
+8. ours-compile: ours-ckpt with train.compile=layers (skipped in a checkout without that setting).
+9. ours-offload: activation offload instead of checkpointing, if time is left.
+10. baseline-independent: bench/hf_qlora_baseline.py, which shares no code with the project
    (its own random checkpoint: the most expensive part, so the last), if time is left.
 Every worker is capped to 11.5 GiB less its own measured CUDA context (a "12 GB" card shows torch
 about 11.7 GiB, and the context sits outside torch's cap), records its load-time peak apart from
 its training peak (the cache emptied between them), and reports limit_GiB, context_GiB,
 load_peak_reserved_GiB and train_peak_reserved_GiB. Then the verdict: tokens/s, those fields,
 fits (training peak reserved + context <= 11.5 GiB), speedups, and the planner against what was
-measured (static and peak). `--cpu-smoke` rehearses all of it on a tiny shape on the CPU (its
+measured (static and peak), and what each of Liger and compile changed. Every part of ours records
+which kernels it ran (liger, attention). `--cpu-smoke` rehearses all of it on a tiny shape on the CPU (its
 numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,6 +57,8 @@ RECIPE = "qlora-7b-alpaca"  # the 7B recipe whose own settings part ours-recipe 
 RECIPE_KEYS = ("data.seq_len", "train.micro_batch_size", "lora.dropout", "lora.r", "lora.alpha",
                "train.loss_chunk_size", "train.optimizer", "train.gradient_checkpointing")
 PART_FIELDS = ("limit_GiB", "context_GiB", "load_peak_reserved_GiB", "train_peak_reserved_GiB")
+OURS_PARTS = ("ours-ckpt", "ours-recipe", "ours-liger-off", "ours-compile", "ours-offload")  # by value
+COMPILE = "layers"  # train.compile's value for ours-compile (the setting is helper h-compile's)
 
 
 def recipe_settings(name: str = RECIPE) -> dict:
@@ -68,9 +76,24 @@ def variants(seq: int) -> dict:
     rec_seq, rec_micro = int(rec.pop("data.seq_len")), int(rec.pop("train.micro_batch_size"))
     if SMOKE:
         rec_seq = min(rec_seq, seq)
-    return {"ours-ckpt": (seq, 1, gq.OURS_VARIANTS["ours-ckpt"]),
+    ckpt = gq.OURS_VARIANTS["ours-ckpt"]
+    return {"ours-ckpt": (seq, 1, ckpt),
             "ours-recipe": (rec_seq, rec_micro, {**rec, "train.offload_activations": "false"}),
+            "ours-liger-off": (seq, 1, {**ckpt, "train.liger": "false"}),
+            "ours-compile": (seq, 1, {**ckpt, "train.compile": COMPILE}),
             "ours-offload": (seq, 1, gq.OURS_VARIANTS["ours-offload"])}
+
+
+def unavailable(name: str):
+    """Why part `name` cannot run in this checkout or environment (None: it can)."""
+    from finetune import kernels
+    from finetune.config import TrainConfig
+
+    if name == "ours-compile" and "compile" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return "train.compile is not a setting in this checkout"
+    if name == "ours-liger-off" and not SMOKE and not kernels.installed(kernels.LIGER_MODULE):
+        return "liger-kernel is not installed: ours-ckpt ran without Liger already"
+    return None
 
 
 def _json_line(text: str, key: str):
@@ -86,6 +109,8 @@ def planner_part(run: Runner, shape: str, cache: Path, data: Path, seq: int, ste
     (cfg_dir / "config.json").write_text(json.dumps({**gq.SHAPES[shape], "model_type": "llama"}))
     pred = {}
     for variant, (v_seq, v_micro, ov) in variants(seq).items():
+        if unavailable(variant):
+            continue
         cfg, _ = gq.ours_cfg(cfg_dir, data, v_seq, v_micro, steps, Path("unused"), **ov)
         p = plan.predict(cfg, v_micro, v_seq)
         pred[variant] = {"peak_bytes": p.peak_bytes, "parts": p.parts,
@@ -102,11 +127,11 @@ def verdict(out: dict) -> dict:
     v["limit_GiB"] = round(LIMIT / GiB, 3)
     v["judgement"] = ("fits = training peak reserved + measured CUDA context <= 11.5 GiB (a 12 GB card shows "
                       "torch about 11.7 GiB); each worker capped to 11.5 GiB less its context")
-    for name in ("ours-ckpt", "ours-recipe", "ours-offload", "baseline-fair"):
+    for name in (*OURS_PARTS, "baseline-fair"):
         r = ok.get(name)
         if r and "peak_reserved_bytes" in r:
             v[name] = {"tokens_per_s": r.get("tokens_per_s"), "peak_allocated_GiB": round(r["peak_allocated_bytes"] / GiB, 3),
-                       **{k: r.get(k) for k in PART_FIELDS},
+                       **{k: r.get(k) for k in PART_FIELDS}, "liger": r.get("liger"), "attention": r.get("attention"),
                        "reserved_plus_context_GiB": round(r["reserved_plus_context_bytes"] / GiB, 3),
                        "fits_12GiB_card": r["fits_12GiB_card"], "load_fits": r.get("load_fits")}
     indep = ok.get("baseline-independent")
@@ -117,10 +142,14 @@ def verdict(out: dict) -> dict:
         theirs = (ok.get(name) or {}).get("tokens_per_s")
         if ours and theirs:
             v[f"speedup_ours_ckpt_vs_{name}"] = round(ours / theirs, 3)
+    for name, key in (("ours-liger-off", "speedup_liger_on_vs_off"), ("ours-compile", "speedup_compile_vs_not")):
+        other = (ok.get(name) or {}).get("tokens_per_s")
+        if ours and other:  # ours-ckpt is Liger on (where installed) and uncompiled
+            v[key] = round((ours / other) if name == "ours-liger-off" else (other / ours), 3)
     if "ours-ckpt" in v:
         v["target_ours_reserved_plus_context_le_9GiB"] = v["ours-ckpt"]["reserved_plus_context_GiB"] <= 9
     pred = out.get("planner", {}).get("predictions", {})
-    for name in ("ours-ckpt", "ours-recipe", "ours-offload"):
+    for name in OURS_PARTS:
         r = ok.get(name)
         if name in pred and r and r.get("peak_allocated_bytes"):
             p = pred[name]
@@ -189,12 +218,20 @@ def main() -> int:
     parts = variants(seq)
 
     def ours(name: str, min_s: float) -> None:
+        why = unavailable(name)
+        if why:
+            summary["parts"][name] = {"ok": False, "skipped": why}
+            run.save()
+            print(f"-- {name}: skipped ({why})", flush=True)
+            return
         v_seq, v_micro, ov = parts[name]
         worker(name, "ours", {**base, "seq": v_seq, "micro": v_micro, "overrides": ov}, min_s)
 
     ours("ours-ckpt", 60)  # the target: 7B QLoRA peak reserved + context <= 9 GiB
     ours("ours-recipe", 60)  # what a user of the 7B recipe runs
     worker("baseline-fair", "baseline", base, 60)
+    ours("ours-liger-off", 60)  # is Liger, on by default where installed, worth it?
+    ours("ours-compile", 120)  # compiling the layers costs its own time up front
     ours("ours-offload", 100)
     args = (["--shape", "tiny", "--device", "cpu", "--steps", "3"] if SMOKE else
             ["--shape", shape, "--seq", str(seq), "--mb", "1", "--steps", str(steps), "--cap-gib", "11.5"])

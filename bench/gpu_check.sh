@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one-call device check: bench/gpu_check.py's parts (env + bitsandbytes on the GPU,
 # the planner, Llama-2-7B-shape QLoRA through our trainer, the fair and the independent HF
-# baselines, activation offload if time is left), <= 330 s of work by default so a second call
+# baselines; then, as time allows, Liger off (vs the default auto), train.compile=layers and
+# activation offload), <= 330 s of work by default so a second call
 # still fits a 15-minute device allowance; summary.json rewritten after every part. See bench/README.md ("GPU: the one-call device check").
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere in the repo

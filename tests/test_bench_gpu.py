@@ -136,7 +136,9 @@ def test_check_runs_the_7b_recipe_settings_within_the_default_budget(smoke_bench
     assert gc.DEFAULT_BUDGET_S <= 330
     monkeypatch.setattr(gc, "SMOKE", False)
     parts = gc.variants(2048)
-    assert list(parts) == ["ours-ckpt", "ours-recipe", "ours-offload"]  # by value
+    assert list(parts) == ["ours-ckpt", "ours-recipe", "ours-liger-off", "ours-compile", "ours-offload"]  # by value
+    assert parts["ours-liger-off"][2]["train.liger"] == "false" and parts["ours-compile"][2]["train.compile"] == "layers"
+    assert {k: v for k, v in parts["ours-compile"][2].items() if k != "train.compile"} == parts["ours-ckpt"][2]
     seq, micro, ov = parts["ours-recipe"]
     assert (seq, micro) == (1024, 2) and ov["lora.dropout"] == "0.05"  # recipes/qlora-7b-alpaca.yaml
     assert parts["ours-ckpt"][:2] == (2048, 1)
@@ -176,5 +178,13 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
         assert {"limit_GiB", "context_GiB", "load_peak_reserved_GiB", "train_peak_reserved_GiB"} <= \
             set(summary["verdict"][part])
     assert "ours-recipe" in summary["planner"]["predictions"]
+    # the Liger on/off pair (on the CPU both off: auto is off there) and compile, run or skipped with a reason
+    assert summary["parts"]["ours-liger-off"]["ok"] and "speedup_liger_on_vs_off" in summary["verdict"]
+    assert summary["verdict"]["ours-ckpt"]["liger"] is False and summary["verdict"]["ours-liger-off"]["liger"] is False
+    assert summary["verdict"]["ours-ckpt"]["attention"] == "finetune_lean_sdpa"
+    compiled = summary["parts"]["ours-compile"]
+    assert compiled["ok"] or compiled["skipped"] == "train.compile is not a setting in this checkout", compiled
+    if compiled["ok"]:
+        assert "speedup_compile_vs_not" in summary["verdict"] and "ours-compile" in summary["planner"]["predictions"]
     logs = {p.name for p in (tmp_path / "out" / "logs").iterdir()}
     assert {"env.log", "ours-ckpt.log", "baseline-fair.log", "baseline-independent.log"} <= logs
