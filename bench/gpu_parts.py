@@ -22,6 +22,7 @@ LONGCTX_RECIPE = "qlora-8b-longctx"  # the part `longest` measures this recipe's
 LONGCTX_KEYS = ("train.gradient_checkpointing", "train.offload_activations", "train.mlp_tile_size",
                 "train.loss_chunk_size", "lora.dropout", "model.attn_implementation")
 BEST_GLOBAL = 16  # the global batch of `best`: train.micro_batch_size=auto picks a divisor of it
+SMOKE_BEST = 2  # --cpu-smoke's global batch and first baseline micro-batch: every path, tiny work
 
 
 def _best_fields(res: dict) -> dict:
@@ -33,13 +34,14 @@ def part_best(a, run: Runner, model_dir: Path, data: Path, seq: int = 2048) -> d
     """Ours at the planner's auto micro-batch and the fair baseline at its largest measured one,
     both within 11.5 GiB (this module's docstring)."""
     base = {"model_dir": str(model_dir), "data": str(data), "seq": seq, "steps": a.steps, "warmup": a.warmup}
-    part = run.out.setdefault("best", {"global_batch": BEST_GLOBAL, "baseline_tries": {}})
+    global_batch = SMOKE_BEST if SMOKE else BEST_GLOBAL
+    part = run.out.setdefault("best", {"global_batch": global_batch, "baseline_tries": {}})
     res = run.worker("best-ours-auto", "ours", {**base, "micro": "auto", "overrides": {
-        **OURS_VARIANTS["ours-ckpt"], "train.global_batch_size": str(BEST_GLOBAL)}})
+        **OURS_VARIANTS["ours-ckpt"], "train.global_batch_size": str(global_batch)}})
     part["ours"] = {**res, **fits(res)}
     run.save()
     print(f"  best ours (auto -> micro-batch {res.get('micro_batch')}): {_outcome(part['ours'])}", flush=True)
-    micro = a.best_start
+    micro = min(a.best_start, SMOKE_BEST) if SMOKE else a.best_start
     while micro >= 1:
         res = run.worker(f"best-baseline-mb{micro}", "baseline", {**base, "micro": micro})
         res = {**res, **fits(res), "micro_batch": micro}

@@ -1,9 +1,9 @@
 """Which kernels a training run uses on its device: Liger's, and the attention implementation.
 
-Decided here, once, and readable without torch: finetune.runtime applies it to a torch device
-(what finetune.models.load and finetune.memory.apply run), and `finetune plan`, which never imports
-torch, counts the same choice (finetune.plan.predict). `on_gpu` means a CUDA GPU; the planner
-takes any accelerator but `cpu` for one, as it does for precision.
+Decided here, once, and readable without torch: finetune.runtime names the attention a training
+model loads with (finetune.models.load), finetune.memory.apply applies Liger, and `finetune plan`,
+which never imports torch, counts the same choices (finetune.plan.predict). `on_gpu` means a CUDA
+GPU; the planner takes any accelerator but `cpu` for one, as it does for precision.
 
 What auto picks, and why:
 

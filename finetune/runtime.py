@@ -21,7 +21,7 @@ from finetune.config import Config
 from finetune.cpuprobe import CPU_PRECISION_ENV, forced_cpu_precision, probe_key, probe_path  # noqa: F401
 from finetune.errors import UsageError, did_you_mean
 from finetune.fs import atomic_write
-from finetune.kernels import attention, liger_on
+from finetune.kernels import attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -209,12 +209,6 @@ def planned_precision(cfg: Config, device: Union[str, torch.device]) -> str:
     if device.type == "cpu":
         return "bf16-true" if base_dtype(cfg, device) == torch.bfloat16 else "32-true"
     return "bf16-mixed" if _gpu_half() == torch.bfloat16 else "16-mixed"
-
-
-def use_liger(cfg: Config, device: Union[str, torch.device]) -> bool:
-    """Whether a training model on `device` gets Liger's kernels: train.liger, auto = on a CUDA
-    GPU where liger-kernel is installed (finetune.kernels.liger_on)."""
-    return liger_on(cfg.train.liger, torch.device(device).type == "cuda")
 
 
 def attention_implementation(cfg: Config, device: Union[str, torch.device]) -> str:

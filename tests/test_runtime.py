@@ -64,17 +64,17 @@ def test_resolve_precision_refuses_a_missing_gpu_in_one_line():
         assert str(e.value) == f"accelerator={name} but no CUDA GPU is visible; use accelerator=cpu"
 
 
-def test_liger_and_attention_follow_the_device(monkeypatch):
-    """train.liger=auto and model.attn_implementation=auto as training loads them (finetune.kernels)."""
+def test_attention_follows_the_device(monkeypatch):
+    """model.attn_implementation=auto as training loads it (finetune.kernels; train.liger=auto is
+    finetune.memory.apply's, tests/memory/test_apply.py)."""
     from finetune import kernels
 
     monkeypatch.setattr(kernels, "installed", lambda module: True)  # liger-kernel and flash-attn "installed"
     cfg = Config()
-    assert not runtime.use_liger(cfg, "cpu") and runtime.use_liger(cfg, "cuda")
     assert runtime.attention_implementation(cfg, "cpu") == "sdpa"
     assert runtime.attention_implementation(cfg, "cuda") == "flash_attention_2"
-    cfg.train.liger, cfg.model.attn_implementation = False, "sdpa"
-    assert not runtime.use_liger(cfg, "cuda") and runtime.attention_implementation(cfg, "cuda") == "sdpa"
+    cfg.model.attn_implementation = "sdpa"
+    assert runtime.attention_implementation(cfg, "cuda") == "sdpa"
 
 
 def test_flex_attention_cannot_train_on_the_cpu():

@@ -9,7 +9,7 @@ is checked against the model training really runs:
 2. lean autograd (`train.lean_activations`): SwiGLU MLPs keep two tensors instead of three, sdpa
    attention on the CPU keeps k/v unrepeated and one mask (finetune.memory.lean);
 3. Liger's Triton kernels (`train.liger`, auto = on on a CUDA GPU with liger-kernel installed:
-   finetune.runtime.use_liger): RMSNorm, SwiGLU and RoPE of the base model. After lean: where both apply to an MLP, Liger's forward replaces the lean one;
+   finetune.kernels.liger_on): RMSNorm, SwiGLU and RoPE of the base model. After lean: where both apply to an MLP, Liger's forward replaces the lean one;
 4. sequence-tiled MLPs (`train.mlp_tile_size`, finetune.memory.tiled): last, because each tile
    runs whatever forward the MLP has by then (the class's, lean's or Liger's).
 """
@@ -51,7 +51,7 @@ def apply_memory_features(model: nn.Module, train: TrainConfig, device: Union[st
     if train.lean_activations:
         done.lean_mlps = patch_swiglu(model)
         done.lean_attention = patch_attention(model)
-    if liger_on(train.liger, device.type == "cuda"):  # = finetune.runtime.use_liger, from the train section alone
+    if liger_on(train.liger, device.type == "cuda"):
         _apply_liger(model, device)
         done.liger = True
     if train.mlp_tile_size:
