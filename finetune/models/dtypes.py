@@ -85,8 +85,10 @@ def trained_in_fp32(model: torch.nn.Module, compute: Optional[torch.dtype] = Non
         for module in model.modules():
             if _lora_branch_layer(module):
                 module.cast_input_dtype_enabled = False
-                for linear in (*module.lora_A.values(), *module.lora_B.values()):
-                    _compute_in(linear, compute)
+                module._finetune_compute_dtype = compute
+                _branches_in_compute_dtype(module, ())
+                # an adapter loaded later (a preference run's frozen reference) computes alike
+                module.register_forward_pre_hook(_branches_in_compute_dtype)
 
 
 def _lora_branch_layer(module) -> bool:
@@ -95,6 +97,12 @@ def _lora_branch_layer(module) -> bool:
     of its own) and not DoRA (a variant with its own dtype handling)."""
     return (hasattr(module, "cast_input_dtype_enabled") and isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict)
             and type(module).__name__ != "ParamWrapper" and not getattr(module, "lora_variant", None))
+
+
+def _branches_in_compute_dtype(layer, args):
+    for linear in (*layer.lora_A.values(), *layer.lora_B.values()):
+        if "forward" not in vars(linear):
+            _compute_in(linear, layer._finetune_compute_dtype)
 
 
 def _compute_in(module: torch.nn.Module, dtype: torch.dtype) -> None:

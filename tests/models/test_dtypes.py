@@ -113,6 +113,21 @@ def test_fp32_probe_is_unchanged(monkeypatch):
     assert auto == _losses(_build(_cfg(**{"lora.compute_dtype": "float32"})))  # exact
 
 
+def test_an_adapter_loaded_later_computes_alike(monkeypatch, tmp_path):
+    # a preference run continuing from an adapter loads it again, frozen, as its reference
+    monkeypatch.setenv("FINETUNE_CPU_PRECISION", "bf16")
+    step = _build(_cfg())
+    step.model.save_pretrained(tmp_path / "sft")
+    step.model.load_adapter(str(tmp_path / "sft"), adapter_name="reference", is_trainable=False)
+    step.model.set_adapter("reference", inference_mode=True)
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = step.model(input_ids=x).logits
+    step.model.set_adapter("default")
+    with torch.no_grad():
+        assert torch.equal(step.model(input_ids=x).logits, ref)  # the same weights, the same dtypes
+
+
 def test_modules_to_save_copy_computes_in_bf16_and_trains_in_fp32(monkeypatch):
     monkeypatch.setenv("FINETUNE_CPU_PRECISION", "bf16")
     step = _build(_cfg(**{"lora.modules_to_save": "[lm_head]", "lora.target_modules": "[q_proj,v_proj]"}))
