@@ -7,7 +7,8 @@ file so litgpt's torch-importing package __init__ never runs).
 
 What autograd keeps and when the step peaks is checked against measured training steps on the
 CPU (`finetune plan ... measure=true`, finetune.training.measure; bench/plan_vs_measured.py: 8 SmolLM2
-configs within +3% at fp32, within +5% at bf16 frozen weights; tests/training/test_measure.py). The GPU-only constants are not measured yet
+configs within +3% at fp32, within +5% at bf16 frozen weights with peft's fp32 LoRA branch, +1.5%
+with the default bf16 branch; tests/training/test_measure.py). The GPU-only constants are not measured yet
 (bench/gpu_qlora.py compares against a GPU when one is available). Sources for those:
 - bitsandbytes 0.50 NF4 layout (read from its source): 4-bit codes packed 2 per byte, one fp32
   absmax per 64 weights; with double quant the absmax become uint8 with one fp32 absmax per 256
