@@ -151,3 +151,18 @@ def test_default_from_the_cli(tmp_path, probe):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [row for row in csv.DictReader((out / "logs" / "metrics.csv").open()) if row.get("train_loss")]
     assert [int(row["step"]) for row in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("recipe", ["tiny-lora", "tiny-qlora"])
+def test_fsdp_keeps_one_float_dtype_and_the_branch_runs(monkeypatch, recipe):
+    # FSDP flattens each unit to one dtype (finetune.models.dtypes.one_float_dtype): the LoRA weights
+    # are bf16 there, and the branch's per-forward cast to bf16 changes nothing
+    if recipe == "tiny-qlora":
+        pytest.importorskip("bitsandbytes")
+    from finetune.models.load import load_model
+
+    monkeypatch.setenv("FINETUNE_CPU_PRECISION", "bf16")
+    model = load_model(_cfg(recipe, strategy="fsdp"), "cpu")
+    assert {p.dtype for p in model.parameters() if type(p).__name__ != "Params4bit"} == {torch.bfloat16}
+    model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
