@@ -164,7 +164,7 @@ def lora_compute_dtype(cfg: Config, device: Union[str, torch.device]) -> Optiona
     a bf16 CPU (Fabric 32-true, no autocast) and on a GPU (bf16-mixed). peft would otherwise cast
     each branch's bf16 input up to an fp32 copy (kept for backward, one per branch) and run its
     matmuls in fp32; under GPU autocast the matmuls were bf16 already and only that copy goes.
-    Measured on SmolLM2-135M at bf16 frozen weights: the loss within 2% of the fp32 branch (README)."""
+    Measured on SmolLM2-135M at bf16 frozen weights, 6 steps: every loss within 0.36% of fp32's (README)."""
     name = cfg.lora.compute_dtype
     if name == "auto":
         c = compute_dtype(cfg, device) if cfg.quant.mode != "none" else base_dtype(cfg, device)
