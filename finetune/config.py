@@ -78,6 +78,11 @@ class LoraConfig:
     """Rank-stabilised LoRA scaling (peft)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (peft DoRA)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the LoRA branches and modules_to_save copies compute in; their weights and optimizer
+    state stay fp32 either way. auto = the compute dtype where the frozen weights are half precision
+    (bf16 at precision=auto on a bf16 CPU and on a GPU), else fp32; float32 = peft's fp32 branch
+    (input upcast to the fp32 LoRA weights). DoRA layers always compute as peft does."""
     modules_to_save: list[str] = field(default_factory=list)
     """Extra modules trained in full and saved with the adapter (e.g. [lm_head])."""
     target_parameters: list[str] = field(default_factory=list)

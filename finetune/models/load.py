@@ -36,6 +36,7 @@ from finetune.runtime import (
     fsdp_param_dtype,
     inference_dtype,
     kbit_frozen_dtypes,
+    lora_compute_dtype,
     storage_dtype,
 )
 
@@ -453,7 +454,7 @@ def load_model(cfg: Config, device: Union[str, torch.device, None] = None, token
                              f"linear modules are: {', '.join(linear_module_names(model))}") from None
         raise UsageError(f"lora settings rejected by peft for {m.name}: {first_line(e)}") from e
     _check_modules_to_save(model, cfg)
-    trained_in_fp32(model)
+    trained_in_fp32(model, lora_compute_dtype(cfg, device))
     if cfg.strategy == "fsdp":
         one_float_dtype(model, fsdp_param_dtype(cfg, device))
     return model

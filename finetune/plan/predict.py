@@ -7,7 +7,8 @@ file so litgpt's torch-importing package __init__ never runs).
 
 What autograd keeps and when the step peaks is checked against measured training steps on the
 CPU (`finetune plan ... measure=true`, finetune.training.measure; bench/plan_vs_measured.py: 8 SmolLM2
-configs within +3% at fp32, within +5% at bf16 frozen weights; tests/training/test_measure.py). The GPU-only constants are not measured yet
+configs within +3% at fp32, within +5% at bf16 frozen weights with peft's fp32 LoRA branch, +1.5%
+with the default bf16 branch; tests/training/test_measure.py). The GPU-only constants are not measured yet
 (bench/gpu_qlora.py compares against a GPU when one is available). Sources for those:
 - bitsandbytes 0.50 NF4 layout (read from its source): 4-bit codes packed 2 per byte, one fp32
   absmax per 64 weights; with double quant the absmax become uint8 with one fp32 absmax per 256
@@ -162,12 +163,12 @@ def _layer_activation_bytes(s: Shape, cfg, c: int, targets: set[str], seq: int,
     k = max(s.expert_top_k, 1) if s.n_expert else 1
     lin = s.linears()
 
-    # A LoRA branch reads its own copy of its input where peft casts it to the LoRA weights' dtype
-    # (_lora_copy_bytes: fp32 LoRA on a half base, e.g. precision=auto on a bf16 CPU); dropout
-    # then runs on that copy. Otherwise it shares the compute-dtype input others keep.
+    # A LoRA branch reads its own copy of its input where it computes in another dtype than its
+    # input's (_lora_copy_bytes: peft's fp32 branch on a half base, lora.compute_dtype=float32);
+    # dropout then runs on that copy. Otherwise it shares the compute-dtype input others keep.
     copy = _lora_copy_bytes(cfg, c)
     d_in = copy or c  # dtype bytes of what the branch's dropout and lora_A see
-    a_out = c if _autocast(cfg) else _lora_param_bytes(cfg, c)  # lora_A's output, kept for lora_B
+    a_out = c if _autocast(cfg) else _lora_compute_bytes(cfg, c)  # lora_A's output, kept for lora_B
     # Dropout keeps its output and its mask: a bool mask on CUDA (native_dropout), on the CPU a
     # noise tensor of its input's dtype (torch's unfused dropout multiplies by scaled Bernoulli noise).
     drop_bytes = (2 * d_in if cfg.accelerator == "cpu" else 1 + d_in) if drop else copy
@@ -231,19 +232,33 @@ def _lora_param_bytes(cfg, c: int) -> int:
     return c if cfg.strategy == "fsdp" and cfg.devices * cfg.num_nodes > 1 else 4
 
 
+def _lora_compute_bytes(cfg, c: int) -> int:
+    """Bytes per value the LoRA branches compute in (finetune.runtime.lora_compute_dtype): the
+    compute dtype where that is half precision (lora.compute_dtype=auto), else the LoRA weights'."""
+    d = cfg.lora.compute_dtype
+    if d == "float32" or (d == "auto" and c != 2):  # peft's branch: in the LoRA weights' dtype
+        return _lora_param_bytes(cfg, c)
+    return c if d == "auto" else 2
+
+
 def _lora_copy_bytes(cfg, c: int) -> int:
     """Bytes per value of the copy of its input each LoRA branch makes and keeps for lora_A's
-    weight gradient, 0 where it reads the compute-dtype input as it is. peft casts a branch's
-    input to the LoRA weights' dtype, each branch its own copy (q, k and v three): with fp32 LoRA
-    on a bf16 base that is an fp32 copy per branch (measured at precision=auto on a bf16 CPU:
-    bench/plan_vs_measured.py). Under autocast peft's bitsandbytes layers skip the cast and its
-    plain Linear casts to fp32, which autocast casts back: a compute-dtype copy."""
-    lora = _lora_param_bytes(cfg, c)
-    if lora == c:
+    weight gradient, 0 where it reads the compute-dtype input as it is: where the branch computes
+    in the compute dtype (lora.compute_dtype=auto next to half frozen weights: autocast casts only
+    the LoRA weights), and where the LoRA weights have that dtype (FSDP). peft's own fp32 branch
+    (lora.compute_dtype=float32) casts a branch's input to the LoRA weights' dtype, each branch its
+    own copy (q, k and v three): on a bf16 base an fp32 copy per branch (measured at bf16 frozen
+    weights on a CPU: bench/results/plan-vs-measured-cpu-auto.json). Under autocast peft's
+    bitsandbytes layers skip that cast and its plain Linear casts to fp32, which autocast casts
+    back: a compute-dtype copy."""
+    branch = _lora_compute_bytes(cfg, c)
+    if branch == c:
         return 0
+    if cfg.lora.compute_dtype != "float32":  # an explicit half branch next to fp32 frozen weights
+        return branch
     if _autocast(cfg):
         return 0 if cfg.quant.mode != "none" else c
-    return lora
+    return branch
 
 
 def _upcast(c: int) -> int:

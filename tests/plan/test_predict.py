@@ -284,15 +284,29 @@ def _lora_per_token(**overrides) -> int:
 
 
 def test_bf16_counts_each_lora_branch_own_fp32_copy_of_its_input():
-    """peft casts a LoRA branch's input to its fp32 weights: on a bf16 base (precision=auto on a
-    bf16 CPU) every branch keeps its own fp32 copy (7 per layer, q/k/v each one), measured on the
-    real step; at fp32 the branches share the layer's input; under GPU autocast bitsandbytes'
-    layers skip the cast (shared) and plain Linear's is cast back (a bf16 copy)."""
+    """peft's fp32 branch (lora.compute_dtype=float32) casts a LoRA branch's input to its fp32
+    weights: on a bf16 base every branch keeps its own fp32 copy (7 per layer, q/k/v each one),
+    measured on the real step; at fp32 the branches share the layer's input; under GPU autocast
+    bitsandbytes' layers skip the cast (shared) and plain Linear's is cast back (a bf16 copy)."""
     h, i, r = 576, 1536, 16  # SmolLM2-135M
-    assert _lora_per_token(accelerator="cpu", precision="bf16-true") == 4 * (6 * h + i) + 7 * 4 * r
+    fp32 = {"lora.compute_dtype": "float32"}
+    assert _lora_per_token(accelerator="cpu", precision="bf16-true", **fp32) == 4 * (6 * h + i) + 7 * 4 * r
+    assert _lora_per_token(accelerator="cpu", precision="32-true", **fp32) == 7 * 4 * r
+    assert _lora_per_token(accelerator="cuda", precision="bf16-mixed", **{"quant.mode": "nf4"}, **fp32) == 7 * 2 * r
+    assert _lora_per_token(accelerator="cuda", precision="bf16-mixed", **fp32) == 2 * (6 * h + i) + 7 * 2 * r
+
+
+def test_the_default_bf16_branch_reads_its_input_as_it_is():
+    """lora.compute_dtype=auto next to bf16 frozen weights (the default on a bf16 CPU and on a GPU):
+    the branches compute in bf16 on the layer's bf16 input, no copy; lora_A's output is bf16. At
+    fp32 frozen weights auto is peft's branch; an explicit bf16 branch there casts its fp32 input."""
+    h, i, r = 576, 1536, 16
+    for acc, precision in (("cpu", "bf16-true"), ("cuda", "bf16-mixed")):
+        assert _lora_per_token(accelerator=acc, precision=precision) == 7 * 2 * r
+        assert _lora_per_token(accelerator=acc, precision=precision, **{"quant.mode": "nf4"}) == 7 * 2 * r
     assert _lora_per_token(accelerator="cpu", precision="32-true") == 7 * 4 * r
-    assert _lora_per_token(accelerator="cuda", precision="bf16-mixed", **{"quant.mode": "nf4"}) == 7 * 2 * r
-    assert _lora_per_token(accelerator="cuda", precision="bf16-mixed") == 2 * (6 * h + i) + 7 * 2 * r
+    assert _lora_per_token(accelerator="cpu", precision="32-true", **{"lora.compute_dtype": "bfloat16"}) == \
+        2 * (6 * h + i) + 7 * 2 * r
 
 
 def test_load_peak_is_predicted_and_a_moe_packs_one_expert_stack_at_a_time():

@@ -29,11 +29,12 @@ def mid_model(tmp_path_factory):
     {"model.attn_implementation": "eager"},
     {"train.loss_chunk_size": "0"},
     {"train.lean_activations": "false"},
-], ids=["lora", "nf4", "dropout", "eager", "full-logits", "plain-autograd"])
+    {"lora.compute_dtype": "float32", "lora.dropout": "0.05"},  # peft's fp32 branch: an fp32 input copy each
+], ids=["lora", "nf4", "dropout", "eager", "full-logits", "plain-autograd", "fp32-branch"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_planner_within_10_percent_of_measured_cpu_step(mid_model, overrides, precision):
-    """At fp32 and with bf16 frozen weights (what precision=auto picks on a bf16 CPU), where each
-    LoRA branch keeps its own fp32 copy of its input."""
+    """At fp32 and with bf16 frozen weights (what precision=auto picks on a bf16 CPU), where the
+    LoRA branches compute in bf16 on their bf16 input (lora.compute_dtype=auto)."""
     cfg = load_config("tiny-lora", {"model.name": str(mid_model), "data.seq_len": "512", "lora.dropout": "0",
                                     "train.loss_chunk_size": "256", "accelerator": "cpu", "precision": precision,
                                     **overrides})
