@@ -161,3 +161,10 @@ def test_fsdp_with_compiled_layers_is_refused_on_cpu():  # bad-input 30g
     with pytest.raises(UsageError, match="strategy=fsdp with train.compile=layers fails on a CPU"):
         make_fabric(cfg)
     make_fabric(load_config("tiny-lora", {"strategy": "fsdp", "accelerator": "cpu", "devices": "2"}))  # auto: off
+
+
+def test_plan_says_compile_workspace_is_not_counted():
+    from finetune.plan.predict import predict
+
+    assert "not counted" in predict(load_config("tiny-lora", {"train.compile": "layers"})).notes["compile"]
+    assert "compile" not in predict(load_config("tiny-lora", {"train.compile": "off"})).notes
