@@ -39,8 +39,8 @@ from finetune.models.load import load_tokenizer
 from finetune.runtime import resolve_precision
 from finetune.training import checkpoint, report
 from finetune.training.build import build_step, lr_lambda
-from finetune.training.compile import CompileWatch, compile_line
 from finetune.training.changes import check_same_data, data_fingerprint, describe, schedule_changes
+from finetune.training.compile import CompileWatch, compile_line
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
 from finetune.training.logs import flush_history, history, log_config, logger_flush, make_loggers, plot_losses
 from finetune.training.objectives import Objective, objective_for
@@ -238,8 +238,9 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
     saved_at = None
     with progress:
         while state.step < t.max_steps:
-            if watch.compiled(time.perf_counter()):  # a validation since the last step compiled
-                window_tokens, window_start = 0, time.perf_counter()
+            step_start = time.perf_counter()
+            if watch.compiled(step_start):  # a validation since the last step compiled: not throughput either
+                window_tokens, window_start = 0, step_start
             micro_batches = stream.step_batches(state.step)
             # Normalise by the trained tokens of the whole step on all ranks, counted up front.
             local = sum(objective.trained_tokens(b) for b in micro_batches)
