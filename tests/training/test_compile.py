@@ -119,11 +119,16 @@ def test_nothing_reported_without_compile():
     assert not watch.compiled(1.0) and watch.metrics() == {} and watch.summary_line() is None
 
 
+def relerr(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-4), ("bf16", 3e-2)])
-def test_inductor_layers_train_as_eager(monkeypatch, precision, rtol):
-    """Inductor's C++ kernels: fp32 tight; with the bf16 probe forced (the default precision on a
-    CPU with fast bf16) within bf16 tolerance, with gradient checkpointing."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inductor_layers_train_as_eager(monkeypatch, precision):
+    """Inductor's C++ kernels: at fp32 within 1e-4. With the bf16 probe forced (the default
+    precision on a CPU with fast bf16), with gradient checkpointing, within bf16 tolerance: the
+    compiled run is as close to the fp32 run as eager bf16 is (twice its distance, +1e-2)."""
     monkeypatch.setenv("FINETUNE_CPU_PRECISION", precision)
     overrides = {"train.gradient_checkpointing": str(precision == "bf16").lower()}
     eager = steps(make_model(**overrides))
@@ -131,7 +136,16 @@ def test_inductor_layers_train_as_eager(monkeypatch, precision, rtol):
     assert next(p for n, p in model.named_parameters() if "q_proj.base_layer" in n).dtype == \
         (torch.bfloat16 if precision == "bf16" else torch.float32)
     compile_decoder_layers(model)
-    compare(eager, steps(model), rtol)
+    compiled = steps(model)
+    if precision == "fp32":
+        compare(eager, compiled, 1e-4)
+        return
+    monkeypatch.setenv("FINETUNE_CPU_PRECISION", "fp32")
+    exact = steps(make_model(**overrides))
+    for run_l, exact_l, eager_l in zip(compiled[0], exact[0], eager[0]):
+        assert abs(run_l - exact_l) <= 2 * abs(eager_l - exact_l) + 1e-2 * abs(exact_l)
+    for k, g in exact[1].items():
+        assert relerr(compiled[1][k], g) <= 2 * relerr(eager[1][k], g) + 1e-2, k
 
 
 @pytest.mark.slow
