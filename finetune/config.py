@@ -228,6 +228,12 @@ class TrainConfig:
     liger: Union[bool, Literal["auto"]] = "auto"
     """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE): auto (on on a CUDA GPU where liger-kernel
     is installed, off on the CPU), true (GPU only) or false."""
+    compile: Union[bool, Literal["off", "layers", "auto"]] = "auto"
+    """torch.compile the step: layers = each decoder layer compiled on its own (regional compile:
+    one graph reused by every layer; Triton kernels on a GPU, C++/OpenMP on a CPU), after the
+    memory features; auto = layers on a GPU, off on a CPU (finetune.runtime.compile_layers);
+    off = eager. The first steps (and the first validation) compile: the log and metrics.csv
+    report their seconds (compile_s, excluded from tokens/s) and graph breaks."""
     router_aux_loss_coef: float = ranged(0.0, ge=0)
     """MoE (Mixtral) models: weight of the load-balancing loss on router probabilities (0 = off)."""
     save_every: int = ranged(0, ge=0, hint="(0 = only the final adapter)")
@@ -364,6 +370,8 @@ def validate(cfg: Config) -> None:
     # YAML reads no/yes/true/false (recipe files and key=value alike) as booleans: the words mean no / auto.
     if isinstance(cfg.resume, bool) or str(cfg.resume).lower() in RESUME_WORDS:
         cfg.resume = RESUME_WORDS[str(cfg.resume).lower()]
+    if isinstance(cfg.train.compile, bool):  # YAML reads off/on as booleans
+        cfg.train.compile = "layers" if cfg.train.compile else "off"
     for key in ("target_modules", "modules_to_save"):
         if any(not str(name).strip() for name in getattr(cfg.lora, key)):
             raise UsageError(f"lora.{key} has an empty module name: {getattr(cfg.lora, key)}")

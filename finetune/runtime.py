@@ -44,6 +44,19 @@ def default_device(accelerator: str = "auto") -> torch.device:
     raise UsageError(f"unknown accelerator '{accelerator}' (expected auto, cpu, cuda)")
 
 
+# train.compile=auto, per device type: regional compile of the decoder layers where it is known to
+# pay. CPU: off until a measurement on an idle CPU shows inductor's C++ kernels repay their compile
+# time (minutes on a loaded machine) within a run; flip it here.
+COMPILE_AUTO = {"cuda": True, "cpu": False}
+
+
+def compile_layers(setting: str, device: Union[str, torch.device]) -> bool:
+    """Whether `train.compile` (off | layers | auto) compiles the decoder layers on `device`."""
+    if setting == "auto":
+        return COMPILE_AUTO.get(torch.device(device).type, False)
+    return setting == "layers"
+
+
 def _gpu_half() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
 

@@ -56,13 +56,21 @@ def decoder_mlps(model: nn.Module) -> Iterator[nn.Module]:
     whole on one device. MoE blocks (MixtralSparseMoeBlock, ...) do not qualify: their router
     output is recorded per call, so tiling them is not the same computation; their experts
     (classes ending in MLP too) sit one level deeper."""
+    for layer in decoder_layers(model):
+        for child in layer.children():
+            if type(child).__name__.endswith("MLP"):
+                yield child
+
+
+def decoder_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The decoder layers of a transformers model (or a peft model around one): the modules
+    transformers checkpoints (GradientCheckpointingLayer) or keeps whole on one device
+    (_no_split_modules). Also what train.compile compiles (finetune.training.compile)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_names = set(getattr(base, "_no_split_modules", None) or ())
     for layer in base.modules():
         if isinstance(layer, GradientCheckpointingLayer) or type(layer).__name__ in layer_names:
-            for child in layer.children():
-                if type(child).__name__.endswith("MLP"):
-                    yield child
+            yield layer
 
 
 def _is_tiled(module: nn.Module) -> bool:

@@ -486,6 +486,9 @@ def predict(cfg, micro_batch: Optional[int] = None, seq_len: Optional[int] = Non
     if _auto_cpu_unprobed(cfg):
         notes["precision"] = ("auto, counted as fp32: this CPU's bf16 probe has not run yet "
                               "(measure=true or a training run measures it)")
+    if cfg.train.compile != "off":  # torch-free here: whether auto compiles is finetune.runtime's call
+        notes["compile"] = (f"train.compile={cfg.train.compile}: the compiled layers' workspace (inductor's "
+                            "buffers) is not counted")
     if not fsdp and world > 1:
         notes["strategy"] = "ddp: weights, LoRA and optimizer state replicated on every device"
     load = _load_peak(s, cfg, c, w_shard + w_repl, unquant, on_cpu)

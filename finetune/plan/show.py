@@ -32,7 +32,7 @@ def print_table(rep: dict) -> None:
         f"while loading (before the first step) {_gib(rep['load_peak_bytes'])} GiB: "
         f"{'fits' if rep['load_fits'] else 'does NOT fit'}",
     ] + [f"{k}: {rep['notes'][k]}" if k == "precision" else rep["notes"][k]
-         for k in ("strategy", "precision") if k in rep["notes"]]
+         for k in ("strategy", "precision", "compile") if k in rep["notes"]]
     if "max_seq_len_with_mlp_tiles" in rep:
         hint = rep["max_seq_len_with_mlp_tiles"]
         footer.append(f"with train.mlp_tile_size={hint['mlp_tile_size']}: largest seq_len {hint['max_seq_len']}")

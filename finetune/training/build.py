@@ -16,6 +16,8 @@ from torch import nn
 from finetune.config import Config
 from finetune.memory.apply import MemoryFeatures, apply_memory_features
 from finetune.models.load import load_model
+from finetune.runtime import compile_layers
+from finetune.training.compile import compile_decoder_layers
 from finetune.training.objectives import objective_for
 
 
@@ -25,6 +27,7 @@ class TrainingStep(NamedTuple):
     optimizer: torch.optim.Optimizer
     trainable: list  # the trained parameters, whole (FSDP later turns them into shards)
     memory: MemoryFeatures
+    compiled_layers: int = 0  # decoder layers under torch.compile (train.compile)
 
 
 def build_step(cfg: Config, device: Union[str, torch.device], tokenizer) -> TrainingStep:
@@ -37,8 +40,10 @@ def build_step(cfg: Config, device: Union[str, torch.device], tokenizer) -> Trai
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     memory = apply_memory_features(model, cfg.train, device)
+    # Last: what is compiled is the forward the memory features left (finetune.training.compile).
+    compiled = compile_decoder_layers(model) if compile_layers(cfg.train.compile, device) else 0
     lossmod = objective_for(cfg).loss_module(model)
-    return TrainingStep(model, lossmod, make_optimizer(cfg, trainable), trainable, memory)
+    return TrainingStep(model, lossmod, make_optimizer(cfg, trainable), trainable, memory, compiled)
 
 
 def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:

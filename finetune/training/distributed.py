@@ -35,7 +35,7 @@ from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from finetune.config import Config
 from finetune.errors import FinetuneError, UsageError
-from finetune.runtime import default_device, fsdp_param_dtype
+from finetune.runtime import compile_layers, default_device, fsdp_param_dtype
 
 
 def make_strategy(cfg: Config, accelerator: str, precision: str = "32-true"):
@@ -61,6 +61,11 @@ def make_strategy(cfg: Config, accelerator: str, precision: str = "32-true"):
         if precision not in PolicyPrecision.SUPPORTED:
             raise UsageError(f"strategy=fsdp supports precision {', '.join(PolicyPrecision.SUPPORTED)} "
                              f"(got {precision})")
+        if accelerator == "cpu" and compile_layers(cfg.train.compile, "cpu"):
+            # measured (torch 2.13, 2 gloo processes, tiny-lora): inductor's C++ build of the
+            # layers under FSDP's flat parameters fails at the first step ("CppCompileError").
+            raise UsageError("strategy=fsdp with train.compile=layers fails on a CPU (inductor cannot build the "
+                             "FSDP-wrapped layers); set train.compile=off")
         dtype = fsdp_param_dtype(cfg, default_device(accelerator))
         return FSDPOnAnyDevice(auto_wrap_policy=decoder_layer_policy(), sharding_strategy=ShardingStrategy.FULL_SHARD,
                                state_dict_type="full", use_orig_params=True, cpu_offload=False,

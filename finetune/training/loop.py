@@ -40,6 +40,7 @@ from finetune.runtime import resolve_precision
 from finetune.training import checkpoint, report
 from finetune.training.build import build_step, lr_lambda
 from finetune.training.changes import check_same_data, data_fingerprint, describe, schedule_changes
+from finetune.training.compile import CompileWatch, compile_line
 from finetune.training.distributed import CheckpointState, make_strategy, param_bytes
 from finetune.training.logs import flush_history, history, log_config, logger_flush, make_loggers, plot_losses
 from finetune.training.objectives import Objective, objective_for
@@ -158,6 +159,7 @@ def main(fabric, cfg: Config) -> TrainResult:
         log_config(fabric, cfg, micro_batch_size=micro, gradient_accumulation=accum, world_size=fabric.world_size,
                    trainable_parameters=n_trainable, train_units=len(data.train))
     _print_if(fabric, report.tiles_line(cfg.train, step.memory))
+    _print_if(fabric, compile_line(step.compiled_layers, fabric.device))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(step.optimizer, lr_lambda(cfg))
     if resume_from is not None:  # whole tensors, before FSDP shards them
@@ -180,7 +182,8 @@ def main(fabric, cfg: Config) -> TrainResult:
     # SIGINT/SIGTERM from the first step to the final save: the run stops at a checkpoint.
     with _StopRequest() as stop:
         try:
-            fit(fabric, cfg, objective, lossmod, optimizer, scheduler, stream, val_batches, state, saver, stop)
+            fit(fabric, cfg, objective, lossmod, optimizer, scheduler, stream, val_batches, state, saver, stop,
+                CompileWatch(step.compiled_layers))
         finally:  # a NaN stop or a failed save keeps the rows of the steps that ran
             flush_history(fabric)
         fabric.print(report.peak_memory_line(cfg, fabric.device, micro))
@@ -220,19 +223,24 @@ def _print_if(fabric, line: Optional[str]) -> None:
 
 
 def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler, stream, val_batches,
-        state: RunState, saver: Saver, stop: "_StopRequest"):
+        state: RunState, saver: Saver, stop: "_StopRequest", watch: Optional[CompileWatch] = None):
     """Train from state.step to train.max_steps: one optimizer step per iteration, validation and
     checkpoints on their schedules, a clean save-and-exit on SIGINT/SIGTERM (`stop`), also during
-    the final validation."""
+    the final validation. Steps that compile (`watch`) count as compile time, not throughput."""
     t = cfg.train
+    watch = watch or CompileWatch()
     out_dir = Path(cfg.out_dir)
     rank0 = fabric.global_rank == 0
     progress = TrainProgress(total=t.max_steps, start=state.step, enabled=rank0 and cfg.output.progress)
     window_tokens, window_start = 0, time.perf_counter()
+    tok_s = 0.0
 
     saved_at = None
     with progress:
         while state.step < t.max_steps:
+            step_start = time.perf_counter()
+            if watch.compiled(step_start):  # a validation since the last step compiled: not throughput either
+                window_tokens, window_start = 0, step_start
             micro_batches = stream.step_batches(state.step)
             # Normalise by the trained tokens of the whole step on all ranks, counted up front.
             local = sum(objective.trained_tokens(b) for b in micro_batches)
@@ -265,11 +273,17 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
             state.step += 1
             state.losses.append((state.step, step_loss))
 
-            window_tokens += total
-            elapsed = time.perf_counter() - window_start
-            tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
-            metrics = {"train_loss": step_loss, **logged, "lr": lr, f"{objective.normaliser}_per_s": tok_s,
-                       "epoch": stream.epoch_at(state.step)}
+            now = time.perf_counter()
+            throughput = {}
+            if watch.compiled(now, state.step):  # its time is compile time: tokens/s restarts after it
+                fabric.print(watch.step_line(state.step))
+                window_tokens, window_start = 0, now
+            else:
+                window_tokens += total
+                tok_s = window_tokens / (now - window_start) if now > window_start else 0.0
+                throughput = {f"{objective.normaliser}_per_s": tok_s}
+            metrics = {"train_loss": step_loss, **logged, "lr": lr, **throughput,
+                       "epoch": stream.epoch_at(state.step), **watch.metrics()}
             if state.step % t.log_every == 0 or state.step == t.max_steps:
                 fabric.log_dict(metrics, step=state.step)
             progress.update(state.step, loss=step_loss, lr=lr, tok_s=tok_s)
@@ -289,6 +303,9 @@ def fit(fabric, cfg: Config, objective: Objective, lossmod, optimizer, scheduler
 
     if val_batches is not None:
         _validate(fabric, objective, lossmod, val_batches, state, progress)
+    if watch.compiled(time.perf_counter()):  # the final validation compiled (no_grad is another graph)
+        fabric.log_dict(watch.metrics(), step=state.step)
+    _print_if(fabric, watch.summary_line())
     if _stopping(fabric, stop):  # after the last step: keep it as a checkpoint; resume validates and saves final
         flush_history(fabric)
         path = saver.save_step(state)
