@@ -86,3 +86,29 @@ def run_flops(shape: Shape, rank: int, targets: Sequence[str], tokens: Sequence[
         for k, v in step_flops(shape, rank, targets, t, a, h).items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+def doc_lengths(positions: Sequence[int]) -> list[int]:
+    """Document lengths of one packed row from its position ids: a document starts wherever the
+    position does not increase (padding-free and packed rows restart at 0 per document)."""
+    out: list[int] = []
+    prev = None
+    for p in positions:
+        if prev is None or p <= prev:
+            out.append(0)
+        out[-1] += 1
+        prev = p
+    return out
+
+
+def row_pairs(input_ids, pad_id: int, position_ids=None) -> int:
+    """Causal pairs of a batch (tensors): each row's non-pad tokens, split into documents by its
+    position ids where it has them (else one document per row)."""
+    total = 0
+    for r in range(input_ids.shape[0]):
+        keep = input_ids[r] != pad_id
+        if position_ids is None:
+            total += causal_pairs([int(keep.sum())])
+        else:
+            total += causal_pairs(doc_lengths(position_ids[r][keep].tolist()))
+    return total

@@ -43,3 +43,14 @@ def test_from_config_and_sums():
     assert 0.2 < one["frozen_fwd"] / one["total"] < 0.5
     with pytest.raises(ValueError, match="unknown LoRA targets"):
         step_flops(s, 16, ["qkv"], 1, 1, 1)
+
+
+def test_documents_from_positions():
+    from flops import doc_lengths, row_pairs
+    import torch
+
+    assert doc_lengths([0, 1, 2, 0, 1, 0]) == [3, 2, 1]
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 0, 0, 0, 0]])  # pad id 0
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 0, 0, 0, 0]])
+    assert row_pairs(ids, 0, pos) == 6 + 3 + 3  # docs 3 and 2 in row 0, 2 in row 1
+    assert row_pairs(ids, 0) == 15 + 3
