@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 from ceiling import StepProfiler, matmul_ceiling, matmul_shapes
-from flops import PROJECTIONS, Shape, row_pairs, run_flops
+from flops import Shape, row_pairs
 from heldout import litgpt_to_hf, merged_instruction_rows, score, split_rows
 import peers_report
 
@@ -345,29 +345,6 @@ def model_shape() -> Shape:
     return Shape.from_config(json.loads((Path(resolve_model_path("smollm2-135m")) / "config.json").read_text()))
 
 
-def flops_of(res: dict, shape: Shape, warmup: int, ceiling: dict, probe: dict) -> dict:
-    """Model FLOPs of the timed steps (bench/flops.py), achieved GFLOP/s and its fraction of the
-    fp32 and bf16 matmul ceilings (fresh at the bench's shapes, and the cached probe's)."""
-    sl = slice(warmup, res["steps"])
-    f = run_flops(shape, RANK, PROJECTIONS, res["nonpad_tokens_per_step"][sl], res["attn_pairs_per_step"][sl],
-                  res["head_positions_per_step"][sl])
-    gflops = f["total"] / res["measured_s"] / 1e9
-    out = {"flops_timed_steps": f, "achieved_gflops": round(gflops, 2),
-           "flops_per_trained_token": round(f["total"] / res["trained_tokens"]),
-           "flops_per_nonpad_token": round(f["total"] / res["nonpad_tokens"]),
-           "fraction_of_ceiling": {d: round(gflops / ceiling[d]["gflops"], 3) for d in ("fp32", "bf16")},
-           "fraction_of_probe": {d: round(gflops / probe[f"{d}_gflops"], 3) for d in ("fp32", "bf16")
-                                 if probe.get(f"{d}_gflops")}}
-    prof = res.get("profile")
-    if prof and prof.get("matmul_s"):
-        # the profiled steps are the ones after the timed ones: their FLOPs, from the same counts
-        ps = slice(res["steps"], res["steps"] + prof["profiled_steps"])
-        pf = run_flops(shape, RANK, PROJECTIONS, res["nonpad_tokens_per_step"][ps], res["attn_pairs_per_step"][ps],
-                       res["head_positions_per_step"][ps])["total"]
-        prof["gflops_inside_matmuls"] = round(pf / prof["matmul_s"] / 1e9, 2)
-    return out
-
-
 def equal_token_steps(steps: int, data: Path) -> tuple[int, float]:
     """Steps for litgpt (one example per sequence) to train on about as many tokens as the packed
     trainers do in `steps`: packing fits about SEQ_LEN / (mean tokens per example) examples per
@@ -464,7 +441,7 @@ def main() -> None:
         res = run_subprocess(name, argv)
         res.update(wall_s=round(time.perf_counter() - t0, 1), loadavg_before=[round(x, 2) for x in load_before],
                    loadavg_after=[round(x, 2) for x in os.getloadavg()])
-        res.update(flops_of(res, shape, args.warmup, ceiling, probe))
+        res.update(peers_report.flops_of(res, shape, RANK, args.warmup, ceiling, probe))
         results.append(res)
         prof = res.get("profile") or {}
         print(f"  {name:9s} {res['trained_tokens_per_s']:7.1f} trained tok/s  {res['nonpad_tokens_per_s']:7.1f} "

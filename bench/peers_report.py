@@ -1,4 +1,4 @@
-"""cpu_vs_peers.py's summary: speedups, loss parity, held-out loss gate; the printed line and the JSON."""
+"""cpu_vs_peers.py's summary: FLOPs against the ceiling, speedups, loss parity, held-out loss gate; the printed line and the JSON."""
 
 from __future__ import annotations
 
@@ -10,8 +10,32 @@ import time
 from pathlib import Path
 
 from common import cpu_model, versions
+from flops import PROJECTIONS, Shape, run_flops
 
 HELDOUT_TOLERANCE = 0.002  # relative: ours' held-out loss may exceed the best peer's by 0.2 % (eval noise)
+
+
+def flops_of(res: dict, shape: Shape, rank: int, warmup: int, ceiling: dict, probe: dict) -> dict:
+    """Model FLOPs of the timed steps (bench/flops.py), achieved GFLOP/s and its fraction of the
+    fp32 and bf16 matmul ceilings (fresh at the bench's shapes, and the cached probe's)."""
+    sl = slice(warmup, res["steps"])
+    f = run_flops(shape, rank, PROJECTIONS, res["nonpad_tokens_per_step"][sl], res["attn_pairs_per_step"][sl],
+                  res["head_positions_per_step"][sl])
+    gflops = f["total"] / res["measured_s"] / 1e9
+    out = {"flops_timed_steps": f, "achieved_gflops": round(gflops, 2),
+           "flops_per_trained_token": round(f["total"] / res["trained_tokens"]),
+           "flops_per_nonpad_token": round(f["total"] / res["nonpad_tokens"]),
+           "fraction_of_ceiling": {d: round(gflops / ceiling[d]["gflops"], 3) for d in ("fp32", "bf16")},
+           "fraction_of_probe": {d: round(gflops / probe[f"{d}_gflops"], 3) for d in ("fp32", "bf16")
+                                 if probe.get(f"{d}_gflops")}}
+    prof = res.get("profile")
+    if prof and prof.get("matmul_s"):
+        # the profiled steps are the ones after the timed ones: their FLOPs, from the same counts
+        ps = slice(res["steps"], res["steps"] + prof["profiled_steps"])
+        pf = run_flops(shape, rank, PROJECTIONS, res["nonpad_tokens_per_step"][ps], res["attn_pairs_per_step"][ps],
+                       res["head_positions_per_step"][ps])["total"]
+        prof["gflops_inside_matmuls"] = round(pf / prof["matmul_s"] / 1e9, 2)
+    return out
 
 
 def summarize(results: list[dict], heldout: dict) -> dict:

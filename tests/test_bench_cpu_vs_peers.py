@@ -55,3 +55,22 @@ def test_heldout_rows_are_the_last_ones(tmp_path):
     assert json.loads((tmp_path / "s" / "train.json").read_text()) == rows[:10]
     merged = json.loads(heldout.merged_instruction_rows(tmp_path / "s" / "train.json", tmp_path / "m.json").read_text())
     assert merged[1] == {"instruction": "i1\n\nx", "input": "", "output": "o1"} and merged[0]["instruction"] == "i0"
+
+
+def test_flops_of_timed_and_profiled_steps():
+    from flops import PROJECTIONS, Shape, step_flops
+
+    shape = Shape(layers=2, hidden=4, intermediate=6, heads=2, kv_heads=1, head_dim=2, vocab=10)
+    res = {"steps": 3, "measured_s": 2e-6, "trained_tokens": 4, "nonpad_tokens": 10,
+           "nonpad_tokens_per_step": [5, 5, 5, 7], "attn_pairs_per_step": [9, 9, 9, 11],
+           "head_positions_per_step": [2, 2, 2, 3],
+           "profile": {"profiled_steps": 1, "matmul_s": 1e-6, "profiled_s": 2e-6}}
+    ceil = {"fp32": {"gflops": 0.01}, "bf16": {"gflops": 0.02}}
+    got = peers_report.flops_of(res, shape, 1, 1, ceil, {"fp32_gflops": 0.01, "bf16_gflops": None})
+    one = step_flops(shape, 1, PROJECTIONS, 5, 9, 2)["total"]
+    assert got["flops_timed_steps"]["total"] == 2 * one  # steps 2 and 3: warmup excluded, profiled excluded
+    assert got["achieved_gflops"] == round(2 * one / 2e-6 / 1e9, 2)
+    assert got["flops_per_trained_token"] == round(2 * one / 4)
+    assert got["fraction_of_ceiling"]["fp32"] == round(2 * one / 2e-6 / 1e9 / 0.01, 3)
+    assert set(got["fraction_of_probe"]) == {"fp32"}
+    assert res["profile"]["gflops_inside_matmuls"] == round(step_flops(shape, 1, PROJECTIONS, 7, 11, 3)["total"] / 1e-6 / 1e9, 2)
