@@ -73,7 +73,8 @@ def litgpt_to_hf(final_dir: Path, base: Path, out: Path) -> Path:
         raise RuntimeError(f"litgpt -> transformers: missing {missing}, unexpected {unexpected}")
     model.save_pretrained(out / "merged")
     for f in base.iterdir():  # tokenizer and chat template, as the base ships them
-        if f.is_file() and not f.name.startswith(("model", "config")) and f.suffix != ".safetensors":
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges",
+                                              "generation_config")):
             shutil.copy(f, out / "merged" / f.name)
     shutil.rmtree(out / "converted")
     return out / "merged"
