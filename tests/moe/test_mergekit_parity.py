@@ -61,6 +61,31 @@ def _tensors(path):
     return out
 
 
+def _per_expert(tensors: dict) -> dict:
+    """mergekit 0.1.5 under transformers 5 writes the fused expert layout (mlp.experts.gate_up_proj
+    [E, 2I, H] with gate then up, mlp.experts.down_proj [E, H, I], mlp.gate); `finetune moe` writes
+    Mixtral's per-expert names (block_sparse_moe.experts.N.w1/w2/w3), which transformers 4 and
+    llama.cpp's converter read too. Both load as the same model; compare in the per-expert names."""
+    out = {}
+    for k, t in tensors.items():
+        pre, sep, leaf = k.partition(".mlp.")
+        if not sep:
+            out[k] = t
+        elif leaf == "gate.weight":
+            out[f"{pre}.block_sparse_moe.gate.weight"] = t
+        elif leaf == "experts.gate_up_proj":
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2, dim=0)
+                out[f"{pre}.block_sparse_moe.experts.{e}.w1.weight"] = gate.contiguous()
+                out[f"{pre}.block_sparse_moe.experts.{e}.w3.weight"] = up.contiguous()
+        elif leaf == "experts.down_proj":
+            for e, w in enumerate(t):
+                out[f"{pre}.block_sparse_moe.experts.{e}.w2.weight"] = w.contiguous()
+        else:
+            out[k] = t
+    return out
+
+
 def _mergekit(py, cfg_path, out, mode, seed=0):
     args = [str(cfg_path), str(out), "--device", "cpu"]
     if mode in ("random", "uniform_random"):
@@ -93,7 +118,7 @@ def test_same_yaml_same_moe(mk_python, tiny_model, tmp_path, mode, atol):
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     build_moe(load_moe_config(str(path)), str(ours))
     _mergekit(mk_python, path, theirs, mode)
-    a, b = _tensors(ours), _tensors(theirs)
+    a, b = _per_expert(_tensors(ours)), _per_expert(_tensors(theirs))
     assert sorted(a) == sorted(b)
     for k in a:
         if ".gate." in k:
