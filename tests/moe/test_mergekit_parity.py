@@ -110,9 +110,14 @@ def test_same_yaml_same_moe(mk_python, tiny_model, tmp_path, mode, atol):
     from finetune.moe.spec import load_moe_config
 
     e1, e2 = _experts(tiny_model, tmp_path)
+    prompts = [["write code", "def f():"], ["a poem", "roses are red"]]
+    if mode == "hidden_avg":
+        # mergekit batches an expert's prompts with padding and averages over the padded length,
+        # pad positions included; we average over each prompt's own tokens. Equal lengths agree.
+        prompts = [["write code", "def f(): 1"], ["a poem ode", "roses red!"]]
     cfg = {"base_model": str(tiny_model), "gate_mode": mode, "dtype": "float32", "experts_per_token": 2,
-           "experts": [{"source_model": e1, "positive_prompts": ["write code", "def f():"]},
-                       {"source_model": e2, "positive_prompts": ["a poem", "roses are red"]}]}
+           "experts": [{"source_model": e1, "positive_prompts": prompts[0]},
+                       {"source_model": e2, "positive_prompts": prompts[1]}]}
     path = tmp_path / "moe.yaml"
     path.write_text(yaml.safe_dump(cfg))
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
