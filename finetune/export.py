@@ -152,12 +152,13 @@ def _check(out_dir: str, model: Optional[str], adapter: Optional[str], base: Opt
 def export(out_dir: str, *, model: Optional[str] = None, adapter: Optional[str] = None,
            base: Optional[str] = None, quant: Quant = "f16", name: Optional[str] = None,
            overwrite: bool = False, base_weights: str = "auto",
-           check: Optional[Callable[[Path], Optional[dict]]] = None) -> Path:
+           check: Optional[Callable[[Path, Path], Optional[dict]]] = None) -> Path:
     """Write NAME-QUANT.gguf and Modelfile into out_dir, from `model` or from `adapter` merged into
     its base (or `base`, into `base_weights`: finetune.merge); returns the GGUF's final path.
 
-    `check(model_dir)` runs on the model that is converted (for an adapter, the merged one, before
-    it is removed); what it returns is written as fidelity.json beside the GGUF."""
+    `check(model_dir, gguf)` runs once the GGUF is written, with the model that was converted (for
+    an adapter, the merged one, before it is removed) and the GGUF; what it returns is written as
+    fidelity.json beside the GGUF."""
     _check(out_dir, model, adapter, base, name, overwrite)
     out = Path(os.path.expanduser(out_dir))
     name = name or out.resolve().name or "model"
@@ -168,11 +169,11 @@ def export(out_dir: str, *, model: Optional[str] = None, adapter: Optional[str] 
         else:
             src = _model_dir(model)
         tok = read_tokenizer(src)
-        report = check(src) if check is not None else None
         with write_error(out), atomic_out_dir(out, overwrite) as tmp:
+            convert(src, tmp / gguf_name, quant)
+            report = check(src, tmp / gguf_name) if check is not None else None
             if report is not None:
                 atomic_write(tmp / "fidelity.json", json.dumps(report, indent=1) + "\n")
-            convert(src, tmp / gguf_name, quant)
             atomic_write(tmp / "Modelfile", modelfile(gguf_name, tok.chat_template, tok.eos_token,
                                                       training_system_prompt(adapter)))
     return out / gguf_name

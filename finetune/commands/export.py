@@ -4,12 +4,14 @@
     finetune export adapter=DIR [base=BASE] out_dir=OUT [quant=...]
 
 The work is finetune.export.export (llama.cpp's converter, the Modelfile). An adapter's export
-carries the fidelity report of the merged model that was converted (finetune.eval.fidelity:
-OUT/fidelity.json and one line; fidelity.min_agreement gates it).
+carries the fidelity report of the GGUF as transformers reads it back (the merged model that was
+converted where it cannot; finetune.eval.fidelity: OUT/fidelity.json and one line;
+fidelity.min_agreement gates it).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,6 +20,8 @@ from finetune.eval import fidelity
 from finetune.eval.fidelity import FidelitySettings
 from finetune.export import Quant, export
 from finetune.merge import BaseWeights, merge_base_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,10 +55,18 @@ def run(args: Args, cfg=None) -> int:
     check = fidelity.plan(args.adapter, args.fidelity, args.out_dir, base=args.base)
     reports = []
 
-    def measured(model_dir):
-        # llama.cpp's side is not compared here (it is not importable in general): the merged model
-        # that goes into the converter is; tests/test_export.py checks the GGUF against it.
-        report = fidelity.measure(check, model_dir, candidate_name=f"merged model converted to {args.quant} GGUF")
+    def measured(model_dir, gguf):
+        # The GGUF as transformers reads it back (its f16/q8_0 rounding in the weights); where
+        # transformers cannot read it, the merged model that went into the converter, said so.
+        # llama.cpp's own kernels are compared by tests/test_export_llama_cpp.py.
+        try:
+            report = fidelity.measure(check, model_dir, candidate_name=f"{gguf.name} (dequantized by transformers)",
+                                      label="gguf", gguf=gguf)
+        except Exception as e:  # noqa: BLE001 - any reader failure falls back, and is reported
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            log.warning("fidelity: transformers cannot read %s (%s); reporting on the merged model instead", gguf.name, why)
+            report = fidelity.measure(check, model_dir, candidate_name=f"merged model converted to {args.quant} GGUF")
+            report["gguf_unreadable"] = why
         report["base_weights"] = weights
         reports.append(fidelity.write_report(report, None, args.fidelity))
         return report
@@ -67,6 +79,6 @@ def run(args: Args, cfg=None) -> int:
     if check.skip:
         print(f"fidelity: no report ({check.skip})")
         return 0
-    print(fidelity.summary(reports[0]))
+    print(fidelity.summary(reports[0], "gguf" if "gguf" in reports[0]["perplexity"] else "merged"))
     fidelity.apply_gate(reports[0], args.out_dir)
     return 0

@@ -41,6 +41,7 @@ from finetune.eval.prompting import to_conversation
 from finetune.eval.suites import GenerationSpec, example_from_row
 from finetune.fs import atomic_write
 from finetune.models.adapters import load_for_inference
+from finetune.models.load import load_gguf
 from finetune.models.trained import load_as_trained, run_config
 from finetune.ranges import ranged
 from finetune.runtime import inference_device, inference_dtype
@@ -175,14 +176,19 @@ def _release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(plan: Plan, candidate_dir, candidate_name: Optional[str] = None, label: str = "merged") -> dict:
-    """Compare `candidate_dir` (a plain model dir) with the adapter as trained; fidelity.json's content."""
+def measure(plan: Plan, candidate_dir, candidate_name: Optional[str] = None, label: str = "merged",
+            gguf: Optional[Path] = None) -> dict:
+    """Compare `candidate_dir` (a plain model dir), or the `gguf` file as transformers dequantizes
+    it, with the adapter as trained; fidelity.json's content."""
     device = inference_device(plan.settings.device)
     dtype = inference_dtype(device)
     ref_model, tok = load_as_trained(plan.adapter, device, dtype, base=plan.base)
     ref, ref_text, prompts = _pass(ref_model, tok, plan)
     _release(ref_model)
-    cand_model, _ = load_for_inference(str(candidate_dir), dtype=dtype, device=device)
+    if gguf is not None:
+        cand_model = load_gguf(gguf, dtype, device)
+    else:
+        cand_model, _ = load_for_inference(str(candidate_dir), dtype=dtype, device=device)
     cand, cand_text, _ = _pass(cand_model.eval(), tok, plan)
     _release(cand_model)
 

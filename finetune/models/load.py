@@ -370,6 +370,15 @@ def load_inference_model(path: str, dtype: torch.dtype, device: Union[str, torch
     return load_pretrained(str(path), dtype=dtype, device=device, quant=quant).eval()
 
 
+def load_gguf(path: Union[str, Path], dtype: torch.dtype, device: Union[str, torch.device]):
+    """A GGUF file as transformers reads it (`gguf_file=`): its tensors dequantized to `dtype`, so
+    the file's own rounding (f16, q8_0) is in the weights; llama.cpp's kernels are not. Eval mode."""
+    path = Path(path)
+    with loading_errors(str(path)):
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model.to(torch.device(device)).eval()
+
+
 def load_full_precision(path: str):
     """The model at `path` in fp32 on CPU, never quantized: merges must not round through 4-bit storage."""
     config = AutoConfig.from_pretrained(path)

@@ -36,6 +36,7 @@ nearly parallel rows: such an expert is never preferred in that layer.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -124,8 +125,9 @@ def compute_gates(mode: str, experts: Sequence, num_layers: int, hidden_size: in
     if mode == "random":
         return torch.randn((num_layers, n, hidden_size), generator=gen)
     if mode == "uniform_random":
-        bound = 1.0 / hidden_size ** 0.5
-        return (torch.rand((num_layers, n, hidden_size), generator=gen) * 2 - 1) * bound
+        # mergekit's arithmetic, in its order (r * 2 * s - s, s = sqrt(1 / hidden)): bit for bit
+        scale = math.sqrt(1.0 / hidden_size)
+        return torch.rand((num_layers, n, hidden_size), generator=gen) * 2 * scale - scale
     rows = []
     for e in experts:
         if mode in HIDDEN_MODES:

@@ -85,17 +85,38 @@ def test_fidelity_data_file(qlora, tmp_path, capsys):
     assert rep["rows"] == 2 and rep["data"] == str(f)
 
 
-def test_export_reports_on_the_merged_model_it_converts(qlora, tmp_path, capsys, monkeypatch):
+def test_export_reports_on_the_gguf_it_wrote(qlora, tmp_path, capsys, monkeypatch):
+    # No converter here: the "GGUF" is the merged model's directory, read back by a stand-in for
+    # transformers' gguf_file= loader; what is checked is that the GGUF is the report's candidate.
+    import finetune.eval.fidelity as fid
+    import finetune.export as ex
+    from finetune.models.adapters import load_for_inference
+
+    seen = []
+    monkeypatch.setattr(ex, "converter_dir", lambda: tmp_path)
+    monkeypatch.setattr(ex, "convert", lambda src, outfile, quant: (seen.append(src), outfile.write_bytes(b"GGUF")))
+    monkeypatch.setattr(fid, "load_gguf", lambda path, dtype, device: load_for_inference(str(seen[0]), dtype, device)[0])
+    out = _ok(["export", f"adapter={qlora}", f"out_dir={tmp_path / 'g'}", "fidelity.n=2", "quant=q8_0",
+               "fidelity.max_new_tokens=2"], capsys)
+    assert "fidelity (gguf vs adapter as trained, 2 held-out rows" in out
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [".finetune-output", "Modelfile", "fidelity.json", "g-q8_0.gguf"]
+    rep = _report(tmp_path / "g")
+    assert rep["candidate"] == "g-q8_0.gguf (dequantized by transformers)" and rep["base_weights"] == "dequantized"
+    assert rep["top1_agreement"] == 1.0 and "gguf" in rep["perplexity"]
+
+
+def test_export_falls_back_to_the_merged_model_it_converts(qlora, tmp_path, capsys, monkeypatch):
     import finetune.export as ex
 
     monkeypatch.setattr(ex, "converter_dir", lambda: tmp_path)
     monkeypatch.setattr(ex, "convert", lambda src, outfile, quant: outfile.write_bytes(b"GGUF"))
     out = _ok(["export", f"adapter={qlora}", f"out_dir={tmp_path / 'g'}", "fidelity.n=2",
                "fidelity.max_new_tokens=2"], capsys)
-    assert "fidelity (merged vs adapter as trained, 2 held-out rows" in out
+    assert "fidelity (merged vs adapter as trained, 2 held-out rows" in out  # b"GGUF" is no GGUF transformers reads
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [".finetune-output", "Modelfile", "fidelity.json", "g-f16.gguf"]
     rep = _report(tmp_path / "g")
     assert rep["candidate"] == "merged model converted to f16 GGUF" and rep["base_weights"] == "dequantized"
+    assert rep["gguf_unreadable"]
 
 
 @pytest.mark.parametrize("extra,says", [
