@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.config import load_config  # noqa: E402
-from finetune.plan.predict import GiB, max_seq_len, parse_bytes, predict  # noqa: E402
+from finetune.plan.fit import max_seq_len  # noqa: E402
+from finetune.plan.predict import GiB, parse_bytes, predict  # noqa: E402
 
 MODELS = {
     "13B": "meta-llama/Llama-2-13b-hf",
