@@ -117,6 +117,26 @@ def test_adapter_reloads_on_the_moe(moe_dir, trained):
         torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_expert_lora_adapter_loads_for_eval(moe_dir, rows, tmp_path):
+    """Router + LoRA on both fused expert tensors (the experts-lora variant of docs/moe.md): peft
+    nests one wrapper per target parameter, so the inner one's keys read `mlp.experts.base_layer.lora_A`;
+    the fit check `finetune eval` runs must accept them, and the reload gives the trained logits."""
+    from safetensors import safe_open
+
+    from finetune.models.adapters import load_for_inference
+
+    res = train_router(moe_dir, rows, tmp_path / "xl", **{
+        "lora.target_parameters": "[mlp.experts.gate_up_proj,mlp.experts.down_proj]"})
+    with safe_open(str(res.final_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(".mlp.experts.base_layer.lora_A." in k for k in keys)
+    assert any(".mlp.experts.lora_A." in k for k in keys)
+    with torch.no_grad():
+        want = res.model.eval()(input_ids=IDS, use_cache=False).logits
+        model, _ = load_for_inference(str(res.final_dir))
+        torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def _hand_aux(model, ids):
     """Switch loss from the router's own inputs: p = softmax(h W^T) by hand, f = top-k share."""
     inputs = []
