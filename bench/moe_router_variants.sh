@@ -17,14 +17,14 @@ FT="$PY -m finetune.cli"
 LOGS=out/moe-demo-logs
 mkdir -p "$LOGS"
 SUITES=${SUITES:-moe-geo}
-EXPERT_LORA="lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"
+NO_EXPERT_LORA="lora.target_parameters=[]"
 declare -A OVR=(
-  [qv-20]=""                                                   # recipes/moe-router.yaml as it was
-  [qv-40]="train.max_steps=40"                                 # more router steps
-  [experts-lora]="$EXPERT_LORA"                                # + LoRA r 8 on every expert's MLP
-  [experts-lora-only]="$EXPERT_LORA lora.target_modules=[]"    # routers + expert LoRA, no attention LoRA
-  [experts-lora-40]="$EXPERT_LORA train.max_steps=40"
-  [gates-random]=""                                            # random gates, then the same training
+  [qv-20]="$NO_EXPERT_LORA"                                    # routers + q/v LoRA (the recipe before the expert LoRA)
+  [qv-40]="$NO_EXPERT_LORA train.max_steps=40"                 # more router steps
+  [experts-lora]=""                                            # recipes/moe-router.yaml: + LoRA r 8 on every expert's MLP
+  [experts-lora-only]="lora.target_modules=[]"                 # routers + expert LoRA, no attention LoRA
+  [experts-lora-40]="train.max_steps=40"
+  [gates-random]=""                                            # random gates, then the recipe's training
   [gates-cheap_embed]=""
 )
 VARIANTS=${VARIANTS:-"qv-20 experts-lora qv-40 gates-random"}

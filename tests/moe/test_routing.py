@@ -83,9 +83,11 @@ def test_router_trains_and_is_saved_in_the_adapter(moe_dir, trained):
         after = gates[f"base_model.model.model.layers.{i}.mlp.gate.weight"]
         assert after.shape == (E, w.shape[1])
         assert not torch.allclose(after, w), f"layer {i} router did not change"
-    # the experts stay frozen: nothing of mlp.experts is trained or saved
+    # the experts' own weights stay frozen: only the recipe's LoRA on them trains
     model = trained[0.5].model
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".experts." in n)
+    expert_params = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    assert expert_params and any("lora_" in n and p.requires_grad for n, p in expert_params.items())
+    assert not any(p.requires_grad for n, p in expert_params.items() if "lora_" not in n)
     assert not any(".experts." in k for k in saved_gates(trained[0.5].final_dir))
 
 
