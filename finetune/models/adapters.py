@@ -97,6 +97,10 @@ def check_adapter_fits(adapter_dir: Union[str, Path], base_model: torch.nn.Modul
                 continue
             mod_name = key.split(part)[0]
             mod_name = mod_name[len("base_model.model."):] if mod_name.startswith("base_model.model.") else mod_name
+            # peft nests one wrapper per target_parameters entry on the same module (MoE experts'
+            # gate_up_proj and down_proj): the inner one's keys carry `.base_layer` infixes
+            while mod_name.endswith(".base_layer"):
+                mod_name = mod_name[: -len(".base_layer")]
             mod = modules.get(mod_name)
             if mod is None:
                 raise UsageError(f"{where}: it adapts {mod_name}, which the base does not have")

@@ -83,9 +83,11 @@ def test_router_trains_and_is_saved_in_the_adapter(moe_dir, trained):
         after = gates[f"base_model.model.model.layers.{i}.mlp.gate.weight"]
         assert after.shape == (E, w.shape[1])
         assert not torch.allclose(after, w), f"layer {i} router did not change"
-    # the experts stay frozen: nothing of mlp.experts is trained or saved
+    # the experts' own weights stay frozen: only the recipe's LoRA on them trains
     model = trained[0.5].model
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".experts." in n)
+    expert_params = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    assert expert_params and any("lora_" in n and p.requires_grad for n, p in expert_params.items())
+    assert not any(p.requires_grad for n, p in expert_params.items() if "lora_" not in n)
     assert not any(".experts." in k for k in saved_gates(trained[0.5].final_dir))
 
 
@@ -114,6 +116,26 @@ def test_adapter_reloads_on_the_moe(moe_dir, trained):
                                saved_gates(final)["base_model.model.model.layers.0.mlp.gate.weight"])
     model, _ = load_for_inference(str(final))  # what `finetune eval models=[...]` does
     with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_lora_adapter_loads_for_eval(moe_dir, rows, tmp_path):
+    """Router + LoRA on both fused expert tensors (the experts-lora variant of docs/moe.md): peft
+    nests one wrapper per target parameter, so the inner one's keys read `mlp.experts.base_layer.lora_A`;
+    the fit check `finetune eval` runs must accept them, and the reload gives the trained logits."""
+    from safetensors import safe_open
+
+    from finetune.models.adapters import load_for_inference
+
+    res = train_router(moe_dir, rows, tmp_path / "xl", **{
+        "lora.target_parameters": "[mlp.experts.gate_up_proj,mlp.experts.down_proj]"})
+    with safe_open(str(res.final_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(".mlp.experts.base_layer.lora_A." in k for k in keys)
+    assert any(".mlp.experts.lora_A." in k for k in keys)
+    with torch.no_grad():
+        want = res.model.eval()(input_ids=IDS, use_cache=False).logits
+        model, _ = load_for_inference(str(res.final_dir))
         torch.testing.assert_close(model(input_ids=IDS, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
 
 
