@@ -13,6 +13,7 @@ from finetune.runtime import kbit_frozen_dtypes
 from finetune.training.build import build_step
 from finetune.training.measure import static_bytes
 from finetune.training.objectives.sft import synthetic_batch
+from tiny_peft import train_losses
 
 pytest.importorskip("bitsandbytes")
 
@@ -93,17 +94,7 @@ def test_checkpointed_layer_inputs_are_in_the_compute_dtype(monkeypatch):
 
 
 def _losses(cfg, upcast: bool, monkeypatch, steps: int = 8) -> list[float]:
-    step = _build(cfg, upcast, monkeypatch)
-    vocab = step.model.get_output_embeddings().weight.shape[0]
-    out = []
-    for i in range(steps):
-        b = synthetic_batch(vocab, 2, 48, seed=i % 2)  # two batches, alternating: the loss must fall
-        loss, n = step.lossmod(b["input_ids"], b["labels"], b["position_ids"])
-        (loss / n).backward()
-        step.optimizer.step()
-        step.optimizer.zero_grad(set_to_none=True)
-        out.append(float(loss.detach() / n))
-    return out
+    return train_losses(_build(cfg, upcast, monkeypatch), steps)
 
 
 def test_loss_curve_matches_the_fp32_upcast_within_bf16_tolerance(monkeypatch):

@@ -69,3 +69,20 @@ def random_lora_adapter(path, base_dir, seed: int = 0, r: int = 4, alpha: int = 
                 p.copy_(torch.randn(p.shape, generator=gen) * (scale if "lora_B" in name else 0.2))
     model.save_pretrained(str(path))
     return Path(path)
+
+
+def train_losses(step, steps: int) -> list[float]:
+    """Per-token losses of `steps` optimizer steps of a finetune.training.build.TrainingStep on two
+    synthetic packed batches, alternating (so the loss must fall on a model that trains)."""
+    from finetune.training.objectives.sft import synthetic_batch
+
+    vocab = step.model.get_output_embeddings().weight.shape[0]
+    out = []
+    for i in range(steps):
+        b = synthetic_batch(vocab, 2, 48, seed=i % 2)
+        loss, n = step.lossmod(b["input_ids"], b["labels"], b["position_ids"])
+        (loss / n).backward()
+        step.optimizer.step()
+        step.optimizer.zero_grad(set_to_none=True)
+        out.append(float(loss.detach() / n))
+    return out

@@ -15,7 +15,7 @@ from finetune.config import load_config
 from finetune.models.load import load_tokenizer
 from finetune.runtime import lora_compute_dtype
 from finetune.training.build import build_step
-from finetune.training.objectives.sft import synthetic_batch
+from tiny_peft import train_losses
 
 
 @pytest.fixture(autouse=True)
@@ -42,16 +42,7 @@ def _branches(model):
 
 
 def _losses(step, steps: int = 6) -> list[float]:
-    vocab = step.model.get_output_embeddings().weight.shape[0]
-    out = []
-    for i in range(steps):
-        b = synthetic_batch(vocab, 2, 48, seed=i % 2)  # two batches, alternating: the loss must fall
-        loss, n = step.lossmod(b["input_ids"], b["labels"], b["position_ids"])
-        (loss / n).backward()
-        step.optimizer.step()
-        step.optimizer.zero_grad(set_to_none=True)
-        out.append(float(loss.detach() / n))
-    return out
+    return train_losses(step, steps)
 
 
 def test_policy(monkeypatch):
