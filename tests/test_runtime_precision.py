@@ -12,7 +12,7 @@ from finetune.config import Config, load_config
 from finetune.errors import UsageError
 from finetune.models.load import load_tokenizer
 from finetune.training.build import build_step
-from finetune.training.objectives.sft import synthetic_batch
+from tiny_peft import train_losses
 
 
 @pytest.fixture
@@ -83,16 +83,7 @@ def _losses(monkeypatch, choice: str, steps: int = 6) -> tuple[list[float], dict
     step = build_step(cfg, "cpu", load_tokenizer(cfg.model))
     dtypes = {"frozen": {p.dtype for p in step.model.parameters() if not p.requires_grad},
               "trained": {p.dtype for p in step.model.parameters() if p.requires_grad}}
-    vocab = step.model.get_output_embeddings().weight.shape[0]
-    out = []
-    for i in range(steps):
-        b = synthetic_batch(vocab, 2, 48, seed=i % 2)
-        loss, n = step.lossmod(b["input_ids"], b["labels"], b["position_ids"])
-        (loss / n).backward()
-        step.optimizer.step()
-        step.optimizer.zero_grad(set_to_none=True)
-        out.append(float(loss.detach() / n))
-    return out, dtypes
+    return train_losses(step, steps), dtypes
 
 
 def test_bf16_auto_keeps_lora_fp32_and_the_loss_within_2_percent_of_fp32(monkeypatch):
