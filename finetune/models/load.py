@@ -371,11 +371,14 @@ def load_inference_model(path: str, dtype: torch.dtype, device: Union[str, torch
 
 
 def load_gguf(path: Union[str, Path], dtype: torch.dtype, device: Union[str, torch.device]):
-    """A GGUF file as transformers reads it (`gguf_file=`): its tensors dequantized to `dtype`, so
-    the file's own rounding (f16, q8_0) is in the weights; llama.cpp's kernels are not. Eval mode."""
+    """A GGUF file as transformers reads it (`gguf_file=`): its tensors dequantized to `dtype` (the
+    file's f16/q8_0 rounding, not llama.cpp's kernels), eval mode; ValueError if read only in part."""
     path = Path(path)
     with loading_errors(str(path)):
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                           output_loading_info=True)
+    if info.get("missing_keys"):  # freshly initialised, not the file's: never a fidelity candidate
+        raise ValueError(f"transformers reads {len(info['missing_keys'])} weights of {path.name} as missing")
     return model.to(torch.device(device)).eval()
 
 

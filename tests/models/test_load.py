@@ -299,3 +299,17 @@ def test_copy_tokenizer_takes_the_first_usable_source(tiny_model, tmp_path):
     assert fm.read_tokenizer(tmp_path / "out")("hi")["input_ids"] == fm.read_tokenizer(tiny_model)("hi")["input_ids"]
     with pytest.raises(FinetuneError, match="no tokenizer found"):
         fm.copy_tokenizer(tmp_path / "out2", str(tmp_path / "no-tok"))
+
+
+def test_load_gguf_refuses_a_file_transformers_reads_only_in_part(tmp_path, monkeypatch):
+    # A Mixtral GGUF: transformers maps no expert tensors and returns freshly initialised MLPs, which
+    # a fidelity report would then score as the file (0% agreement for a faithful export).
+    import finetune.models.load as load_mod
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(load_mod.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: (model, {"missing_keys": {"model.layers.0.mlp.gate_proj.weight"}}))
+    with pytest.raises(ValueError, match="reads 1 weights of m.gguf as missing"):
+        load_mod.load_gguf(tmp_path / "m.gguf", torch.float32, "cpu")
+    monkeypatch.setattr(load_mod.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: (model, {"missing_keys": set()}))
+    assert load_mod.load_gguf(tmp_path / "m.gguf", torch.float32, "cpu") is model
