@@ -18,6 +18,18 @@ def tiny_model():
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny matmuls gain nothing from threads, and on a shared
+    machine two OpenMP threads waiting for each other made a step 100x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")

@@ -18,14 +18,7 @@ from tiny_peft import train_losses
 pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared machine two OpenMP threads waiting
-    # for each other make a step 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(recipe: str = "tiny-qlora", **over):

@@ -18,13 +18,7 @@ from finetune.training.build import build_step
 from tiny_peft import train_losses
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls gain nothing from threads; two OpenMP threads waiting for each other on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(recipe: str = "tiny-lora", **over):

@@ -16,7 +16,8 @@ from finetune.training.measure import static_bytes
 from finetune.training.objectives.sft import synthetic_batch
 
 pytest.importorskip("bitsandbytes")
-pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+pytestmark = [pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU"),
+              pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 # recipe -> (architecture, tied embeddings) of the model family it is written for
 GPU_RECIPES = {
@@ -30,14 +31,6 @@ GPU_RECIPES = {
 STATIC = ("quantized_weights", "base_weights", "unquantized_weights", "lora_params", "optimizer_state")
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=2048)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: threads only wait for each other on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
